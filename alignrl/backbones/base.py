@@ -1,0 +1,227 @@
+"""The backbone protocol: everything the rollout engine and the trainer need from a model family.
+
+An adapter wraps a diffusers pipeline (it owns the modules; nothing is copied) and exposes:
+
+- ``encode_prompts(prompts)`` -> :class:`Conditioning` (cached per prompt text: the text encoders are frozen)
+- ``initial_noise(generators)`` -> the starting latents, one generator per sample
+- ``make_schedule(num_steps)`` -> :class:`Schedule` taken from the diffusers scheduler itself
+- ``predict(x, timestep, cond, guidance_scale)`` -> velocity, with CFG (or embedded guidance) inside
+- ``decode(latents)`` -> images in [0, 1], shape (B, 3, H, W)
+- ``transformer``: the denoiser that is trained; ``default_lora_targets``: where LoRA goes
+- ``save_lora(dir, state_dict, metadata)``: export in diffusers' LoRA format
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+from alignrl.errors import ConfigError
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise ConfigError(f"unknown dtype '{name}'; use one of fp32, bf16, fp16") from None
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for a batch: every tensor has the batch as its first dimension."""
+
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def index(self, idx: torch.Tensor | Sequence[int] | slice) -> "Conditioning":
+        if not isinstance(idx, (slice, torch.Tensor)):
+            idx = torch.as_tensor(list(idx), dtype=torch.long)
+        if isinstance(idx, torch.Tensor):
+            idx = idx.to(next(iter(self.tensors.values())).device)
+        return Conditioning({k: v[idx] for k, v in self.tensors.items()})
+
+    def expand(self, batch_size: int) -> "Conditioning":
+        """Broadcast a batch-1 conditioning (e.g. the empty prompt) to ``batch_size`` rows without copying."""
+        return Conditioning({k: v.expand(batch_size, *v.shape[1:]) for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(parts: Iterable["Conditioning"]) -> "Conditioning":
+        parts = list(parts)
+        return Conditioning({k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors})
+
+    def to(self, device=None, dtype=None) -> "Conditioning":
+        return Conditioning({k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()})
+
+
+@dataclass
+class Schedule:
+    """A sampling schedule: ``sigmas[0..T]`` (sigmas[T] == 0) and the model timesteps ``timesteps[0..T-1]``.
+
+    Both come from the diffusers scheduler itself (not a recomputed linspace) so that they match the
+    pipeline exactly; a step maps to its sigma by index.
+    """
+
+    sigmas: torch.Tensor  # float32, (T+1,)
+    timesteps: torch.Tensor  # float32, (T,)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    def to(self, device) -> "Schedule":
+        return Schedule(self.sigmas.to(device), self.timesteps.to(device))
+
+
+@dataclass
+class PromptCache:
+    """Per-prompt cache of text embeddings (valid because the text encoders are frozen)."""
+
+    max_entries: int = 100_000
+    entries: dict[str, Conditioning] = field(default_factory=dict)
+
+    def split(self, prompts: Sequence[str]) -> list[str]:
+        """Return the distinct prompts that are not cached yet, in first-seen order."""
+        return list(dict.fromkeys(p for p in prompts if p not in self.entries))
+
+    def put(self, prompts: Sequence[str], cond: Conditioning) -> None:
+        if len(self.entries) + len(prompts) > self.max_entries:
+            self.entries.clear()  # a simple bound: prompt sets larger than this re-encode
+        for i, p in enumerate(prompts):
+            self.entries[p] = cond.index(slice(i, i + 1))
+
+    def get(self, prompts: Sequence[str]) -> Conditioning:
+        return Conditioning.cat(self.entries[p] for p in prompts)
+
+
+class Backbone:
+    """Base class of the model-family adapters. Subclasses set ``pipe`` and implement the hooks."""
+
+    family: str = "base"
+    uses_cfg: bool = True
+    default_lora_targets: tuple[str, ...] = ()
+
+    def __init__(self, pipe, *, resolution: int, max_sequence_length: int, device="cpu",
+                 dtype: str | torch.dtype = "fp32", cache_prompts: bool = True):
+        self.pipe = pipe
+        self.resolution = int(resolution)
+        self.max_sequence_length = int(max_sequence_length)
+        self.device = torch.device(device)
+        self.dtype = parse_dtype(dtype)
+        self.cache = PromptCache() if cache_prompts else None
+        self._negative: Conditioning | None = None
+        self._schedules: dict[int, Schedule] = {}
+        multiple = self.latent_multiple()
+        if self.resolution % multiple:
+            raise ConfigError(
+                f"backbone.resolution={self.resolution} must be a multiple of {multiple} for {self.family}; "
+                f"use {self.resolution - self.resolution % multiple or multiple}"
+            )
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+            module.eval()
+        for module in self.pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                if module.dtype != self.dtype:  # real weights come in the right dtype already
+                    module.to(dtype=self.dtype)
+                module.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    # ----- modules -------------------------------------------------------------------------------
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Modules that are never trained here (text encoders, VAE)."""
+        raise NotImplementedError
+
+    def latent_multiple(self) -> int:
+        """Image sides must be a multiple of this."""
+        raise NotImplementedError
+
+    # ----- text ----------------------------------------------------------------------------------
+    def _encode_uncached(self, prompts: list[str]) -> Conditioning:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        prompts = list(prompts)
+        if self.cache is None:
+            return self._encode_uncached(prompts)
+        missing = self.cache.split(prompts)
+        if missing:
+            self.cache.put(missing, self._encode_uncached(missing))
+        return self.cache.get(prompts)
+
+    def negative_conditioning(self) -> Conditioning:
+        """The empty-prompt conditioning used as the CFG negative (batch 1)."""
+        if self._negative is None:
+            with torch.no_grad():
+                self._negative = self._encode_uncached([""])
+        return self._negative
+
+    # ----- latents and schedule --------------------------------------------------------------------
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's latent as the denoiser sees it (packed for FLUX)."""
+        raise NotImplementedError
+
+    def initial_noise(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """One standard-normal latent per generator, float32, on the backbone's device."""
+        raise NotImplementedError
+
+    def make_schedule(self, num_steps: int) -> Schedule:
+        if num_steps not in self._schedules:
+            scheduler = copy.deepcopy(self.pipe.scheduler)
+            scheduler.set_timesteps(**self._schedule_kwargs(num_steps))
+            self._schedules[num_steps] = Schedule(
+                scheduler.sigmas.to(torch.float32), scheduler.timesteps.to(torch.float32)
+            ).to(self.device)
+        return self._schedules[num_steps]
+
+    def _schedule_kwargs(self, num_steps: int) -> dict:
+        return {"num_inference_steps": num_steps}
+
+    # ----- model -----------------------------------------------------------------------------------
+    def predict(self, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
+                guidance_scale: float, transformer: torch.nn.Module | None = None) -> torch.Tensor:
+        """Velocity prediction (float32) for latents ``x`` at scheduler timestep ``timestep``.
+
+        ``transformer`` overrides the module that is called (e.g. a DDP wrapper or a frozen copy).
+        """
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ----- export ----------------------------------------------------------------------------------
+    def save_lora(self, directory: str, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
+        type(self.pipe).save_lora_weights(
+            directory, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=metadata,
+            safe_serialization=True,
+        )
+
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self.transformer.parameters())
+        return f"{self.family} transformer {n / 1e6:.2f}M params, {self.resolution}px, dtype {self.dtype}"

@@ -1,0 +1,129 @@
+"""SD3 / SD3.5 adapter: three text encoders, shifted flow-match schedule, CFG in one batched forward."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from alignrl.backbones.base import Backbone, Conditioning, parse_dtype
+from alignrl.backbones import tiny
+
+SD3_LORA_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+)
+
+
+class SD3Backbone(Backbone):
+    family = "sd3"
+    uses_cfg = True
+    default_lora_targets = SD3_LORA_TARGETS
+
+    # ----- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained: str, *, resolution: int = 512, max_sequence_length: int = 256,
+                        dtype: str = "bf16", device="cpu", revision: str | None = None,
+                        variant: str | None = None, cache_prompts: bool = True, **_ignored):
+        """Load real weights (hub id or local directory) through diffusers."""
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            pretrained, torch_dtype=parse_dtype(dtype), revision=revision, variant=variant
+        )
+        return cls(pipe, resolution=resolution, max_sequence_length=max_sequence_length,
+                   device=device, dtype=dtype, cache_prompts=cache_prompts)
+
+    @classmethod
+    def tiny(cls, *, seed: int = 0, resolution: int = 64, max_sequence_length: int = 32,
+             num_layers: int = 2, hidden: int = 32, dtype: str = "fp32", device="cpu",
+             cache_prompts: bool = True, **_ignored):
+        """A random-init SD3 of the real classes (offline tokenizers), seeded so every process agrees."""
+        return cls(build_tiny_sd3_pipeline(seed=seed, num_layers=num_layers, hidden=hidden),
+                   resolution=resolution, max_sequence_length=max_sequence_length, device=device,
+                   dtype=dtype, cache_prompts=cache_prompts)
+
+    def frozen_modules(self):
+        p = self.pipe
+        return [m for m in (p.text_encoder, p.text_encoder_2, p.text_encoder_3, p.vae) if m is not None]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipe.vae_scale_factor
+
+    def latent_multiple(self) -> int:
+        return self.vae_scale_factor * self.transformer.config.patch_size
+
+    # ----- text ----------------------------------------------------------------------------------
+    def _encode_uncached(self, prompts: list[str]) -> Conditioning:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+        )
+        return Conditioning({"prompt_embeds": embeds, "pooled": pooled})
+
+    # ----- latents ---------------------------------------------------------------------------------
+    def latent_shape(self) -> tuple[int, ...]:
+        side = self.resolution // self.vae_scale_factor
+        return (self.transformer.config.in_channels, side, side)
+
+    def initial_noise(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        shape = self.latent_shape()
+        return torch.stack([
+            torch.randn(shape, generator=g, device=g.device, dtype=torch.float32) for g in generators
+        ]).to(self.device)
+
+    # ----- model -----------------------------------------------------------------------------------
+    def predict(self, x, timestep, cond, guidance_scale, transformer=None):
+        transformer = transformer or self.transformer
+        batch = x.shape[0]
+        embeds, pooled = cond.tensors["prompt_embeds"], cond.tensors["pooled"]
+        use_cfg = guidance_scale > 1.0
+        if use_cfg:
+            neg = self.negative_conditioning().expand(batch)
+            x_in = torch.cat([x, x])
+            embeds = torch.cat([neg.tensors["prompt_embeds"], embeds])
+            pooled = torch.cat([neg.tensors["pooled"], pooled])
+        else:
+            x_in = x
+        t = timestep.expand(x_in.shape[0]) if timestep.ndim == 0 else timestep.repeat(1 + use_cfg)
+        out = transformer(
+            hidden_states=x_in.to(self.dtype), timestep=t, encoder_hidden_states=embeds,
+            pooled_projections=pooled, return_dict=False,
+        )[0]
+        if use_cfg:
+            uncond, text = out.chunk(2)
+            out = uncond + guidance_scale * (text - uncond)
+        return out.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(z, return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def build_tiny_sd3_pipeline(seed: int = 0, num_layers: int = 2, hidden: int = 32):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    torch.manual_seed(seed)
+    clip_hidden = 32
+    t5_dim = 2 * clip_hidden  # joint dim must hold both CLIP hidden states side by side
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers,
+        attention_head_dim=hidden // 2, num_attention_heads=2, joint_attention_dim=t5_dim,
+        caption_projection_dim=hidden, pooled_projection_dim=2 * clip_hidden, pos_embed_max_size=32,
+    )
+    text_encoder = CLIPTextModelWithProjection(tiny.tiny_clip_config(True, clip_hidden))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny.tiny_clip_config(True, clip_hidden))
+    text_encoder_3 = T5EncoderModel(tiny.tiny_t5_config(d_model=t5_dim))
+    vae = tiny.tiny_vae(latent_channels=4, scale_factor=8)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae,
+        text_encoder=text_encoder, tokenizer=tiny.tiny_clip_tokenizer(),
+        text_encoder_2=text_encoder_2, tokenizer_2=tiny.tiny_clip_tokenizer(),
+        text_encoder_3=text_encoder_3, tokenizer_3=tiny.tiny_t5_tokenizer(),
+    )

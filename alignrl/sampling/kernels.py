@@ -1,0 +1,112 @@
+"""Pure step kernels for flow matching (sigma runs from 1 = noise to 0 = data).
+
+Every kernel takes the current latent ``x``, the velocity ``v`` predicted at ``sigma`` and the next
+sigma, and returns a :class:`StepResult`. Stochastic kernels also give the Gaussian step mean, its
+standard deviation and the log-density of the sample, averaged over the non-batch dimensions
+(``logp_mean_per_dim``), the convention of every reference implementation (hence tiny clip ranges).
+
+All arithmetic is float32. When ``next_x`` is given (re-scoring a stored trajectory during training)
+the kernel scores it instead of drawing a new sample; the sample is always detached when scored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class StepResult:
+    next_x: torch.Tensor
+    mean: torch.Tensor | None = None  # mean of the step's Gaussian (None for deterministic steps)
+    std: torch.Tensor | None = None  # std of the step's Gaussian, shape (B,) or scalar
+    logp_mean_per_dim: torch.Tensor | None = None  # (B,)
+    std_t: torch.Tensor | None = None  # kernel-specific noise scale used by the KL (see flow_sde_step)
+
+
+def _per_sample(t: torch.Tensor | float, ref: torch.Tensor) -> torch.Tensor:
+    """Broadcast a scalar or per-sample (B,) tensor against a (B, ...) tensor."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=ref.device)
+    if t.ndim == 0:
+        return t
+    return t.view(-1, *([1] * (ref.ndim - 1)))
+
+
+def mean_over_dims(t: torch.Tensor) -> torch.Tensor:
+    return t.mean(dim=tuple(range(1, t.ndim)))
+
+
+def gaussian_logp_mean_per_dim(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Log-density of ``sample`` under N(mean, std^2), averaged over non-batch dims."""
+    std = _per_sample(std, sample) if torch.as_tensor(std).ndim <= 1 else std
+    logp = -((sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
+    return mean_over_dims(logp)
+
+
+def ode_step(x, v, sigma, sigma_next) -> StepResult:
+    """Euler step of the probability-flow ODE: ``x' = x + (sigma_next - sigma) v``."""
+    dt = _per_sample(sigma_next, x) - _per_sample(sigma, x)
+    return StepResult(next_x=x.float() + dt * v.float())
+
+
+def flow_sde_std_t(sigma, sigma_max_guard, noise_level: float) -> torch.Tensor:
+    """``std_t = a sqrt(sigma / (1 - sigma_))`` with ``sigma_ = sigmas[1]`` where sigma == 1 (no division by 0)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    guard = torch.as_tensor(sigma_max_guard, dtype=torch.float32, device=sigma.device)
+    denom = 1 - torch.where(sigma == 1, guard, sigma)
+    return noise_level * torch.sqrt(sigma / denom)
+
+
+def flow_sde_step(x, v, sigma, sigma_next, *, noise_level: float, sigma_max_guard, noise=None,
+                  next_x=None) -> StepResult:
+    """Flow-GRPO's SDE step (the marginal-preserving reverse SDE of a rectified flow), Euler-Maruyama.
+
+    mean = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt,
+    next_x = mean + std_t sqrt(-dt) eps. ``sigma_max_guard`` is ``sigmas[1]`` of the schedule.
+    """
+    x, v = x.float(), v.float()
+    s = _per_sample(sigma, x)
+    dt = _per_sample(sigma_next, x) - s
+    std_t = _per_sample(flow_sde_std_t(torch.as_tensor(sigma, device=x.device), sigma_max_guard, noise_level), x)
+    mean = x * (1 + std_t**2 / (2 * s) * dt) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
+    std = std_t * torch.sqrt(-dt)
+    if next_x is None:
+        if noise is None:
+            raise ValueError("flow_sde_step needs noise to sample or next_x to score")
+        next_x = mean + std * noise.float()
+    logp = gaussian_logp_mean_per_dim(next_x.float(), mean, std)
+    return StepResult(next_x=next_x, mean=mean, std=std, logp_mean_per_dim=logp, std_t=std_t)
+
+
+def cps_step(x, v, sigma, sigma_next, *, noise_level: float, noise=None, next_x=None, **_unused) -> StepResult:
+    """Coefficients-Preserving Sampling (arXiv 2509.05952).
+
+    std = sigma_next sin(a pi / 2); mean = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) x1_hat.
+    The score drops constants and the 1/(2 std^2) factor, as the reference does
+    (``logp = -mean_dims((x' - mean)^2)``), so it pairs with clip ranges around 1e-5.
+    At the last step sigma_next = 0, so std = 0 and the step is deterministic.
+    """
+    x, v = x.float(), v.float()
+    s = _per_sample(sigma, x)
+    s_next = _per_sample(sigma_next, x)
+    std = s_next * math.sin(noise_level * math.pi / 2)
+    x0_hat = x - s * v
+    x1_hat = x + (1 - s) * v
+    mean = (1 - s_next) * x0_hat + torch.sqrt(torch.clamp(s_next**2 - std**2, min=0)) * x1_hat
+    if next_x is None:
+        if noise is None:
+            raise ValueError("cps_step needs noise to sample or next_x to score")
+        next_x = mean + std * noise.float()
+    logp = -mean_over_dims((next_x.float().detach() - mean) ** 2)
+    return StepResult(next_x=next_x, mean=mean, std=std, logp_mean_per_dim=logp, std_t=std)
+
+
+KernelFn = Callable[..., StepResult]
+
+# Stochastic kernels by name; "ode" is the deterministic Euler step.
+KERNELS: dict[str, KernelFn] = {"sde": flow_sde_step, "cps": cps_step}
