@@ -1,0 +1,87 @@
+"""Group-normalised advantages (GRPO) and the per-prompt statistics tracker.
+
+Convention (named, as the reference's numpy code): float64, population std (ddof 0) plus ``std_eps``
+(1e-4). With ``global_std`` only the std is global over the batch; the mean stays per group.
+Advantages are clamped to +-``adv_clip_max``. A group whose finite rewards all tie (or that has one
+finite reward left) carries no signal: its samples are dropped from the loss. Non-finite rewards
+(NaN/inf) drop their sample and are left out of every statistic.
+
+Groups are keyed by an integer prompt id (never by decoded text). A persistent per-prompt buffer
+(``buffer_size`` > 0, DDPO's tracker) keeps the last rewards of each prompt across iterations and falls
+back to batch statistics until a prompt has ``min_count`` of them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class AdvantageResult:
+    advantages: np.ndarray  # (N,) float64, 0 where dropped
+    keep: np.ndarray  # (N,) bool: sample contributes to the loss
+    stats: dict
+
+
+@dataclass
+class GroupStatTracker:
+    global_std: bool = True
+    std_eps: float = 1e-4
+    adv_clip_max: float = 5.0
+    buffer_size: int = 0
+    min_count: int = 0
+    buffers: dict[int, deque] = field(default_factory=dict)
+
+    def compute(self, rewards: np.ndarray, keys: np.ndarray) -> AdvantageResult:
+        rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
+        keys = np.asarray(keys).reshape(-1)
+        finite = np.isfinite(rewards)
+        adv = np.zeros_like(rewards)
+        keep = np.zeros(rewards.shape, dtype=bool)
+        if not finite.any():
+            return AdvantageResult(adv, keep, {"zero_std_group_frac": 1.0, "nonfinite_rewards": int(rewards.size)})
+        batch_mean = rewards[finite].mean()
+        batch_std = rewards[finite].std()
+        groups = np.unique(keys)
+        tied = 0
+        for key in groups:
+            member = keys == key
+            sel = member & finite
+            r = rewards[sel]
+            if self.buffer_size > 0:
+                buf = self.buffers.setdefault(int(key), deque(maxlen=self.buffer_size))
+                buf.extend(r.tolist())
+                hist = np.asarray(buf, dtype=np.float64)
+                if len(hist) < max(self.min_count, 1):
+                    mean, std = batch_mean, batch_std
+                else:
+                    mean, std = hist.mean(), hist.std()
+                if self.global_std:
+                    std = batch_std
+                signal = r.size > 0 and std > 0
+            else:
+                mean = r.mean() if r.size else 0.0
+                std = batch_std if self.global_std else (r.std() if r.size else 0.0)
+                signal = r.size > 1 and np.ptp(r) > 0
+            if not signal:
+                tied += 1
+                continue
+            adv[sel] = np.clip((r - mean) / (std + self.std_eps), -self.adv_clip_max, self.adv_clip_max)
+            keep[sel] = True
+        stats = {
+            "zero_std_group_frac": tied / max(len(groups), 1),
+            "nonfinite_rewards": int((~finite).sum()),
+            "kept_frac": float(keep.mean()),
+        }
+        return AdvantageResult(adv, keep, stats)
+
+    def state_dict(self) -> dict:
+        return {"buffers": {str(k): list(v) for k, v in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffers = {
+            int(k): deque(v, maxlen=self.buffer_size or None) for k, v in state.get("buffers", {}).items()
+        }

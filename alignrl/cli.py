@@ -1,0 +1,115 @@
+"""``alignrl train | eval | sample | recipes``: compose the Hydra config, then dispatch.
+
+Arguments after the command are Hydra overrides (``recipe=flowgrpo_sd35 trainer.max_steps=20``) and
+Hydra flags (``--cfg job`` prints the resolved config, ``--help`` shows the groups, ``-m`` sweeps).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = """usage: alignrl <command> [overrides...] [hydra flags]
+
+commands:
+  train     run a recipe (default recipe: tiny_flowgrpo, CPU, about a minute)
+  eval      evaluate a checkpoint (eval.checkpoint=<dir>) or the base model; writes metrics, grid, summary
+  sample    generate images from a checkpoint or the base model (sample.prompts=[...])
+  recipes   list the recipes with a one-line description, and every config group's options
+
+examples:
+  alignrl train
+  alignrl train recipe=tiny_flowgrpo_flux trainer.max_steps=10
+  alignrl train recipe=flowgrpo_sd35_geneval launcher.nproc_per_node=8
+  alignrl train run_dir=outputs/my_run resume=auto
+  alignrl eval eval.checkpoint=outputs/tiny_flowgrpo/<run>
+  alignrl train recipe=flowgrpo_sd35 --cfg job        # print the resolved config
+
+`alignrl <command> --help` lists the config groups and their options.
+"""
+
+COMMANDS = ("train", "eval", "sample")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"alignrl: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "recipes":
+        print_recipes()
+        return
+    if command not in COMMANDS:
+        _fail(f"unknown command '{command}'; use one of train, eval, sample, recipes")
+
+    from alignrl.config import check_group_overrides
+    from alignrl.errors import AlignError
+
+    try:
+        check_group_overrides(rest)
+    except AlignError as e:
+        _fail(str(e))
+    _run_hydra(command, rest)
+
+
+def _run_hydra(command: str, overrides: list[str]) -> None:
+    import hydra
+
+    from alignrl.config import recipes_dir
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+
+    @hydra.main(version_base=None, config_path=str(recipes_dir()), config_name="config")
+    def _task(cfg):
+        _dispatch(command, cfg)
+
+    sys.argv = [f"alignrl-{command}", *overrides]
+    _task()
+
+
+def _dispatch(command: str, cfg) -> None:
+    from alignrl.errors import AlignError
+
+    try:
+        if command == "train":
+            from alignrl.commands import train
+
+            code = train(cfg)
+        elif command == "eval":
+            from alignrl.commands import evaluate
+
+            code = evaluate(cfg)
+        else:
+            from alignrl.commands import sample
+
+            code = sample(cfg)
+    except AlignError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    if code:
+        sys.exit(code)
+
+
+def print_recipes() -> None:
+    from alignrl.config import GROUPS, group_options, recipe_descriptions
+
+    rows = recipe_descriptions()
+    width = max(len(n) for n, _ in rows)
+    print("recipes (alignrl train recipe=<name>):")
+    for name, desc in rows:
+        print(f"  {name:<{width}}  {desc}")
+    print("\nconfig groups (override with <group>=<option>):")
+    for g in GROUPS:
+        if g != "recipe":
+            print(f"  {g:<10} {', '.join(group_options(g))}")
+
+
+if __name__ == "__main__":
+    main()

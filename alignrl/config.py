@@ -1,0 +1,111 @@
+"""Recipe location and the checks that run before any model loads."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from alignrl.errors import ConfigError
+
+GROUPS = ("backbone", "sampler", "reward", "algorithm", "trainer", "data", "logger", "launcher", "recipe")
+
+
+def recipes_dir() -> Path:
+    """The recipes folder: ``recipes/`` of the repository, shipped as the ``alignrl.recipes`` package.
+
+    A wheel install finds it as that package; an editable install (whose import hook maps only the
+    top-level package) finds it beside the ``alignrl`` source folder.
+    """
+    try:
+        return Path(str(resources.files("alignrl.recipes")))
+    except ModuleNotFoundError:
+        source = Path(__file__).resolve().parent.parent / "recipes"
+        if (source / "config.yaml").is_file():
+            return source
+        raise
+
+
+def group_options(group: str) -> list[str]:
+    d = recipes_dir() / group
+    if not d.is_dir():
+        return []
+    return sorted(p.stem for p in d.glob("*.yaml"))
+
+
+def recipe_descriptions() -> list[tuple[str, str]]:
+    """(name, one-line description) of every recipe, from its ``description:`` line."""
+    import yaml
+
+    out = []
+    for name in group_options("recipe"):
+        text = (recipes_dir() / "recipe" / f"{name}.yaml").read_text(encoding="utf-8")
+        desc = ""
+        try:
+            desc = str((yaml.safe_load(text) or {}).get("description", ""))
+        except yaml.YAMLError as e:
+            desc = f"(unreadable: {e})"
+        out.append((name, desc.strip().splitlines()[0] if desc.strip() else ""))
+    return out
+
+
+def check_group_overrides(overrides: list[str]) -> None:
+    """Fail fast, in one line, on ``group=option`` overrides that name no recipe file."""
+    for ov in overrides:
+        if "=" not in ov or ov.startswith(("hydra.", "hydra/", "+", "~", "-")):
+            continue
+        key, value = ov.split("=", 1)
+        key = key.removeprefix("override ").strip()
+        if key not in GROUPS or "," in value or value in ("null", ""):
+            continue
+        options = group_options(key)
+        if value not in options:
+            raise ConfigError(f"unknown {key} '{value}'; valid: {', '.join(options)}")
+
+
+def _positive_int(value, name: str) -> int:
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    if v < 1:
+        raise ConfigError(f"{name} must be >= 1, got {v}")
+    return v
+
+
+def validate_batch_arithmetic(cfg: DictConfig, world_size: int, num_prompts: int | None = None) -> dict:
+    """Check that groups, ranks and batches divide; return the per-rank layout."""
+    groups = _positive_int(cfg.data.groups_per_iteration, "data.groups_per_iteration")
+    k = _positive_int(cfg.algorithm.group_size, "algorithm.group_size")
+    if k < 2:
+        raise ConfigError("algorithm.group_size must be >= 2: a group of one has no relative advantage")
+    world = _positive_int(world_size, "world size")
+    rollout_bs = _positive_int(cfg.trainer.rollout_batch_size, "trainer.rollout_batch_size")
+    train_bs = _positive_int(cfg.trainer.train_batch_size, "trainer.train_batch_size")
+    updates = _positive_int(cfg.trainer.updates_per_iteration, "trainer.updates_per_iteration")
+    _positive_int(cfg.trainer.max_steps, "trainer.max_steps")
+    total = groups * k
+    if total % world:
+        raise ConfigError(
+            f"data.groups_per_iteration x algorithm.group_size = {groups} x {k} = {total} samples do not split "
+            f"over {world} processes; make the product a multiple of {world}"
+        )
+    per_rank = total // world
+    if per_rank % rollout_bs:
+        raise ConfigError(
+            f"each process samples {per_rank} images per iteration ({total} / {world}), not a multiple of "
+            f"trainer.rollout_batch_size={rollout_bs}; pick a divisor of {per_rank}"
+        )
+    if per_rank % (updates * train_bs):
+        raise ConfigError(
+            f"each process trains on {per_rank} samples per iteration, not a multiple of "
+            f"trainer.updates_per_iteration x trainer.train_batch_size = {updates} x {train_bs}; "
+            f"choose them so their product divides {per_rank}"
+        )
+    if num_prompts is not None and groups > num_prompts:
+        raise ConfigError(
+            f"data.groups_per_iteration={groups} exceeds the {num_prompts} training prompts; lower it"
+        )
+    return {"samples_per_rank": per_rank, "rollout_batch_size": rollout_bs, "train_batch_size": train_bs,
+            "updates_per_iteration": updates, "world_size": world}

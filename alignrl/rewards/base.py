@@ -1,0 +1,111 @@
+"""Reward registry and the weighted multi-reward.
+
+A reward is a callable ``score(images, prompts, metadata) -> (scores, info)``:
+
+- ``images``: float tensor (B, 3, H, W) in [0, 1] on the CPU (rewards move it where they need it)
+- ``prompts``: list of B strings; ``metadata``: list of B dicts (may be empty dicts)
+- ``scores``: float64 numpy array (B,); NaN/inf marks a sample the reward could not score
+- ``info``: dict of extra per-batch numbers to log
+
+Register with ``@register_reward("name")`` on a class whose constructor takes keyword options from
+the recipe (``reward: {name: {weight: 1.0, option: ...}}``). ``requires_grad`` on a reward class says
+its scores can be differentiated w.r.t. the images (for reward-gradient methods).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from alignrl.errors import ConfigError, RewardError
+
+REWARDS: dict[str, type] = {}
+
+
+def register_reward(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        if name in REWARDS and REWARDS[name] is not cls:
+            raise ValueError(f"reward '{name}' is already registered")
+        REWARDS[name] = cls
+        cls.reward_name = name
+        return cls
+
+    return deco
+
+
+def available_rewards() -> list[str]:
+    _import_builtins()
+    return sorted(REWARDS)
+
+
+def _import_builtins() -> None:
+    from alignrl.rewards import jpeg  # noqa: F401  (registers on import)
+
+
+class Reward:
+    """Base class (optional): a reward only needs ``__call__``."""
+
+    reward_name = "reward"
+    requires_grad = False
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
+        raise NotImplementedError
+
+
+def build_reward(name: str, **options) -> Reward:
+    _import_builtins()
+    if name not in REWARDS:
+        raise ConfigError(f"unknown reward '{name}'; available: {', '.join(sorted(REWARDS))}")
+    try:
+        return REWARDS[name](**options)
+    except TypeError as e:
+        raise ConfigError(f"reward '{name}' got bad options {sorted(options)}: {e}") from None
+
+
+@dataclass
+class WeightedReward:
+    """Several rewards with weights; the training reward is the weighted sum (``reward_aggr``).
+
+    Per-reward scores come back in ``info['per_reward']`` so each is logged separately (and so a
+    per-reward advantage aggregation can use them).
+    """
+
+    rewards: dict[str, Reward]
+    weights: dict[str, float]
+
+    @classmethod
+    def from_config(cls, spec: Mapping[str, Any]) -> "WeightedReward":
+        """``spec`` maps reward name -> weight, or -> {weight: w, **options}."""
+        if not spec:
+            raise ConfigError("no reward configured; pick one with reward=<name> (see `alignrl recipes --rewards`)")
+        rewards, weights = {}, {}
+        for name, value in spec.items():
+            if isinstance(value, Mapping):
+                options = dict(value)
+                weight = float(options.pop("weight", 1.0))
+            else:
+                options, weight = {}, float(value)
+            rewards[name] = build_reward(name, **options)
+            weights[name] = weight
+        return cls(rewards, weights)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
+        total = np.zeros(len(prompts), dtype=np.float64)
+        per_reward: dict[str, np.ndarray] = {}
+        info: dict[str, float] = {}
+        for name, fn in self.rewards.items():
+            try:
+                scores, extra = fn(images, prompts, metadata)
+            except Exception as e:  # name the reward in the error; the trainer stops with it
+                raise RewardError(f"reward '{name}' raised {type(e).__name__}: {e}") from e
+            scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+            if scores.shape[0] != len(prompts):
+                raise RewardError(f"reward '{name}' returned {scores.shape[0]} scores for {len(prompts)} images")
+            per_reward[name] = scores
+            total += self.weights[name] * scores  # NaN in any reward makes the total NaN: sample dropped
+            for k, v in (extra or {}).items():
+                info[f"{name}/{k}"] = v
+        return total, {"per_reward": per_reward, **info}

@@ -1,0 +1,60 @@
+"""Exponential moving average of the trainable parameters.
+
+Updated every ``update_every`` optimizer steps with ``decay_k = min(decay, (1 + k) / (10 + k))``
+(k = number of EMA updates so far: a warm-up so early averages are not dominated by the init).
+Flow-GRPO's default, decay 0.9 every 8 steps, averages over roughly the last 80-160 steps.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+
+class EMA:
+    def __init__(self, params: list[torch.nn.Parameter], decay: float = 0.9, update_every: int = 8):
+        self.params = list(params)
+        self.decay = float(decay)
+        self.update_every = max(1, int(update_every))
+        self.shadow = [p.detach().clone().float() for p in self.params]
+        self.num_updates = 0
+        self.optimizer_steps = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.optimizer_steps += 1
+        if self.optimizer_steps % self.update_every:
+            return
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1 - decay)
+        self.num_updates += 1
+
+    @contextmanager
+    def swapped(self):
+        """Temporarily load the EMA weights into the live parameters (evaluation, export)."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+    def state_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return {n: s.contiguous() for n, s in zip(names, self.shadow)}
+
+    def load_state_tensors(self, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
+        for i, n in enumerate(names):
+            self.shadow[i].copy_(tensors[n].to(self.shadow[i].device))
+
+    def counters(self) -> dict:
+        return {"num_updates": self.num_updates, "optimizer_steps": self.optimizer_steps}
+
+    def load_counters(self, state: dict) -> None:
+        self.num_updates = int(state["num_updates"])
+        self.optimizer_steps = int(state["optimizer_steps"])
