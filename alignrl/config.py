@@ -109,3 +109,16 @@ def validate_batch_arithmetic(cfg: DictConfig, world_size: int, num_prompts: int
         )
     return {"samples_per_rank": per_rank, "rollout_batch_size": rollout_bs, "train_batch_size": train_bs,
             "updates_per_iteration": updates, "world_size": world}
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose the config as the CLI would (for notebooks, scripts and tests).
+
+    ``run_dir`` refers to Hydra's runtime; pass ``run_dir=<path>`` when the result will be resolved.
+    """
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    overrides = list(overrides or [])
+    check_group_overrides(overrides)
+    with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=overrides)

@@ -34,10 +34,12 @@ class FluxBackbone(Backbone):
 
     @classmethod
     def tiny(cls, *, seed: int = 0, resolution: int = 64, max_sequence_length: int = 32,
-             num_layers: int = 1, num_single_layers: int = 1, hidden: int = 32, dtype: str = "fp32",
+             num_layers: int = 1, num_single_layers: int = 1, hidden: int = 32, vae_channels: int = 16,
+             dtype: str = "fp32",
              device="cpu", cache_prompts: bool = True, **_ignored):
         return cls(build_tiny_flux_pipeline(seed=seed, num_layers=num_layers,
-                                            num_single_layers=num_single_layers, hidden=hidden),
+                                            num_single_layers=num_single_layers, hidden=hidden,
+                                            vae_channels=vae_channels),
                    resolution=resolution, max_sequence_length=max_sequence_length, device=device,
                    dtype=dtype, cache_prompts=cache_prompts)
 
@@ -121,7 +123,8 @@ class FluxBackbone(Backbone):
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
-def build_tiny_flux_pipeline(seed: int = 0, num_layers: int = 1, num_single_layers: int = 1, hidden: int = 32):
+def build_tiny_flux_pipeline(seed: int = 0, num_layers: int = 1, num_single_layers: int = 1, hidden: int = 32,
+                             vae_channels: int = 16):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
@@ -136,7 +139,7 @@ def build_tiny_flux_pipeline(seed: int = 0, num_layers: int = 1, num_single_laye
     )
     text_encoder = CLIPTextModel(tiny.tiny_clip_config(False, 32))
     text_encoder_2 = T5EncoderModel(tiny.tiny_t5_config(d_model=32))
-    vae = tiny.tiny_vae(latent_channels=latent_channels, scale_factor=8)
+    vae = tiny.tiny_vae(latent_channels=latent_channels, scale_factor=8, channels=vae_channels)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096,

@@ -36,10 +36,11 @@ class SD3Backbone(Backbone):
 
     @classmethod
     def tiny(cls, *, seed: int = 0, resolution: int = 64, max_sequence_length: int = 32,
-             num_layers: int = 2, hidden: int = 32, dtype: str = "fp32", device="cpu",
+             num_layers: int = 2, hidden: int = 32, vae_channels: int = 16, dtype: str = "fp32", device="cpu",
              cache_prompts: bool = True, **_ignored):
         """A random-init SD3 of the real classes (offline tokenizers), seeded so every process agrees."""
-        return cls(build_tiny_sd3_pipeline(seed=seed, num_layers=num_layers, hidden=hidden),
+        return cls(build_tiny_sd3_pipeline(seed=seed, num_layers=num_layers, hidden=hidden,
+                                               vae_channels=vae_channels),
                    resolution=resolution, max_sequence_length=max_sequence_length, device=device,
                    dtype=dtype, cache_prompts=cache_prompts)
 
@@ -104,7 +105,7 @@ class SD3Backbone(Backbone):
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
-def build_tiny_sd3_pipeline(seed: int = 0, num_layers: int = 2, hidden: int = 32):
+def build_tiny_sd3_pipeline(seed: int = 0, num_layers: int = 2, hidden: int = 32, vae_channels: int = 16):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
@@ -119,7 +120,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, num_layers: int = 2, hidden: int = 32
     text_encoder = CLIPTextModelWithProjection(tiny.tiny_clip_config(True, clip_hidden))
     text_encoder_2 = CLIPTextModelWithProjection(tiny.tiny_clip_config(True, clip_hidden))
     text_encoder_3 = T5EncoderModel(tiny.tiny_t5_config(d_model=t5_dim))
-    vae = tiny.tiny_vae(latent_channels=4, scale_factor=8)
+    vae = tiny.tiny_vae(latent_channels=4, scale_factor=8, channels=vae_channels)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=scheduler, vae=vae,

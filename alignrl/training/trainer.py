@@ -11,7 +11,6 @@ and N processes give the result one process would with the same global batch.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -27,7 +26,7 @@ from safetensors.torch import save_file
 from alignrl.components import as_dict, build_algorithm, build_backbone, build_planner
 from alignrl.config import validate_batch_arithmetic
 from alignrl.data import PromptSet
-from alignrl.errors import AlignError, CheckpointError, ConfigError
+from alignrl.errors import CheckpointError, ConfigError
 from alignrl.eval.evaluate import Evaluator
 from alignrl.eval.report import save_grid
 from alignrl.rewards.base import WeightedReward
@@ -57,10 +56,6 @@ class IterationBatch:
     per_reward: dict = field(default_factory=dict)
     reward_info: dict = field(default_factory=dict)
     preview: torch.Tensor | None = None  # decoded images of the first rollout batch (for grids)
-
-
-class StopRequested(Exception):
-    pass
 
 
 def _device_for(cfg_trainer) -> str:
@@ -254,9 +249,11 @@ class Trainer:
         sums: dict[str, float] = {}
         count = 0
         grad_norms = []
+        ratio_dev_before_update = 0.0  # on-policy check: the first update's ratios must all be 1
         for epoch in range(int(tcfg.get("inner_epochs", 1))):
             perm = torch.randperm(n, generator=self._iteration_generator(2, self.rank, epoch))
-            for chunk in perm.chunk(updates):
+            for chunk_index, chunk in enumerate(perm.chunk(updates)):
+                first_update = epoch == 0 and chunk_index == 0
                 kept = chunk[keep_t[chunk].cpu()]
                 global_kept = int(self._all_reduce_sum(torch.tensor([len(kept)], device=self.device)).item())
                 if global_kept == 0:
@@ -279,6 +276,9 @@ class Trainer:
                             dt=schedule.sigmas[j + 1] - schedule.sigmas[j],
                         )
                         self.accelerator.backward(loss_vec.sum() * (spec.loss_weight / denom))
+                        if first_update and "ratio" in diag:
+                            dev = float((diag["ratio"] - 1).abs().max()) if len(mb) else 0.0
+                            ratio_dev_before_update = max(ratio_dev_before_update, dev)
                         for key, val in diag.items():
                             sums[key] = sums.get(key, 0.0) + float(val.float().sum())
                         count += len(mb)
@@ -286,6 +286,7 @@ class Trainer:
         out = {k: v / max(count, 1) for k, v in sums.items()}
         if "ratio" in out:
             out["ratio_mean"] = out.pop("ratio")
+        out["ratio_dev_before_update"] = ratio_dev_before_update
         out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
         out["lr"] = self.lr_scheduler.get_last_lr()[0]
         out["optimizer_steps"] = self.optimizer_steps
@@ -514,11 +515,3 @@ class Trainer:
         status = {"state": state, "step": self.iteration, "max_steps": self.max_steps, "pid": os.getpid(),
                   "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         ckpt.atomic_write_text(self.run_dir / "status.json", json.dumps(status, indent=2))
-
-
-def safe_float(x) -> float:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return float("nan")
-    return v if math.isfinite(v) else float("nan")

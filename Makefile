@@ -1,0 +1,31 @@
+# alignrl: every target installs what it needs first (into .venv), so a fresh clone needs only `make`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU wheel on these machines; on a GPU box set TORCH to the build you want (make TORCH=torch==2.13.0 ...).
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.alignrl-installed
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"   # first, so nothing below pulls another torch build
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the built-in CPU default: Flow-GRPO on a tiny SD3 (about a minute on 2 cores).
+run: install
+	$(BIN)/alignrl train $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python scripts/bench_rollout.py
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

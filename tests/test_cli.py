@@ -1,0 +1,100 @@
+"""The real `alignrl` console script: listing, config printing, and one-line errors on bad input."""
+
+import json
+
+import pytest
+
+from conftest import FAST, run_cli
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert err, "expected an error message"
+    last = err[-1]
+    assert last.startswith("alignrl: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for n in needles:
+        assert n in last, last
+    return last
+
+
+def test_recipes_lists_every_recipe_with_description():
+    proc = run_cli("recipes")
+    assert proc.returncode == 0
+    for name in ("tiny_flowgrpo", "tiny_flowgrpo_flux", "flowgrpo_sd35", "flowgrpo_sd35_geneval",
+                 "flowgrpo_sd35_ocr", "flowgrpo_sd35_pickscore", "flowgrpo_flux"):
+        line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith(name + " "))
+        assert len(line.split(None, 1)[1]) > 20  # a real description
+
+
+def test_help_and_usage():
+    proc = run_cli("--help")
+    assert proc.returncode == 0 and "alignrl train" in proc.stdout and "recipes" in proc.stdout
+    proc = run_cli("train", "--help")
+    assert proc.returncode == 0
+    assert "recipe" in proc.stdout and "tiny_flowgrpo" in proc.stdout and "backbone" in proc.stdout
+
+
+def test_cfg_job_prints_resolved_config_with_overrides():
+    proc = run_cli("train", "recipe=flowgrpo_sd35_geneval", "trainer.max_steps=20", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "pretrained: stabilityai/stable-diffusion-3.5-medium" in out
+    assert "max_steps: 20" in out and "beta: 0.04" in out and "geneval:" in out
+
+
+def test_unknown_recipe_lists_valid_ones(tmp_path):
+    line = _one_line_error(run_cli("train", "recipe=nope", cwd=tmp_path), "unknown recipe 'nope'", "tiny_flowgrpo")
+    assert "flowgrpo_sd35" in line
+
+
+def test_unknown_group_option(tmp_path):
+    _one_line_error(run_cli("train", "backbone=sd99", cwd=tmp_path), "unknown backbone 'sd99'", "tiny_flux")
+
+
+def test_unknown_command():
+    proc = run_cli("fly")
+    assert proc.returncode == 2 and "unknown command 'fly'" in proc.stderr
+
+
+def test_missing_prompt_file(tmp_path):
+    _one_line_error(run_cli("train", "data.train=/no/such/prompts.txt", *FAST, cwd=tmp_path),
+                    "prompt file not found", "/no/such/prompts.txt")
+
+
+def test_batch_arithmetic_checked_before_models_load(tmp_path):
+    line = _one_line_error(
+        run_cli("train", "trainer.rollout_batch_size=5", *FAST, cwd=tmp_path),
+        "trainer.rollout_batch_size=5",
+    )
+    assert "8" in line  # names the per-process sample count it must divide
+    _one_line_error(run_cli("train", "launcher.nproc_per_node=3", *FAST, cwd=tmp_path), "3 processes")
+    _one_line_error(run_cli("train", "algorithm.group_size=1", *FAST, cwd=tmp_path), "group_size")
+
+
+def test_checkpoint_path_that_is_not_one(tmp_path):
+    (tmp_path / "junk").mkdir()
+    _one_line_error(run_cli("train", f"resume={tmp_path / 'junk'}", *FAST, cwd=tmp_path),
+                    "is not a checkpoint")
+    _one_line_error(run_cli("eval", f"eval.checkpoint={tmp_path / 'junk'}", cwd=tmp_path), "is not a checkpoint")
+
+
+def test_unimplemented_reward_is_named(tmp_path):
+    _one_line_error(run_cli("train", "reward=pickscore", *FAST, cwd=tmp_path), "pickscore")
+
+
+def test_train_writes_run_dir_layout(tmp_path):
+    proc = run_cli("train", *FAST, "trainer.checkpoint_every=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    runs = list((tmp_path / "outputs" / "tiny_flowgrpo").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    assert (run / "config.yaml").is_file() and (run / ".hydra" / "config.yaml").is_file()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward_mean", "clipfrac", "approx_kl", "policy_loss", "lr", "zero_std_group_frac",
+                "reward/jpeg_compressibility_mean", "time/rollout", "time/update"):
+        assert key in rows[0], key
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001", "step_000002"]

@@ -1,0 +1,110 @@
+"""Plans and the rollout engine on the tiny SD3 and FLUX backbones."""
+
+import pytest
+import torch
+
+from alignrl.errors import ConfigError
+from alignrl.sampling.engine import rollout, sample_generators
+from alignrl.sampling.plans import FlowGRPOPlanner, RolloutPlan, StepSpec, ode_plan
+
+
+class CountingTransformer(torch.nn.Module):
+    """Wraps a transformer and counts forward calls and rows."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+        self.rows = 0
+
+    def forward(self, **kw):
+        self.calls += 1
+        self.rows += kw["hidden_states"].shape[0]
+        return self.inner(**kw)
+
+
+def test_schedule_comes_from_scheduler(tiny_sd3):
+    s = tiny_sd3.make_schedule(10)
+    assert s.sigmas.shape == (11,) and s.timesteps.shape == (10,)
+    assert s.sigmas[0] == 1.0 and s.sigmas[-1] == 0.0
+    # the smallest nonzero sigma is shifted twice by the diffusers scheduler (shift 3, T=10)
+    assert s.sigmas[-2].item() == pytest.approx(0.00893, abs=1e-4)
+    assert torch.allclose(s.timesteps, s.sigmas[:-1] * 1000)
+
+
+@pytest.mark.parametrize("name", ["tiny_sd3", "tiny_flux"])
+def test_ode_plan_matches_diffusers_pipeline(name, request):
+    bb = request.getfixturevalue(name)
+    prompts = ["a photo of a cat", "a red car on the beach", "a blue boat", "a tree"]
+    cond = bb.encode_prompts(prompts)
+    guidance = 4.5 if bb.uses_cfg else 3.5
+    ours = rollout(bb, ode_plan(6, guidance), cond, sample_generators(0, 0, range(4))).final
+    x0 = bb.initial_noise(sample_generators(0, 0, range(4)))
+    kw = dict(prompt_embeds=cond.tensors["prompt_embeds"], pooled_prompt_embeds=cond.tensors["pooled"],
+              latents=x0, num_inference_steps=6, guidance_scale=guidance, output_type="latent", height=64, width=64)
+    if bb.uses_cfg:
+        neg = bb.negative_conditioning().expand(4)
+        kw.update(negative_prompt_embeds=neg.tensors["prompt_embeds"],
+                  negative_pooled_prompt_embeds=neg.tensors["pooled"])
+    theirs = bb.pipe(**kw).images
+    assert torch.equal(ours, theirs)
+
+
+def test_prompt_cache_reuses_embeddings(tiny_sd3):
+    tiny_sd3.cache.entries.clear()
+    a = tiny_sd3.encode_prompts(["a red cat", "a blue dog", "a red cat"])
+    assert set(tiny_sd3.cache.entries) == {"a red cat", "a blue dog"}
+    assert torch.equal(a.tensors["prompt_embeds"][0], a.tensors["prompt_embeds"][2])
+    b = tiny_sd3.encode_prompts(["a blue dog"])
+    assert torch.equal(b.tensors["prompt_embeds"][0], a.tensors["prompt_embeds"][1])
+
+
+def test_model_evals_and_trained_steps_follow_the_plan(tiny_sd3):
+    counter = CountingTransformer(tiny_sd3.transformer)
+    planner = FlowGRPOPlanner(num_steps=10, timestep_fraction=0.99, guidance_scale=4.5)
+    plan = planner.plan()
+    assert plan.trained_steps == list(range(9))  # the last step is never trained
+    cond = tiny_sd3.encode_prompts(["a cat"] * 3)
+    out = rollout(tiny_sd3, plan, cond, sample_generators(0, 0, range(3)), transformer=counter)
+    assert counter.calls == 10  # one batched forward per step, CFG inside
+    assert counter.rows == plan.model_evals(3, evals_per_predict=2) == 60
+    assert [r.step for r in out.records] == plan.trained_steps
+    st = out.stacked()
+    assert st["x"].shape[:2] == (3, 9) and st["logp_old"].shape == (3, 9)
+    # each recorded transition chains: next_x of step j is x of step j+1
+    assert torch.equal(st["next_x"][:, 0], st["x"][:, 1])
+
+
+def test_branching_plan_counts_and_shares_prefixes(tiny_flux):
+    counter = CountingTransformer(tiny_flux.transformer)
+    steps = []
+    for i in range(8):
+        steps.append(StepSpec(kind="sde", noise_level=0.9, trained=True, branch=2 if i in (0, 3) else 1))
+    plan = RolloutPlan("tree", 3.5, tuple(steps))
+    cond = tiny_flux.encode_prompts(["a cat", "a dog"])
+    out = rollout(tiny_flux, plan, cond, sample_generators(0, 0, range(2)), transformer=counter)
+    # 2 roots x 2 after step 0 = 4 rows for steps 0-2, x2 again = 8 rows for steps 3-7
+    assert counter.rows == plan.model_evals(2) == 4 * 3 + 8 * 5
+    assert out.final.shape[0] == 8 and plan.leaves_per_root == 4
+    assert out.leaf_root.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    # siblings start from the same latent and diverge by their own noise
+    rec3 = out.records[3]
+    assert torch.equal(rec3.x[0], rec3.x[1]) and not torch.equal(rec3.next_x[0], rec3.next_x[1])
+
+
+def test_samples_do_not_depend_on_batching(tiny_sd3):
+    plan = FlowGRPOPlanner(num_steps=4).plan()
+    prompts = ["a cat", "a dog", "a bird", "a boat"]
+    full = rollout(tiny_sd3, plan, tiny_sd3.encode_prompts(prompts), sample_generators(7, 3, range(4)))
+    part = rollout(tiny_sd3, plan, tiny_sd3.encode_prompts(prompts[2:]), sample_generators(7, 3, [2, 3]))
+    assert torch.allclose(full.final[2:], part.final, atol=1e-5)
+    assert torch.allclose(full.stacked()["logp_old"][2:], part.stacked()["logp_old"], atol=1e-5)
+
+
+def test_plan_rejects_bad_steps():
+    with pytest.raises(ConfigError):
+        StepSpec(kind="ode", trained=True)
+    with pytest.raises(ConfigError):
+        StepSpec(kind="euler_magic")
+    with pytest.raises(ConfigError):
+        FlowGRPOPlanner(num_steps=10, timestep_fraction=0.05)
