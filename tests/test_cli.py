@@ -65,12 +65,12 @@ def test_missing_prompt_file(tmp_path):
 
 def test_batch_arithmetic_checked_before_models_load(tmp_path):
     line = _one_line_error(
-        run_cli("train", "trainer.rollout_batch_size=5", *FAST, cwd=tmp_path),
+        run_cli("train", *FAST, "trainer.rollout_batch_size=5", cwd=tmp_path),
         "trainer.rollout_batch_size=5",
     )
     assert "8" in line  # names the per-process sample count it must divide
-    _one_line_error(run_cli("train", "launcher.nproc_per_node=3", *FAST, cwd=tmp_path), "3 processes")
-    _one_line_error(run_cli("train", "algorithm.group_size=1", *FAST, cwd=tmp_path), "group_size")
+    _one_line_error(run_cli("train", *FAST, "launcher.nproc_per_node=3", cwd=tmp_path), "3 processes")
+    _one_line_error(run_cli("train", *FAST, "algorithm.group_size=1", cwd=tmp_path), "group_size")
 
 
 def test_checkpoint_path_that_is_not_one(tmp_path):

@@ -34,7 +34,7 @@ class FluxBackbone(Backbone):
 
     @classmethod
     def tiny(cls, *, seed: int = 0, resolution: int = 64, max_sequence_length: int = 32,
-             num_layers: int = 1, num_single_layers: int = 1, hidden: int = 32, vae_channels: int = 16,
+             num_layers: int = 1, num_single_layers: int = 1, hidden: int = 32, vae_channels: int | list[int] = 16,
              dtype: str = "fp32",
              device="cpu", cache_prompts: bool = True, **_ignored):
         return cls(build_tiny_flux_pipeline(seed=seed, num_layers=num_layers,

@@ -36,7 +36,7 @@ class SD3Backbone(Backbone):
 
     @classmethod
     def tiny(cls, *, seed: int = 0, resolution: int = 64, max_sequence_length: int = 32,
-             num_layers: int = 2, hidden: int = 32, vae_channels: int = 16, dtype: str = "fp32", device="cpu",
+             num_layers: int = 2, hidden: int = 32, vae_channels: int | list[int] = 16, dtype: str = "fp32", device="cpu",
              cache_prompts: bool = True, **_ignored):
         """A random-init SD3 of the real classes (offline tokenizers), seeded so every process agrees."""
         return cls(build_tiny_sd3_pipeline(seed=seed, num_layers=num_layers, hidden=hidden,

@@ -8,6 +8,7 @@ random but seeded, so a tiny backbone is identical across processes and runs.
 from __future__ import annotations
 
 import string
+from typing import Sequence
 
 # Words that get a single token each in the tiny T5 vocabulary (everything else falls back to
 # characters). Keeps T5 sequences short for the prompts used in tests and tiny recipes.
@@ -69,16 +70,23 @@ def tiny_t5_config(d_model: int = 32, layers: int = 2):
     )
 
 
-def tiny_vae(latent_channels: int = 4, scale_factor: int = 8, channels: int = 16):
-    """A small AutoencoderKL with ``log2(scale_factor)`` down/up stages."""
+def tiny_vae(latent_channels: int = 4, scale_factor: int = 8, channels: int | Sequence[int] = 16):
+    """A small AutoencoderKL with ``log2(scale_factor)`` down/up stages.
+
+    ``channels``: one width for every stage, or one per stage from the highest resolution down
+    (the decoder runs them in reverse).
+    """
     from diffusers import AutoencoderKL
 
     stages = {1: 1, 2: 2, 4: 3, 8: 4}[scale_factor]
+    widths = (int(channels),) * stages if isinstance(channels, int) else tuple(int(c) for c in channels)
+    if len(widths) != stages:
+        raise ValueError(f"vae channels {list(widths)} must list {stages} stages for scale factor {scale_factor}")
     return AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * stages,
         up_block_types=("UpDecoderBlock2D",) * stages,
-        block_out_channels=(channels,) * stages, layers_per_block=1,
-        latent_channels=latent_channels, norm_num_groups=min(channels, 8),
+        block_out_channels=widths, layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=min(min(widths), 8),
         sample_size=64, scaling_factor=1.5305, shift_factor=0.0609, mid_block_add_attention=False,
     )

@@ -1,0 +1,117 @@
+"""The trainer in-process: on-policy ratio, non-finite rewards, reward errors, mixed precision, packaging."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alignrl.config import compose
+from alignrl.errors import RewardError
+from conftest import FAST, REPO
+
+
+def _trainer(tmp_path, *extra):
+    from accelerate.state import AcceleratorState
+
+    from alignrl.training.trainer import Trainer
+
+    AcceleratorState._reset_state()  # a process-wide singleton: each test picks its own precision
+
+    cfg = compose([f"run_dir={tmp_path}", *FAST, *extra])
+    return Trainer(cfg, tmp_path)
+
+
+def test_ratio_is_exactly_one_before_the_first_update(tmp_path):
+    t = _trainer(tmp_path, "trainer.updates_per_iteration=1")
+    t.timing = {}
+    batch = t.collect()
+    adv, keep, _ = t.advantages(batch)
+    out = t.update(batch, adv, keep)
+    assert out["ratio_dev_before_update"] == 0.0
+    assert out["optimizer_steps"] == 1
+    t.reward_runner.close()
+
+
+def test_nonfinite_rewards_are_dropped_and_counted(tmp_path):
+    t = _trainer(tmp_path)
+    real = t.reward_runner.reward
+
+    def flaky(images, prompts, metadata):
+        scores, info = real(images, prompts, metadata)
+        scores = scores.copy()
+        scores[0] = np.nan
+        scores[1] = np.inf
+        return scores, info
+
+    t.reward_runner.reward = flaky
+    t.timing = {}
+    metrics = t.run_iteration()
+    # every rollout batch of 4 lost two samples
+    assert metrics["nonfinite_rewards"] == 2 * (8 // 4)
+    assert np.isfinite(metrics["reward_mean"]) and np.isfinite(metrics["policy_loss"])
+    assert metrics["optimizer_steps"] == 2
+    t.reward_runner.close()
+
+
+def test_reward_exception_stops_with_the_reward_named(tmp_path):
+    from alignrl.rewards.base import WeightedReward
+
+    class Broken:
+        def __call__(self, images, prompts, metadata):
+            raise ValueError("bad checkpoint")
+
+    t = _trainer(tmp_path)
+    t.reward_runner.reward = WeightedReward({"my_reward": Broken()}, {"my_reward": 1.0})
+    t.timing = {}
+    with pytest.raises(RewardError, match="reward 'my_reward' raised ValueError: bad checkpoint"):
+        t.run_iteration()
+    t.reward_runner.close()
+
+
+def test_bf16_mixed_precision_runs_with_fp32_master_weights(tmp_path):
+    t = _trainer(tmp_path, "trainer.mixed_precision=bf16", "trainer.finetune=lora")
+    assert all(p.dtype == torch.float32 for p in t.params)
+    t.timing = {}
+    metrics = t.run_iteration()
+    assert np.isfinite(metrics["policy_loss"]) and metrics["optimizer_steps"] == 2
+    t.reward_runner.close()
+
+
+def test_kl_reference_is_the_base_model(tmp_path):
+    """With LoRA the reference forward disables the adapter; with full fine-tuning it uses a frozen copy."""
+    for finetune in ("lora", "full"):
+        t = _trainer(tmp_path / finetune, f"trainer.finetune={finetune}", "algorithm.beta=0.1",
+                     "trainer.updates_per_iteration=1")
+        t.timing = {}
+        batch = t.collect()
+        adv, keep, _ = t.advantages(batch)
+        out = t.update(batch, adv, keep)
+        assert "kl" in out and out["kl"] >= 0
+        # after one update the policy moved away from the base, so the KL of the next step is positive
+        t.iteration += 1
+        batch = t.collect()
+        adv, keep, _ = t.advantages(batch)
+        assert t.update(batch, adv, keep)["kl"] > 0
+        t.reward_runner.close()
+
+
+def test_recipes_ship_in_a_non_editable_install(tmp_path):
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheel_dir), str(REPO)], check=True, capture_output=True)
+    wheel = next(wheel_dir.glob("alignrl-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = ("from alignrl.config import recipes_dir, compose; import alignrl; "
+            "print(alignrl.__file__); print(recipes_dir()); "
+            "c = compose(['recipe=flowgrpo_sd35_geneval']); print(c.algorithm.beta, c.backbone.pretrained)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith(str(target)) and lines[1].startswith(str(target))
+    assert lines[2] == "0.04 stabilityai/stable-diffusion-3.5-medium"
+    assert Path(lines[1], "recipe", "tiny_flowgrpo.yaml").is_file()
