@@ -166,12 +166,15 @@ class Backbone:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Embeddings of ``prompts``. Each distinct prompt is encoded on its own (batch 1), so its
+        embedding is a pure function of the text: it does not depend on which prompts it happened to be
+        batched with, which keeps resumed and multi-process runs bit-identical to single runs. With the
+        cache that costs one text-encoder pass per distinct prompt per run."""
         prompts = list(prompts)
         if self.cache is None:
-            return self._encode_uncached(prompts)
-        missing = self.cache.split(prompts)
-        if missing:
-            self.cache.put(missing, self._encode_uncached(missing))
+            return Conditioning.cat(self._encode_uncached([p]) for p in prompts)
+        for p in self.cache.split(prompts):
+            self.cache.put([p], self._encode_uncached([p]))
         return self.cache.get(prompts)
 
     def negative_conditioning(self) -> Conditioning:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import uuid
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -43,7 +44,7 @@ class MetricsLogger:
         import wandb
 
         id_file = run_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         mode = cfg.get("mode") or os.environ.get("WANDB_MODE") or "offline"
         self.wandb = wandb.init(

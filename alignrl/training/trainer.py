@@ -245,14 +245,12 @@ class Trainer:
         keep_t = torch.as_tensor(keep, device=self.device)
         mb_size = self.layout["train_batch_size"]
         updates = self.layout["updates_per_iteration"]
-        n = len(batch.prompts)
         sums: dict[str, float] = {}
         count = 0
         grad_norms = []
         ratio_dev_before_update = 0.0  # on-policy check: the first update's ratios must all be 1
         for epoch in range(int(tcfg.get("inner_epochs", 1))):
-            perm = torch.randperm(n, generator=self._iteration_generator(2, self.rank, epoch))
-            for chunk_index, chunk in enumerate(perm.chunk(updates)):
+            for chunk_index, chunk in enumerate(self._update_chunks(batch.global_index, updates, epoch)):
                 first_update = epoch == 0 and chunk_index == 0
                 kept = chunk[keep_t[chunk].cpu()]
                 global_kept = int(self._all_reduce_sum(torch.tensor([len(kept)], device=self.device)).item())
@@ -283,7 +281,14 @@ class Trainer:
                             sums[key] = sums.get(key, 0.0) + float(val.float().sum())
                         count += len(mb)
                 grad_norms.append(self._optimizer_step(float(tcfg.get("max_grad_norm", 1.0))))
-        out = {k: v / max(count, 1) for k, v in sums.items()}
+        keys = sorted(sums)
+        totals = self._all_reduce_sum(torch.tensor([count] + [sums[k] for k in keys], dtype=torch.float64,
+                                                   device=self.device)).tolist()
+        out = {k: v / max(totals[0], 1) for k, v in zip(keys, totals[1:])}  # averaged over all ranks
+        if self.world > 1:
+            dev = torch.tensor([ratio_dev_before_update], device=self.device)
+            torch.distributed.all_reduce(dev, op=torch.distributed.ReduceOp.MAX)
+            ratio_dev_before_update = float(dev.item())
         if "ratio" in out:
             out["ratio_mean"] = out.pop("ratio")
         out["ratio_dev_before_update"] = ratio_dev_before_update
@@ -291,6 +296,24 @@ class Trainer:
         out["lr"] = self.lr_scheduler.get_last_lr()[0]
         out["optimizer_steps"] = self.optimizer_steps
         return out
+
+    def _update_chunks(self, global_index: np.ndarray, updates: int, epoch: int) -> list[torch.Tensor]:
+        """This rank's local sample indices for each optimizer step of an epoch.
+
+        The split is made over the iteration's *global* batch with a generator every rank shares, so
+        each optimizer step sees the same samples whatever the number of processes.
+        """
+        total = self.sampler.samples_per_iteration
+        order = torch.randperm(total, generator=self._iteration_generator(2, epoch))
+        position = torch.empty(total, dtype=torch.long)
+        position[order] = torch.arange(total)
+        mine = position[torch.as_tensor(global_index, dtype=torch.long)]  # shuffled position of my samples
+        chunk_of = mine * updates // total
+        chunks = []
+        for c in range(updates):
+            local = torch.nonzero(chunk_of == c).flatten()
+            chunks.append(local[torch.argsort(mine[local])])  # in shuffled order
+        return chunks
 
     @torch.no_grad()
     def _reference_step(self, spec, schedule, j, x, cond, batch, mb_dev, k):
