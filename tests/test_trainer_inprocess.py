@@ -115,3 +115,15 @@ def test_recipes_ship_in_a_non_editable_install(tmp_path):
     assert lines[0].startswith(str(target)) and lines[1].startswith(str(target))
     assert lines[2] == "0.04 stabilityai/stable-diffusion-3.5-medium"
     assert Path(lines[1], "recipe", "tiny_flowgrpo.yaml").is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path):
+    weights = []
+    for flag in ("false", "true"):
+        t = _trainer(tmp_path / flag, f"trainer.gradient_checkpointing={flag}", "trainer.finetune=lora")
+        assert t.transformer.is_gradient_checkpointing == (flag == "true")
+        t.timing = {}
+        t.run_iteration()
+        weights.append([p.detach().clone() for p in t.params])
+        t.reward_runner.close()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*weights))
