@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -77,8 +78,20 @@ def _launch_torchrun(cfg: DictConfig, run_dir: Path, nproc: int) -> int:
         f"run_dir={run_dir}", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none",
     ]
     print(f"alignrl: starting {nproc} processes (torchrun) in {run_dir}", file=sys.stderr)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
-    return subprocess.call(cmd, env=env)
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    child = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS=threads))
+
+    # SIGTERM/SIGUSR1 to this launcher become a stop request the workers see at their next check
+    # (they checkpoint and exit 0); torchrun itself is left alone so it does not kill them mid-save.
+    def request_stop(signum, frame):
+        (run_dir / "STOP").write_text(f"signal {signal.Signals(signum).name} to the launcher\n")
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------------------------- eval / sample
@@ -113,6 +126,8 @@ def _load_policy(cfg: DictConfig, device):
         weights = "live (no EMA in checkpoint)"
     load_trainable_file(backbone.transformer, names, file)
     backbone.transformer.requires_grad_(False).eval()
+    if finetune == "full":
+        backbone.transformer.to(backbone.dtype)  # training kept fp32 master weights; inference needs none
     return backbone, f"{path} ({weights} weights)"
 
 

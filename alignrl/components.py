@@ -28,8 +28,21 @@ def build_backbone(cfg: DictConfig, device):
     spec = as_dict(cfg.backbone)
     if "_target_" not in spec:
         raise ConfigError("backbone config needs a _target_ (e.g. alignrl.backbones.sd3.SD3Backbone.tiny)")
-    spec.pop("name", None)
-    return instantiate(spec, device=device, _convert_="all")
+    name = spec.pop("name", spec["_target_"])
+    try:
+        return instantiate(spec, device=device, _convert_="all")
+    except Exception as e:  # hydra wraps the constructor's error; report it in one line
+        cause = e.__cause__ or e  # what the constructor raised (its own causes may be network internals)
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(cause, TypeError) and "argument" in str(cause):
+            raise ConfigError(f"backbone '{name}': {cause} (check the backbone.* keys)") from None
+        if isinstance(cause, (OSError, ValueError)):
+            where = spec.get("pretrained", "")
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            raise ConfigError(f"cannot load backbone '{name}' from '{where}': {first} (set backbone.pretrained to "
+                              f"a hub id or a local diffusers directory; gated models need HF_TOKEN)") from None
+        raise
 
 
 def build_planner(cfg: DictConfig):
@@ -56,9 +69,7 @@ def build_algorithm(cfg: DictConfig):
 
 
 def _unwrap(e: Exception, group: str) -> Exception:
-    cause = e
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
+    cause = e.__cause__ or e
     if isinstance(cause, ConfigError):
         return cause
     return ConfigError(f"{group} config cannot be built: {cause}")

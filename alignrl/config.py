@@ -57,7 +57,7 @@ def check_group_overrides(overrides: list[str]) -> None:
             continue
         key, value = ov.split("=", 1)
         key = key.removeprefix("override ").strip()
-        if key not in GROUPS or "," in value or value in ("null", ""):
+        if key not in GROUPS or "," in value or value in ("null", "") or value.startswith(("{", "[")):
             continue
         options = group_options(key)
         if value not in options:

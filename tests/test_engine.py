@@ -108,3 +108,20 @@ def test_plan_rejects_bad_steps():
         StepSpec(kind="euler_magic")
     with pytest.raises(ConfigError):
         FlowGRPOPlanner(num_steps=10, timestep_fraction=0.05)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_from_pretrained_loads_a_saved_pipeline(family, tmp_path, request):
+    """The real loading code (diffusers from_pretrained on a local directory), offline."""
+    from alignrl.backbones.flux import FluxBackbone
+    from alignrl.backbones.sd3 import SD3Backbone
+
+    bb = request.getfixturevalue(f"tiny_{family}")
+    bb.pipe.save_pretrained(tmp_path / "model")
+    cls = SD3Backbone if family == "sd3" else FluxBackbone
+    loaded = cls.from_pretrained(str(tmp_path / "model"), resolution=64, max_sequence_length=32, dtype="fp32")
+    guidance = 4.5 if family == "sd3" else 3.5
+    prompts = ["a photo of a cat", "a blue boat"]
+    a = rollout(bb, ode_plan(3, guidance), bb.encode_prompts(prompts), sample_generators(1, 0, range(2))).final
+    b = rollout(loaded, ode_plan(3, guidance), loaded.encode_prompts(prompts), sample_generators(1, 0, range(2))).final
+    assert torch.equal(a, b)

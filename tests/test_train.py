@@ -179,3 +179,26 @@ def test_tiny_flux_recipe_and_wandb_offline(tmp_path):
     assert (run / "wandb").is_dir() and (run / "wandb_run_id").is_file()
     cfg = (run / "config.yaml").read_text()
     assert "FluxBackbone" in cfg
+
+
+def test_two_process_run_stops_on_launcher_sigterm_and_resumes(tmp_path):
+    args = [*FAST, "trainer.max_steps=8", "trainer.rollout_batch_size=2", "trainer.train_batch_size=2",
+            "launcher.nproc_per_node=2"]
+    run = tmp_path / "run"
+    exe = Path(sys.executable).with_name("alignrl")
+    p = subprocess.Popen([str(exe), "train", f"run_dir={run}", *args], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler or a user would
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "preempted" and 1 <= status["step"] < 8, status
+    assert "STOP file" in err
+    proc = run_cli("train", f"run_dir={run}", *args, "resume=auto", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"

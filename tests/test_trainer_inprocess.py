@@ -127,3 +127,39 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path):
         weights.append([p.detach().clone() for p in t.params])
         t.reward_runner.close()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*weights))
+
+
+def test_all_groups_tied_skips_the_update(tmp_path):
+    from alignrl.rewards.base import WeightedReward
+
+    class Constant:
+        def __call__(self, images, prompts, metadata):
+            return np.ones(len(prompts)), {}
+
+    t = _trainer(tmp_path)
+    t.reward_runner.reward = WeightedReward({"constant": Constant()}, {"constant": 1.0})
+    before = [p.detach().clone() for p in t.params]
+    t.timing = {}
+    metrics = t.run_iteration()
+    assert metrics["zero_std_group_frac"] == 1.0 and metrics["kept_frac"] == 0.0
+    assert metrics["optimizer_steps"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, t.params))
+    t.reward_runner.close()
+
+
+def test_stop_file_abandons_the_iteration_before_any_update(tmp_path):
+    t = _trainer(tmp_path, "trainer.max_steps=3")
+    t.stop_file.write_text("stop")
+    state = t.train()  # a stale request from an earlier process is cleared at start: runs normally
+    assert state == "finished" and t.iteration == 3
+    from alignrl.training.trainer import _StopNow
+
+    t2 = _trainer(tmp_path / "b", "trainer.max_steps=3")
+    t2.timing = {}
+    t2.stop_file.parent.mkdir(parents=True, exist_ok=True)
+    t2.stop_file.write_text("stop")
+    before = [p.detach().clone() for p in t2.params]
+    with pytest.raises(_StopNow):
+        t2.run_iteration()
+    assert all(torch.equal(a, b) for a, b in zip(before, t2.params)) and t2.optimizer_steps == 0
+    t2.reward_runner.close()

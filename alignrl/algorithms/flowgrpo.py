@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from alignrl.algorithms.advantages import AdvantageResult, GroupStatTracker
+from alignrl.errors import ConfigError
 from alignrl.sampling.kernels import StepResult, mean_over_dims
 
 
@@ -54,6 +55,12 @@ class FlowGRPO:
     stat_min_count: int = 0
 
     def __post_init__(self):
+        if self.clip_range <= 0:
+            raise ConfigError(f"algorithm.clip_range must be > 0, got {self.clip_range}")
+        if self.beta < 0:
+            raise ConfigError(f"algorithm.beta must be >= 0, got {self.beta}")
+        if self.lr <= 0:
+            raise ConfigError(f"algorithm.lr must be > 0, got {self.lr}")
         self.tracker = GroupStatTracker(
             global_std=self.global_std, std_eps=self.std_eps, adv_clip_max=self.adv_clip_max,
             buffer_size=self.stat_buffer_size, min_count=self.stat_min_count,
@@ -62,6 +69,11 @@ class FlowGRPO:
     @property
     def needs_reference(self) -> bool:
         return self.beta > 0
+
+    @property
+    def diagnostics(self) -> tuple[str, ...]:
+        """Per-sample diagnostics ``step_loss`` returns (averaged over samples, steps and ranks for logging)."""
+        return ("ratio", "clipfrac", "approx_kl", "policy_loss") + (("kl",) if self.beta > 0 else ())
 
     def advantages(self, rewards: np.ndarray, keys: np.ndarray) -> AdvantageResult:
         return self.tracker.compute(rewards, keys)

@@ -40,6 +40,15 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         raise ConfigError(f"unknown dtype '{name}'; use one of fp32, bf16, fp16") from None
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s dtype argument: ``dtype`` since diffusers 0.42, ``torch_dtype`` before."""
+    import diffusers
+    from packaging.version import Version
+
+    key = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+    return {key: dtype}
+
+
 @dataclass
 class Conditioning:
     """Text conditioning for a batch: every tensor has the batch as its first dimension."""
@@ -206,6 +215,14 @@ class Backbone:
         return {"num_inference_steps": num_steps}
 
     # ----- model -----------------------------------------------------------------------------------
+    def compute_dtype(self, transformer: torch.nn.Module) -> torch.dtype:
+        """The dtype ``transformer``'s base weights are in (inputs are cast to it): the backbone dtype,
+        or fp32 when a full fine-tune keeps fp32 master weights (autocast then runs the matmuls)."""
+        for p in transformer.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return self.dtype
+
     def predict(self, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
                 guidance_scale: float, transformer: torch.nn.Module | None = None) -> torch.Tensor:
         """Velocity prediction (float32) for latents ``x`` at scheduler timestep ``timestep``.

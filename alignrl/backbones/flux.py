@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from alignrl.backbones.base import Backbone, Conditioning, parse_dtype
+from alignrl.backbones.base import Backbone, Conditioning, dtype_kwarg, parse_dtype
 from alignrl.backbones import tiny
 
 FLUX_LORA_TARGETS = (
@@ -24,10 +24,10 @@ class FluxBackbone(Backbone):
     @classmethod
     def from_pretrained(cls, pretrained: str, *, resolution: int = 512, max_sequence_length: int = 512,
                         dtype: str = "bf16", device="cpu", revision: str | None = None,
-                        variant: str | None = None, cache_prompts: bool = True, **_ignored):
+                        variant: str | None = None, cache_prompts: bool = True):
         from diffusers import FluxPipeline
 
-        pipe = FluxPipeline.from_pretrained(pretrained, torch_dtype=parse_dtype(dtype), revision=revision,
+        pipe = FluxPipeline.from_pretrained(pretrained, **dtype_kwarg(parse_dtype(dtype)), revision=revision,
                                             variant=variant)
         return cls(pipe, resolution=resolution, max_sequence_length=max_sequence_length, device=device,
                    dtype=dtype, cache_prompts=cache_prompts)
@@ -36,7 +36,7 @@ class FluxBackbone(Backbone):
     def tiny(cls, *, seed: int = 0, resolution: int = 64, max_sequence_length: int = 32,
              num_layers: int = 1, num_single_layers: int = 1, hidden: int = 32, vae_channels: int | list[int] = 16,
              dtype: str = "fp32",
-             device="cpu", cache_prompts: bool = True, **_ignored):
+             device="cpu", cache_prompts: bool = True):
         return cls(build_tiny_flux_pipeline(seed=seed, num_layers=num_layers,
                                             num_single_layers=num_single_layers, hidden=hidden,
                                             vae_channels=vae_channels),
@@ -101,6 +101,7 @@ class FluxBackbone(Backbone):
     # ----- model -----------------------------------------------------------------------------------
     def predict(self, x, timestep, cond, guidance_scale, transformer=None):
         transformer = transformer or self.transformer
+        dtype = self.compute_dtype(transformer)
         batch = x.shape[0]
         img_ids = self._image_ids()
         guidance = None
@@ -108,8 +109,9 @@ class FluxBackbone(Backbone):
             guidance = torch.full((batch,), float(guidance_scale), device=x.device, dtype=torch.float32)
         t = timestep.expand(batch) if timestep.ndim == 0 else timestep
         out = transformer(
-            hidden_states=x.to(self.dtype), timestep=t.to(self.dtype) / 1000, guidance=guidance,
-            pooled_projections=cond.tensors["pooled"], encoder_hidden_states=cond.tensors["prompt_embeds"],
+            hidden_states=x.to(dtype), timestep=t.to(dtype) / 1000, guidance=guidance,
+            pooled_projections=cond.tensors["pooled"].to(dtype),
+            encoder_hidden_states=cond.tensors["prompt_embeds"].to(dtype),
             txt_ids=self._txt_ids, img_ids=img_ids, return_dict=False,
         )[0]
         return out.float()

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from alignrl.backbones.base import Backbone, Conditioning, parse_dtype
+from alignrl.backbones.base import Backbone, Conditioning, dtype_kwarg, parse_dtype
 from alignrl.backbones import tiny
 
 SD3_LORA_TARGETS = (
@@ -24,12 +24,12 @@ class SD3Backbone(Backbone):
     @classmethod
     def from_pretrained(cls, pretrained: str, *, resolution: int = 512, max_sequence_length: int = 256,
                         dtype: str = "bf16", device="cpu", revision: str | None = None,
-                        variant: str | None = None, cache_prompts: bool = True, **_ignored):
+                        variant: str | None = None, cache_prompts: bool = True):
         """Load real weights (hub id or local directory) through diffusers."""
         from diffusers import StableDiffusion3Pipeline
 
         pipe = StableDiffusion3Pipeline.from_pretrained(
-            pretrained, torch_dtype=parse_dtype(dtype), revision=revision, variant=variant
+            pretrained, **dtype_kwarg(parse_dtype(dtype)), revision=revision, variant=variant
         )
         return cls(pipe, resolution=resolution, max_sequence_length=max_sequence_length,
                    device=device, dtype=dtype, cache_prompts=cache_prompts)
@@ -37,7 +37,7 @@ class SD3Backbone(Backbone):
     @classmethod
     def tiny(cls, *, seed: int = 0, resolution: int = 64, max_sequence_length: int = 32,
              num_layers: int = 2, hidden: int = 32, vae_channels: int | list[int] = 16, dtype: str = "fp32", device="cpu",
-             cache_prompts: bool = True, **_ignored):
+             cache_prompts: bool = True):
         """A random-init SD3 of the real classes (offline tokenizers), seeded so every process agrees."""
         return cls(build_tiny_sd3_pipeline(seed=seed, num_layers=num_layers, hidden=hidden,
                                                vae_channels=vae_channels),
@@ -77,6 +77,7 @@ class SD3Backbone(Backbone):
     # ----- model -----------------------------------------------------------------------------------
     def predict(self, x, timestep, cond, guidance_scale, transformer=None):
         transformer = transformer or self.transformer
+        dtype = self.compute_dtype(transformer)
         batch = x.shape[0]
         embeds, pooled = cond.tensors["prompt_embeds"], cond.tensors["pooled"]
         use_cfg = guidance_scale > 1.0
@@ -89,8 +90,8 @@ class SD3Backbone(Backbone):
             x_in = x
         t = timestep.expand(x_in.shape[0]) if timestep.ndim == 0 else timestep.repeat(1 + use_cfg)
         out = transformer(
-            hidden_states=x_in.to(self.dtype), timestep=t, encoder_hidden_states=embeds,
-            pooled_projections=pooled, return_dict=False,
+            hidden_states=x_in.to(dtype), timestep=t, encoder_hidden_states=embeds.to(dtype),
+            pooled_projections=pooled.to(dtype), return_dict=False,
         )[0]
         if use_cfg:
             uncond, text = out.chunk(2)

@@ -85,8 +85,9 @@ class Evaluator:
         mine = np.concatenate(scores) if scores else np.zeros(0)
         rewards = self._gather(mine, per_rank)
         metrics = _summary("eval/reward", rewards)
-        for name, parts in per_reward.items():
-            metrics.update(_summary(f"eval/{name}", self._gather(np.concatenate(parts), per_rank)))
+        for name in getattr(self.reward, "rewards", {}):  # every rank gathers every reward, even with no images
+            mine_r = np.concatenate(per_reward[name]) if name in per_reward else np.zeros(0)
+            metrics.update(_summary(f"eval/{name}", self._gather(mine_r, per_rank)))
         metrics["eval/num_images"] = int(rewards.size)
         return EvalResult(metrics, torch.cat(images) if images else None, captions, rewards)
 

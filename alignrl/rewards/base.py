@@ -83,11 +83,12 @@ class WeightedReward:
             raise ConfigError("no reward configured; pick one with reward=<name> (see `alignrl recipes --rewards`)")
         rewards, weights = {}, {}
         for name, value in spec.items():
-            if isinstance(value, Mapping):
-                options = dict(value)
-                weight = float(options.pop("weight", 1.0))
-            else:
-                options, weight = {}, float(value)
+            options = dict(value) if isinstance(value, Mapping) else {"weight": value}
+            raw = options.pop("weight", 1.0)
+            try:
+                weight = float(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(f"reward '{name}' has weight {raw!r}; give a number (reward.{name}.weight=1.0)") from None
             rewards[name] = build_reward(name, **options)
             weights[name] = weight
         return cls(rewards, weights)

@@ -92,11 +92,19 @@ class FlowGRPOPlanner:
     def __post_init__(self):
         if self.num_steps < 1:
             raise ConfigError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ConfigError(f"sampler.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.noise_level <= 0:
+            raise ConfigError(f"sampler.noise_level must be > 0 for trained SDE steps (a zero-noise step has no "
+                              f"log-prob), got {self.noise_level}")
         num_trained = int(self.num_steps * self.timestep_fraction)
         if num_trained < 1:
             raise ConfigError(
                 f"sampler.timestep_fraction={self.timestep_fraction} trains no step of {self.num_steps}; raise it"
             )
+        if self.sde_type == "cps" and num_trained == self.num_steps:
+            raise ConfigError("the last CPS step is deterministic (std 0) and cannot be trained; "
+                              "use sampler.timestep_fraction < 1")
         step = StepSpec(kind=self.sde_type, noise_level=float(self.noise_level))
         steps = tuple(replace(step, trained=i < num_trained) for i in range(self.num_steps))
         self._plan = RolloutPlan("flowgrpo", float(self.guidance_scale), steps)

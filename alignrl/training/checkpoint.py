@@ -148,10 +148,16 @@ class CheckpointWriter:
                     os.fsync(fh.fileno())
         (tmp / MARKER).write_text("ok\n")
         final = self.root / step_dir_name(step)
-        if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # re-saving a step: move the old copy aside, drop it once the new one is in place
+            old = final.with_name(final.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(self.root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         self.prune()
         return final
 

@@ -1,7 +1,7 @@
 """Exponential moving average of the trainable parameters.
 
-Updated every ``update_every`` optimizer steps with ``decay_k = min(decay, (1 + k) / (10 + k))``
-(k = number of EMA updates so far: a warm-up so early averages are not dominated by the init).
+Updated every ``update_every`` optimizer steps with ``decay_s = min(decay, (1 + s) / (10 + s))``
+(s = optimizer steps so far: a warm-up so early averages are not dominated by the init).
 Flow-GRPO's default, decay 0.9 every 8 steps, averages over roughly the last 80-160 steps.
 """
 
@@ -26,7 +26,8 @@ class EMA:
         self.optimizer_steps += 1
         if self.optimizer_steps % self.update_every:
             return
-        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        step = self.optimizer_steps
+        decay = min(self.decay, (1 + step) / (10 + step))
         for s, p in zip(self.shadow, self.params):
             s.lerp_(p.detach().float(), 1 - decay)
         self.num_updates += 1

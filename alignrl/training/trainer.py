@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from alignrl.components import as_dict, build_algorithm, build_backbone, build_planner
 from alignrl.config import validate_batch_arithmetic
 from alignrl.data import PromptSet
-from alignrl.errors import CheckpointError, ConfigError
+from alignrl.errors import AlignError, CheckpointError, ConfigError
 from alignrl.eval.evaluate import Evaluator
 from alignrl.eval.report import save_grid
 from alignrl.rewards.base import WeightedReward
@@ -38,6 +38,10 @@ from alignrl.training.logging import MetricsLogger
 from alignrl.training.lora import (load_trainable_file, lora_export, named_trainable, reference_context,
                                    setup_trainable)
 from alignrl.training.sampler import KRepeatPromptSampler
+
+
+class _StopNow(Exception):
+    """A stop was requested mid-iteration; the iteration is abandoned before its update."""
 
 
 @dataclass
@@ -98,6 +102,9 @@ class Trainer:
             group_size=int(self.algorithm.group_size), world_size=self.world, rank=self.rank, seed=self.seed,
         )
         self.reward = WeightedReward.from_config(as_dict(cfg.reward))
+        schedules = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+        if str(tcfg.get("lr_schedule", "constant")) not in schedules:
+            raise ConfigError(f"trainer.lr_schedule='{tcfg.lr_schedule}' is not known; use one of {', '.join(schedules)}")
         self.resume_from = ckpt.resolve_resume(cfg.get("resume"), self.run_dir)
         if self.resume_from is None and cfg.get("resume") in (None, "", "none") and \
                 ckpt.latest_checkpoint(self.run_dir / "checkpoints") is not None:
@@ -188,6 +195,8 @@ class Trainer:
             images = self.backbone.decode(out.final)
             futures.append(self.reward_runner.submit(images, prompts, meta))  # scored while the next batch samples
             parts.append((out.stacked(), images if start == 0 else None))
+            if start + bs < len(slots) and self._stop_agreed():
+                raise _StopNow
         self._sync()
         t_wait = time.perf_counter()
         results = [f.result() for f in futures]  # RewardError propagates with the reward's name
@@ -245,7 +254,7 @@ class Trainer:
         keep_t = torch.as_tensor(keep, device=self.device)
         mb_size = self.layout["train_batch_size"]
         updates = self.layout["updates_per_iteration"]
-        sums: dict[str, float] = {}
+        sums = {k: 0.0 for k in self.algorithm.diagnostics}
         count = 0
         grad_norms = []
         ratio_dev_before_update = 0.0  # on-policy check: the first update's ratios must all be 1
@@ -257,7 +266,7 @@ class Trainer:
                 if global_kept == 0:
                     continue  # every rank agrees: nothing to learn from this chunk
                 denom = global_kept * sum(s.loss_weight for s in specs)
-                for mb in kept.split(mb_size):
+                for mb in (kept.split(mb_size) if len(kept) else ()):
                     mb_dev = mb.to(self.device)
                     cond = self.backbone.encode_prompts([batch.prompts[i] for i in mb.tolist()])
                     for k, spec in enumerate(specs):
@@ -277,11 +286,11 @@ class Trainer:
                         if first_update and "ratio" in diag:
                             dev = float((diag["ratio"] - 1).abs().max()) if len(mb) else 0.0
                             ratio_dev_before_update = max(ratio_dev_before_update, dev)
-                        for key, val in diag.items():
-                            sums[key] = sums.get(key, 0.0) + float(val.float().sum())
+                        for key in self.algorithm.diagnostics:
+                            sums[key] += float(diag[key].float().sum())
                         count += len(mb)
                 grad_norms.append(self._optimizer_step(float(tcfg.get("max_grad_norm", 1.0))))
-        keys = sorted(sums)
+        keys = list(self.algorithm.diagnostics)  # the same keys on every rank, even one with no samples
         totals = self._all_reduce_sum(torch.tensor([count] + [sums[k] for k in keys], dtype=torch.float64,
                                                    device=self.device)).tolist()
         out = {k: v / max(totals[0], 1) for k, v in zip(keys, totals[1:])}  # averaged over all ranks
@@ -350,6 +359,9 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, as_dict(self.cfg.logger), resolved, self.is_main,
                                     self.max_steps, self.iteration, self.run_dir.name)
         self.evaluator = self._make_evaluator()
+        if self.is_main and self.stop_file.exists():
+            self.stop_file.unlink()  # a stop request of an earlier (now resumed) process
+        self.accelerator.wait_for_everyone()
         self._install_signal_handlers()
         self._write_status("running")
         if self.is_main:
@@ -363,28 +375,33 @@ class Trainer:
         state = "finished"
         try:
             while self.iteration < self.max_steps:
-                metrics = self.run_iteration()
-                self.iteration += 1
-                step = self.iteration
-                images = {}
-                if self.is_main and every("log_images_every") and step % every("log_images_every") == 0:
-                    images["rollouts"] = self._save_rollout_grid(step)
-                if self.evaluator and every("eval_every") and step % every("eval_every") == 0:
-                    metrics.update(self.evaluate(step))
-                self.logger.log(step, metrics, images)
-                self.logger.progress(step, metrics)
-                if every("checkpoint_every") and step % every("checkpoint_every") == 0:
-                    self.save_checkpoint()
-                if self._stop_agreed():
-                    self.save_checkpoint()
-                    self.logger.write(f"alignrl: signal {self.stop_signal} received; checkpoint saved at step "
-                                      f"{step}, exiting (resume with resume=auto run_dir={self.run_dir})")
+                try:
+                    metrics = self.run_iteration()
+                except _StopNow:
+                    metrics = None  # the iteration was abandoned before any update: state is unchanged
+                if metrics is not None:
+                    self.iteration += 1
+                    step = self.iteration
+                    images = {}
+                    if self.is_main and every("log_images_every") and step % every("log_images_every") == 0:
+                        images["rollouts"] = self._save_rollout_grid(step)
+                    if self.evaluator and every("eval_every") and step % every("eval_every") == 0:
+                        metrics.update(self.evaluate(step))
+                    self.logger.log(step, metrics, images)
+                    self.logger.progress(step, metrics)
+                    if every("checkpoint_every") and step % every("checkpoint_every") == 0:
+                        self.save_checkpoint()
+                if metrics is None or self._stop_agreed():
+                    if not ckpt.is_checkpoint(self._step_dir()):
+                        self.save_checkpoint()
+                    self.logger.write(f"alignrl: stop requested ({self._stop_reason()}); checkpoint saved at step "
+                                      f"{self.iteration}, exiting (continue with resume=auto run_dir={self.run_dir})")
                     state = "preempted"
                     break
             if state == "finished":
                 if self.evaluator and every("eval_every") and self.iteration % every("eval_every") != 0:
                     self.logger.log(self.iteration, self.evaluate(self.iteration))
-                if not ckpt.is_checkpoint(self.run_dir / "checkpoints" / ckpt.step_dir_name(self.iteration)):
+                if not ckpt.is_checkpoint(self._step_dir()):
                     self.save_checkpoint()
         except BaseException:
             self._write_status("failed")
@@ -396,9 +413,19 @@ class Trainer:
         return state
 
     def run_iteration(self) -> dict:
+        """One rollout + update round. Raises ``_StopNow`` (before any update) when a stop is requested."""
         self.timing = {}
         t0 = time.perf_counter()
-        batch = self.collect()
+        failure = None
+        try:
+            batch = self.collect()
+        except _StopNow:
+            raise  # raised on every rank at the same point (the stop check is collective)
+        except Exception as e:  # noqa: BLE001  every rank must learn of it, or the others hang in the gather
+            failure = e
+        self._raise_if_any_failed(failure)
+        if self._stop_agreed():
+            raise _StopNow
         self._sync()
         t1 = time.perf_counter()
         adv, keep, stats = self.advantages(batch)
@@ -524,13 +551,35 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
 
+    @property
+    def stop_file(self) -> Path:
+        """Creating this file asks the run to checkpoint and exit, like SIGTERM (the launcher uses it)."""
+        return self.run_dir / "STOP"
+
     def _stop_agreed(self) -> bool:
-        flag = torch.tensor([1 if self.stop_signal is not None else 0], device=self.device)
+        """True on every rank when any rank was signalled or the stop file exists."""
+        local = self.stop_signal is not None or self.stop_file.exists()
+        flag = torch.tensor([1 if local else 0], device=self.device)
         if self.world > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and self.stop_signal is None:
-            self.stop_signal = -1  # another rank was signalled
         return bool(flag.item())
+
+    def _stop_reason(self) -> str:
+        if self.stop_signal is not None:
+            return f"signal {signal.Signals(self.stop_signal).name}"
+        return f"{self.stop_file.name} file" if self.stop_file.exists() else "another process"
+
+    def _raise_if_any_failed(self, failure: Exception | None) -> None:
+        flag = torch.tensor([0 if failure is None else 1], device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if failure is not None:
+            raise failure
+        if flag.item():
+            raise AlignError("another process failed during the rollout (its error is printed above); stopping")
+
+    def _step_dir(self) -> Path:
+        return self.run_dir / "checkpoints" / ckpt.step_dir_name(self.iteration)
 
     def _write_status(self, state: str) -> None:
         if not self.is_main:
