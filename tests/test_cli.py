@@ -98,3 +98,13 @@ def test_train_writes_run_dir_layout(tmp_path):
         assert key in rows[0], key
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+
+
+def test_multirun_sweep_gives_one_run_per_point(tmp_path):
+    proc = run_cli("train", "-m", "seed=1,2", *FAST, "trainer.max_steps=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = sorted((tmp_path / "multirun").rglob("status.json"))
+    assert len(status) == 2
+    assert all(json.loads(s.read_text())["state"] == "finished" for s in status)
+    seeds = sorted(s.parent.joinpath("config.yaml").read_text().split("seed: ")[1].split()[0] for s in status)
+    assert seeds == ["1", "2"]
