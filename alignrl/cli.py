@@ -12,7 +12,7 @@ import sys
 USAGE = """usage: alignrl <command> [overrides...] [hydra flags]
 
 commands:
-  train     run a recipe (default recipe: tiny_flowgrpo, CPU, about a minute)
+  train     run a recipe (default recipe: tiny_flowgrpo, CPU, under 2 minutes)
   eval      evaluate a checkpoint (eval.checkpoint=<dir>) or the base model; writes metrics, grid, summary
   sample    generate images from a checkpoint or the base model (sample.prompts=[...])
   recipes   list the recipes with a one-line description, and every config group's options

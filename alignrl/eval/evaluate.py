@@ -77,7 +77,7 @@ class Evaluator:
             for name, arr in info.get("per_reward", {}).items():
                 per_reward.setdefault(name, []).append(np.asarray(arr, dtype=np.float64))
             images.append(imgs)
-            captions += [f"{p[:40]} | {v:.3g}" for p, v in zip(prompts, s)]
+            captions += [f"{v:.3g} {p}" for p, v in zip(prompts, s)]  # score first: cells are narrow
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:

@@ -449,7 +449,7 @@ class Trainer:
     def _save_rollout_grid(self, step: int) -> Path:
         batch = self._last_batch
         imgs = batch.preview[:16].cpu()
-        caps = [f"{p[:36]} | {r:.3g}" for p, r in zip(batch.prompts, batch.rewards)]
+        caps = [f"{r:.3g} {p}" for p, r in zip(batch.prompts, batch.rewards)]  # score first: cells are narrow
         return save_grid(self.run_dir / "samples" / f"step_{step:06d}.png", imgs, caps[: len(imgs)])
 
     # ------------------------------------------------------------------ eval
