@@ -155,9 +155,15 @@ def evaluate(cfg: DictConfig) -> int:
     result = evaluator.run()
     details = {"model": source, "prompts": prompts.source, "ode_steps": plan.num_steps,
                "guidance_scale": plan.guidance_scale, "reward": ", ".join(cfg.reward.keys())}
-    paths = write_report(out_dir, result, "alignrl eval", details)
+    paths = write_report(out_dir, result, "alignrl eval", details, grid_size=int(cfg.eval.get("grid_size", 16)))
+    if result.table:
+        from alignrl.eval.report import markdown_table
+
+        cols = ["tag"] + [k for k in next(iter(result.table.values())) if k != "n"] + ["n"]
+        print(markdown_table([{"tag": t, **row} for t, row in result.table.items()], cols))
     for k, v in result.metrics.items():
-        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+        if not k.startswith("eval/tag/"):
+            print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     print(f"alignrl: wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0
 

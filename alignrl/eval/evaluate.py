@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ class EvalResult:
     images: torch.Tensor | None  # this rank's images (for the grid), CPU
     captions: list[str]
     rewards: np.ndarray  # all ranks' rewards, in prompt order
+    table: dict = field(default_factory=dict)  # per-tag rows (when the prompts carry a "tag")
 
 
 class Evaluator:
@@ -55,7 +56,10 @@ class Evaluator:
     @torch.no_grad()
     def run(self, transformer=None) -> EvalResult:
         slots, per_rank = self._my_slots()
-        scores, per_reward, images, captions = [], {}, [], []
+        extra_keys = list(getattr(self.reward, "per_sample_keys", []))
+        columns: dict[str, list] = {"reward": [], **{k: [] for k in extra_keys}}
+        per_reward: dict[str, list] = {}
+        images, captions = [], []
         chunks = [slots[i:i + self.batch_size] for i in range(0, len(slots), self.batch_size)]
         bar = None
         if self.progress:
@@ -73,23 +77,53 @@ class Evaluator:
                 out = rollout(self.backbone, self.plan, cond, gens, transformer=transformer, record=False)
             imgs = self.backbone.decode(out.final).cpu()
             s, info = self.reward(imgs, prompts, meta)
-            scores.append(np.asarray(s, dtype=np.float64))
+            columns["reward"].append(np.asarray(s, dtype=np.float64))
+            for k in extra_keys:
+                columns[k].append(np.asarray(info["per_sample"][k], dtype=np.float64))
             for name, arr in info.get("per_reward", {}).items():
                 per_reward.setdefault(name, []).append(np.asarray(arr, dtype=np.float64))
             images.append(imgs)
-            captions += [f"{v:.3g} {p}" for p, v in zip(prompts, s)]  # score first: cells are narrow
+            verdicts = info.get("per_sample", {})
+            strict = next((v for k, v in verdicts.items() if k.endswith("/strict")), None)
+            for j, (p, v) in enumerate(zip(prompts, s)):  # score (and verdict) first: cells are narrow
+                mark = ("PASS " if strict[j] else "FAIL ") if strict is not None else ""
+                captions.append(f"{mark}{v:.3g} {p}")
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
             bar.close()
-        mine = np.concatenate(scores) if scores else np.zeros(0)
-        rewards = self._gather(mine, per_rank)
+        gathered = {k: self._gather(np.concatenate(v) if v else np.zeros(0), per_rank) for k, v in columns.items()}
+        rewards = gathered["reward"]
         metrics = _summary("eval/reward", rewards)
         for name in getattr(self.reward, "rewards", {}):  # every rank gathers every reward, even with no images
             mine_r = np.concatenate(per_reward[name]) if name in per_reward else np.zeros(0)
             metrics.update(_summary(f"eval/{name}", self._gather(mine_r, per_rank)))
+        for k in extra_keys:
+            metrics[f"eval/{k}_mean"] = float(np.nanmean(gathered[k])) if gathered[k].size else float("nan")
         metrics["eval/num_images"] = int(rewards.size)
-        return EvalResult(metrics, torch.cat(images) if images else None, captions, rewards)
+        table = self._tag_table(gathered)
+        for tag, row in table.items():
+            for k, v in row.items():
+                if k != "n":
+                    metrics[f"eval/tag/{tag}/{k}"] = v
+        return EvalResult(metrics, torch.cat(images) if images else None, captions, rewards, table)
+
+    def _tag_table(self, gathered: dict[str, np.ndarray]) -> dict:
+        """Per-tag means (prompt metadata ``tag``, as GenEval's) and ``overall`` = the mean over tags."""
+        n = gathered["reward"].size
+        tags = [self.metadata[s // self.images_per_prompt].get("tag") for s in range(n)]
+        if n == 0 or not any(tags):
+            return {}
+        table = {}
+        for tag in dict.fromkeys(t for t in tags if t):
+            sel = np.array([t == tag for t in tags])
+            table[tag] = {k.split("/")[-1] if k != "reward" else "reward": float(np.nanmean(v[sel]))
+                          for k, v in gathered.items()}
+            table[tag]["n"] = int(sel.sum())
+        keys = [k for k in next(iter(table.values())) if k != "n"]
+        table["overall"] = {k: float(np.mean([row[k] for row in table.values()])) for k in keys}
+        table["overall"]["n"] = n
+        return table
 
     def _gather(self, values: np.ndarray, per_rank: int) -> np.ndarray:
         if self.gather is None or self.world == 1:
@@ -118,8 +152,13 @@ def write_report(out_dir: Path, result: EvalResult, title: str, details: dict, g
     if result.images is not None and len(result.images):
         k = min(grid_size, len(result.images))
         paths["grid"] = save_grid(out_dir / "grid.png", result.images[:k], result.captions[:k])
-    rows = [{"metric": k, "value": v} for k, v in result.metrics.items()]
-    lines = [f"# {title}", "", markdown_table(rows, ["metric", "value"]), ""]
+    lines = [f"# {title}", ""]
+    if result.table:
+        cols = ["tag"] + [k for k in next(iter(result.table.values())) if k != "n"] + ["n"]
+        lines += ["## Per tag (GenEval style; overall = mean over tags)", "",
+                  markdown_table([{"tag": t, **row} for t, row in result.table.items()], cols), ""]
+    rows = [{"metric": k, "value": v} for k, v in result.metrics.items() if not k.startswith("eval/tag/")]
+    lines += [markdown_table(rows, ["metric", "value"]), ""]
     lines += [f"- {k}: {v}" for k, v in details.items()]
     if "grid" in paths:
         lines += ["", "![samples](grid.png)"]

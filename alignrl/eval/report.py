@@ -57,3 +57,46 @@ def save_grid(path: Path, images, captions=None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, captions).save(path)
     return path
+
+
+def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: str, ylabel: str,
+              title: str = "", size: tuple[int, int] = (720, 440), y_range: tuple[float, float] | None = None) -> Path:
+    """A simple line plot (one line per series, with a legend) drawn with PIL, saved as PNG."""
+    palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127)]
+    w, h = size
+    left, right, top, bottom = 60, 20, 30, 50
+    img = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    xs = [x for pts in series.values() for x, _ in pts] or [0, 1]
+    ys = [y for pts in series.values() for _, y in pts] or [0, 1]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = y_range or (min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1)
+
+    def to_px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
+
+    draw.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
+    for i in range(6):
+        fy = y0 + (y1 - y0) * i / 5
+        _, py = to_px(x0, fy)
+        draw.line([left, py, w - right, py], fill=(230, 230, 230))
+        draw.text((4, py - 5), f"{fy:.2f}", fill=(0, 0, 0), font=font)
+        fx = x0 + (x1 - x0) * i / 5
+        px, _ = to_px(fx, y0)
+        draw.text((px - 10, h - bottom + 5), f"{fx:.0f}", fill=(0, 0, 0), font=font)
+    draw.text((w // 2 - 40, h - 20), xlabel, fill=(0, 0, 0), font=font)
+    draw.text((4, 8), f"{ylabel}   {title}", fill=(0, 0, 0), font=font)
+    for i, (name, pts) in enumerate(series.items()):
+        color = palette[i % len(palette)]
+        px = [to_px(x, y) for x, y in sorted(pts)]
+        if len(px) > 1:
+            draw.line(px, fill=color, width=2)
+        for p in px:
+            draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=color)
+        draw.text((left + 10, top + 8 + 14 * i), f"- {name}", fill=color, font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

@@ -42,7 +42,7 @@ def available_rewards() -> list[str]:
 
 
 def _import_builtins() -> None:
-    from alignrl.rewards import jpeg  # noqa: F401  (registers on import)
+    from alignrl.rewards import jpeg, shapes  # noqa: F401  (registers on import)
 
 
 class Reward:
@@ -50,6 +50,8 @@ class Reward:
 
     reward_name = "reward"
     requires_grad = False
+    # names of per-sample metrics the reward returns in info["per_sample"] (evaluation tables use them)
+    per_sample_keys: tuple[str, ...] = ()
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
         raise NotImplementedError
@@ -96,7 +98,8 @@ class WeightedReward:
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
         total = np.zeros(len(prompts), dtype=np.float64)
         per_reward: dict[str, np.ndarray] = {}
-        info: dict[str, float] = {}
+        per_sample: dict[str, np.ndarray] = {}
+        info: dict = {}
         for name, fn in self.rewards.items():
             try:
                 scores, extra = fn(images, prompts, metadata)
@@ -108,5 +111,13 @@ class WeightedReward:
             per_reward[name] = scores
             total += self.weights[name] * scores  # NaN in any reward makes the total NaN: sample dropped
             for k, v in (extra or {}).items():
-                info[f"{name}/{k}"] = v
-        return total, {"per_reward": per_reward, **info}
+                if k == "per_sample":
+                    per_sample.update({f"{name}/{m}": np.asarray(a, dtype=np.float64) for m, a in v.items()})
+                else:
+                    info[f"{name}/{k}"] = v
+        return total, {"per_reward": per_reward, "per_sample": per_sample, **info}
+
+    @property
+    def per_sample_keys(self) -> list[str]:
+        """``<reward>/<metric>`` for every per-sample metric the rewards declare (same on every rank)."""
+        return [f"{n}/{k}" for n, r in self.rewards.items() for k in getattr(r, "per_sample_keys", ())]

@@ -147,6 +147,7 @@ class Trainer:
         self.reward_runner = AsyncRewardRunner(self.reward, int(tcfg.get("reward_workers", 1)))
         self.iteration = 0
         self.optimizer_steps = 0
+        self.train_seconds = 0.0  # wall-clock of training iterations (evaluation and saving excluded)
         self.stop_signal: int | None = None
         if self.resume_from is not None:
             self._load(self.resume_from)
@@ -166,6 +167,14 @@ class Trainer:
         if self.world > 1:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         return t
+
+    def _agreed_max(self, value: float) -> float:
+        """The largest of the ranks' values, so decisions taken on it (time budgets) agree everywhere."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t.item())
 
     def _iteration_generator(self, *salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(hash((self.seed, self.iteration) + salt) & 0x7FFF_FFFF)
@@ -372,20 +381,28 @@ class Trainer:
                 + (f"; resumed from {self.resume_from}" if self.resume_from else "")
             )
         every = lambda key: int(tcfg.get(key, 0) or 0)  # noqa: E731
+        budget_s = 60 * float(tcfg.get("max_minutes") or 0)  # training wall-clock, evaluation excluded
+        eval_every_s = 60 * float(tcfg.get("eval_every_minutes") or 0)
         state = "finished"
         try:
-            while self.iteration < self.max_steps:
+            if self.evaluator and tcfg.get("eval_at_start") and self.iteration == 0:
+                self.logger.log(0, {"train_seconds": 0.0, **self.evaluate(0)})
+            while self.iteration < self.max_steps and not (budget_s and self.train_seconds >= budget_s):
                 try:
                     metrics = self.run_iteration()
                 except _StopNow:
                     metrics = None  # the iteration was abandoned before any update: state is unchanged
                 if metrics is not None:
+                    before = self.train_seconds
+                    self.train_seconds = self._agreed_max(self.train_seconds + metrics["time/iteration"])
+                    metrics["train_seconds"] = self.train_seconds
                     self.iteration += 1
                     step = self.iteration
                     images = {}
                     if self.is_main and every("log_images_every") and step % every("log_images_every") == 0:
                         images["rollouts"] = self._save_rollout_grid(step)
-                    if self.evaluator and every("eval_every") and step % every("eval_every") == 0:
+                    timed_eval = eval_every_s and int(self.train_seconds // eval_every_s) > int(before // eval_every_s)
+                    if self.evaluator and ((every("eval_every") and step % every("eval_every") == 0) or timed_eval):
                         metrics.update(self.evaluate(step))
                     self.logger.log(step, metrics, images)
                     self.logger.progress(step, metrics)
@@ -399,8 +416,10 @@ class Trainer:
                     state = "preempted"
                     break
             if state == "finished":
-                if self.evaluator and every("eval_every") and self.iteration % every("eval_every") != 0:
-                    self.logger.log(self.iteration, self.evaluate(self.iteration))
+                last_logged_eval = (every("eval_every") and self.iteration % every("eval_every") == 0)
+                if self.evaluator and (every("eval_every") or eval_every_s) and not last_logged_eval:
+                    self.logger.log(self.iteration, {"train_seconds": self.train_seconds,
+                                                     **self.evaluate(self.iteration)})
                 if not ckpt.is_checkpoint(self._step_dir()):
                     self.save_checkpoint()
         except BaseException:
@@ -498,6 +517,7 @@ class Trainer:
                 self.export_lora(tmp / "lora")
             state = {
                 "iteration": step, "optimizer_steps": self.optimizer_steps, "world_size": self.world,
+                "train_seconds": self.train_seconds,
                 "finetune": self.finetune, "trainable": len(self.trainable_names),
                 "sampler": self.sampler.state_dict(), "planner": self.planner.state_dict(),
                 "algorithm": self.algorithm.state_dict(),
@@ -537,6 +557,7 @@ class Trainer:
             ckpt.set_rng_state(ckpt.torch_load_trusted(rng_file))
         self.iteration = int(state["iteration"])
         self.optimizer_steps = int(state["optimizer_steps"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
 
     # ------------------------------------------------------------------ signals and status
     def _install_signal_handlers(self) -> None:

@@ -1,0 +1,183 @@
+"""The ShapeWorld text-to-image model: a pixel-space conditional UNet (diffusers ``UNet2DConditionModel``)
+trained by rectified flow, a 2-layer CLIP text encoder and an offline word-level tokenizer.
+
+``ShapesPipeline`` is a diffusers pipeline (save/load with ``save_pretrained``/``from_pretrained``, LoRA
+through ``load_lora_weights``, plain sampling with ``__call__``); ``ShapesBackbone`` puts it behind the
+backbone protocol so every plan, loss and command works on it. The pretrained weights ship inside the
+package (``alignrl/shapes/pretrained``), made by ``scripts/pretrain_shapes.py``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+from alignrl.backbones.base import Backbone, Conditioning, dtype_kwarg, parse_dtype
+from alignrl.errors import ConfigError
+from alignrl.shapes.world import COLORS, COUNT_WORDS, RELATIONS, SHAPES
+
+MAX_TOKENS = 10
+
+
+def vocabulary() -> list[str]:
+    words = {"a", "an", "and", "of"} | set(SHAPES) | {s + "s" for s in SHAPES} | set(COLORS)
+    words |= set(COUNT_WORDS.values())
+    for rel in RELATIONS:
+        words |= set(rel.split())
+    return ["[PAD]", "[UNK]"] + sorted(words)
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   model_max_length=MAX_TOKENS)
+
+
+def build_text_encoder(hidden: int = 128, layers: int = 2):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=len(vocabulary()), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
+                         projection_dim=hidden, pad_token_id=0, bos_token_id=0, eos_token_id=1)
+    return CLIPTextModel(cfg)
+
+
+def build_unet(channels: Sequence[int] = (32, 64, 128), cross_dim: int = 128) -> UNet2DConditionModel:
+    """Pixel-space UNet; cross-attention only at the lowest resolution (8x8 for 32px images)."""
+    n = len(channels)
+    return UNet2DConditionModel(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=tuple(channels),
+        down_block_types=("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+        cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+class ShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    model_cpu_offload_seq = "text_encoder->unet"
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], device=None) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                             return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(device or self.text_encoder.device))[0]
+
+    @torch.no_grad()
+    def __call__(self, prompt: list[str] | str, num_inference_steps: int = 20, guidance_scale: float = 3.0,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None):
+        """Euler ODE sampling with CFG; returns images in [0, 1], (B, 3, 32, 32)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        device = self.unet.device
+        cond = self.encode_prompt(prompts, device)
+        uncond = self.encode_prompt([""] * len(prompts), device)
+        x = latents if latents is not None else torch.randn(
+            (len(prompts), 3, self.unet.config.sample_size, self.unet.config.sample_size), generator=generator
+        ).to(device)
+        dtype = self.unet.dtype
+        x = x.float()
+        embeds = torch.cat([uncond, cond]).to(dtype)
+        self.scheduler.set_timesteps(num_inference_steps)
+        for i, t in enumerate(self.scheduler.timesteps):
+            out = self.unet(torch.cat([x, x]).to(dtype), t.expand(2 * len(prompts)), encoder_hidden_states=embeds).sample
+            u, c = out.float().chunk(2)
+            v = u + guidance_scale * (c - u)
+            x = x + (self.scheduler.sigmas[i + 1] - self.scheduler.sigmas[i]) * v
+        return (x / 2 + 0.5).clamp(0, 1)
+
+
+def build_pipeline(seed: int = 0, channels: Sequence[int] = (32, 64, 128), text_hidden: int = 128) -> ShapesPipeline:
+    torch.manual_seed(seed)
+    return ShapesPipeline(unet=build_unet(channels, text_hidden), text_encoder=build_text_encoder(text_hidden),
+                          tokenizer=build_tokenizer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
+
+
+def pretrained_dir() -> Path:
+    return Path(str(resources.files("alignrl.shapes") / "pretrained"))
+
+
+class ShapesBackbone(Backbone):
+    family = "shapes"
+    uses_cfg = True
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+
+    @classmethod
+    def pretrained(cls, *, path: str | None = None, resolution: int = 32, dtype: str = "fp32", device="cpu",
+                   cache_prompts: bool = True):
+        """The shipped pretrained model (or one saved by scripts/pretrain_shapes.py at ``path``)."""
+        where = Path(path) if path else pretrained_dir()
+        if not (where / "model_index.json").is_file():
+            raise ConfigError(f"no ShapeWorld model at {where}; run `python scripts/pretrain_shapes.py` or set "
+                              f"backbone.path to its output directory")
+        pipe = ShapesPipeline.from_pretrained(str(where), **dtype_kwarg(parse_dtype(dtype)))
+        return cls(pipe, resolution=resolution, max_sequence_length=MAX_TOKENS, device=device, dtype=dtype,
+                   cache_prompts=cache_prompts)
+
+    @classmethod
+    def random_init(cls, *, seed: int = 0, resolution: int = 32, dtype: str = "fp32", device="cpu",
+                    cache_prompts: bool = True):
+        """An untrained model of the same architecture (pretraining starts here)."""
+        return cls(build_pipeline(seed), resolution=resolution, max_sequence_length=MAX_TOKENS, device=device,
+                   dtype=dtype, cache_prompts=cache_prompts)
+
+    @property
+    def transformer(self) -> torch.nn.Module:  # the denoiser (a UNet here)
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return None
+
+    def frozen_modules(self):
+        return [self.pipe.text_encoder]
+
+    def latent_multiple(self) -> int:
+        return 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+
+    def _encode_uncached(self, prompts: list[str]) -> Conditioning:
+        return Conditioning({"prompt_embeds": self.pipe.encode_prompt(prompts, self.device)})
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (3, self.resolution, self.resolution)
+
+    def initial_noise(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        return torch.stack([torch.randn(self.latent_shape(), generator=g, device=g.device) for g in generators]
+                           ).to(self.device)
+
+    def predict(self, x, timestep, cond, guidance_scale, transformer=None):
+        unet = transformer or self.transformer
+        dtype = self.compute_dtype(unet)
+        embeds = cond.tensors["prompt_embeds"]
+        use_cfg = guidance_scale > 1.0
+        if use_cfg:
+            neg = self.negative_conditioning().expand(x.shape[0]).tensors["prompt_embeds"]
+            x_in, embeds = torch.cat([x, x]), torch.cat([neg, embeds])
+        else:
+            x_in = x
+        t = timestep.expand(x_in.shape[0]) if timestep.ndim == 0 else timestep.repeat(1 + use_cfg)
+        out = unet(x_in.to(dtype), t, encoder_hidden_states=embeds.to(dtype)).sample
+        if use_cfg:
+            uncond, text = out.chunk(2)
+            out = uncond + guidance_scale * (text - uncond)
+        return out.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
+
+    def save_lora(self, directory: str, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
+        ShapesPipeline.save_lora_weights(directory, unet_lora_layers=state_dict, unet_lora_adapter_metadata=metadata,
+                                         safe_serialization=True)
