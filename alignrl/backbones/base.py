@@ -223,6 +223,21 @@ class Backbone:
                 return p.dtype
         return self.dtype
 
+    def guided(self, call, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
+               guidance_scale: float) -> torch.Tensor:
+        """``call(x, t, cond)`` once over [empty-prompt rows; prompt rows] combined by classifier-free
+        guidance ``v_u + w (v_c - v_u)``, or once over the prompt rows when CFG is off; float32."""
+        use_cfg = self.uses_cfg and guidance_scale > 1.0
+        if use_cfg:
+            cond = Conditioning.cat([self.negative_conditioning().expand(x.shape[0]), cond])
+            x = torch.cat([x, x])
+        t = timestep.expand(x.shape[0]) if timestep.ndim == 0 else timestep.repeat(1 + use_cfg)
+        out = call(x, t, cond)
+        if use_cfg:
+            uncond, text = out.chunk(2)
+            out = uncond + guidance_scale * (text - uncond)
+        return out.float()
+
     def predict(self, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
                 guidance_scale: float, transformer: torch.nn.Module | None = None) -> torch.Tensor:
         """Velocity prediction (float32) for latents ``x`` at scheduler timestep ``timestep``.

@@ -78,25 +78,13 @@ class SD3Backbone(Backbone):
     def predict(self, x, timestep, cond, guidance_scale, transformer=None):
         transformer = transformer or self.transformer
         dtype = self.compute_dtype(transformer)
-        batch = x.shape[0]
-        embeds, pooled = cond.tensors["prompt_embeds"], cond.tensors["pooled"]
-        use_cfg = guidance_scale > 1.0
-        if use_cfg:
-            neg = self.negative_conditioning().expand(batch)
-            x_in = torch.cat([x, x])
-            embeds = torch.cat([neg.tensors["prompt_embeds"], embeds])
-            pooled = torch.cat([neg.tensors["pooled"], pooled])
-        else:
-            x_in = x
-        t = timestep.expand(x_in.shape[0]) if timestep.ndim == 0 else timestep.repeat(1 + use_cfg)
-        out = transformer(
-            hidden_states=x_in.to(dtype), timestep=t, encoder_hidden_states=embeds.to(dtype),
-            pooled_projections=pooled.to(dtype), return_dict=False,
-        )[0]
-        if use_cfg:
-            uncond, text = out.chunk(2)
-            out = uncond + guidance_scale * (text - uncond)
-        return out.float()
+
+        def call(x_in, t, c):
+            return transformer(hidden_states=x_in.to(dtype), timestep=t,
+                               encoder_hidden_states=c.tensors["prompt_embeds"].to(dtype),
+                               pooled_projections=c.tensors["pooled"].to(dtype), return_dict=False)[0]
+
+        return self.guided(call, x, timestep, cond, guidance_scale)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -160,19 +160,11 @@ class ShapesBackbone(Backbone):
     def predict(self, x, timestep, cond, guidance_scale, transformer=None):
         unet = transformer or self.transformer
         dtype = self.compute_dtype(unet)
-        embeds = cond.tensors["prompt_embeds"]
-        use_cfg = guidance_scale > 1.0
-        if use_cfg:
-            neg = self.negative_conditioning().expand(x.shape[0]).tensors["prompt_embeds"]
-            x_in, embeds = torch.cat([x, x]), torch.cat([neg, embeds])
-        else:
-            x_in = x
-        t = timestep.expand(x_in.shape[0]) if timestep.ndim == 0 else timestep.repeat(1 + use_cfg)
-        out = unet(x_in.to(dtype), t, encoder_hidden_states=embeds.to(dtype)).sample
-        if use_cfg:
-            uncond, text = out.chunk(2)
-            out = uncond + guidance_scale * (text - uncond)
-        return out.float()
+
+        def call(x_in, t, c):
+            return unet(x_in.to(dtype), t, encoder_hidden_states=c.tensors["prompt_embeds"].to(dtype)).sample
+
+        return self.guided(call, x, timestep, cond, guidance_scale)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
