@@ -259,4 +259,4 @@ class Backbone:
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.transformer.parameters())
-        return f"{self.family} transformer {n / 1e6:.2f}M params, {self.resolution}px, dtype {self.dtype}"
+        return f"{self.family} {type(self.transformer).__name__} {n / 1e6:.2f}M params, {self.resolution}px, dtype {self.dtype}"
