@@ -26,8 +26,12 @@ from alignrl.eval.report import line_plot, markdown_table  # noqa: E402
 BEGIN, END = "<!-- bench_shapes:begin -->", "<!-- bench_shapes:end -->"
 
 
-def run_recipe(recipe: str, minutes: float, eval_every: float, out: Path, extra: list[str]) -> list[dict]:
+def run_recipe(recipe: str, minutes: float, eval_every: float, out: Path, extra: list[str],
+               reuse: bool = False) -> list[dict]:
     run_dir = out / recipe
+    if reuse and (run_dir / "metrics.jsonl").exists():
+        print(f"[bench_shapes] {recipe}: reusing {run_dir}", flush=True)
+        return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     cmd = [sys.executable, "-m", "alignrl.cli", "train", f"recipe={recipe}", f"run_dir={run_dir}",
            f"trainer.max_minutes={minutes}", f"trainer.eval_every_minutes={eval_every}",
            "trainer.eval_at_start=true", "trainer.max_steps=1000000", "trainer.eval_every=0",
@@ -39,6 +43,13 @@ def run_recipe(recipe: str, minutes: float, eval_every: float, out: Path, extra:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _eval_images_per_prompt(run_dir: Path) -> int:
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return int((cfg.get("eval") or {}).get("images_per_prompt", 1))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", nargs="+", default=["shapes_flowgrpo"])
@@ -47,13 +58,16 @@ def main():
     p.add_argument("--out", default=str(REPO / "outputs" / "bench_shapes"))
     p.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"))
     p.add_argument("--plot", default=str(REPO / "docs" / "shapes_bench.png"))
+    p.add_argument("--reuse", action="store_true",
+                   help="re-read runs already in --out instead of training again (to rewrite the report)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every recipe")
     args = p.parse_args()
 
     out = Path(args.out)
     series, rows, splits = {}, [], []
     for recipe in args.recipes:
-        metrics = run_recipe(recipe, args.minutes, args.eval_every, out, args.overrides)
+        metrics = run_recipe(recipe, args.minutes, args.eval_every, out, args.overrides, args.reuse)
+        images_per_prompt = _eval_images_per_prompt(out / recipe)
         evals = [m for m in metrics if "eval/tag/overall/strict" in m]
         series[recipe] = [(m["train_seconds"], m["eval/tag/overall/strict"]) for m in evals]
         for m in evals:
@@ -70,7 +84,7 @@ def main():
     line_plot(series, Path(args.plot), "training seconds (2 CPU cores unless noted)", "held-out strict",
               title="ShapeWorld", y_range=(0.0, 1.0))
     section = [BEGIN, "", f"Budget {args.minutes} training minutes per recipe, eval every {args.eval_every} minutes "
-               f"(held-out prompts, one image each, 20-step ODE, EMA weights). Measured "
+               f"(held-out prompts, {images_per_prompt} image(s) each, 20-step ODE, EMA weights). Measured "
                f"{time.strftime('%Y-%m-%d')}; extra overrides: {' '.join(args.overrides) or 'none'}.", "",
                f"![ShapeWorld: strict accuracy against training time]({Path(args.plot).name})", "",
                markdown_table(rows, list(rows[0].keys())) if rows else "(no evaluations)", "",

@@ -86,3 +86,56 @@ def test_shapes_reward_through_the_registry():
     assert np.allclose(scores, 0.0)
     with pytest.raises(Exception, match="no ShapeWorld metadata"):
         reward(images[:1], ["a circle"], [{}])
+
+
+def test_shipped_model_loads_and_draws_the_world():
+    """The pretrained weights in the package load through the backbone and draw judge-passing shapes."""
+    from alignrl.shapes.model import ShapesBackbone, pretrained_dir
+
+    weights = list(pretrained_dir().rglob("*.safetensors"))
+    assert weights and sum(w.stat().st_size for w in weights) < 12e6  # small, safetensors only
+    assert not list(pretrained_dir().rglob("*.bin")) and not list(pretrained_dir().rglob("*.pt"))
+    backbone = ShapesBackbone.pretrained()
+    assert backbone.transformer.dtype == torch.float32 and backbone.vae is None
+    # prompts whose objects carry no colour: the shipped model draws these well (colour binding is what
+    # RL has to teach it, see docs/benchmarks.md)
+    metas = [m for m in prompt_split("train") if m["tag"] in ("single_object", "two_object", "counting")]
+    metas = (metas * 2)[:24]
+    images = backbone.pipe([m["prompt"] for m in metas], num_inference_steps=20, guidance_scale=3.0,
+                           generator=torch.Generator().manual_seed(0))
+    assert images.shape == (24, 3, 32, 32) and torch.isfinite(images).all()
+    arr = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    strict = np.mean([check(a, m)["strict"] for a, m in zip(arr, metas)])
+    assert strict >= 0.6, strict  # measured 0.75-0.9; a random-init model scores 0
+
+
+def test_flowgrpo_raises_the_judge_reward_on_a_small_prompt_set(tmp_path):
+    """The CI-sized learning test: `alignrl train recipe=shapes_flowgrpo` on four prompts that all ask
+    for red objects. The shipped model draws the right shapes in random colours (~0.35 partial credit);
+    eight Flow-GRPO iterations (about a minute on 2 cores) must lift the judge's reward on those prompts
+    by a clear margin (measured: 0.375 -> 0.67)."""
+    from conftest import run_cli
+
+    prompts = tmp_path / "red.jsonl"
+    rows = [{"prompt": f"a red {s}", "tag": "colors", "objects": [{"shape": s, "color": "red", "count": None}],
+             "relation": None} for s in ("circle", "square", "triangle")]
+    rows.append({"prompt": "two red circles", "tag": "counting",
+                 "objects": [{"shape": "circle", "color": "red", "count": 2}], "relation": None})
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = tmp_path / "run"
+    res = run_cli(
+        "train", "recipe=shapes_flowgrpo", f"data.train={prompts}", f"data.eval={prompts}",
+        "data.groups_per_iteration=4", "trainer.rollout_batch_size=32", "trainer.train_batch_size=16",
+        "trainer.max_steps=8", "trainer.eval_every=8", "trainer.eval_at_start=true",
+        "sampler.eval_num_steps=8", "sampler.eval_guidance_scale=1.0", "eval.images_per_prompt=8",
+        "eval.batch_size=32", "trainer.log_images_every=0", "trainer.checkpoint_every=0",
+        "logger.progress_bar=false", f"run_dir={run_dir}", timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    evals = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "eval/shapes_geneval/partial_mean" in m]
+    assert [m["step"] for m in evals] == [0, 8]
+    before, after = (m["eval/shapes_geneval/partial_mean"] for m in evals)
+    assert after >= before + 0.15, (before, after)
+    its = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "time/rollout" in m]
+    assert len(its) == 8 and all(m["time/update"] > 0 for m in its)
