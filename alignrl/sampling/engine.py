@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from alignrl.backbones.base import Backbone, Conditioning, Schedule
-from alignrl.sampling.kernels import KERNELS, StepResult, ode_step
+from alignrl.sampling.kernels import KERNELS, StepResult, dpm_solver_2m_step, ode_step
 from alignrl.sampling.plans import RolloutPlan, StepSpec
 
 
@@ -48,22 +48,34 @@ def _children(generators: Sequence[torch.Generator], branch: int) -> list[torch.
 
 @dataclass
 class StepRecord:
-    """What the trainer needs to re-score one step: the transition and the old policy's log-prob."""
+    """Trained transitions of one executed step: what the trainer needs to re-score them.
 
-    step: int
+    Rows are live trajectories. ``node_key`` groups nodes for advantages (the tree depth, or the side
+    branch's index); each row's child node owns the leaves ``leaf_lo .. leaf_lo + leaf_count - 1``.
+    """
+
+    step: int  # schedule index the step starts at
+    step_to: int  # schedule index it ends at
+    spec: StepSpec
     x: torch.Tensor  # latent before the step (n, ...)
     next_x: torch.Tensor  # sampled latent after the step
     logp_old: torch.Tensor  # (n,) log-prob under the sampling policy, mean over dims
     mean_old: torch.Tensor  # (n, ...) step mean under the sampling policy
-    node: torch.Tensor  # (n,) index of the trajectory (at this depth) the transition belongs to
+    root: torch.Tensor  # (n,) root sample (index into the rollout's conditioning) of each row
+    leaf_lo: torch.Tensor  # (n,) first leaf of each row's child node
+    leaf_count: int
+    node_key: int = 0
+    std: float = 0.0  # the step's Gaussian std (mean over rows), for noise-aware loss weights
 
 
 @dataclass
 class Rollout:
-    final: torch.Tensor  # final latents of every leaf
+    final: torch.Tensor  # final latents of every leaf, root-major (a root's leaves are contiguous)
     leaf_root: torch.Tensor  # (num_leaves,) root sample index of each leaf
     records: list[StepRecord] = field(default_factory=list)
     model_evals: int = 0  # predict() calls x rows: forward passes of the denoiser over samples
+    leaf_path_logp: torch.Tensor | None = None  # (num_leaves,) sum of step log-probs along each leaf's path
+    leaf_tag: torch.Tensor | None = None  # (num_leaves,) continuation granularity index (side branches)
 
     def stacked(self):
         """For linear plans: tensors (B, S, ...) of x, next_x, mean_old and (B, S) logp_old, plus step ids (S,)."""
@@ -79,12 +91,17 @@ class Rollout:
         }
 
 
-def apply_step(backbone: Backbone, spec: StepSpec, schedule: Schedule, i: int, x: torch.Tensor,
-               v: torch.Tensor, noise: torch.Tensor | None = None, next_x: torch.Tensor | None = None) -> StepResult:
-    """Run (or, with ``next_x``, re-score) step ``i`` of ``schedule`` with the kernel ``spec`` names."""
-    sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
+def apply_step(backbone: Backbone, spec: StepSpec, schedule: Schedule, i, x: torch.Tensor,
+               v: torch.Tensor, noise: torch.Tensor | None = None, next_x: torch.Tensor | None = None,
+               i_to=None) -> StepResult:
+    """Run (or, with ``next_x``, re-score) the step ``i -> i_to`` (default ``i + 1``) of ``schedule`` with the
+    kernel ``spec`` names. ``i`` may be a per-sample (B,) tensor of schedule indices."""
+    i_to = i + 1 if i_to is None else i_to
+    sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i_to]
     if spec.kind == "ode":
         return ode_step(x, v, sigma, sigma_next)
+    if spec.kind == "dpm2m":
+        raise ValueError("dpm2m is a multistep solver: the rollout engine runs it, it cannot be re-scored")
     return KERNELS[spec.kind](x, v, sigma, sigma_next, noise_level=spec.noise_level,
                               sigma_max_guard=schedule.sigmas[1], noise=noise, next_x=next_x)
 
@@ -93,24 +110,113 @@ def apply_step(backbone: Backbone, spec: StepSpec, schedule: Schedule, i: int, x
 def rollout(backbone: Backbone, plan: RolloutPlan, cond: Conditioning, generators: Sequence[torch.Generator],
             *, transformer: torch.nn.Module | None = None, record: bool = True) -> Rollout:
     """Sample ``len(generators)`` root trajectories under ``plan``; record the trained transitions."""
-    schedule = backbone.make_schedule(plan.num_steps)
+    schedule = backbone.make_schedule(plan.base_steps)
+    grid = plan.grid_indices
     x = backbone.initial_noise(generators)
+    roots = x.shape[0]
     gens = list(generators)
-    node_root = torch.arange(x.shape[0], device=x.device)
+    node_root = torch.arange(roots, device=x.device)
+    path_logp = torch.zeros(roots, device=x.device)
     records: list[StepRecord] = []
     evals = 0
-    for i, spec in enumerate(plan.steps):
+    depth = 0
+    leaves_after = [1] * (len(plan.steps) + 1)  # leaves per live trajectory after step k's branching
+    for k in range(len(plan.steps) - 1, -1, -1):
+        leaves_after[k] = leaves_after[k + 1] * (plan.steps[k + 1].branch if k + 1 < len(plan.steps) else 1)
+    trunk: dict[int, torch.Tensor] = {}
+    side_steps = {b.step for b in plan.side_branches}
+    dpm_state = None
+    for k, spec in enumerate(plan.steps):
+        a, b = grid[k], grid[k + 1]
+        if a in side_steps:
+            trunk[a] = x
+            if a == max(side_steps):
+                break  # the trunk is only needed up to the last branch point
         if spec.branch > 1:
+            depth += 1
             x = x.repeat_interleave(spec.branch, dim=0)
             node_root = node_root.repeat_interleave(spec.branch)
+            path_logp = path_logp.repeat_interleave(spec.branch)
             cond = cond.index(torch.arange(cond.batch_size, device=x.device).repeat_interleave(spec.branch))
             gens = _children(gens, spec.branch)
-        v = backbone.predict(x, schedule.timesteps[i], cond, plan.guidance_scale, transformer=transformer)
+        v = backbone.predict(x, schedule.timesteps[a], cond, plan.guidance_scale, transformer=transformer)
         evals += x.shape[0]
-        noise = None if spec.kind == "ode" else draw_noise(gens, x.shape[1:], x.device)
-        res = apply_step(backbone, spec, schedule, i, x, v, noise=noise)
+        if spec.kind == "dpm2m":
+            x, dpm_state = dpm_solver_2m_step(x, v, schedule.sigmas[a], schedule.sigmas[b], dpm_state)
+            continue
+        dpm_state = None
+        noise = draw_noise(gens, x.shape[1:], x.device) if spec.stochastic else None
+        res = apply_step(backbone, spec, schedule, a, x, v, noise=noise, i_to=b)
+        if spec.stochastic:
+            path_logp = path_logp + res.logp_mean_per_dim
         if record and spec.trained:
-            records.append(StepRecord(step=i, x=x, next_x=res.next_x, logp_old=res.logp_mean_per_dim,
-                                      mean_old=res.mean, node=torch.arange(x.shape[0], device=x.device)))
+            live = torch.arange(x.shape[0], device=x.device)
+            records.append(StepRecord(step=a, step_to=b, spec=spec, x=x, next_x=res.next_x,
+                                      logp_old=res.logp_mean_per_dim, mean_old=res.mean, root=node_root,
+                                      leaf_lo=live * leaves_after[k], leaf_count=leaves_after[k], node_key=depth,
+                                      std=_mean_std(res)))
         x = res.next_x
-    return Rollout(final=x, leaf_root=node_root, records=records, model_evals=evals)
+    if not plan.side_branches:
+        return Rollout(final=x, leaf_root=node_root, records=records, model_evals=evals, leaf_path_logp=path_logp)
+    return _side_branches(backbone, plan, schedule, cond, generators, trunk, transformer, record, evals)
+
+
+def _side_branches(backbone, plan: RolloutPlan, schedule: Schedule, cond: Conditioning, generators, trunk,
+                   transformer, record: bool, evals: int) -> Rollout:
+    """Children leave the trunk at each side branch: one stochastic step, then ODE per granularity.
+    Leaves are laid out root-major: root, branch, child, granularity."""
+    roots = len(generators)
+    per_root = plan.leaves_per_root
+    final = None
+    path = torch.zeros(roots * per_root, device=trunk[plan.side_branches[0].step].device)
+    tag = torch.zeros(roots * per_root, dtype=torch.long, device=path.device)
+    records: list[StepRecord] = []
+    offset = 0
+    for bi, br in enumerate(plan.side_branches):
+        n = br.children
+        g_count = len(br.granularities)
+        x = trunk[br.step].repeat_interleave(n, dim=0)  # (roots * n, ...): root-major
+        c = cond.index(torch.arange(roots, device=x.device).repeat_interleave(n))
+        # one child generator per (root, child), derived from the root's generator and the branch step
+        gens = []
+        for g in generators:
+            seeds = torch.randint(0, 2**62, (n,), generator=_fork(g, br.step)).tolist()
+            gens += [torch.Generator(device=g.device).manual_seed(int(s)) for s in seeds]
+        spec = StepSpec(kind=br.kind, noise_level=br.noise_level, trained=True, loss_weight=br.loss_weight)
+        v = backbone.predict(x, schedule.timesteps[br.step], c, plan.guidance_scale, transformer=transformer)
+        evals += x.shape[0]
+        res = apply_step(backbone, spec, schedule, br.step, x, v, noise=draw_noise(gens, x.shape[1:], x.device))
+        rows = torch.arange(roots * n, device=x.device)
+        root_of = rows // n
+        leaf_lo = root_of * per_root + offset + (rows % n) * g_count
+        if record:
+            records.append(StepRecord(step=br.step, step_to=br.step + 1, spec=spec, x=x, next_x=res.next_x,
+                                      logp_old=res.logp_mean_per_dim, mean_old=res.mean, root=root_of,
+                                      leaf_lo=leaf_lo, leaf_count=g_count, node_key=bi, std=_mean_std(res)))
+        for gi, gran in enumerate(br.granularities):
+            y = res.next_x
+            idx = plan.continuation_grid(br.step, gran)
+            for a, b in zip(idx, idx[1:]):
+                vv = backbone.predict(y, schedule.timesteps[a], c, plan.guidance_scale, transformer=transformer)
+                evals += y.shape[0]
+                y = ode_step(y, vv, schedule.sigmas[a], schedule.sigmas[b]).next_x
+            if final is None:
+                final = torch.empty((roots * per_root, *y.shape[1:]), dtype=y.dtype, device=y.device)
+            final[leaf_lo + gi] = y
+            path[leaf_lo + gi] = res.logp_mean_per_dim
+            tag[leaf_lo + gi] = gi
+        offset += n * g_count
+    leaf_root = torch.arange(roots, device=path.device).repeat_interleave(per_root)
+    return Rollout(final=final, leaf_root=leaf_root, records=records, model_evals=evals, leaf_path_logp=path,
+                   leaf_tag=tag)
+
+
+def _mean_std(res: StepResult) -> float:
+    return float(torch.as_tensor(res.std).float().mean()) if res.std is not None else 0.0
+
+
+def _fork(generator: torch.Generator, salt: int) -> torch.Generator:
+    """A generator derived from ``generator``'s seed and ``salt`` without advancing ``generator``."""
+    g = torch.Generator(device=generator.device)
+    g.manual_seed((generator.initial_seed() * 1_000_003 + 7919 * (int(salt) + 1)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return g

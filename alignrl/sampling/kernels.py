@@ -106,7 +106,63 @@ def cps_step(x, v, sigma, sigma_next, *, noise_level: float, noise=None, next_x=
     return StepResult(next_x=next_x, mean=mean, std=std, logp_mean_per_dim=logp, std_t=std)
 
 
+def dance_sde_step(x, v, sigma, sigma_next, *, noise_level: float, noise=None, next_x=None, **_unused) -> StepResult:
+    """DanceGRPO's SDE step (``noise_level`` is its eta, 0.3 for images).
+
+    mean = x + dt v - 0.5 eta^2 score dt with score = -(x - (1 - sigma) x0_hat) / sigma^2 and
+    x0_hat = x - sigma v; std = eta sqrt(sigma - sigma_next); the Gaussian log-density is averaged over dims.
+    """
+    x, v = x.float(), v.float()
+    s = _per_sample(sigma, x)
+    dt = _per_sample(sigma_next, x) - s
+    x0_hat = x - s * v
+    score = -(x - x0_hat * (1 - s)) / s**2
+    mean = x + dt * v - 0.5 * noise_level**2 * score * dt
+    std = noise_level * torch.sqrt(-dt)
+    if next_x is None:
+        if noise is None:
+            raise ValueError("dance_sde_step needs noise to sample or next_x to score")
+        next_x = mean + std * noise.float()
+    logp = gaussian_logp_mean_per_dim(next_x.float(), mean, std)
+    return StepResult(next_x=next_x, mean=mean, std=std, logp_mean_per_dim=logp, std_t=std)
+
+
+def dpm_solver_2m_step(x, v, sigma, sigma_next, prev: tuple[torch.Tensor, float, float] | None = None):
+    """One step of DPM-Solver++(2M) (data prediction, multistep) on the flow ``x_t = (1 - t) x0 + t eps``.
+
+    With alpha = 1 - sigma and lambda = log(alpha / sigma), first order (exactly DDIM) reads
+    ``x' = (s'/s) x + (a' - a s'/s) D`` for the data prediction ``D = x - sigma v``; second order replaces
+    D by ``(1 + 1/(2r)) D - 1/(2r) D_prev`` with ``r = h_prev / h`` (h = lambda' - lambda). ``prev`` is
+    (D_prev, lambda_prev, lambda) of the previous step or None; the first step (sigma = 1, lambda = -inf)
+    and the last (sigma' = 0) are first order, as diffusers' ``lower_order_final``.
+    Returns the next latent and the state to pass to the following step.
+    """
+    x, v = x.float(), v.float()
+    s, s_next = float(sigma), float(sigma_next)
+    data = x - s * v
+    lam = _lambda(s)
+    lam_next = _lambda(s_next)
+    use = data
+    if prev is not None and math.isfinite(lam_next) and math.isfinite(prev[1]) and math.isfinite(lam):
+        h, h_prev = lam_next - lam, lam - prev[1]
+        r = h_prev / h
+        use = (1 + 1 / (2 * r)) * data - (1 / (2 * r)) * prev[0]
+    a_next = 1 - s_next
+    next_x = (s_next / s) * x + (a_next - (1 - s) * s_next / s) * use
+    return next_x, (data, lam, lam_next)
+
+
+def _lambda(sigma: float) -> float:
+    if sigma >= 1:
+        return -math.inf
+    if sigma <= 0:
+        return math.inf
+    return math.log((1 - sigma) / sigma)
+
+
 KernelFn = Callable[..., StepResult]
 
-# Stochastic kernels by name; "ode" is the deterministic Euler step.
-KERNELS: dict[str, KernelFn] = {"sde": flow_sde_step, "cps": cps_step}
+# Stochastic kernels by name; "ode" is the deterministic Euler step and "dpm2m" the deterministic
+# DPM-Solver++(2M) step (the engine carries its multistep state).
+KERNELS: dict[str, KernelFn] = {"sde": flow_sde_step, "cps": cps_step, "dance": dance_sde_step}
+DETERMINISTIC = ("ode", "dpm2m")

@@ -46,20 +46,42 @@ class _StopNow(Exception):
 
 @dataclass
 class IterationBatch:
-    """One rank's rollouts of one iteration, ready for the update."""
+    """One rank's rollouts of one iteration, ready for the update.
 
-    prompts: list[str]
-    prompt_ids: np.ndarray
-    global_index: np.ndarray
-    x: torch.Tensor  # (n, S, ...) latents before each trained step
-    next_x: torch.Tensor  # (n, S, ...)
-    logp_old: torch.Tensor  # (n, S)
-    steps: torch.Tensor  # (S,) step indices
+    Roots are the sampled trajectories (one per prompt slot); leaves are the images that get rewards (one per
+    root for linear plans, several for trees and side branches); transitions are the trained steps, flat
+    over roots, steps and tree nodes, each pointing at its root and at the leaves of its child node.
+    """
+
+    prompts: list[str]  # per root
+    prompt_ids: np.ndarray  # per root
+    global_index: np.ndarray  # per root
     plan: object
-    rewards: np.ndarray = field(default=None)
+    leaf_root: torch.Tensor  # (L,) local root of each leaf
+    leaves_per_root: int
+    leaf_x0: torch.Tensor | None  # (L, ...) final latents (kept for losses that need no log-probs)
+    leaf_path_logp: torch.Tensor | None
+    leaf_tag: torch.Tensor | None
+    x: torch.Tensor  # (N, ...) latents before each trained transition
+    next_x: torch.Tensor  # (N, ...)
+    logp_old: torch.Tensor  # (N,)
+    mean_old: torch.Tensor  # (N, ...)
+    t_from: torch.Tensor  # (N,) schedule index the transition starts at
+    t_to: torch.Tensor  # (N,)
+    t_spec: list  # (N,) StepSpec of each transition
+    t_root: torch.Tensor  # (N,) local root
+    t_leaf_lo: torch.Tensor  # (N,) first local leaf of the child node
+    t_leaf_count: torch.Tensor  # (N,)
+    t_key: torch.Tensor  # (N,) node key (tree depth / side-branch index)
+    t_weight: torch.Tensor  # (N,) loss weight
+    rewards: np.ndarray = field(default=None)  # per leaf
     per_reward: dict = field(default_factory=dict)
     reward_info: dict = field(default_factory=dict)
     preview: torch.Tensor | None = None  # decoded images of the first rollout batch (for grids)
+
+    @property
+    def leaf_prompts(self) -> list[str]:
+        return [self.prompts[int(r)] for r in self.leaf_root]
 
 
 def _device_for(cfg_trainer) -> str:
@@ -185,9 +207,11 @@ class Trainer:
         slots = self.sampler.rank_slots(self.iteration)
         bs = self.layout["rollout_batch_size"]
         plan_gen = self._iteration_generator(1)  # same on every rank: plans agree across ranks
+        self.planner.begin_iteration(self.iteration, plan_gen)
         self.transformer.eval()
         parts, futures = [], []
         plan0 = None
+        keep_x0 = getattr(self.algorithm, "needs_final_latents", False)
         for start in range(0, len(slots), bs):
             chunk = slots[start:start + bs]
             prompts = [self.train_prompts.prompts[s.prompt_id] for s in chunk]
@@ -196,29 +220,26 @@ class Trainer:
             plan = self.planner.plan(plan_gen)
             if plan0 is None:
                 plan0 = plan
-            elif plan.trained_steps != plan0.trained_steps:
-                raise NotImplementedError("plans whose trained steps vary within an iteration need per-batch updates")
+            elif (plan.base_steps, plan.guidance_scale, plan.leaves_per_root) != \
+                    (plan0.base_steps, plan0.guidance_scale, plan0.leaves_per_root):
+                raise ConfigError("the plans of one iteration must share schedule length, guidance and leaves per root")
             gens = sample_generators(self.seed, self.iteration, [s.global_index for s in chunk], self.device)
             with self.autocast():
                 out = rollout(self.backbone, plan, cond, gens)
+            if not out.records and not keep_x0:
+                raise ConfigError(f"plan '{plan.name}' trains no step; check the sampler's trained steps")
             images = self.backbone.decode(out.final)
-            futures.append(self.reward_runner.submit(images, prompts, meta))  # scored while the next batch samples
-            parts.append((out.stacked(), images if start == 0 else None))
+            leaf_idx = out.leaf_root.cpu().tolist()
+            futures.append(self.reward_runner.submit(  # scored while the next batch samples
+                images, [prompts[i] for i in leaf_idx], [meta[i] for i in leaf_idx]))
+            parts.append((out, start, images if start == 0 else None))
             if start + bs < len(slots) and self._stop_agreed():
                 raise _StopNow
         self._sync()
         t_wait = time.perf_counter()
         results = [f.result() for f in futures]  # RewardError propagates with the reward's name
         self.timing["reward_wait"] = time.perf_counter() - t_wait
-        stacked = [p[0] for p in parts]
-        batch = IterationBatch(
-            prompts=[self.train_prompts.prompts[s.prompt_id] for s in slots],
-            prompt_ids=np.array([s.prompt_id for s in slots]),
-            global_index=np.array([s.global_index for s in slots]),
-            x=torch.cat([s["x"] for s in stacked]), next_x=torch.cat([s["next_x"] for s in stacked]),
-            logp_old=torch.cat([s["logp_old"] for s in stacked]), steps=stacked[0]["steps"], plan=plan0,
-            preview=parts[0][1],
-        )
+        batch = self._flatten(parts, slots, plan0, keep_x0)
         batch.rewards = np.concatenate([r[0] for r in results])
         names = results[0][1].get("per_reward", {}).keys()
         batch.per_reward = {n: np.concatenate([r[1]["per_reward"][n] for r in results]) for n in names}
@@ -228,39 +249,202 @@ class Trainer:
                     batch.reward_info.setdefault(k, []).append(float(v))
         return batch
 
+    def _flatten(self, parts, slots, plan, keep_x0: bool) -> IterationBatch:
+        """Concatenate the rollout batches into flat roots, leaves and transitions (local indices)."""
+        per_root = plan.leaves_per_root
+        cols = {k: [] for k in ("x", "next_x", "logp_old", "mean_old", "t_from", "t_to", "t_root", "t_leaf_lo",
+                                "t_leaf_count", "t_key", "t_weight", "std")}
+        specs = []
+        leaf_root, x0, path, tag = [], [], [], []
+        for out, root_offset, _ in parts:
+            leaf_offset = root_offset * per_root
+            leaf_root.append(out.leaf_root + root_offset)
+            if keep_x0:
+                x0.append(out.final)
+            path.append(out.leaf_path_logp if out.leaf_path_logp is not None else torch.zeros(len(out.leaf_root)))
+            tag.append(out.leaf_tag if out.leaf_tag is not None else torch.zeros(len(out.leaf_root), dtype=torch.long))
+            for r in out.records:
+                n = r.x.shape[0]
+                full = lambda v, dtype=torch.long: torch.full((n,), v, dtype=dtype, device=r.x.device)  # noqa: E731
+                cols["x"].append(r.x)
+                cols["next_x"].append(r.next_x)
+                cols["logp_old"].append(r.logp_old)
+                cols["mean_old"].append(r.mean_old)
+                cols["t_from"].append(full(r.step))
+                cols["t_to"].append(full(r.step_to))
+                cols["t_root"].append(r.root + root_offset)
+                cols["t_leaf_lo"].append(r.leaf_lo + leaf_offset)
+                cols["t_leaf_count"].append(full(r.leaf_count))
+                cols["t_key"].append(full(r.node_key))
+                cols["t_weight"].append(full(r.spec.loss_weight, torch.float32))
+                cols["std"].append(full(float(r.std), torch.float32))
+                specs += [r.spec] * n
+        cat = {k: (torch.cat(v) if v else None) for k, v in cols.items()}
+        if plan.noise_aware_weight and cat["std"] is not None:  # TempFlow: weight by the step's noise, mean 1
+            cat["t_weight"] = cat["t_weight"] * cat["std"] / cat["std"].mean()
+        if plan.sample_fraction is not None and cat["t_root"] is not None:
+            keep = self._sample_subset(cat["t_root"], cat["t_from"], slots, plan.sample_fraction)
+            cat = {k: (v[keep] if v is not None else None) for k, v in cat.items()}
+            specs = [specs[i] for i in torch.nonzero(keep).flatten().tolist()]
+        empty = torch.zeros(0, dtype=torch.long)
+        return IterationBatch(
+            prompts=[self.train_prompts.prompts[s.prompt_id] for s in slots],
+            prompt_ids=np.array([s.prompt_id for s in slots]),
+            global_index=np.array([s.global_index for s in slots]),
+            plan=plan, leaf_root=torch.cat(leaf_root).cpu(), leaves_per_root=per_root,
+            leaf_x0=torch.cat(x0) if keep_x0 else None, leaf_path_logp=torch.cat(path).cpu(),
+            leaf_tag=torch.cat(tag).cpu(),
+            x=cat["x"], next_x=cat["next_x"], logp_old=cat["logp_old"], mean_old=cat["mean_old"],
+            t_from=cat["t_from"].cpu() if cat["t_from"] is not None else empty,
+            t_to=cat["t_to"].cpu() if cat["t_to"] is not None else empty, t_spec=specs,
+            t_root=cat["t_root"].cpu() if cat["t_root"] is not None else empty,
+            t_leaf_lo=cat["t_leaf_lo"].cpu() if cat["t_leaf_lo"] is not None else empty,
+            t_leaf_count=cat["t_leaf_count"].cpu() if cat["t_leaf_count"] is not None else empty,
+            t_key=cat["t_key"].cpu() if cat["t_key"] is not None else empty,
+            t_weight=cat["t_weight"].cpu() if cat["t_weight"] is not None else torch.zeros(0),
+            preview=parts[0][2],
+        )
+
+    def _sample_subset(self, t_root, t_from, slots, fraction: float) -> torch.Tensor:
+        """DanceGRPO: each sample keeps a random ``fraction`` of its trained steps, drawn from a generator keyed
+        by (seed, iteration, global sample index), so the choice does not depend on batching or ranks."""
+        keep = torch.zeros(len(t_root), dtype=torch.bool)
+        t_root = t_root.cpu()
+        for r in torch.unique(t_root).tolist():
+            rows = torch.nonzero(t_root == r).flatten()
+            rows = rows[torch.argsort(t_from[rows].cpu())]
+            n = max(1, int(len(rows) * fraction))
+            g = sample_generators(self.seed * 7 + 3, self.iteration, [slots[r].global_index])[0]
+            keep[rows[torch.randperm(len(rows), generator=g)[:n]]] = True
+        return keep
+
     # ------------------------------------------------------------------ advantages
     def advantages(self, batch: IterationBatch):
-        local = torch.tensor(np.stack([batch.rewards, batch.prompt_ids, batch.global_index], axis=1),
-                             dtype=torch.float64, device=self.device)
+        """Per-transition advantages and keep flags (this rank's), plus logged statistics.
+
+        Leaf rewards are gathered from all ranks. Linear plans normalise leaf rewards per prompt (GRPO).
+        Trees and side branches score each child node (its leaves' rewards fused), normalised over the nodes
+        of the same prompt and depth (or side branch); with several continuation granularities (G2RPO) the
+        leaves are normalised per granularity and a node's advantage is their sum.
+        """
+        n_leaf = len(batch.leaf_root)
+        leaf_prompt = batch.prompt_ids[batch.leaf_root.numpy()]
+        leaf_global = batch.global_index[batch.leaf_root.numpy()] * batch.leaves_per_root + \
+            (np.arange(n_leaf) % batch.leaves_per_root)
+        local = torch.tensor(np.stack([batch.rewards, leaf_prompt, leaf_global], axis=1), dtype=torch.float64,
+                             device=self.device)
         full = self._gather(local).cpu().numpy()
-        per_reward = {}
-        for name, arr in batch.per_reward.items():
-            per_reward[name] = self._gather(torch.from_numpy(arr).to(self.device)).cpu().numpy()
-        result = self.algorithm.advantages(full[:, 0], full[:, 1].astype(np.int64))
-        n = len(batch.prompts)
-        mine = slice(self.rank * n, (self.rank + 1) * n)
-        assert np.array_equal(full[mine, 2], batch.global_index), "gathered order must follow rank order"
+        mine = slice(self.rank * n_leaf, (self.rank + 1) * n_leaf)
+        assert np.array_equal(full[mine, 2], leaf_global), "gathered order must follow rank order"
         finite = full[np.isfinite(full[:, 0]), 0]
-        stats = {
-            "reward_mean": float(finite.mean()) if finite.size else float("nan"),
-            "reward_std": float(finite.std()) if finite.size else float("nan"),
-            **result.stats,
-        }
-        for name, arr in per_reward.items():
+        stats = {"reward_mean": float(finite.mean()) if finite.size else float("nan"),
+                 "reward_std": float(finite.std()) if finite.size else float("nan")}
+        for name, arr in batch.per_reward.items():
+            arr = self._gather(torch.from_numpy(arr).to(self.device)).cpu().numpy()
             ok = arr[np.isfinite(arr)]
             stats[f"reward/{name}_mean"] = float(ok.mean()) if ok.size else float("nan")
             stats[f"reward/{name}_std"] = float(ok.std()) if ok.size else float("nan")
-        return result.advantages[mine], result.keep[mine], stats
+        if batch.plan.is_linear:
+            result = self.algorithm.advantages(full[:, 0], full[:, 1].astype(np.int64))
+            stats.update(result.stats)
+            leaf_adv, leaf_keep = result.advantages[mine], result.keep[mine]
+            t_leaf = batch.t_leaf_lo.numpy()
+            return leaf_adv, leaf_keep, leaf_adv[t_leaf], leaf_keep[t_leaf], stats
+        node_adv, node_keep, node_stats = self._node_advantages(batch)
+        stats.update(node_stats)
+        return None, None, node_adv, node_keep, stats
+
+    def _node_advantages(self, batch: IterationBatch):
+        rewards = torch.as_tensor(batch.rewards, dtype=torch.float64)
+        lo, cnt = batch.t_leaf_lo.numpy(), batch.t_leaf_count.numpy()
+        # one row per distinct child node (a node spans the steps between two splits)
+        node_of, uniq = np.unique(np.stack([batch.t_key.numpy(), lo]), axis=1, return_inverse=True)
+        node_key, node_lo = node_of
+        uniq = uniq.reshape(-1)
+        node_cnt = np.zeros(len(node_lo), dtype=np.int64)
+        node_cnt[uniq] = cnt
+        prompt = batch.prompt_ids[batch.leaf_root.numpy()[node_lo]]
+        plan = batch.plan
+        multi = plan.side_branches and max(len(b.granularities) for b in plan.side_branches) > 1
+        if multi:  # G2RPO: normalise each granularity's leaves, sum over a node's granularities
+            leaf_node = np.concatenate([np.full(c, i) for i, c in enumerate(node_cnt)])
+            leaf_ids = np.concatenate([np.arange(l0, l0 + c) for l0, c in zip(node_lo, node_cnt)])
+            values = rewards.numpy()[leaf_ids]
+            keys = (prompt[leaf_node] * 1000 + node_key[leaf_node]) * 16 + batch.leaf_tag.numpy()[leaf_ids]
+            res = self._normalise(values, keys, batch, leaf_ids)
+            adv = np.zeros(len(node_lo))
+            keep = np.zeros(len(node_lo), dtype=bool)
+            np.add.at(adv, leaf_node, res.advantages)
+            np.logical_or.at(keep, leaf_node, res.keep)
+            stats = res.stats
+        else:
+            values = np.array([self._fuse(rewards, batch.leaf_path_logp, int(l0), int(c), plan)
+                               for l0, c in zip(node_lo, node_cnt)])
+            keys = prompt * 1000 + node_key
+            res = self._normalise(values, keys, batch, node_lo)
+            adv, keep = res.advantages, res.keep.copy()
+            stats = res.stats
+            if plan.width_prune_ratio > 0:  # keep the best and worst edges after the last split only
+                deepest = node_key == node_key.max()
+                for k in np.unique(keys[deepest]):
+                    members = np.nonzero((keys == k) & keep)[0]
+                    n_drop = int(round(len(members) * plan.width_prune_ratio))
+                    if n_drop:
+                        order = members[np.argsort(values[members], kind="stable")]
+                        lo_keep = (len(members) - n_drop) // 2
+                        keep[order[lo_keep:lo_keep + n_drop]] = False
+        stats["nodes"] = int(len(node_lo))
+        return adv[uniq], keep[uniq], stats
+
+    @staticmethod
+    def _fuse(rewards: torch.Tensor, path_logp: torch.Tensor, lo: int, count: int, plan) -> float:
+        r = rewards[lo:lo + count]
+        ok = torch.isfinite(r)
+        if not ok.any():
+            return float("nan")
+        if plan.fusion == "logp_softmax":
+            w = torch.softmax(plan.fusion_alpha * path_logp[lo:lo + count].double()[ok], dim=0)
+            return float((w * r[ok]).sum())
+        return float(r[ok].mean())
+
+    def _normalise(self, values: np.ndarray, keys: np.ndarray, batch: IterationBatch, first_leaf: np.ndarray):
+        """Group-normalise node values over all ranks; returns this rank's part."""
+        ids = batch.global_index[batch.leaf_root.numpy()[first_leaf]] * batch.leaves_per_root + \
+            (first_leaf % batch.leaves_per_root)
+        local = torch.tensor(np.stack([values, keys, ids], axis=1), dtype=torch.float64, device=self.device)
+        sizes = self._gather(torch.tensor([len(values)], device=self.device)).cpu().tolist()
+        full = self._gather_uneven(local, sizes).cpu().numpy()
+        res = self.algorithm.advantages(full[:, 0], full[:, 1].astype(np.int64))
+        start = sum(sizes[:self.rank])
+        sl = slice(start, start + len(values))
+        res.advantages, res.keep = res.advantages[sl], res.keep[sl]
+        return res
+
+    def _gather_uneven(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        pad = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
+        pad[:len(t)] = t
+        full = self._gather(pad)
+        return torch.cat([full[i * max(sizes): i * max(sizes) + n] for i, n in enumerate(sizes)])
 
     # ------------------------------------------------------------------ update
     def update(self, batch: IterationBatch, adv: np.ndarray, keep: np.ndarray) -> dict:
+        """Optimizer steps over this iteration's trained transitions (``adv``/``keep`` are per transition).
+
+        Each optimizer step takes the transitions of one chunk of roots (the chunks split the global batch
+        the same way on any number of ranks). Within a minibatch of roots the transitions are scored one
+        schedule step at a time, so a linear plan's step k of a minibatch is one forward pass, as sampled.
+        """
         tcfg = self.cfg.trainer
         self.transformer.train()
-        schedule = self.backbone.make_schedule(batch.plan.num_steps)
-        specs = [batch.plan.steps[int(j)] for j in batch.steps]
-        num_steps = len(specs)
+        schedule = self.backbone.make_schedule(batch.plan.base_steps)
         adv_t = torch.as_tensor(adv, dtype=torch.float32, device=self.device)
-        keep_t = torch.as_tensor(keep, device=self.device)
+        keep_all = torch.as_tensor(keep, dtype=torch.bool)
+        weight = batch.t_weight
+        by_root: dict[int, list[int]] = {}
+        for i, r in enumerate(batch.t_root.tolist()):
+            by_root.setdefault(r, []).append(i)
         mb_size = self.layout["train_batch_size"]
         updates = self.layout["updates_per_iteration"]
         sums = {k: 0.0 for k in self.algorithm.diagnostics}
@@ -270,46 +454,64 @@ class Trainer:
         for epoch in range(int(tcfg.get("inner_epochs", 1))):
             for chunk_index, chunk in enumerate(self._update_chunks(batch.global_index, updates, epoch)):
                 first_update = epoch == 0 and chunk_index == 0
-                kept = chunk[keep_t[chunk].cpu()]
-                global_kept = int(self._all_reduce_sum(torch.tensor([len(kept)], device=self.device)).item())
-                if global_kept == 0:
+                rows = [i for r in chunk.tolist() for i in by_root.get(r, ()) if keep_all[i]]
+                local_w = float(weight[rows].sum()) if rows else 0.0
+                global_w = float(self._all_reduce_sum(torch.tensor([local_w], dtype=torch.float64,
+                                                                   device=self.device)).item())
+                if global_w == 0:
                     continue  # every rank agrees: nothing to learn from this chunk
-                denom = global_kept * sum(s.loss_weight for s in specs)
-                for mb in (kept.split(mb_size) if len(kept) else ()):
-                    mb_dev = mb.to(self.device)
-                    cond = self.backbone.encode_prompts([batch.prompts[i] for i in mb.tolist()])
-                    for k, spec in enumerate(specs):
-                        j = int(batch.steps[k])
-                        x = batch.x[mb_dev, k]
+                kept_roots = [r for r in chunk.tolist() if any(keep_all[i] for i in by_root.get(r, ()))]
+                for m in range(0, len(kept_roots), mb_size):
+                    mb_roots = kept_roots[m:m + mb_size]
+                    mb_rows = torch.tensor([i for r in mb_roots for i in by_root[r] if keep_all[i]], dtype=torch.long)
+                    for group in self._step_groups(batch, mb_rows):
+                        spec = batch.t_spec[int(group[0])]
+                        j, j_to = int(batch.t_from[group[0]]), int(batch.t_to[group[0]])
+                        g_dev = group.to(self.device)
+                        x = batch.x[g_dev]
+                        cond = self.backbone.encode_prompts([batch.prompts[int(r)] for r in batch.t_root[group]])
                         with self.autocast():
                             v = self.backbone.predict(x, schedule.timesteps[j], cond, batch.plan.guidance_scale)
-                        policy = apply_step(self.backbone, spec, schedule, j, x, v, next_x=batch.next_x[mb_dev, k])
+                        policy = apply_step(self.backbone, spec, schedule, j, x, v, next_x=batch.next_x[g_dev], i_to=j_to)
                         reference = None
                         if self.algorithm.needs_reference:
-                            reference = self._reference_step(spec, schedule, j, x, cond, batch, mb_dev, k)
+                            reference = self._reference_step(spec, schedule, j, j_to, x, cond, batch, g_dev)
                         loss_vec, diag = self.algorithm.step_loss(
-                            policy, batch.logp_old[mb_dev, k], adv_t[mb_dev], reference,
-                            dt=schedule.sigmas[j + 1] - schedule.sigmas[j],
+                            policy, batch.logp_old[g_dev], adv_t[g_dev], reference,
+                            dt=schedule.sigmas[j_to] - schedule.sigmas[j], mean_old=batch.mean_old[g_dev],
                         )
-                        self.accelerator.backward(loss_vec.sum() * (spec.loss_weight / denom))
+                        w = weight[group].to(self.device)
+                        self.accelerator.backward((loss_vec * w).sum() / global_w)
                         if first_update and "ratio" in diag:
-                            dev = float((diag["ratio"] - 1).abs().max()) if len(mb) else 0.0
-                            ratio_dev_before_update = max(ratio_dev_before_update, dev)
+                            ratio_dev_before_update = max(ratio_dev_before_update, float((diag["ratio"] - 1).abs().max()))
                         for key in self.algorithm.diagnostics:
                             sums[key] += float(diag[key].float().sum())
-                        count += len(mb)
+                        count += len(group)
                 grad_norms.append(self._optimizer_step(float(tcfg.get("max_grad_norm", 1.0))))
+        return self._update_summary(sums, count, ratio_dev_before_update, grad_norms)
+
+    @staticmethod
+    def _step_groups(batch: IterationBatch, rows: torch.Tensor) -> list[torch.Tensor]:
+        """``rows`` split by (start index, end index, kernel), in schedule order, each in ``rows``' order."""
+        groups: dict[tuple, list[int]] = {}
+        for i in rows.tolist():
+            spec = batch.t_spec[i]
+            key = (int(batch.t_from[i]), int(batch.t_to[i]), spec.kind, spec.noise_level)
+            groups.setdefault(key, []).append(i)
+        return [torch.tensor(groups[k], dtype=torch.long) for k in sorted(groups)]
+
+    def _update_summary(self, sums: dict, count: int, ratio_dev: float, grad_norms: list) -> dict:
         keys = list(self.algorithm.diagnostics)  # the same keys on every rank, even one with no samples
         totals = self._all_reduce_sum(torch.tensor([count] + [sums[k] for k in keys], dtype=torch.float64,
                                                    device=self.device)).tolist()
         out = {k: v / max(totals[0], 1) for k, v in zip(keys, totals[1:])}  # averaged over all ranks
         if self.world > 1:
-            dev = torch.tensor([ratio_dev_before_update], device=self.device)
+            dev = torch.tensor([ratio_dev], device=self.device)
             torch.distributed.all_reduce(dev, op=torch.distributed.ReduceOp.MAX)
-            ratio_dev_before_update = float(dev.item())
+            ratio_dev = float(dev.item())
         if "ratio" in out:
             out["ratio_mean"] = out.pop("ratio")
-        out["ratio_dev_before_update"] = ratio_dev_before_update
+        out["ratio_dev_before_update"] = ratio_dev
         out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
         out["lr"] = self.lr_scheduler.get_last_lr()[0]
         out["optimizer_steps"] = self.optimizer_steps
@@ -334,13 +536,13 @@ class Trainer:
         return chunks
 
     @torch.no_grad()
-    def _reference_step(self, spec, schedule, j, x, cond, batch, mb_dev, k):
+    def _reference_step(self, spec, schedule, j, j_to, x, cond, batch, rows):
         ref_model = self.ref_transformer
         ctx = reference_context(self.transformer, self.finetune) if ref_model is None else nullcontext()
         with ctx, self.autocast():
             v_ref = self.backbone.predict(x, schedule.timesteps[j], cond, batch.plan.guidance_scale,
                                           transformer=ref_model)
-        return apply_step(self.backbone, spec, schedule, j, x, v_ref, next_x=batch.next_x[mb_dev, k])
+        return apply_step(self.backbone, spec, schedule, j, x, v_ref, next_x=batch.next_x[rows], i_to=j_to)
 
     def _optimizer_step(self, max_norm: float) -> float:
         if self.world > 1:  # sum of per-rank partial sums = the global mean over the chunk
@@ -447,10 +649,13 @@ class Trainer:
             raise _StopNow
         self._sync()
         t1 = time.perf_counter()
-        adv, keep, stats = self.advantages(batch)
+        leaf_adv, leaf_keep, adv, keep, stats = self.advantages(batch)
         t2 = time.perf_counter()
         self._last_batch = batch
-        upd = self.update(batch, adv, keep)
+        if getattr(self.algorithm, "needs_final_latents", False):
+            upd = self.update_matching(batch, leaf_adv, leaf_keep)
+        else:
+            upd = self.update(batch, adv, keep)
         self._sync()
         t3 = time.perf_counter()
         reward_wait = self.timing.get("reward_wait", 0.0)
@@ -468,7 +673,7 @@ class Trainer:
     def _save_rollout_grid(self, step: int) -> Path:
         batch = self._last_batch
         imgs = batch.preview[:16].cpu()
-        caps = [f"{r:.3g} {p}" for p, r in zip(batch.prompts, batch.rewards)]  # score first: cells are narrow
+        caps = [f"{r:.3g} {p}" for p, r in zip(batch.leaf_prompts, batch.rewards)]  # score first: cells are narrow
         return save_grid(self.run_dir / "samples" / f"step_{step:06d}.png", imgs, caps[: len(imgs)])
 
     # ------------------------------------------------------------------ eval
