@@ -8,6 +8,10 @@ from alignrl.errors import ConfigError
 
 ALGORITHMS = {
     "flowgrpo": "alignrl.algorithms.flowgrpo:FlowGRPO",
+    "dancegrpo": "alignrl.algorithms.flowgrpo:FlowGRPO",
+    "grpo_guard": "alignrl.algorithms.guard:GRPOGuard",
+    "awm": "alignrl.algorithms.matching:AWM",
+    "nft": "alignrl.algorithms.matching:DiffusionNFT",
 }
 
 

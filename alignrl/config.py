@@ -74,12 +74,19 @@ def _positive_int(value, name: str) -> int:
     return v
 
 
+def _branching_sampler(cfg: DictConfig) -> bool:
+    """Trees, side branches and branched Flow-GRPO-Fast: one root per prompt already gives a group."""
+    sampler = cfg.get("sampler") or {}
+    return bool(sampler.get("branch_factor") or sampler.get("children") or sampler.get("branched"))
+
+
 def validate_batch_arithmetic(cfg: DictConfig, world_size: int, num_prompts: int | None = None) -> dict:
     """Check that groups, ranks and batches divide; return the per-rank layout."""
     groups = _positive_int(cfg.data.groups_per_iteration, "data.groups_per_iteration")
     k = _positive_int(cfg.algorithm.group_size, "algorithm.group_size")
-    if k < 2:
-        raise ConfigError("algorithm.group_size must be >= 2: a group of one has no relative advantage")
+    if k < 2 and not _branching_sampler(cfg):
+        raise ConfigError("algorithm.group_size must be >= 2: a group of one has no relative advantage "
+                          "(only branching samplers, whose branches form the group, take 1)")
     world = _positive_int(world_size, "world size")
     rollout_bs = _positive_int(cfg.trainer.rollout_batch_size, "trainer.rollout_batch_size")
     train_bs = _positive_int(cfg.trainer.train_batch_size, "trainer.train_batch_size")

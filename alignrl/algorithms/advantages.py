@@ -85,3 +85,31 @@ class GroupStatTracker:
         self.buffers = {
             int(k): deque(v, maxlen=self.buffer_size or None) for k, v in state.get("buffers", {}).items()
         }
+
+
+def per_reward_advantages(per_reward: dict[str, np.ndarray], weights: dict[str, float], keys: np.ndarray,
+                          make_tracker) -> AdvantageResult:
+    """``advantage_aggr``: A = sum_k w_k (R_k - mu_k) / sigma_k, each reward normalised in its own groups
+    (``make_tracker()`` gives a fresh tracker with the algorithm's conventions); a sample is kept when any
+    reward gave it a signal."""
+    total, keep, stats = None, None, {}
+    for name, values in per_reward.items():
+        res = make_tracker().compute(values, keys)
+        part = weights.get(name, 1.0) * res.advantages
+        total = part if total is None else total + part
+        keep = res.keep if keep is None else keep | res.keep
+        stats[f"zero_std_group_frac/{name}"] = res.stats["zero_std_group_frac"]
+    stats["kept_frac"] = float(keep.mean())
+    return AdvantageResult(total, keep, stats)
+
+
+def best_of_n_mask(rewards: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
+    """DanceGRPO's best-of-n: per group keep the n/2 best and n/2 worst samples (ties broken by position)."""
+    keep = np.zeros(len(rewards), dtype=bool)
+    half = max(1, n // 2)
+    for key in np.unique(keys):
+        members = np.nonzero((keys == key) & np.isfinite(rewards))[0]
+        order = members[np.argsort(rewards[members], kind="stable")]
+        keep[order[:half]] = True
+        keep[order[-half:]] = True
+    return keep

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from alignrl.algorithms.advantages import AdvantageResult, GroupStatTracker
+from alignrl.algorithms.advantages import AdvantageResult, GroupStatTracker, best_of_n_mask, per_reward_advantages
 from alignrl.errors import ConfigError
 from alignrl.sampling.kernels import StepResult, mean_over_dims
 
@@ -53,8 +53,14 @@ class FlowGRPO:
     kl_include_dt: bool = False
     stat_buffer_size: int = 0
     stat_min_count: int = 0
+    advantage_aggr: str = "reward"  # reward: normalise the weighted reward sum; advantage: sum of per-reward advantages
+    best_of_n: int = 0  # DanceGRPO: train only the n/2 best and n/2 worst samples of each group (0: all)
 
     def __post_init__(self):
+        if self.advantage_aggr not in ("reward", "advantage"):
+            raise ConfigError(f"algorithm.advantage_aggr='{self.advantage_aggr}' is not known; use reward or advantage")
+        if self.best_of_n < 0 or (self.best_of_n and self.best_of_n >= self.group_size):
+            raise ConfigError(f"algorithm.best_of_n must be 0 (off) or in [2, group_size), got {self.best_of_n}")
         if self.clip_range <= 0:
             raise ConfigError(f"algorithm.clip_range must be > 0, got {self.clip_range}")
         if self.beta < 0:
@@ -75,8 +81,17 @@ class FlowGRPO:
         """Per-sample diagnostics ``step_loss`` returns (averaged over samples, steps and ranks for logging)."""
         return ("ratio", "clipfrac", "approx_kl", "policy_loss") + (("kl",) if self.beta > 0 else ())
 
-    def advantages(self, rewards: np.ndarray, keys: np.ndarray) -> AdvantageResult:
-        return self.tracker.compute(rewards, keys)
+    def advantages(self, rewards: np.ndarray, keys: np.ndarray, per_reward: dict | None = None,
+                   weights: dict | None = None) -> AdvantageResult:
+        if self.advantage_aggr == "advantage" and per_reward and len(per_reward) > 1:
+            result = per_reward_advantages(per_reward, weights or {}, keys, lambda: GroupStatTracker(
+                global_std=self.global_std, std_eps=self.std_eps, adv_clip_max=self.adv_clip_max))
+        else:
+            result = self.tracker.compute(rewards, keys)
+        if self.best_of_n:
+            result.keep &= best_of_n_mask(np.asarray(rewards, dtype=np.float64), np.asarray(keys), self.best_of_n)
+            result.stats["kept_frac"] = float(result.keep.mean())
+        return result
 
     def step_loss(self, policy: StepResult, logp_old: torch.Tensor, adv: torch.Tensor,
                   reference: StepResult | None, dt: torch.Tensor | None = None,

@@ -242,7 +242,7 @@ class FastPlanner(PlannerBase):
     def __post_init__(self):
         _check_common(self.num_steps, self.noise_level, self.sde_type)
         lo, hi = self.window_range if self.window_range is not None else (0, self.num_steps - 1)
-        if not 0 <= lo and hi <= self.num_steps and hi - lo >= self.window_size >= 1:
+        if not (0 <= lo and hi <= self.num_steps and hi - lo >= self.window_size >= 1):
             raise ConfigError(f"sampler.window_range=({lo}, {hi}) cannot hold a window of {self.window_size} "
                               f"steps in a {self.num_steps}-step schedule")
         if self.branched and self.branches < 2:
@@ -477,3 +477,19 @@ class SideBranchPlanner(PlannerBase):
     @property
     def max_trained_steps(self) -> int:
         return len(self.branch_steps)
+
+
+@dataclass
+class ODEPlanner(PlannerBase):
+    """Deterministic Euler rollouts with no trained transitions: for losses on final images (AWM, NFT)."""
+
+    def __post_init__(self):
+        if self.num_steps < 1:
+            raise ConfigError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
+
+    def plan(self, generator: torch.Generator | None = None) -> RolloutPlan:
+        return ode_plan(self.num_steps, self.guidance_scale)
+
+    @property
+    def max_trained_steps(self) -> int:
+        return 0

@@ -339,13 +339,16 @@ class Trainer:
         finite = full[np.isfinite(full[:, 0]), 0]
         stats = {"reward_mean": float(finite.mean()) if finite.size else float("nan"),
                  "reward_std": float(finite.std()) if finite.size else float("nan")}
+        per_reward = {}
         for name, arr in batch.per_reward.items():
-            arr = self._gather(torch.from_numpy(arr).to(self.device)).cpu().numpy()
+            arr = per_reward[name] = self._gather(torch.from_numpy(arr).to(self.device)).cpu().numpy()
             ok = arr[np.isfinite(arr)]
             stats[f"reward/{name}_mean"] = float(ok.mean()) if ok.size else float("nan")
             stats[f"reward/{name}_std"] = float(ok.std()) if ok.size else float("nan")
         if batch.plan.is_linear:
-            result = self.algorithm.advantages(full[:, 0], full[:, 1].astype(np.int64))
+            extra = {"per_reward": per_reward, "weights": self.reward.weights} \
+                if getattr(self.algorithm, "advantage_aggr", "reward") == "advantage" else {}
+            result = self.algorithm.advantages(full[:, 0], full[:, 1].astype(np.int64), **extra)
             stats.update(result.stats)
             leaf_adv, leaf_keep = result.advantages[mine], result.keep[mine]
             t_leaf = batch.t_leaf_lo.numpy()
@@ -489,6 +492,80 @@ class Trainer:
                         count += len(group)
                 grad_norms.append(self._optimizer_step(float(tcfg.get("max_grad_norm", 1.0))))
         return self._update_summary(sums, count, ratio_dev_before_update, grad_norms)
+
+    def update_matching(self, batch: IterationBatch, adv: np.ndarray, keep: np.ndarray) -> dict:
+        """Optimizer steps for losses on final samples (AWM, DiffusionNFT): no log-probs, no CFG.
+
+        Per sample, ``num_train_timesteps`` schedule indices are drawn stratified over 1..T-1 (pure noise and
+        the clean end excluded) with fresh noise, from a generator keyed by (seed, iteration, sample), so the
+        draw does not depend on batching or ranks. The old policy's velocities (NFT) are computed for every
+        (sample, time) before the first optimizer step, i.e. under the sampling weights.
+        """
+        if not batch.plan.is_linear or adv is None:
+            raise ConfigError(f"algorithm '{self.algorithm.name}' trains on final images: use a linear sampler plan")
+        tcfg = self.cfg.trainer
+        algo = self.algorithm
+        schedule = self.backbone.make_schedule(batch.plan.base_steps)
+        T = batch.plan.base_steps
+        n_t = int(algo.num_train_timesteps)
+        x0 = batch.leaf_x0.float()
+        idx = torch.empty((len(x0), n_t), dtype=torch.long)
+        eps = torch.empty((len(x0), n_t, *x0.shape[1:]))
+        inner = list(range(1, T)) or [0]
+        strata = np.array_split(np.array(inner), min(n_t, len(inner)))
+        for i, g in enumerate(sample_generators(self.seed * 11 + 5, self.iteration, batch.global_index.tolist())):
+            for k in range(n_t):
+                s_ = strata[k % len(strata)]
+                idx[i, k] = int(s_[int(torch.randint(len(s_), (1,), generator=g))])
+                eps[i, k] = torch.randn(x0.shape[1:], generator=g)
+        eps = eps.to(self.device)
+        sig = schedule.sigmas[idx.to(self.device)]  # (B, n_t)
+        shape = (-1, n_t, *([1] * (x0.ndim - 1)))
+        x_t = (1 - sig.view(shape)) * x0.unsqueeze(1) + sig.view(shape) * eps
+        v_old = None
+        if algo.needs_old_policy:
+            v_old = torch.empty_like(x_t)
+            self.transformer.eval()
+            with torch.no_grad(), self.autocast():
+                for k in range(n_t):
+                    for m in torch.arange(len(x0)).split(self.layout["train_batch_size"]):
+                        cond = self.backbone.encode_prompts([batch.prompts[int(r)] for r in m])
+                        v_old[m, k] = self.backbone.predict(x_t[m, k], schedule.timesteps[idx[m, k].to(self.device)],
+                                                            cond, 1.0)
+            self.transformer.train()
+        adv_t = torch.as_tensor(adv, dtype=torch.float32, device=self.device)
+        keep_t = torch.as_tensor(keep, dtype=torch.bool)
+        sums = {k: 0.0 for k in algo.diagnostics}
+        count, grad_norms = 0, []
+        for epoch in range(int(tcfg.get("inner_epochs", 1))):
+            for chunk in self._update_chunks(batch.global_index, self.layout["updates_per_iteration"], epoch):
+                kept = chunk[keep_t[chunk]]
+                total = int(self._all_reduce_sum(torch.tensor([len(kept)], device=self.device)).item()) * n_t
+                if total == 0:
+                    continue
+                for mb in kept.split(self.layout["train_batch_size"]):
+                    cond = self.backbone.encode_prompts([batch.prompts[int(r)] for r in mb])
+                    for k in range(n_t):
+                        t_idx = idx[mb, k].to(self.device)
+                        with self.autocast():
+                            v = self.backbone.predict(x_t[mb, k], schedule.timesteps[t_idx], cond, 1.0)
+                        v_ref = None
+                        if algo.needs_reference:
+                            with torch.no_grad():
+                                ctx = reference_context(self.transformer, self.finetune) \
+                                    if self.ref_transformer is None else nullcontext()
+                                with ctx, self.autocast():
+                                    v_ref = self.backbone.predict(x_t[mb, k], schedule.timesteps[t_idx], cond, 1.0,
+                                                                  transformer=self.ref_transformer)
+                        loss_vec, diag = algo.matching_loss(
+                            v, v_old[mb, k] if v_old is not None else None, v_ref, x_t[mb, k], x0[mb],
+                            eps[mb, k], sig[mb, k], adv_t[mb])
+                        self.accelerator.backward(loss_vec.sum() / total)
+                        for key in algo.diagnostics:
+                            sums[key] += float(diag[key].float().sum())
+                        count += len(mb)
+                grad_norms.append(self._optimizer_step(float(tcfg.get("max_grad_norm", 1.0))))
+        return self._update_summary(sums, count, 0.0, grad_norms)
 
     @staticmethod
     def _step_groups(batch: IterationBatch, rows: torch.Tensor) -> list[torch.Tensor]:

@@ -1,0 +1,207 @@
+"""The GRPO-family plans, kernels and losses: evaluation counts, trained edges, tree advantages, ratios."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from alignrl.algorithms.guard import guard_log_ratio
+from alignrl.config import compose, validate_batch_arithmetic
+from alignrl.components import build_algorithm, build_planner
+from alignrl.errors import ConfigError
+from alignrl.sampling.engine import rollout, sample_generators
+from alignrl.sampling.kernels import dance_sde_step, dpm_solver_2m_step, flow_sde_step, ode_step
+from alignrl.sampling.plans import (BranchPlanner, DancePlanner, FastPlanner, MixGRPOPlanner, SideBranchPlanner)
+from conftest import REPO
+from test_engine import CountingTransformer
+
+
+def _run(backbone, plan, roots=2, prompts=None):
+    counter = CountingTransformer(backbone.transformer)
+    cond = backbone.encode_prompts(prompts or [f"prompt {i}" for i in range(roots)])
+    out = rollout(backbone, plan, cond, sample_generators(0, 0, range(roots)), transformer=counter)
+    return out, counter
+
+
+# ---------------------------------------------------------------- every recipe builds
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (REPO / "recipes" / "recipe").glob("*.yaml")))
+def test_every_recipe_composes_and_builds_its_parts(recipe):
+    cfg = compose([f"recipe={recipe}", "run_dir=/tmp/unused"])
+    planner, algorithm = build_planner(cfg), build_algorithm(cfg)
+    validate_batch_arithmetic(cfg, 1)
+    plan = planner.plan(torch.Generator().manual_seed(0))
+    assert plan.model_evals(1) >= 1 and algorithm.lr > 0
+
+
+@pytest.mark.parametrize("recipe", ["mixgrpo_flux", "branchgrpo_flux", "g2rpo_flux", "dancegrpo_flux",
+                                    "tempflow_sd35", "awm_sd35", "grpo_guard_sd35"])
+def test_switching_backbone_is_one_override(recipe):
+    for backbone in ("sd35_medium", "flux1_dev"):
+        cfg = compose([f"recipe={recipe}", f"backbone={backbone}", "run_dir=/tmp/unused"])
+        assert cfg.backbone.name.startswith(backbone.split("_")[0][:2])
+        build_planner(cfg), build_algorithm(cfg)
+
+
+# ---------------------------------------------------------------- kernels
+def test_dance_kernel_and_dpm_solver_closed_forms():
+    torch.manual_seed(0)
+    x, v, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    s, s2, eta = 0.6, 0.5, 0.3
+    res = dance_sde_step(x, v, s, s2, noise_level=eta, noise=eps)
+    x0 = x - s * v
+    score = -(x - (1 - s) * x0) / s**2
+    mean = x + (s2 - s) * v - 0.5 * eta**2 * score * (s2 - s)
+    std = eta * math.sqrt(s - s2)
+    assert torch.allclose(res.mean, mean, atol=1e-6) and torch.allclose(res.next_x, mean + std * eps, atol=1e-6)
+    logp = (-(eps * std) ** 2 / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)).mean(dim=(1, 2, 3))
+    assert torch.allclose(res.logp_mean_per_dim, logp, atol=1e-5)
+    # DPM-Solver++: first order from pure noise is x' = s' x + (1 - s') x0_hat (DDIM); the last step lands on x0_hat
+    y, state = dpm_solver_2m_step(x, v, 1.0, s2, None)
+    assert torch.allclose(y, s2 * x + (1 - s2) * (x - v), atol=1e-6)
+    z, _ = dpm_solver_2m_step(y, v, s2, 0.0, state)
+    assert torch.allclose(z, y - s2 * v, atol=1e-6)
+    # on a straight flow (constant v) every solver is exact: 2M equals Euler
+    x1 = torch.randn(2, 4)
+    d = torch.randn(2, 4)
+    vel = x1 - d  # x_t = (1 - t) d + t x1 has velocity x1 - d everywhere
+    xt, st = x1.clone(), None
+    grid = [1.0, 0.7, 0.45, 0.2, 0.0]
+    for a, b in zip(grid, grid[1:]):
+        xt, st = dpm_solver_2m_step(xt, vel, a, b, st)
+    assert torch.allclose(xt, d, atol=1e-5)
+    assert torch.allclose(ode_step(x1, vel, 1.0, 0.0).next_x, d, atol=1e-6)
+
+
+def test_guard_log_ratio_matches_its_closed_form():
+    torch.manual_seed(1)
+    x, v_old, eps = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    old = flow_sde_step(x, v_old, 0.7, 0.6, noise_level=0.7, sigma_max_guard=0.9, noise=eps)
+    v_new = v_old + 0.05 * torch.randn_like(v_old)
+    new = flow_sde_step(x, v_new, 0.7, 0.6, noise_level=0.7, sigma_max_guard=0.9, next_x=old.next_x)
+    got = guard_log_ratio(new, old.logp_mean_per_dim, old.mean)
+    # (logp - logp_old + ||mu - mu_old||^2 / (2 s^2)) * s = mean((mu - mu_old) * eps)
+    want = ((new.mean - old.mean) * eps).mean(dim=(1, 2, 3))
+    assert torch.allclose(got, want, atol=1e-5)
+    same = flow_sde_step(x, v_old, 0.7, 0.6, noise_level=0.7, sigma_max_guard=0.9, next_x=old.next_x)
+    assert torch.equal(torch.exp(guard_log_ratio(same, old.logp_mean_per_dim, old.mean)), torch.ones(4))
+
+
+# ---------------------------------------------------------------- plans: evaluation counts and trained edges
+def test_branchgrpo_tree_counts_and_edges(tiny_sd3):
+    planner = BranchPlanner(num_steps=20, split_points=(0, 3, 6, 9), branch_factor=2, guidance_scale=1.0)
+    plan = planner.plan()
+    # live trajectories: 2 for steps 0-2, 4 for 3-5, 8 for 6-8, 16 for 9-19
+    assert plan.model_evals(1) == 2 * 3 + 4 * 3 + 8 * 3 + 16 * 11 == 218
+    assert plan.leaves_per_root == 16
+    out, counter = _run(tiny_sd3, plan, roots=1)
+    assert counter.rows == 218 and out.model_evals == 218 and out.final.shape[0] == 16
+    assert [r.step for r in out.records] == list(range(19))  # every stochastic edge but the last step
+    assert [r.node_key for r in out.records][:4] == [1, 1, 1, 2] and out.records[-1].node_key == 4
+    # independent trajectories would need 16 x 20 = 320 evaluations for the same 16 leaves
+    assert plan.model_evals(1) / 16 < 20
+    pruned = BranchPlanner(num_steps=20, split_points=(0, 3, 6, 9), prune_depths=(1, 2)).plan()
+    assert pruned.trained_steps == list(range(6, 19)) and pruned.model_evals(1) == 218  # rollout unchanged
+    mix = BranchPlanner(num_steps=20, split_points=(0, 3, 6, 9), mix=True, mix_window=2).plan()
+    assert mix.trained_steps == [0, 1, 3, 4, 6, 7, 9, 10]
+    assert all(s.kind == "ode" for i, s in enumerate(mix.steps) if i not in mix.trained_steps)
+
+
+def test_mixgrpo_windows_and_flash_compression(tiny_sd3):
+    p = MixGRPOPlanner(num_steps=25, window_size=4, shift_interval=2, window_stride=1)
+    starts = []
+    for it in range(8):
+        p.begin_iteration(it, torch.Generator().manual_seed(it))
+        starts.append(p.window[0])
+    assert starts == [0, 0, 1, 1, 2, 2, 3, 3]
+    plan = p.plan()
+    assert plan.trained_steps == [3, 4, 5, 6] and plan.model_evals(1) == 25
+    state = p.state_dict()
+    q = MixGRPOPlanner(num_steps=25, window_size=4, shift_interval=2)
+    q.load_state_dict(state)
+    q.begin_iteration(8, torch.Generator())
+    p.begin_iteration(8, torch.Generator())
+    assert q.window == p.window == (4, 8)  # the window survives a resume
+    # the window stops at T - w (or rolls back to 0)
+    end = MixGRPOPlanner(num_steps=6, window_size=4, shift_interval=1)
+    back = MixGRPOPlanner(num_steps=6, window_size=4, shift_interval=1, roll_back=True)
+    for it in range(5):
+        end.begin_iteration(it, torch.Generator())
+        back.begin_iteration(it, torch.Generator())
+    assert end.window[0] == 2 and back.window[0] == 1
+    # random: the same draw for the same iteration generator on every rank
+    r1, r2 = (MixGRPOPlanner(num_steps=25, strategy="random") for _ in range(2))
+    r1.begin_iteration(5, torch.Generator().manual_seed(11))
+    r2.begin_iteration(5, torch.Generator().manual_seed(11))
+    assert r1.window == r2.window
+    # decay: the interval shrinks from shift_interval towards 1 as the window advances
+    d = MixGRPOPlanner(num_steps=25, window_size=4, strategy="decay", shift_interval=10)
+    first = d.interval()
+    d._start = d.max_start
+    assert first == 10 and d.interval() == 1
+    # Flash: L = l + w, the tail compressed to int(max((T - L) * 0.4, 1)) DPM-Solver++ steps
+    flash = MixGRPOPlanner(num_steps=25, window_size=4, window_start=2, ode_after="dpm2m", compress_ratio=0.4)
+    fplan = flash.plan()
+    tail = int(max((25 - 6) * 0.4, 1))
+    assert fplan.model_evals(1) == 6 + tail == 13 and fplan.trained_steps == [2, 3, 4, 5]
+    assert [s.kind for s in fplan.steps[6:]] == ["dpm2m"] * tail
+    out, counter = _run(tiny_sd3, replace_guidance(fplan), roots=2)
+    assert counter.rows == 2 * 13 and [r.step for r in out.records] == [2, 3, 4, 5]
+    assert torch.isfinite(out.final).all()
+
+
+def replace_guidance(plan):
+    from dataclasses import replace
+
+    return replace(plan, guidance_scale=1.0)
+
+
+def test_fast_windows_and_branched_variant(tiny_sd3):
+    p = FastPlanner(num_steps=10, window_size=2)
+    starts = {p.plan(torch.Generator().manual_seed(s)).trained_steps[0] for s in range(60)}
+    assert starts == set(range(0, 8))  # window inside [0, T - 1): the last step never trained
+    branched = FastPlanner(num_steps=10, window_size=2, branched=True, branches=4)
+    plan = replace_guidance(branched.plan(torch.Generator().manual_seed(3)))
+    l0 = plan.trained_steps[0]
+    assert plan.model_evals(1) == l0 + 4 * (10 - l0) and plan.leaves_per_root == 4
+    out, counter = _run(tiny_sd3, plan, roots=1)
+    assert counter.rows == plan.model_evals(1) and len(out.records) == 2 and out.records[0].x.shape[0] == 4
+
+
+def test_side_branch_plans_count_children_and_granularities(tiny_sd3):
+    tf = SideBranchPlanner(num_steps=10, branch_steps=(0, 2, 4, 6), children=3, guidance_scale=1.0).plan()
+    # trunk to the last branch step (6) + per branch step i: children x (1 SDE + (T - i - 1) ODE)
+    want = 6 + 3 * (10 + 8 + 6 + 4)
+    assert tf.model_evals(1) == want
+    out, counter = _run(tiny_sd3, tf, roots=2)
+    assert counter.rows == 2 * want and out.final.shape[0] == 2 * 12
+    assert [r.step for r in out.records] == [0, 2, 4, 6] and all(r.x.shape[0] == 6 for r in out.records)
+    # every child of a branch starts from the same trunk latent
+    assert torch.equal(out.records[1].x[0], out.records[1].x[2])
+    g2 = SideBranchPlanner(num_steps=10, branch_steps=(0, 4), children=2, granularities=(1, 2),
+                           guidance_scale=1.0).plan()
+    # per child: 1 SDE step + 9 (g=1) + 5 (g=2) ODE steps from step 0; 1 + 5 + 3 from step 4
+    assert g2.model_evals(1) == 4 + 2 * (1 + 9 + 5) + 2 * (1 + 5 + 3)
+    out, counter = _run(tiny_sd3, g2, roots=1)
+    assert counter.rows == g2.model_evals(1) and out.final.shape[0] == g2.leaves_per_root == 8
+    assert out.leaf_tag.tolist() == [0, 1] * 4
+
+
+def test_dance_plan_trains_a_subset_per_sample():
+    plan = DancePlanner(num_steps=16, timestep_fraction=0.6).plan()
+    assert plan.trained_steps == list(range(15)) and plan.sample_fraction == 0.6
+    assert all(s.kind == "dance" for s in plan.steps)
+
+
+def test_bad_plans_are_refused():
+    with pytest.raises(ConfigError, match="split_points"):
+        BranchPlanner(num_steps=10, split_points=(0, 9))
+    with pytest.raises(ConfigError, match="strategy"):
+        MixGRPOPlanner(strategy="sideways")
+    with pytest.raises(ConfigError, match="window_range"):
+        FastPlanner(num_steps=4, window_size=3, window_range=(0, 2))
+    with pytest.raises(ConfigError, match="prunes every"):
+        BranchPlanner(num_steps=10, split_points=(0, 3), prune_depths=(1, 2))
+    with pytest.raises(ConfigError, match="group_size must be >= 2"):
+        validate_batch_arithmetic(compose(["recipe=tiny_flowgrpo", "algorithm.group_size=1", "run_dir=/tmp/u"]), 1)
