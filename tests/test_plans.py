@@ -205,3 +205,100 @@ def test_bad_plans_are_refused():
         BranchPlanner(num_steps=10, split_points=(0, 3), prune_depths=(1, 2))
     with pytest.raises(ConfigError, match="group_size must be >= 2"):
         validate_batch_arithmetic(compose(["recipe=tiny_flowgrpo", "algorithm.group_size=1", "run_dir=/tmp/u"]), 1)
+
+
+# ---------------------------------------------------------------- the trainer on trees and windows
+def _trainer(tmp_path, recipe, *extra):
+    from accelerate.state import AcceleratorState
+
+    from alignrl.training.trainer import Trainer
+
+    AcceleratorState._reset_state()
+    cfg = compose([f"recipe={recipe}", f"run_dir={tmp_path}", "trainer.max_steps=2", "logger.progress_bar=false",
+                   "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.log_images_every=0", *extra])
+    return Trainer(cfg, tmp_path)
+
+
+def test_tree_advantages_match_a_hand_computed_example(tmp_path):
+    t = _trainer(tmp_path, "tiny_branchgrpo", "sampler.num_steps=4", "sampler.split_points=[0,2]",
+                 "data.groups_per_iteration=2", "trainer.rollout_batch_size=2", "trainer.train_batch_size=1",
+                 "algorithm.std_eps=0.0")
+    t.timing = {}
+    batch = t.collect()
+    t.reward_runner.close()
+    assert len(batch.leaf_root) == 8 and batch.leaf_root.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    batch.rewards = np.array([1.0, 2.0, 3.0, 5.0, 0.0, 0.0, 4.0, 4.0])
+    _, _, adv, keep, stats = t.advantages(batch)
+    # tree 0: depth-1 nodes fuse {1, 2} -> 1.5 and {3, 5} -> 4: mean 2.75, std 1.25 -> -1, +1;
+    # depth-2 nodes are the leaves: (r - 2.75) / std([1, 2, 3, 5])
+    leaf_std = np.std([1.0, 2.0, 3.0, 5.0])
+    got = {(int(s), int(lo)): (a, k) for s, lo, a, k in zip(batch.t_from, batch.t_leaf_lo, adv, keep)}
+    for step in (0, 1):
+        assert got[(step, 0)][0] == pytest.approx(-1.0) and got[(step, 2)][0] == pytest.approx(1.0)
+    for leaf, r in enumerate([1.0, 2.0, 3.0, 5.0]):
+        assert got[(2, leaf)][0] == pytest.approx((r - 2.75) / leaf_std)
+    # tree 1: depth-1 nodes 0 and 4 -> -1, +1; the leaves tie in pairs but not overall
+    assert got[(0, 4)][0] == pytest.approx(-1.0) and got[(0, 6)][0] == pytest.approx(1.0)
+    assert got[(2, 4)][0] == pytest.approx(-1.0) and got[(2, 7)][0] == pytest.approx(1.0)
+    assert all(k for _, k in got.values())
+    assert stats["nodes"] == 2 * (2 + 4)
+    # the last step (3) is never trained; steps 0-1 have 2 edges per tree, step 2 has 4
+    assert sorted(batch.t_from.tolist()) == [0] * 4 + [1] * 4 + [2] * 8
+
+
+def test_width_pruning_keeps_best_and_worst_edges(tmp_path):
+    t = _trainer(tmp_path, "tiny_branchgrpo", "sampler.num_steps=4", "sampler.split_points=[0,2]",
+                 "sampler.width_prune_ratio=0.5", "data.groups_per_iteration=2", "trainer.rollout_batch_size=2",
+                 "trainer.train_batch_size=1")
+    t.timing = {}
+    batch = t.collect()
+    t.reward_runner.close()
+    batch.rewards = np.array([1.0, 2.0, 3.0, 5.0, 0.0, 1.0, 4.0, 6.0])
+    _, _, adv, keep, _ = t.advantages(batch)
+    last = {int(lo): bool(k) for s, lo, k in zip(batch.t_from, batch.t_leaf_lo, keep) if int(s) == 2}
+    assert last == {0: True, 1: False, 2: False, 3: True, 4: True, 5: False, 6: False, 7: True}
+    assert all(k for s, k in zip(batch.t_from, keep) if int(s) < 2)  # pruning only after the last split
+
+
+def test_g2rpo_advantage_sums_granularities(tmp_path):
+    t = _trainer(tmp_path, "tiny_g2rpo", "sampler.branch_steps=[1]", "sampler.children=2",
+                 "data.groups_per_iteration=2", "trainer.rollout_batch_size=2", "trainer.train_batch_size=1",
+                 "algorithm.std_eps=0.0")
+    t.timing = {}
+    batch = t.collect()
+    t.reward_runner.close()
+    # per root: child 0 (g1, g2), child 1 (g1, g2)
+    batch.rewards = np.array([1.0, 0.0, 3.0, 2.0, 5.0, 5.0, 5.0, 1.0])
+    _, _, adv, keep, _ = t.advantages(batch)
+    by_leaf = {int(lo): a for lo, a in zip(batch.t_leaf_lo, adv)}
+    # root 0: g1 rewards {1, 3} -> -1, +1; g2 {0, 2} -> -1, +1: children -2 and +2
+    assert by_leaf[0] == pytest.approx(-2.0) and by_leaf[2] == pytest.approx(2.0)
+    # root 1: g1 ties (5, 5) -> no signal; g2 {5, 1} -> +1, -1
+    assert by_leaf[4] == pytest.approx(1.0) and by_leaf[6] == pytest.approx(-1.0)
+
+
+def test_dance_subsets_are_per_sample_and_reproducible(tmp_path):
+    t = _trainer(tmp_path, "tiny_dancegrpo")
+    t.timing = {}
+    a = t.collect()
+    b = t.collect()
+    t.reward_runner.close()
+    per_root = np.bincount(a.t_root.numpy())
+    assert set(per_root.tolist()) == {int(5 * 0.6)}  # 3 of the 5 trainable steps per sample
+    assert torch.equal(a.t_from, b.t_from)  # the same (seed, iteration, sample) draws the same subset
+    subsets = {tuple(sorted(a.t_from[a.t_root == r].tolist())) for r in range(len(a.prompts))}
+    assert len(subsets) > 1  # different samples train different steps
+
+
+@pytest.mark.parametrize("recipe", ["tiny_flowgrpo_fast", "tiny_mixgrpo_flash", "tiny_dancegrpo", "tiny_grpo_guard",
+                                    "tiny_branchgrpo", "tiny_tempflow", "tiny_awm", "tiny_nft"])
+def test_every_method_updates_on_policy(tmp_path, recipe):
+    """One iteration of each method through the trainer; losses with a ratio start exactly on-policy."""
+    t = _trainer(tmp_path, recipe, "trainer.updates_per_iteration=1")
+    t.timing = {}
+    before = [p.detach().clone() for p in t.params]
+    metrics = t.run_iteration()
+    t.reward_runner.close()
+    assert metrics["optimizer_steps"] == 1 and np.isfinite(metrics["policy_loss"])
+    assert metrics["ratio_dev_before_update"] == 0.0
+    assert any(not torch.equal(b, p) for b, p in zip(before, t.params))
