@@ -68,7 +68,7 @@ def main():
     for recipe in args.recipes:
         metrics = run_recipe(recipe, args.minutes, args.eval_every, out, args.overrides, args.reuse)
         images_per_prompt = _eval_images_per_prompt(out / recipe)
-        evals = [m for m in metrics if "eval/tag/overall/strict" in m]
+        evals = list({m["step"]: m for m in metrics if "eval/tag/overall/strict" in m}.values())  # one per step
         series[recipe] = [(m["train_seconds"], m["eval/tag/overall/strict"]) for m in evals]
         for m in evals:
             rows.append({"recipe": recipe, "train min": round(m["train_seconds"] / 60, 1), "iteration": m["step"],

@@ -663,9 +663,11 @@ class Trainer:
         budget_s = 60 * float(tcfg.get("max_minutes") or 0)  # training wall-clock, evaluation excluded
         eval_every_s = 60 * float(tcfg.get("eval_every_minutes") or 0)
         state = "finished"
+        last_eval_step = -1
         try:
             if self.evaluator and tcfg.get("eval_at_start") and self.iteration == 0:
                 self.logger.log(0, {"train_seconds": 0.0, **self.evaluate(0)})
+                last_eval_step = 0
             while self.iteration < self.max_steps and not (budget_s and self.train_seconds >= budget_s):
                 try:
                     metrics = self.run_iteration()
@@ -683,6 +685,7 @@ class Trainer:
                     timed_eval = eval_every_s and int(self.train_seconds // eval_every_s) > int(before // eval_every_s)
                     if self.evaluator and ((every("eval_every") and step % every("eval_every") == 0) or timed_eval):
                         metrics.update(self.evaluate(step))
+                        last_eval_step = step
                     self.logger.log(step, metrics, images)
                     self.logger.progress(step, metrics)
                     if every("checkpoint_every") and step % every("checkpoint_every") == 0:
@@ -695,8 +698,7 @@ class Trainer:
                     state = "preempted"
                     break
             if state == "finished":
-                last_logged_eval = (every("eval_every") and self.iteration % every("eval_every") == 0)
-                if self.evaluator and (every("eval_every") or eval_every_s) and not last_logged_eval:
+                if self.evaluator and (every("eval_every") or eval_every_s) and last_eval_step != self.iteration:
                     self.logger.log(self.iteration, {"train_seconds": self.train_seconds,
                                                      **self.evaluate(self.iteration)})
                 if not ckpt.is_checkpoint(self._step_dir()):
