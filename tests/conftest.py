@@ -31,7 +31,8 @@ def run_cli(*args, cwd=None, env=None, timeout=600):
     """Run the real console script; returns CompletedProcess with text output."""
     exe = Path(sys.executable).with_name("alignrl")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "alignrl.cli"]
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    # HF_HUB_OFFLINE: a hub id that is not cached fails at once instead of retrying the network
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **(env or {}))
     return subprocess.run(cmd + list(args), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -80,8 +80,11 @@ def test_checkpoint_path_that_is_not_one(tmp_path):
     _one_line_error(run_cli("eval", f"eval.checkpoint={tmp_path / 'junk'}", cwd=tmp_path), "is not a checkpoint")
 
 
-def test_unimplemented_reward_is_named(tmp_path):
-    _one_line_error(run_cli("train", "reward=pickscore", *FAST, cwd=tmp_path), "pickscore")
+def test_reward_whose_weights_cannot_load_is_named(tmp_path):
+    # the hub id is not cached here: a one-line error naming the reward and the option, no traceback
+    proc = run_cli("train", "reward=pickscore", *FAST, cwd=tmp_path)
+    _one_line_error(proc, "pickscore")
+    assert "set reward.pickscore." in proc.stderr
 
 
 def test_train_writes_run_dir_layout(tmp_path):
