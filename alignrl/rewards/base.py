@@ -42,7 +42,7 @@ def available_rewards() -> list[str]:
 
 
 def _import_builtins() -> None:
-    from alignrl.rewards import jpeg, shapes  # noqa: F401  (registers on import)
+    from alignrl.rewards import clip, jpeg, ocr, optional, remote, shapes, vlm  # noqa: F401  (registers on import)
 
 
 class Reward:

@@ -1,0 +1,433 @@
+"""CLIP-based rewards on ``transformers.CLIPModel``: PickScore, CLIPScore and the LAION aesthetic predictor.
+
+Weights load with ``from_pretrained`` (hub id or local folder) when the reward is built, so a wrong
+path stops the run before training starts. Images are preprocessed in torch (shortest side resized
+with antialiased bicubic, centre crop, CLIP mean/std), which lets ``differentiable=true`` pass
+gradients back to the images. ``score_tensor`` returns the scores as a tensor; calling the reward
+returns the float64 numpy scores of the reward contract.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignrl.backbones.base import DTYPES
+from alignrl.errors import ConfigError
+from alignrl.rewards.base import Reward, register_reward
+
+log = logging.getLogger(__name__)
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ----------------------------------------------------------------------------------------------
+# option parsing shared by the model rewards (optional.py uses these too)
+
+
+def _brief(e: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters (errors stay one line)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def as_flag(value: Any, reward: str, option: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
+        return value.strip().lower() in ("true", "yes", "1")
+    raise ConfigError(f"reward.{reward}.{option}={value!r} is not a boolean; use true or false")
+
+
+def as_positive_int(value: Any, reward: str, option: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or (isinstance(value, float) and value != n):
+        raise ConfigError(f"reward.{reward}.{option}={value!r} must be a positive integer (e.g. {option}=32)")
+    return n
+
+
+def as_scale(value: Any, reward: str, option: str = "scale") -> float:
+    """A number, or a fraction written as text (``1/26``)."""
+    try:
+        if isinstance(value, str) and "/" in value:
+            num, den = value.split("/", 1)
+            return float(num) / float(den)
+        return float(value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise ConfigError(f"reward.{reward}.{option}={value!r} is not a number; give e.g. {option}=0.5 or {option}=1/26") from None
+
+
+def resolve_device(device: Any, reward: str) -> torch.device:
+    """``auto``: this process's CUDA device (``LOCAL_RANK`` when set) if CUDA is available, else the CPU."""
+    want = str(device if device is not None else "auto").strip().lower()
+    if want == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        rank = os.environ.get("LOCAL_RANK", "")
+        count = torch.cuda.device_count()
+        index = int(rank) if rank.isdigit() and int(rank) < count else torch.cuda.current_device()
+        return torch.device("cuda", index)
+    try:
+        dev = torch.device(want)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"reward.{reward}.device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"reward.{reward}.device={device} but no CUDA device is visible; use device=auto or cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"reward.{reward}.device={device} but only {torch.cuda.device_count()} CUDA devices are visible")
+    return dev
+
+
+def resolve_dtype(dtype: Any, device: torch.device, reward: str, differentiable: bool = False) -> torch.dtype:
+    """``auto``: float32 on the CPU; on CUDA float16, or bfloat16 (wider range for gradients) when differentiable."""
+    want = str(dtype if dtype is not None else "auto").strip().lower()
+    if want == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        if differentiable and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if want not in DTYPES:
+        raise ConfigError(f"reward.{reward}.dtype={dtype!r} is not known; use auto, fp32, bf16 or fp16")
+    out = DTYPES[want]
+    if out == torch.float16 and device.type == "cpu":
+        raise ConfigError(f"reward.{reward}.dtype=fp16 on the CPU is not supported; use fp32 or bf16 there")
+    return out
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else (absolute, relative, home, deeper) is a path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or Path(name).exists()
+
+
+def check_local(name: str, reward: str, option: str, what: str) -> None:
+    """A path-like ``name`` that does not exist gets a clear error instead of a hub lookup."""
+    if _looks_like_path(name) and not Path(name).expanduser().exists():
+        raise ConfigError(f"reward.{reward}.{option}: {what} '{name}' does not exist; set reward.{reward}.{option}=<hub id or local path>")
+
+
+def from_pretrained_kwargs(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s dtype argument: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: dtype}
+
+
+def clip_preprocess(images: torch.Tensor, *, resize: int, crop: tuple[int, int],
+                    mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> CLIP input: shortest side to ``resize`` (bicubic, antialias), centre crop, mean/std.
+
+    Differentiable; the resized image is clamped to [0, 1] as the uint8 round trip of the reference
+    processors would.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    x = images.float()
+    h, w = x.shape[-2:]
+    ch, cw = crop
+    s = resize / min(h, w)
+    nh, nw = max(ch, int(round(h * s))), max(cw, int(round(w * s)))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    top, left = (nh - ch) // 2, (nw - cw) // 2
+    x = x[..., top: top + ch, left: left + cw]
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    sd = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / sd
+
+
+def _features(out: Any) -> torch.Tensor:
+    """The projected embedding from ``get_*_features``: a tensor (transformers 4) or ``.pooler_output`` (5)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    raise TypeError(f"unexpected CLIP feature output {type(out).__name__}")
+
+
+def _size_field(obj: Any, key: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, int):
+        return obj
+    value = obj.get(key) if hasattr(obj, "get") else None
+    return value if value is not None else getattr(obj, key, None)
+
+
+def finish_scores(scores: torch.Tensor) -> tuple[np.ndarray, dict]:
+    """float64 numpy scores (non-finite -> NaN) and the batch's mean/std for logging."""
+    arr = scores.detach().double().cpu().numpy().reshape(-1)
+    arr = np.where(np.isfinite(arr), arr, np.nan)
+    ok = arr[np.isfinite(arr)]
+    info = {"mean": float(ok.mean()) if ok.size else float("nan"), "std": float(ok.std()) if ok.size else float("nan")}
+    if ok.size < arr.size:
+        info["nonfinite"] = int(arr.size - ok.size)
+    return arr, info
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class ClipModelReward(Reward):
+    """A frozen ``CLIPModel`` plus its tokenizer; subclasses define ``_score_batch``.
+
+    Options: ``model`` (hub id or folder), ``processor`` (tokenizer/image-processor source; default:
+    the model's), ``device`` (auto/cpu/cuda[:N]), ``dtype`` (auto/fp32/bf16/fp16), ``batch_size``,
+    ``differentiable`` (keep the autograd graph from the images to the scores).
+    """
+
+    default_model = "openai/clip-vit-large-patch14"
+    default_processor: str | None = None
+    uses_text = True
+
+    def __init__(self, model: str | None = None, processor: str | None = None, device: Any = "auto",
+                 dtype: Any = "auto", batch_size: int = 32, differentiable: bool = False):
+        name = self.reward_name
+        self.differentiable = as_flag(differentiable, name, "differentiable")
+        self.requires_grad = self.differentiable
+        self.batch_size = as_positive_int(batch_size, name, "batch_size")
+        self.device = resolve_device(device, name)
+        self.dtype = resolve_dtype(dtype, self.device, name, self.differentiable)
+        self.model_id = str(model or self.default_model)
+        proc_option = "processor" if (processor or self.default_processor) else "model"
+        self.processor_id = str(processor or self.default_processor or self.model_id)
+        self._validate_options()
+        check_local(self.processor_id, name, proc_option, "processor")
+        check_local(self.model_id, name, "model", "model")
+        self._lock = threading.Lock()
+        self.tokenizer, image_processor = self._load_processor(proc_option)
+        self.model = self._load_model()
+        self._set_geometry(image_processor, proc_option)
+        self._load_extra()
+        log.info("reward %s: %s on %s (%s), input %dx%d", name, self.model_id, self.device,
+                 str(self.dtype).replace("torch.", ""), *self.crop)
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def _validate_options(self) -> None:
+        """Cheap checks that must fail before the model loads (subclasses)."""
+
+    def _load_extra(self) -> None:
+        """Anything loaded after the CLIP model (subclasses)."""
+
+    def _load_processor(self, option: str):
+        name = self.reward_name
+        from transformers import AutoProcessor
+
+        try:
+            proc = AutoProcessor.from_pretrained(self.processor_id)
+        except Exception as e:  # any failure to load is the user's path/id: say which option to set
+            raise ConfigError(
+                f"reward '{name}' cannot load the CLIP processor '{self.processor_id}' ({_brief(e)}); "
+                f"set reward.{name}.{option}=<hub id or local folder with the CLIP tokenizer and image processor>"
+                + ("" if option == "processor" else f" or reward.{name}.processor=<...>")) from e
+        tokenizer = getattr(proc, "tokenizer", None)
+        if tokenizer is None and callable(proc) and hasattr(proc, "model_max_length"):
+            tokenizer = proc  # a bare tokenizer folder
+        if self.uses_text and tokenizer is None:
+            raise ConfigError(f"reward '{name}': '{self.processor_id}' has no tokenizer; "
+                              f"set reward.{name}.{option}=<folder or hub id of a CLIP processor>")
+        return tokenizer, getattr(proc, "image_processor", None)
+
+    def _load_model(self):
+        name = self.reward_name
+        from transformers import CLIPModel
+
+        try:
+            model = CLIPModel.from_pretrained(self.model_id, **from_pretrained_kwargs(self.dtype))
+        except Exception as e:  # any failure to load is the user's path/id: say which option to set
+            raise ConfigError(f"reward '{name}' cannot load CLIP model '{self.model_id}' ({_brief(e)}); "
+                              f"set reward.{name}.model=<hub id or local folder of a CLIPModel>") from e
+        return model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+
+    def _set_geometry(self, image_processor, option: str) -> None:
+        """Input size and normalisation from the image processor, else from the model config and CLIP defaults."""
+        size = int(self.model.config.vision_config.image_size)
+        crop, resize = (size, size), size
+        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        if image_processor is not None:
+            mean = tuple(float(v) for v in getattr(image_processor, "image_mean", None) or mean)
+            std = tuple(float(v) for v in getattr(image_processor, "image_std", None) or std)
+            cs = getattr(image_processor, "crop_size", None)
+            if getattr(image_processor, "do_center_crop", False) and cs is not None:
+                crop = (int(_size_field(cs, "height")), int(_size_field(cs, "width")))
+            short = _size_field(getattr(image_processor, "size", None), "shortest_edge")
+            resize = int(short) if short else max(crop)
+        if crop != (size, size):
+            raise ConfigError(f"reward '{self.reward_name}': processor '{self.processor_id}' crops to {crop[0]}x{crop[1]} "
+                              f"but model '{self.model_id}' takes {size}x{size}; set reward.{self.reward_name}.{option} to the model's processor")
+        self.crop, self.resize, self.mean, self.std = crop, max(resize, max(crop)), mean, std
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device)
+        x = clip_preprocess(x, resize=self.resize, crop=self.crop, mean=self.mean, std=self.std)
+        return x.to(self.dtype)
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised float32 image embeddings (B, D)."""
+        feats = _features(self.model.get_image_features(pixel_values=self.preprocess(images)))
+        return F.normalize(feats.float(), dim=-1)
+
+    def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised float32 text embeddings, one row per prompt (each distinct prompt encoded once)."""
+        unique = list(dict.fromkeys(prompts))
+        max_len = min(int(self.tokenizer.model_max_length),
+                      int(self.model.config.text_config.max_position_embeddings))
+        enc = self.tokenizer(unique, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        feats = _features(self.model.get_text_features(
+            input_ids=enc["input_ids"].to(self.device),
+            attention_mask=enc["attention_mask"].to(self.device) if "attention_mask" in enc else None))
+        feats = F.normalize(feats.float(), dim=-1)
+        index = {p: i for i, p in enumerate(unique)}
+        return feats[torch.tensor([index[p] for p in prompts], device=feats.device)]
+
+    def _score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> torch.Tensor:
+        """Scores (B,) float32 on the reward's device, in chunks of ``batch_size``.
+
+        With ``differentiable=true`` the graph from ``images`` to the scores is kept (``images`` may be
+        on any device and require grad); otherwise this runs under ``torch.no_grad()``.
+        """
+        prompts = list(prompts)
+        if images.shape[0] != len(prompts):
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        if not prompts:
+            return torch.zeros(0, device=self.device)
+        grad = nullcontext() if self.differentiable else torch.no_grad()
+        with self._lock, grad:
+            parts = [self._score_batch(images[i: i + self.batch_size], prompts[i: i + self.batch_size])
+                     for i in range(0, len(prompts), self.batch_size)]
+        return torch.cat(parts)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
+        return finish_scores(self.score_tensor(images, prompts, metadata))
+
+
+@register_reward("pickscore")
+class PickScore(ClipModelReward):
+    """PickScore: ``scale * logit_scale.exp() * cos(image, text)``; ``scale`` defaults to 1/26 as the reference."""
+
+    default_model = "yuvalkirstain/PickScore_v1"
+    default_processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+    def __init__(self, model: str | None = None, processor: str | None = None, scale: Any = 1 / 26, **options):
+        self.scale = as_scale(scale, "pickscore")
+        super().__init__(model=model, processor=processor, **options)
+
+    def _score_batch(self, images, prompts):
+        cos = (self.embed_images(images) * self.embed_texts(prompts)).sum(-1)
+        return self.scale * self.model.logit_scale.float().exp() * cos
+
+
+@register_reward("clipscore")
+class ClipScore(ClipModelReward):
+    """CLIP image-text cosine times ``scale`` (default 100; ``scale: 1.0`` gives the plain cosine)."""
+
+    default_model = "openai/clip-vit-large-patch14"
+
+    def __init__(self, model: str | None = None, processor: str | None = None, scale: Any = 100.0, **options):
+        self.scale = as_scale(scale, "clipscore")
+        super().__init__(model=model, processor=processor, **options)
+
+    def _score_batch(self, images, prompts):
+        return self.scale * (self.embed_images(images) * self.embed_texts(prompts)).sum(-1)
+
+
+class AestheticHead(nn.Module):
+    """The LAION improved-aesthetic-predictor MLP (state-dict keys ``layers.N.weight/bias``)."""
+
+    def __init__(self, dim: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x).squeeze(-1)
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file, or a torch pickle read with ``weights_only=True`` (a nested ``state_dict`` is unwrapped)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"expected a state dict, found {type(state).__name__}")
+    return state
+
+
+@register_reward("aesthetic")
+class Aesthetic(ClipModelReward):
+    """LAION aesthetic score: CLIP image embedding (L2-normalised) -> MLP head. The prompt is ignored."""
+
+    default_model = "openai/clip-vit-large-patch14"
+    uses_text = False
+
+    def __init__(self, head: str | None = None, model: str | None = None, processor: str | None = None, **options):
+        self.head_path = head
+        super().__init__(model=model, processor=processor, **options)
+
+    def _validate_options(self) -> None:
+        if not self.head_path:
+            raise ConfigError("reward 'aesthetic' needs its MLP head: set reward.aesthetic.head=<path to LAION "
+                              "sac+logos+ava1-l14-linearMSE.pth or a .safetensors conversion>")
+        path = Path(str(self.head_path)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"reward.aesthetic.head: file '{self.head_path}' does not exist; set reward.aesthetic.head=<.pth or .safetensors>")
+        try:
+            self._head_state = load_state_dict_file(path)
+        except Exception as e:  # unreadable/unsafe file: name the option
+            raise ConfigError(f"reward 'aesthetic' cannot read head '{path}' ({_brief(e)}); "
+                              "set reward.aesthetic.head=<.safetensors, or a .pth loadable with weights_only=True>") from e
+        first = self._head_state.get("layers.0.weight")
+        if not isinstance(first, torch.Tensor) or first.ndim != 2:
+            raise ConfigError(f"reward.aesthetic.head='{path}' has no 'layers.0.weight'; "
+                              "it must be the LAION improved-aesthetic-predictor MLP (layers.N.weight/bias)")
+
+    def _load_extra(self) -> None:
+        state = self._head_state
+        del self._head_state
+        dim = int(state["layers.0.weight"].shape[1])
+        proj = int(self.model.config.projection_dim)
+        if dim != proj:
+            raise ConfigError(f"reward 'aesthetic': head '{self.head_path}' takes {dim}-d embeddings but model "
+                              f"'{self.model_id}' gives {proj}-d; set reward.aesthetic.model to the head's CLIP (ViT-L/14: 768)")
+        head = AestheticHead(dim)
+        try:
+            head.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        except RuntimeError as e:
+            raise ConfigError(f"reward 'aesthetic': head '{self.head_path}' does not fit the "
+                              f"768-1024-128-64-16-1 MLP ({_brief(e)}); set reward.aesthetic.head to the LAION file") from e
+        self.head = head.to(self.device).eval().requires_grad_(False)
+
+    def _score_batch(self, images, prompts):
+        return self.head(self.embed_images(images))
