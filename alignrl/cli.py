@@ -1,4 +1,4 @@
-"""``alignrl train | eval | sample | recipes``: compose the Hydra config, then dispatch.
+"""``alignrl train | eval | sample | serve-reward | recipes``: compose the Hydra config, then dispatch.
 
 Arguments after the command are Hydra overrides (``recipe=flowgrpo_sd35 trainer.max_steps=20``) and
 Hydra flags (``--cfg job`` prints the resolved config, ``--help`` shows the groups, ``-m`` sweeps).
@@ -15,7 +15,10 @@ commands:
   train     run a recipe (default recipe: tiny_flowgrpo, CPU, under 2 minutes)
   eval      evaluate a checkpoint (eval.checkpoint=<dir>) or the base model; writes metrics, grid, summary
   sample    generate images from a checkpoint or the base model (sample.prompts=[...])
+  serve-reward  serve a reward over HTTP for reward=remote clients (port=8000 host=127.0.0.1 token=...)
   recipes   list the recipes with a one-line description, and every config group's options
+  runs      list the runs under outputs/ and multirun/ (or the given dirs): step, last reward and eval,
+            state (running, finished, preempted, failed, stale, ...), Slurm job and its state
 
 examples:
   alignrl train
@@ -24,11 +27,17 @@ examples:
   alignrl train run_dir=outputs/my_run resume=auto
   alignrl eval eval.checkpoint=outputs/tiny_flowgrpo/<run>
   alignrl train recipe=flowgrpo_sd35 --cfg job        # print the resolved config
+  alignrl train launcher=slurm launcher.nodes=2 launcher.gpus_per_node=8 launcher.time=240  # submit to Slurm
+  alignrl train -m launcher=slurm algorithm.lr=1e-5,3e-5  # one Slurm job per point
+  alignrl runs outputs
+  alignrl serve-reward reward=shapes_geneval port=8000 # a reward server; clients use reward=remote
 
 `alignrl <command> --help` lists the config groups and their options.
 """
 
-COMMANDS = ("train", "eval", "sample")
+COMMANDS = ("train", "eval", "sample", "serve-reward")
+# bare keys `alignrl serve-reward` accepts for serve.<key>
+SERVE_SHORTHANDS = ("port", "host", "token")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -45,17 +54,34 @@ def main(argv: list[str] | None = None) -> None:
     if command == "recipes":
         print_recipes()
         return
-    if command not in COMMANDS:
-        _fail(f"unknown command '{command}'; use one of train, eval, sample, recipes")
+    if command == "runs":
+        from alignrl.runs import list_runs
 
-    from alignrl.config import check_group_overrides
+        sys.exit(list_runs(rest))
+    if command not in COMMANDS:
+        _fail(f"unknown command '{command}'; use one of train, eval, sample, serve-reward, recipes, runs")
+    if command == "serve-reward":
+        rest = _serve_overrides(rest)
+
+    from alignrl.config import check_group_overrides, expand_reward_weights
     from alignrl.errors import AlignError
 
     try:
+        rest = expand_reward_weights(rest)
         check_group_overrides(rest)
     except AlignError as e:
         _fail(str(e))
     _run_hydra(command, rest)
+
+
+def _serve_overrides(overrides: list[str]) -> list[str]:
+    """``port=``/``host=``/``token=`` -> ``serve.*``; no run directory or log file for a server."""
+    quiet = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    out = []
+    for ov in overrides:
+        key = ov.split("=", 1)[0]
+        out.append(f"serve.{ov}" if "=" in ov and key in SERVE_SHORTHANDS else ov)
+    return quiet + out
 
 
 def _run_hydra(command: str, overrides: list[str]) -> None:
@@ -85,6 +111,10 @@ def _dispatch(command: str, cfg) -> None:
             from alignrl.commands import evaluate
 
             code = evaluate(cfg)
+        elif command == "serve-reward":
+            from alignrl.rewards.server import serve
+
+            code = serve(cfg)
         else:
             from alignrl.commands import sample
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -37,18 +38,38 @@ def _save_config(cfg: DictConfig, run_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> int:
     run_dir = _run_dir()
+    launcher = cfg.launcher.get("name", "local")
+    if launcher == "slurm":
+        from hydra.core.hydra_config import HydraConfig
+
+        from alignrl.slurm import submit
+
+        hc = HydraConfig.get()
+        return submit(cfg, run_dir, list(hc.overrides.task), str(hc.runtime.choices.get("recipe") or "run"))
     nproc = int(cfg.launcher.get("nproc_per_node", 1))
-    if cfg.launcher.get("name", "local") != "local":
-        raise ConfigError(f"launcher '{cfg.launcher.name}' is not available; use launcher=local")
+    if launcher != "local":
+        raise ConfigError(f"launcher '{launcher}' is not available; use launcher=local or launcher=slurm")
     if nproc < 1:
         raise ConfigError(f"launcher.nproc_per_node must be >= 1, got {nproc}")
-    world = int(os.environ.get("WORLD_SIZE", nproc)) if _in_distributed_child() else nproc
+    from alignrl.slurm import apply_torch_env, torchrun_rendezvous
+
+    apply_torch_env(nproc)  # an srun task per process: RANK, WORLD_SIZE, MASTER_ADDR, ... from SLURM_*
+    # an srun task per node that starts nproc processes: the nodes meet at the first host of the step
+    nodes = torchrun_rendezvous(os.environ, nproc) if nproc > 1 and not _in_distributed_child() else None
+    if _in_distributed_child():
+        world = int(os.environ.get("WORLD_SIZE", nproc))
+    else:
+        world = nproc * (nodes["nnodes"] if nodes else 1)
     validate_batch_arithmetic(cfg, world)  # before anything loads or spawns
     if nproc > 1 and not _in_distributed_child():
-        _save_config(cfg, run_dir)
-        return _launch_torchrun(cfg, run_dir, nproc)
-    from alignrl.training.trainer import Trainer
+        if nodes is None or nodes["node_rank"] == 0:
+            _save_config(cfg, run_dir)
+        return _launch_torchrun(cfg, run_dir, nproc, nodes)
+    from alignrl.training.trainer import Trainer, record_early_stop_signal
 
+    if "SLURM_STEP_ID" in os.environ:  # Slurm may signal while the models load: stop at the first check
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, record_early_stop_signal)
     if int(os.environ.get("RANK", "0")) == 0:
         _save_config(cfg, run_dir)
     trainer = Trainer(cfg, run_dir)
@@ -66,14 +87,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_torchrun(cfg: DictConfig, run_dir: Path, nproc: int) -> int:
+def _launch_torchrun(cfg: DictConfig, run_dir: Path, nproc: int, nodes: dict | None = None) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("run_dir=", "hydra."))]
-    port = cfg.launcher.get("master_port") or _free_port()
+    if nodes is None:
+        nodes = {"nnodes": 1, "node_rank": 0, "master_addr": "127.0.0.1",
+                 "master_port": cfg.launcher.get("master_port") or _free_port()}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(port),
+        "--nnodes", str(nodes["nnodes"]), "--node_rank", str(nodes["node_rank"]),
+        "--master_addr", str(nodes["master_addr"]), "--master_port", str(nodes["master_port"]),
         "-m", "alignrl.cli", "train", *overrides,
         f"run_dir={run_dir}", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none",
     ]
@@ -173,8 +197,10 @@ def sample(cfg: DictConfig) -> int:
     from alignrl.sampling.engine import rollout, sample_generators
 
     prompts = list(cfg.sample.get("prompts") or [])
+    metadata = [{} for _ in prompts]
     if not prompts:
-        prompts = PromptSet.load(cfg.data.get("eval"), "data.eval").prompts[:8]
+        eval_set = PromptSet.load(cfg.data.get("eval"), "data.eval")
+        prompts, metadata = eval_set.prompts[:8], eval_set.metadata[:8]
     num = int(cfg.sample.get("num_images", 4))
     if num < 1:
         raise ConfigError(f"sample.num_images must be >= 1, got {num}")
@@ -183,7 +209,7 @@ def sample(cfg: DictConfig) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone, source = _load_policy(cfg, _device(cfg))
     plan = planner.eval_plan()
-    all_images, captions = [], []
+    all_images, captions, index = [], [], []
     with torch.no_grad():
         for p_idx, prompt in enumerate(prompts):
             cond = backbone.encode_prompts([prompt] * num)
@@ -191,8 +217,11 @@ def sample(cfg: DictConfig) -> int:
             images = backbone.decode(rollout(backbone, plan, cond, gens, record=False).final).cpu()
             for j, im in enumerate(to_pil(images)):
                 im.save(out_dir / f"{p_idx:03d}_{j:02d}.png")
+                index.append(json.dumps({"image": f"{p_idx:03d}_{j:02d}.png", "prompt": prompt, **metadata[p_idx]}))
             all_images.append(images)
             captions += [prompt] * num
+    # prompts.jsonl pairs each image with its prompt: `alignrl reward-check images=<this folder>` reads it
+    ckpt.atomic_write_text(out_dir / "prompts.jsonl", "\n".join(index) + "\n")
     grid = save_grid(out_dir / "grid.png", torch.cat(all_images)[:64], captions[:64])
     print(f"alignrl: {len(prompts) * num} images from {source} in {out_dir} (grid: {grid})", file=sys.stderr)
     return 0

@@ -50,6 +50,38 @@ def recipe_descriptions() -> list[tuple[str, str]]:
     return out
 
 
+def expand_reward_weights(overrides: list[str]) -> list[str]:
+    """``reward={pickscore: 1.0, ocr: 0.5}`` -> ``reward=[pickscore,ocr] reward.pickscore.weight=1.0 ...``.
+
+    ``reward`` is a config group, so Hydra cannot take a dict for it; this spelling is expanded before
+    Hydra sees the overrides. Other overrides pass through unchanged.
+    """
+    out = []
+    for ov in overrides:
+        key, _, value = ov.partition("=")
+        value = value.strip()
+        if key.strip() != "reward" or not (value.startswith("{") and value.endswith("}")):
+            out.append(ov)
+            continue
+        names, weights = [], []
+        for item in filter(None, (x.strip() for x in value[1:-1].split(","))):
+            name, sep, weight = (x.strip() for x in item.partition(":"))
+            try:
+                float(weight)
+            except ValueError:
+                raise ConfigError(f"reward weights: '{item}' is not 'name: number'; write e.g. "
+                                  f"reward={{pickscore: 1.0, ocr: 0.5}}") from None
+            if not sep or not name:
+                raise ConfigError(f"reward weights: '{item}' is not 'name: number'; write e.g. "
+                                  f"reward={{pickscore: 1.0, ocr: 0.5}}")
+            names.append(name)
+            weights.append(f"reward.{name}.weight={weight}")
+        if not names:
+            raise ConfigError("reward={} names no reward; write e.g. reward={pickscore: 1.0, ocr: 0.5}")
+        out += [f"reward=[{','.join(names)}]", *weights]
+    return out
+
+
 def check_group_overrides(overrides: list[str]) -> None:
     """Fail fast, in one line, on ``group=option`` overrides that name no recipe file."""
     for ov in overrides:
@@ -57,11 +89,18 @@ def check_group_overrides(overrides: list[str]) -> None:
             continue
         key, value = ov.split("=", 1)
         key = key.removeprefix("override ").strip()
-        if key not in GROUPS or "," in value or value in ("null", "") or value.startswith(("{", "[")):
+        if key not in GROUPS or value in ("null", "") or value.startswith("{"):
             continue
+        if value.startswith("[") and value.endswith("]"):  # several options of one group (rewards)
+            values = [v.strip() for v in value[1:-1].split(",") if v.strip()]
+        elif "," in value:  # a sweep (-m): Hydra reports its own errors
+            continue
+        else:
+            values = [value]
         options = group_options(key)
-        if value not in options:
-            raise ConfigError(f"unknown {key} '{value}'; valid: {', '.join(options)}")
+        for v in values:
+            if v not in options:
+                raise ConfigError(f"unknown {key} '{v}'; valid: {', '.join(options)}")
 
 
 def _positive_int(value, name: str) -> int:
@@ -125,7 +164,7 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     """
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    overrides = list(overrides or [])
+    overrides = expand_reward_weights(list(overrides or []))
     check_group_overrides(overrides)
     with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
         return hydra_compose(config_name=config_name, overrides=overrides)

@@ -1,0 +1,505 @@
+"""The reward server, the `remote` client and the `vlm_judge` reward, over real HTTP on loopback."""
+
+import base64
+import io
+import json
+import os
+import queue
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+
+from alignrl.errors import ConfigError, RewardError
+from alignrl.rewards.base import WeightedReward, build_reward
+from alignrl.rewards.protocol import encode_png, encode_request
+from alignrl.rewards.remote import RemoteReward
+from alignrl.rewards.server import ServeOptions, create_app
+from alignrl.rewards.vlm import VLMJudge, parse_score
+from alignrl.shapes import world
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class FloatMean:
+    """Mean pixel value in float64 (sensitive to every float bit); NaN for 'unscorable', raises on 'boom'."""
+
+    per_sample_keys = ()
+
+    def __call__(self, images, prompts, metadata):
+        if "boom" in prompts:
+            raise ValueError("boom prompt")
+        scores = images.double().mean(dim=(1, 2, 3)).numpy()
+        scores[[p == "unscorable" for p in prompts]] = np.nan
+        return scores, {"calls": 1.0, "note": "not a number"}
+
+
+def _local_reward():
+    w = WeightedReward.from_config({"jpeg_compressibility": 1.0, "shapes_geneval": {"weight": 0.5}})
+    w.rewards["float_mean"] = FloatMean()
+    w.weights["float_mean"] = 2.0
+    return w
+
+
+@contextmanager
+def running_server(reward, **options):
+    """uvicorn serving ``create_app(reward)`` on a free loopback port, in a background thread."""
+    opts = ServeOptions(**{"port": 0, **options})
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(create_app(reward, opts), log_level="critical", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server(_local_reward(), max_request_mb=1, max_batch=16, batch_wait_ms=50) as url:
+        yield url
+
+
+def _shapes_batch(n=8, seed=0, float_noise=False):
+    metas = world.prompt_split("eval", per_tag=4)[:n]
+    shifted = metas[1:] + metas[:1]  # half the images show another prompt: scores vary
+    u8 = world.render_batch([m if i % 2 == 0 else shifted[i] for i, m in enumerate(metas)], seed=seed)
+    images = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255.0
+    if float_noise:
+        images = (images + torch.rand(images.shape, generator=torch.Generator().manual_seed(seed)) * 1e-3).clamp(0, 1)
+    return images, [m["prompt"] for m in metas], metas
+
+
+def _post(url, images, prompts, metadata, fmt="png", **kw):
+    body, ctype = encode_request(images, prompts, metadata, fmt)
+    return httpx.post(url + "/score", content=body, headers={"content-type": ctype, **kw.pop("headers", {})}, **kw)
+
+
+def _assert_serving(url, headers=None):
+    images, prompts, metas = _shapes_batch(2)
+    r = _post(url, images, prompts, metas, headers=headers or {})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["scores"]) == 2
+
+
+# ------------------------------------------------------------------------------------ round trips
+@pytest.mark.parametrize("fmt", ["png", "safetensors"])
+def test_round_trip_equals_in_process(server, fmt):
+    local = _local_reward()
+    images, prompts, metas = _shapes_batch(8, float_noise=(fmt == "safetensors"))
+    prompts[3] = "unscorable"  # NaN travels as null and comes back NaN
+    expected, expected_info = local(images, prompts, metas)
+    client = RemoteReward(url=server, format=fmt, retries=0)
+    assert client.batch_size == 16  # the server's max_batch
+    assert set(client.per_sample_keys) == {"jpeg_compressibility", "shapes_geneval", "float_mean",
+                                            "shapes_geneval/strict", "shapes_geneval/partial"}
+    scores, info = client(images, prompts, metas)
+    assert scores.dtype == np.float64 and np.isnan(scores[3]) and np.isnan(expected[3])
+    np.testing.assert_array_equal(scores, expected)  # bit-exact, NaN included
+    for name, arr in expected_info["per_reward"].items():
+        np.testing.assert_array_equal(info["per_sample"][name], arr)
+    for key, arr in expected_info["per_sample"].items():
+        np.testing.assert_array_equal(info["per_sample"][key], arr)
+    assert 0 < expected_info["per_sample"]["shapes_geneval/strict"].sum() < 8  # a real mix of verdicts
+    assert info["float_mean/calls"] == 1.0 and "float_mean/note" not in info
+    assert info["batch_images"] >= 8 and info["requests"] == 1
+    if fmt == "safetensors":  # PNG rounds these floats to uint8: only safetensors is exact
+        _, png_info = RemoteReward(url=server, format="png", retries=0)(images, prompts, metas)
+        diff = np.abs(png_info["per_sample"]["float_mean"] - expected_info["per_reward"]["float_mean"])
+        assert np.nanmin(diff) > 0 and np.nanmax(diff) < 1.0 / 255
+
+
+def test_client_splits_batches_and_plugs_into_weighted_reward(server):
+    images, prompts, metas = _shapes_batch(7)
+    weighted = WeightedReward.from_config({"remote": {"weight": 2.0, "url": server, "batch_size": 3, "retries": 0}})
+    total, info = weighted(images, prompts, metas)
+    expected, _ = _local_reward()(images, prompts, metas)
+    np.testing.assert_array_equal(total, 2.0 * expected)
+    assert info["remote/requests"] == 3  # 3 + 3 + 1
+    assert "remote/shapes_geneval/strict" in weighted.per_sample_keys
+    np.testing.assert_array_equal(info["per_sample"]["remote/shapes_geneval/strict"],
+                                  _local_reward()(images, prompts, metas)[1]["per_sample"]["shapes_geneval/strict"])
+
+
+def test_health_and_info(server):
+    h1 = httpx.get(server + "/health").json()
+    time.sleep(0.05)
+    h2 = httpx.get(server + "/health").json()
+    assert h1["status"] == "ok" and h1["protocol"] == 1 and h2["uptime_s"] > h1["uptime_s"] > 0
+    info = httpx.get(server + "/info").json()
+    assert info["rewards"] == ["jpeg_compressibility", "shapes_geneval", "float_mean"]
+    assert info["weights"] == {"jpeg_compressibility": 1.0, "shapes_geneval": 0.5, "float_mean": 2.0}
+    assert info["per_sample_keys"] == ["shapes_geneval/strict", "shapes_geneval/partial"]
+    assert info["max_batch"] == 16 and info["protocol"] == 1 and info["formats"] == ["png", "safetensors"]
+    assert info["auth"] is False and set(info["stats"]) >= {"requests", "batches", "images"}
+    assert httpx.get(server + "/nowhere").json() == {"error": "Not Found"}
+
+
+# ------------------------------------------------------------------------------------ auth
+def test_token_required_and_checked(monkeypatch):
+    with running_server(build_reward("jpeg_compressibility"), token="s3cret") as url:
+        images, prompts, metas = _shapes_batch(2)
+        assert httpx.get(url + "/health").status_code == 200  # no auth for health
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = _post(url, images, prompts, metas, headers=headers)
+            assert r.status_code == 401 and "token" in r.json()["error"]
+            assert r.headers["www-authenticate"] == "Bearer"
+            assert httpx.get(url + "/info", headers=headers).status_code == 401
+        ok = _post(url, images, prompts, metas, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        expected = build_reward("jpeg_compressibility")(images, prompts, metas)[0]
+        np.testing.assert_array_equal(ok.json()["scores"], expected)
+
+        monkeypatch.delenv("ALIGNRL_REWARD_TOKEN", raising=False)
+        bad = RemoteReward(url=url, token="nope", retries=2, backoff=0.001, check_on_start=False)
+        with pytest.raises(RewardError, match="refused the token.*reward.remote.token"):
+            bad.check()
+        assert bad.attempts == 2  # /health, then /info: 401 is not retried
+        monkeypatch.setenv("ALIGNRL_REWARD_TOKEN", "s3cret")
+        scores, _ = RemoteReward(url=url, retries=0)(images, prompts, metas)
+        np.testing.assert_array_equal(scores, ok.json()["scores"])
+
+
+# ------------------------------------------------------------------------------------ bad input
+def _json_body(**fields):
+    images, prompts, metas = _shapes_batch(2)
+    body = json.loads(encode_request(images, prompts, metas)[0])
+    body.update(fields)
+    return json.dumps(body).encode()
+
+
+def test_bad_requests_get_4xx_and_server_keeps_serving(server):
+    png = encode_png(np.zeros((8, 8, 3), np.uint8))
+    big = encode_png(np.zeros((16, 16, 3), np.uint8))
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpeg, format="JPEG")
+    js = {"content-type": "application/json"}
+    cases = [
+        ("oversized (Content-Length)", b"x" * (3 * 2**20), js, 413, "max_request_mb"),
+        ("oversized (chunked)", (b"x" * 65536 for _ in range(48)), js, 413, "max_request_mb"),
+        ("just over, at the end (chunked)", iter([b"x" * (2**20 - 100), b"x" * 200]), js, 413, "max_request_mb"),
+        ("bad JSON", b'{"prompts": [', js, 400, "not valid JSON"),
+        ("not an object", b"[1, 2]", js, 422, "JSON object"),
+        ("garbage base64", _json_body(images=["@@not base64@@", png]), js, 422, "images[0] is not valid base64"),
+        ("not a PNG", _json_body(images=[base64.b64encode(jpeg.getvalue()).decode(), png]), js, 422, "not a PNG"),
+        ("truncated PNG", _json_body(images=[png[:40], png]), js, 422, "images[0]"),
+        ("mismatched lengths", _json_body(prompts=["a"]), js, 422, "lengths differ"),
+        ("prompts not strings", _json_body(prompts=[1, 2]), js, 422, "'prompts' must be a list of strings"),
+        ("metadata not objects", _json_body(metadata=["a", "b"]), js, 422, "'metadata'"),
+        ("images not a list", _json_body(images="abc"), js, 422, "'images'"),
+        ("sizes differ", _json_body(images=[png, big]), js, 422, "differ in size"),
+        ("too many images", _json_body(images=[png] * 17, prompts=["p"] * 17, metadata=[{}] * 17), js, 413,
+         "max_batch=16"),
+        ("no images", _json_body(images=[], prompts=[], metadata=[]), js, 422, "no images"),
+        ("wrong protocol", _json_body(protocol=99), js, 422, "protocol version 99"),
+        ("content type", b"{}", {"content-type": "text/plain"}, 415, "not supported"),
+        ("garbage safetensors", b"\xff" * 64, {"content-type": "application/octet-stream"}, 400, "safetensors"),
+    ]
+    for name, body, headers, status, needle in cases:
+        r = httpx.post(server + "/score", content=body, headers=headers, timeout=30)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        assert needle in r.json()["error"], (name, r.json())
+        _assert_serving(server)
+    from safetensors.torch import save
+
+    wrong = save({"images": torch.zeros(2, 3, 8, 8, dtype=torch.float64)}, metadata={"prompts": '["a", "b"]'})
+    r = httpx.post(server + "/score", content=wrong, headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 422 and "float32 or uint8" in r.json()["error"]
+    _assert_serving(server)
+
+
+def test_reward_exception_is_500_and_client_retries_then_fails(server):
+    images, prompts, metas = _shapes_batch(2)
+    r = _post(server, images, ["boom", "x"], metas)
+    assert r.status_code == 500 and "ValueError: boom prompt" in r.json()["error"]
+    _assert_serving(server)
+    client = RemoteReward(url=server, retries=1, backoff=0.001)
+    before = client.attempts
+    with pytest.raises(RewardError, match=r"failed scoring after 2 tries: HTTP 500: .*boom prompt"):
+        client(images, ["boom", "x"], metas)
+    assert client.attempts - before == 2
+    with pytest.raises(RewardError, match="too large.*batch_size"):  # 413 is not retried
+        RemoteReward(url=server, retries=3, batch_size=None, check_on_start=False)(*_shapes_batch(17))
+    _assert_serving(server)
+
+
+# ------------------------------------------------------------------------------------ client failures
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_client_against_dead_port_fails_clearly_after_retries():
+    url = f"http://127.0.0.1:{_free_port()}"
+    client = RemoteReward(url=url, retries=2, backoff=0.01, check_on_start=False)
+    t0 = time.monotonic()
+    with pytest.raises(RewardError) as err:
+        client.check()
+    msg = str(err.value)
+    assert client.attempts == 3 and time.monotonic() - t0 >= 0.01 + 0.02  # two backoffs
+    assert url in msg and "after 3 tries" in msg and "alignrl serve-reward" in msg and "\n" not in msg
+    with pytest.raises(RewardError, match=re.escape(url) + r".*after 4 tries.*alignrl serve-reward"):
+        RemoteReward(url=url, retries=3, backoff=0.001)  # check_on_start: fails in the constructor
+    with pytest.raises(ConfigError, match="reward.remote.url"):
+        build_reward("remote")
+    with pytest.raises(ConfigError, match="png or safetensors"):
+        RemoteReward(url=url, format="pickle")
+
+
+def test_client_counts_connections_to_a_server_that_hangs_up():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    accepted = []
+
+    def accept_and_close():
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+
+    threading.Thread(target=accept_and_close, daemon=True).start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        with pytest.raises(RewardError, match="after 3 tries"):
+            RemoteReward(url=url, retries=2, backoff=0.001)
+        assert len(accepted) == 3
+    finally:
+        sock.close()
+
+
+class _StatusHandler(BaseHTTPRequestHandler):
+    status = 503
+    hits: list = []
+
+    def do_GET(self):
+        type(self).hits.append(self.path)
+        body = json.dumps({"error": f"status {self.status}"}).encode()
+        self.send_response(self.status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        return
+
+
+@pytest.mark.parametrize("status,tries", [(503, 3), (429, 3), (400, 1)])
+def test_client_retries_5xx_and_429_but_not_4xx(status, tries):
+    handler = type("H", (_StatusHandler,), {"status": status, "hits": []})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        with pytest.raises(RewardError, match=f"HTTP {status}: status {status}"):
+            RemoteReward(url=url, retries=2, backoff=0.001)
+        assert handler.hits == ["/health"] * tries
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+# ------------------------------------------------------------------------------------ batching
+def _concurrent_calls(url, jobs):
+    """Run ``(images, prompts, metadata)`` jobs from one thread each, released together."""
+    barrier = threading.Barrier(len(jobs))
+    results, errors = {}, {}
+
+    def work(k):
+        client = RemoteReward(url=url, format="safetensors", retries=0, check_on_start=False)
+        barrier.wait()
+        try:
+            results[k] = client(*jobs[k])
+        except RewardError as e:
+            errors[k] = str(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results, errors
+
+
+def _random_job(k, size=32, prompts=None):
+    _, default_prompts, metas = _shapes_batch(3)
+    images = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(100 + k))
+    return images, prompts or default_prompts, metas
+
+
+def test_concurrent_clients_get_their_own_answers_and_are_batched(server):
+    before = httpx.get(server + "/info").json()["stats"]
+    jobs = [_random_job(k, size=16 if k == 5 else 32) for k in range(8)]  # one size apart: its own batch
+    results, errors = _concurrent_calls(server, jobs)
+    assert not errors and len(results) == 8
+    for k, (scores, info) in results.items():
+        mean = jobs[k][0].double().mean(dim=(1, 2, 3)).numpy()
+        np.testing.assert_array_equal(info["per_sample"]["float_mean"], mean)  # exactly its own images
+        np.testing.assert_array_equal(scores, _local_reward()(*jobs[k])[0])
+    assert results[5][1]["batch_images"] == 3  # the 16x16 caller was not mixed with 32x32 images
+    after = httpx.get(server + "/info").json()["stats"]
+    requests, batches = after["requests"] - before["requests"], after["batches"] - before["batches"]
+    assert requests == 8 and after["images"] - before["images"] == 24
+    assert batches < requests, (batches, requests)  # some requests were scored together
+    assert max(info["batch_requests"] for _, info in results.values()) >= 2
+
+
+def test_a_failing_request_does_not_fail_its_batch_mates(server):
+    failed_before = httpx.get(server + "/info").json()["stats"]["failed_requests"]
+    jobs = [_random_job(k, prompts=["boom", "x", "y"] if k == 0 else None) for k in range(4)]
+    results, errors = _concurrent_calls(server, jobs)
+    assert set(errors) == {0} and "boom prompt" in errors[0]
+    for k in (1, 2, 3):
+        np.testing.assert_array_equal(results[k][0], _local_reward()(*jobs[k])[0])
+    assert httpx.get(server + "/info").json()["stats"]["failed_requests"] == failed_before + 1
+
+
+# ------------------------------------------------------------------------------------ VLM judge
+class _JudgeHandler(BaseHTTPRequestHandler):
+    """A tiny OpenAI-compatible chat-completions server; the score is derived from the image's red level."""
+
+    lock = threading.Lock()
+    in_flight = 0
+    max_in_flight = 0
+    texts: list = []
+    auth: list = []
+
+    def do_POST(self):
+        cls = type(self)
+        with cls.lock:
+            cls.in_flight += 1
+            cls.max_in_flight = max(cls.max_in_flight, cls.in_flight)
+        try:
+            time.sleep(0.1)
+            req = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            cls.auth.append(self.headers.get("authorization"))
+            assert self.path == "/v1/chat/completions" and req["model"] == "judge-1"
+            parts = req["messages"][0]["content"]
+            url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
+            text = next(p["text"] for p in parts if p["type"] == "text")
+            cls.texts.append(text)
+            png = base64.b64decode(url.removeprefix("data:image/png;base64,"))
+            red = np.asarray(Image.open(io.BytesIO(png)))[..., 0].mean() / 255.0
+            score = 1 + round(4 * red)
+            if "error" in text:
+                return self._answer(500, {"error": "overloaded"})
+            if "ramble" in text:
+                answer = "It looks fine to me."
+            elif "bold" in text:
+                answer = f"Looks good.\n**Final Score:** {score}"
+            else:
+                answer = f"First guess Final Score: 1. On reflection...\nFinal Score: {score}"
+            self._answer(200, {"choices": [{"message": {"role": "assistant", "content": answer}}]})
+        finally:
+            with cls.lock:
+                cls.in_flight -= 1
+
+    def _answer(self, status, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        return
+
+
+def test_parse_score():
+    assert parse_score("blah\nFinal Score: 4") == 4.0
+    assert parse_score("Final Score: 2 ... final score:3.5") == 3.5  # the last one wins
+    assert parse_score("**Final Score:** 5") == 5.0 and parse_score("**Final Score**: 1") == 1.0
+    assert parse_score("Score: 4") is None and parse_score("") is None
+
+
+def test_vlm_judge_against_a_real_http_server(monkeypatch):
+    handler = type("J", (_JudgeHandler,), {"texts": [], "auth": [], "in_flight": 0, "max_in_flight": 0})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setenv("ALIGNRL_VLM_API_KEY", "k-123")
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+        judge = build_reward("vlm_judge", url=base, model="judge-1", max_concurrency=3, timeout=10,
+                             prompt_template="Rate this for: {prompt}. End with Final Score: <1-5>.")
+        reds = [0.0, 0.25, 0.5, 0.75, 1.0, 0.5, 0.5, 0.25, 1.0, 0.0]
+        images = torch.stack([torch.stack([torch.full((8, 8), r), torch.zeros(8, 8), torch.zeros(8, 8)]) for r in reds])
+        prompts = ["a cat", "a dog", "error", "ramble", "bold", "a car", "error", "a tree", "a hat", "a sun"]
+        scores, info = judge(images, prompts, [{}] * 10)
+        expected = np.array([(1 + round(4 * r)) / 5 for r in reds])
+        bad = np.array([p in ("error", "ramble") for p in prompts])
+        assert np.isnan(scores[bad]).all()
+        np.testing.assert_allclose(scores[~bad], expected[~bad])
+        assert info["failures"] == 2 and info["unparsed"] == 1
+        assert handler.max_in_flight == 3  # concurrent, never over the limit
+        assert "Rate this for: a cat. End with Final Score: <1-5>." in handler.texts
+        assert set(handler.auth) == {"Bearer k-123"}
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    dead = VLMJudge(url=f"http://127.0.0.1:{_free_port()}/v1", model="m", timeout=2)
+    scores, info = dead(images[:3], prompts[:3], [{}] * 3)  # never fatal: NaN, counted
+    assert np.isnan(scores).all() and info["failures"] == 3
+    with pytest.raises(ConfigError, match="model"):
+        VLMJudge(url=base)
+    with pytest.raises(ConfigError, match="url"):
+        build_reward("vlm_judge", model="m")
+
+
+# ------------------------------------------------------------------------------------ CLI
+def test_cli_serve_reward_starts_and_answers(tmp_path):
+    exe = Path(sys.executable).with_name("alignrl")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "alignrl.cli"]
+    args = ["serve-reward", "reward=jpeg_compressibility", "port=0", "token=tok", "serve.max_batch=4"]
+    proc = subprocess.Popen(cmd + args,
+                            cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", ALIGNRL_REWARD_TOKEN=""))
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr], daemon=True).start()
+    try:
+        url, seen = None, []
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                seen.append(lines.get(timeout=0.5))
+            except queue.Empty:
+                continue
+            m = re.search(r"at (http://127\.0\.0\.1:\d+) ", seen[-1])
+            url = m.group(1) if m else None
+        assert url, "".join(seen)
+        assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
+        assert httpx.get(url + "/info", timeout=10).status_code == 401  # token= became serve.token
+        info = httpx.get(url + "/info", headers={"Authorization": "Bearer tok"}, timeout=10).json()
+        assert info["rewards"] == ["jpeg_compressibility"] and info["max_batch"] == 4
+        hint = lines.get(timeout=10)
+        assert f"reward=remote reward.remote.url={url}" in hint
+        assert not (tmp_path / "outputs").exists() and not list(tmp_path.glob("*.log"))  # no run dir for a server
+    finally:
+        proc.terminate()
+        proc.wait(15)
