@@ -16,6 +16,7 @@ commands:
   eval      evaluate a checkpoint (eval.checkpoint=<dir>) or the base model; writes metrics, grid, summary
   sample    generate images from a checkpoint or the base model (sample.prompts=[...])
   serve-reward  serve a reward over HTTP for reward=remote clients (port=8000 host=127.0.0.1 token=...)
+  reward-check  score a folder of images with a reward before a run (images=<dir|glob> prompts=<file|text>)
   recipes   list the recipes with a one-line description, and every config group's options
   runs      list the runs under outputs/ and multirun/ (or the given dirs): step, last reward and eval,
             state (running, finished, preempted, failed, stale, ...), Slurm job and its state
@@ -31,13 +32,17 @@ examples:
   alignrl train -m launcher=slurm algorithm.lr=1e-5,3e-5  # one Slurm job per point
   alignrl runs outputs
   alignrl serve-reward reward=shapes_geneval port=8000 # a reward server; clients use reward=remote
+  alignrl reward-check reward=ocr images=samples/ prompts='a sign that says "HELLO"'
 
 `alignrl <command> --help` lists the config groups and their options.
 """
 
-COMMANDS = ("train", "eval", "sample", "serve-reward")
-# bare keys `alignrl serve-reward` accepts for serve.<key>
+COMMANDS = ("train", "eval", "sample", "serve-reward", "reward-check")
+# bare keys `alignrl serve-reward` accepts for serve.<key>, and `alignrl reward-check` for check.<key>
 SERVE_SHORTHANDS = ("port", "host", "token")
+CHECK_SHORTHANDS = ("images", "prompts", "out", "batch_size")
+# commands that write no run directory or Hydra log file
+QUIET = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -59,9 +64,12 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(list_runs(rest))
     if command not in COMMANDS:
-        _fail(f"unknown command '{command}'; use one of train, eval, sample, serve-reward, recipes, runs")
+        _fail(f"unknown command '{command}'; use one of train, eval, sample, serve-reward, reward-check, "
+              "recipes, runs")
     if command == "serve-reward":
-        rest = _serve_overrides(rest)
+        rest = QUIET + _shorthands(rest, SERVE_SHORTHANDS, "serve")
+    elif command == "reward-check":
+        rest = QUIET + _shorthands(rest, CHECK_SHORTHANDS, "check")
 
     from alignrl.config import check_group_overrides, expand_reward_weights
     from alignrl.errors import AlignError
@@ -74,14 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     _run_hydra(command, rest)
 
 
-def _serve_overrides(overrides: list[str]) -> list[str]:
-    """``port=``/``host=``/``token=`` -> ``serve.*``; no run directory or log file for a server."""
-    quiet = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+def _shorthands(overrides: list[str], keys: tuple[str, ...], section: str) -> list[str]:
+    """Bare ``key=value`` for the command's own keys -> ``<section>.key=value``."""
     out = []
     for ov in overrides:
         key = ov.split("=", 1)[0]
-        out.append(f"serve.{ov}" if "=" in ov and key in SERVE_SHORTHANDS else ov)
-    return quiet + out
+        out.append(f"{section}.{ov}" if "=" in ov and key in keys else ov)
+    return out
 
 
 def _run_hydra(command: str, overrides: list[str]) -> None:
@@ -115,6 +122,10 @@ def _dispatch(command: str, cfg) -> None:
             from alignrl.rewards.server import serve
 
             code = serve(cfg)
+        elif command == "reward-check":
+            from alignrl.rewards.check import run
+
+            code = run(cfg)
         else:
             from alignrl.commands import sample
 

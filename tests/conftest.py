@@ -1,10 +1,16 @@
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -43,3 +49,44 @@ FAST = [
     "sampler.num_steps=4", "sampler.eval_num_steps=4", "eval.num_prompts=4", "logger.progress_bar=false",
     "trainer.eval_every=0", "trainer.log_images_every=0", "trainer.checkpoint_every=0",
 ]
+
+
+def _font(size):
+    for path in ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
+        if Path(path).is_file():
+            return ImageFont.truetype(path, size)
+    found = sorted(Path("/usr/share/fonts").rglob("*.ttf")) if Path("/usr/share/fonts").is_dir() else []
+    return ImageFont.truetype(str(found[0]), size) if found else ImageFont.load_default(size=size)
+
+
+def render_text(text, h=128, w=320, size=52):
+    """Black text on white, (3, h, w) floats in [0, 1] (OCR reward tests)."""
+    im = Image.new("RGB", (w, h), "white")
+    ImageDraw.Draw(im).text((w // 2, h // 2), text, fill="black", font=_font(size), anchor="mm")
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
+
+
+@contextmanager
+def running_server(reward, **options):
+    """uvicorn serving ``create_app(reward)`` on a free loopback port, in a background thread."""
+    import uvicorn
+
+    from alignrl.rewards.server import ServeOptions, create_app
+
+    opts = ServeOptions(**{"port": 0, **options})
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(create_app(reward, opts), log_level="critical", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

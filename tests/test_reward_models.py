@@ -14,11 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from alignrl.errors import ConfigError
 from alignrl.rewards import clip as clip_mod
 from alignrl.rewards.base import REWARDS, WeightedReward, build_reward
+from conftest import render_text
 from alignrl.rewards.ocr import extract_targets, levenshtein, normalise, text_match
 
 REPO = Path(__file__).resolve().parent.parent
@@ -302,26 +303,12 @@ def test_target_extraction():
     assert extract_targets('an empty sign "" ') == []
 
 
-def _font(size):
-    for path in ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
-        if Path(path).is_file():
-            return ImageFont.truetype(path, size)
-    found = sorted(Path("/usr/share/fonts").rglob("*.ttf")) if Path("/usr/share/fonts").is_dir() else []
-    return ImageFont.truetype(str(found[0]), size) if found else ImageFont.load_default(size=size)
-
-
-def _render(text, h=128, w=320, size=52):
-    im = Image.new("RGB", (w, h), "white")
-    ImageDraw.Draw(im).text((w // 2, h // 2), text, fill="black", font=_font(size), anchor="mm")
-    return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
-
-
 def test_ocr_reads_rendered_text():
     reward = build_reward("ocr")
     g = torch.Generator().manual_seed(0)
     images = torch.stack([
-        _render("HELLO"), _render("HELLX"), torch.rand(3, 128, 320, generator=g),
-        _render("Hello World", size=40), _render("HELLO"),
+        render_text("HELLO"), render_text("HELLX"), torch.rand(3, 128, 320, generator=g),
+        render_text("Hello World", size=40), render_text("HELLO"),
     ])
     prompts = ['a sign that says "HELLO"', 'a sign that says "HELLO"', 'a sign that says "HELLO"',
                "a banner reading 'hello world'", "a sign with no quoted text"]
@@ -345,7 +332,7 @@ def test_weighted_ocr_and_aesthetic(tiny_clip_dir, tmp_path):
         "ocr": 1.0,
         "aesthetic": {"weight": 0.5, "model": str(tiny_clip_dir), "head": str(tmp_path / "head.safetensors")},
     })
-    images = torch.stack([_render("CAT"), torch.full((3, 128, 320), 0.5)])
+    images = torch.stack([render_text("CAT"), torch.full((3, 128, 320), 0.5)])
     prompts = ['a sign that says "CAT"', 'a sign that says "CAT"']
     total, info = w(images, prompts, [{}, {}])
     ocr, aes = info["per_reward"]["ocr"], info["per_reward"]["aesthetic"]

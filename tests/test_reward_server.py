@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,16 +18,15 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 
 from alignrl.errors import ConfigError, RewardError
 from alignrl.rewards.base import WeightedReward, build_reward
 from alignrl.rewards.protocol import encode_png, encode_request
 from alignrl.rewards.remote import RemoteReward
-from alignrl.rewards.server import ServeOptions, create_app
 from alignrl.rewards.vlm import VLMJudge, parse_score
 from alignrl.shapes import world
+from conftest import running_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,28 +49,6 @@ def _local_reward():
     w.rewards["float_mean"] = FloatMean()
     w.weights["float_mean"] = 2.0
     return w
-
-
-@contextmanager
-def running_server(reward, **options):
-    """uvicorn serving ``create_app(reward)`` on a free loopback port, in a background thread."""
-    opts = ServeOptions(**{"port": 0, **options})
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    server = uvicorn.Server(uvicorn.Config(create_app(reward, opts), log_level="critical", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from alignrl.errors import ConfigError, RewardError
+from alignrl.errors import AlignError, ConfigError, RewardError
 
 REWARDS: dict[str, type] = {}
 
@@ -80,7 +80,11 @@ class WeightedReward:
 
     @classmethod
     def from_config(cls, spec: Mapping[str, Any]) -> "WeightedReward":
-        """``spec`` maps reward name -> weight, or -> {weight: w, **options}."""
+        """``spec`` maps reward name -> weight, or -> {weight: w, type: <registered reward>, **options}.
+
+        ``type`` (default: the name itself) lets one reward class appear under several names, e.g. two
+        ``remote`` servers, or ``geneval`` as a ``remote`` reward; the name is what gets logged.
+        """
         if not spec:
             raise ConfigError("no reward configured; pick one with reward=<name> (see `alignrl recipes --rewards`)")
         rewards, weights = {}, {}
@@ -91,7 +95,14 @@ class WeightedReward:
                 weight = float(raw)
             except (TypeError, ValueError):
                 raise ConfigError(f"reward '{name}' has weight {raw!r}; give a number (reward.{name}.weight=1.0)") from None
-            rewards[name] = build_reward(name, **options)
+            kind = str(options.pop("type", name))
+            try:
+                rewards[name] = build_reward(kind, **options)
+            except AlignError as e:
+                if kind == name:
+                    raise
+                # the options live under reward.<name> in this config: say so in the message
+                raise type(e)(str(e).replace(f"reward.{kind}.", f"reward.{name}.")) from None
             weights[name] = weight
         return cls(rewards, weights)
 
