@@ -1,10 +1,6 @@
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -66,27 +62,8 @@ def render_text(text, h=128, w=320, size=52):
     return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
 
 
-@contextmanager
 def running_server(reward, **options):
-    """uvicorn serving ``create_app(reward)`` on a free loopback port, in a background thread."""
-    import uvicorn
+    """The reward served on a free loopback port from a thread of this process (yields its URL)."""
+    from alignrl.rewards.server import serve_in_background
 
-    from alignrl.rewards.server import ServeOptions, create_app
-
-    opts = ServeOptions(**{"port": 0, **options})
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    server = uvicorn.Server(uvicorn.Config(create_app(reward, opts), log_level="critical", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    return serve_in_background(reward, **options)

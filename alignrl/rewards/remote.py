@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import time
 
 import numpy as np
@@ -71,7 +72,9 @@ class RemoteReward(Reward):
         self.format = format
         token = token if token not in (None, "") else os.environ.get(TOKEN_ENV)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = httpx.Client(base_url=self.url, timeout=self.timeout, headers=headers)
+        # TCP_NODELAY: a request body sent after its headers must not wait for the server's delayed ACK
+        nodelay = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self._client = httpx.Client(base_url=self.url, timeout=self.timeout, headers=headers, transport=nodelay)
         self.attempts = 0  # HTTP attempts made (tries, counting retries)
         self.server_info: dict | None = None
         self.per_sample_keys: tuple[str, ...] = ()
