@@ -350,3 +350,23 @@ def test_every_tiny_method_raises_its_reward(tmp_path, recipe):
     k = 4
     first, last = np.mean(rewards[:k]), np.mean(rewards[-k:])
     assert last - first > np.mean(stds[:k]), (recipe, first, last, np.mean(stds[:k]))
+
+
+def test_nft_old_policy_is_the_ema(tmp_path):
+    """old_policy=ema: the EMA weights draw the rollouts (and give v_old); sampling: the live weights do."""
+    t = _trainer(tmp_path / "ema", "tiny_nft", "algorithm.old_policy=ema")
+    t.timing = {}
+    live = [p.detach().clone() for p in t.params]
+    a = t.collect()  # EMA == live weights at the start
+    with torch.no_grad():
+        for s in t.ema.shadow:
+            s.add_(0.05 * torch.randn_like(s))
+    b = t.collect()
+    assert not torch.equal(a.leaf_x0, b.leaf_x0)  # the perturbed EMA drew these
+    assert all(torch.equal(x, p) for x, p in zip(live, t.params))  # live weights restored after the rollout
+    t.algorithm.old_policy = "sampling"
+    c = t.collect()
+    t.reward_runner.close()
+    assert torch.equal(a.leaf_x0, c.leaf_x0)  # the live weights draw again
+    with pytest.raises(ConfigError, match="trainer.ema.enabled=true"):
+        _trainer(tmp_path / "no_ema", "tiny_nft", "algorithm.old_policy=ema", "trainer.ema.enabled=false")

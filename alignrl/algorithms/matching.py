@@ -19,9 +19,10 @@ DiffusionNFT (negative-aware fine-tuning)::
     v_plus  = b v_theta + (1 - b) v_old ;   v_minus = (1 + b) v_old - b v_theta
     loss    = [r ||x_t - t v_plus - x0||^2 / w_plus + (1 - r) ||x_t - t v_minus - x0||^2 / w_minus] / b
 
-with adaptive weights ``w = mean|x0_hat - x0|`` (no gradient, at least 1e-5). The old policy here is the
-sampling policy (the weights at the start of the iteration; computed before the first optimizer step),
-not a separate EMA adapter: one fewer copy of the weights, and exactly the policy that drew the samples.
+with adaptive weights ``w = mean|x0_hat - x0|`` (no gradient, at least 1e-5). The old policy is
+``old_policy``: ``ema`` (the reference's choice: the trainer's EMA of the trainable weights both draws the
+rollouts and gives ``v_old``; ``trainer.ema`` sets its decay) or ``sampling`` (the live weights at the start
+of the iteration: no EMA needed, and ``v_old`` is exactly the policy that drew the samples).
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ class DiffusionNFT(_MatchingBase):
     name: str = "nft"
     nft_beta: float = 1.0  # b: how far the implicit positive/negative policies sit from the old one
     weight_floor: float = 1e-5
+    old_policy: str = "ema"  # ema: the trainer's EMA samples and gives v_old; sampling: the live weights
 
     needs_old_policy = True
     _diag_keys = ("positive_weight", "policy_loss")
@@ -128,6 +130,8 @@ class DiffusionNFT(_MatchingBase):
         super().__post_init__()
         if self.nft_beta <= 0:
             raise ConfigError(f"algorithm.nft_beta must be > 0, got {self.nft_beta}")
+        if self.old_policy not in ("ema", "sampling"):
+            raise ConfigError(f"algorithm.old_policy='{self.old_policy}' is not known; use ema or sampling")
 
     def matching_loss(self, v, v_old, v_ref, x_t, x0, eps, t, adv):
         b = self.nft_beta

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,6 +43,15 @@ from alignrl.training.sampler import KRepeatPromptSampler
 
 class _StopNow(Exception):
     """A stop was requested mid-iteration; the iteration is abandoned before its update."""
+
+
+_early_stop_signals: list[int] = []
+
+
+def record_early_stop_signal(signum, frame) -> None:
+    """Signal handler for launch wrappers (the Slurm job): a stop signal that arrives before the trainer
+    installs its own handlers is kept, and the trainer stops at its first check."""
+    _early_stop_signals.append(signum)
 
 
 @dataclass
@@ -165,6 +175,9 @@ class Trainer:
         ema_cfg = as_dict(tcfg.get("ema"))
         self.ema = EMA(self.params, float(ema_cfg.get("decay", 0.9)), int(ema_cfg.get("update_every", 8))) \
             if ema_cfg.get("enabled", True) else None
+        if getattr(self.algorithm, "old_policy", None) == "ema" and self.ema is None:
+            raise ConfigError(f"algorithm.old_policy=ema ({self.algorithm.name}) needs the EMA: set "
+                              "trainer.ema.enabled=true, or algorithm.old_policy=sampling")
 
         self.reward_runner = AsyncRewardRunner(self.reward, int(tcfg.get("reward_workers", 1)))
         self.iteration = 0
@@ -203,6 +216,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
+    def _old_policy_weights(self):
+        """The EMA weights swapped in where the algorithm's old policy is the EMA (DiffusionNFT), else nothing."""
+        if getattr(self.algorithm, "old_policy", None) == "ema":
+            return self.ema.swapped()
+        return nullcontext()
+
     def collect(self) -> IterationBatch:
         slots = self.sampler.rank_slots(self.iteration)
         bs = self.layout["rollout_batch_size"]
@@ -224,7 +243,7 @@ class Trainer:
                     (plan0.base_steps, plan0.guidance_scale, plan0.leaves_per_root):
                 raise ConfigError("the plans of one iteration must share schedule length, guidance and leaves per root")
             gens = sample_generators(self.seed, self.iteration, [s.global_index for s in chunk], self.device)
-            with self.autocast():
+            with self.autocast(), self._old_policy_weights():
                 out = rollout(self.backbone, plan, cond, gens)
             if not out.records and not keep_x0:
                 raise ConfigError(f"plan '{plan.name}' trains no step; check the sampler's trained steps")
@@ -526,7 +545,7 @@ class Trainer:
         if algo.needs_old_policy:
             v_old = torch.empty_like(x_t)
             self.transformer.eval()
-            with torch.no_grad(), self.autocast():
+            with torch.no_grad(), self.autocast(), self._old_policy_weights():
                 for k in range(n_t):
                     for m in torch.arange(len(x0)).split(self.layout["train_batch_size"]):
                         cond = self.backbone.encode_prompts([batch.prompts[int(r)] for r in m])
@@ -853,6 +872,10 @@ class Trainer:
         def handler(signum, frame):
             self.stop_signal = signum
 
+        if _early_stop_signals:
+            self.stop_signal = _early_stop_signals[-1]
+            _early_stop_signals.clear()
+
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
 
@@ -872,7 +895,13 @@ class Trainer:
     def _stop_reason(self) -> str:
         if self.stop_signal is not None:
             return f"signal {signal.Signals(self.stop_signal).name}"
-        return f"{self.stop_file.name} file" if self.stop_file.exists() else "another process"
+        if self.stop_file.exists():
+            try:
+                note = self.stop_file.read_text().strip().splitlines()[0]  # the launcher names the signal
+            except (OSError, IndexError):
+                note = ""
+            return f"{self.stop_file.name} file" + (f" ({note})" if note else "")
+        return "another process"
 
     def _raise_if_any_failed(self, failure: Exception | None) -> None:
         flag = torch.tensor([0 if failure is None else 1], device=self.device)
@@ -890,5 +919,8 @@ class Trainer:
         if not self.is_main:
             return
         status = {"state": state, "step": self.iteration, "max_steps": self.max_steps, "pid": os.getpid(),
-                  "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+                  "host": socket.gethostname(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+        if state == "preempted":
+            status["stop"] = self._stop_reason()  # the Slurm job requeues on SIGUSR1 only (see alignrl/slurm.py)
         ckpt.atomic_write_text(self.run_dir / "status.json", json.dumps(status, indent=2))
