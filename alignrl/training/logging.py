@@ -32,6 +32,7 @@ class MetricsLogger:
         self.bar = None
         if not enabled:
             return
+        self._drop_rows_after(start_step)
         kind = cfg_logger.get("kind", "jsonl")
         if kind not in ("jsonl", "wandb"):
             raise ConfigError(f"unknown logger kind '{kind}'; use logger=jsonl or logger=wandb")
@@ -39,6 +40,25 @@ class MetricsLogger:
             self._init_wandb(Path(run_dir), cfg_logger, resolved_config, run_name)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="it", dynamic_ncols=True,
                         file=sys.stderr, mininterval=1.0, disable=cfg_logger.get("progress_bar", True) is False)
+
+    def _drop_rows_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: drop their rows from a run that died
+        after logging them, so metrics.jsonl holds each step once."""
+        if not self.path.is_file():
+            return
+
+        def kept(line: str) -> bool:
+            try:
+                return json.loads(line).get("step", 0) <= step
+            except ValueError:
+                return False  # a line cut short by a crash
+
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        keep = [ln if ln.endswith("\n") else ln + "\n" for ln in lines if ln.strip() and kept(ln)]
+        if keep != lines:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(keep), encoding="utf-8")
+            os.replace(tmp, self.path)
 
     def _init_wandb(self, run_dir: Path, cfg: dict, resolved: dict, run_name: str):
         import wandb
