@@ -76,7 +76,7 @@ def main():
     args = p.parse_args()
     import torch
 
-    from alignrl.eval.report import markdown_table
+    from alignrl.eval.report import markdown_table, write_doc_section
 
     results = []
     for recipe in args.recipes:
@@ -107,13 +107,7 @@ def main():
         "denoiser rows (x2 with CFG).", "", table, "", END])
     print(section)
     if not args.no_doc:
-        doc = Path(args.doc)
-        text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-        if BEGIN in text and END in text:
-            text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n## Rollout plans (`scripts/bench_plans.py`)\n\n" + section + "\n"
-        doc.write_text(text)
+        write_doc_section(Path(args.doc), BEGIN, END, "Rollout plans (`scripts/bench_plans.py`)", section)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def main():
     args = p.parse_args()
     import torch
 
-    from alignrl.eval.report import markdown_table
+    from alignrl.eval.report import markdown_table, write_doc_section
     from alignrl.rewards.base import build_reward
     from alignrl.rewards.remote import RemoteReward
     from alignrl.rewards.server import serve_in_background
@@ -149,14 +149,8 @@ def main():
         "", markdown_table(rows, cols), "", END])
     print(section)
     if not args.no_doc:
-        doc = Path(args.doc)
-        text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-        if BEGIN in text and END in text:
-            text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n## Rewards in-process and through the server (`scripts/bench_rewards.py`)\n\n" \
-                + section + "\n"
-        doc.write_text(text)
+        write_doc_section(Path(args.doc), BEGIN, END,
+                          "Rewards in-process and through the server (`scripts/bench_rewards.py`)", section)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from alignrl.eval.report import line_plot, markdown_table  # noqa: E402
+from alignrl.eval.report import line_plot, markdown_table, write_doc_section  # noqa: E402
 
 BEGIN, END = "<!-- bench_shapes:begin -->", "<!-- bench_shapes:end -->"
 
@@ -90,13 +90,7 @@ def main():
                markdown_table(rows, list(rows[0].keys())) if rows else "(no evaluations)", "",
                "Per-iteration time split (means):", "",
                markdown_table(splits, list(splits[0].keys())) if splits else "", "", END]
-    doc = Path(args.doc)
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + "\n".join(section) + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## ShapeWorld arena (`scripts/bench_shapes.py`)\n\n" + "\n".join(section) + "\n"
-    doc.write_text(text)
+    write_doc_section(Path(args.doc), BEGIN, END, "ShapeWorld arena (`scripts/bench_shapes.py`)", "\n".join(section))
     print("\n".join(section))
 
 

@@ -100,3 +100,15 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: 
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def write_doc_section(doc: Path, begin: str, end: str, heading: str, section: str) -> None:
+    """Replace the text between the ``begin``/``end`` markers of ``doc`` with ``section`` (which carries the
+    markers), or append it under ``## heading`` when the markers are not there yet."""
+    doc = Path(doc)
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + f"\n\n## {heading}\n\n" + section + "\n"
+    doc.write_text(text)

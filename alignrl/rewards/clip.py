@@ -188,7 +188,35 @@ def finish_scores(scores: torch.Tensor) -> tuple[np.ndarray, dict]:
 # ----------------------------------------------------------------------------------------------
 
 
-class ClipModelReward(Reward):
+class ChunkedScorer:
+    """``score_tensor`` / ``__call__`` for rewards that score with ``_score_batch`` in chunks of ``batch_size``
+    under ``self._lock`` (with the graph kept only when ``self.differentiable``)."""
+
+    def _score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> torch.Tensor:
+        """Scores (B,) float32 on the reward's device, in chunks of ``batch_size``.
+
+        With ``differentiable=true`` the graph from ``images`` to the scores is kept (``images`` may be
+        on any device and require grad); otherwise this runs under ``torch.no_grad()``.
+        """
+        prompts = list(prompts)
+        if images.shape[0] != len(prompts):
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        if not prompts:
+            return torch.zeros(0, device=self.device)
+        grad = nullcontext() if self.differentiable else torch.no_grad()
+        with self._lock, grad:
+            parts = [self._score_batch(images[i: i + self.batch_size], prompts[i: i + self.batch_size])
+                     for i in range(0, len(prompts), self.batch_size)]
+        return torch.cat(parts)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
+        return finish_scores(self.score_tensor(images, prompts, metadata))
+
+
+class ClipModelReward(ChunkedScorer, Reward):
     """A frozen ``CLIPModel`` plus its tokenizer; subclasses define ``_score_batch``.
 
     Options: ``model`` (hub id or folder), ``processor`` (tokenizer/image-processor source; default:
@@ -302,30 +330,6 @@ class ClipModelReward(Reward):
         feats = F.normalize(feats.float(), dim=-1)
         index = {p: i for i, p in enumerate(unique)}
         return feats[torch.tensor([index[p] for p in prompts], device=feats.device)]
-
-    def _score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> torch.Tensor:
-        """Scores (B,) float32 on the reward's device, in chunks of ``batch_size``.
-
-        With ``differentiable=true`` the graph from ``images`` to the scores is kept (``images`` may be
-        on any device and require grad); otherwise this runs under ``torch.no_grad()``.
-        """
-        prompts = list(prompts)
-        if images.shape[0] != len(prompts):
-            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
-        if not prompts:
-            return torch.zeros(0, device=self.device)
-        grad = nullcontext() if self.differentiable else torch.no_grad()
-        with self._lock, grad:
-            parts = [self._score_batch(images[i: i + self.batch_size], prompts[i: i + self.batch_size])
-                     for i in range(0, len(prompts), self.batch_size)]
-        return torch.cat(parts)
-
-    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
-        return finish_scores(self.score_tensor(images, prompts, metadata))
-
 
 @register_reward("pickscore")
 class PickScore(ClipModelReward):

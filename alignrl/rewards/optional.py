@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from alignrl.errors import ConfigError
 from alignrl.rewards.base import Reward, register_reward
 from alignrl.rewards.clip import (
-    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _brief, as_flag, as_positive_int, check_local, clip_preprocess,
+    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChunkedScorer, _brief, as_flag, as_positive_int, check_local, clip_preprocess,
     finish_scores, load_state_dict_file, resolve_device, resolve_dtype,
 )
 from alignrl.rewards.jpeg import to_uint8
@@ -37,7 +36,7 @@ def _missing(reward: str, extra: str, package: str) -> ConfigError:
 
 
 @register_reward("hpsv2")
-class HPSv2(Reward):
+class HPSv2(ChunkedScorer, Reward):
     """HPSv2 / HPSv2.1: open_clip ViT-H-14 with the HPS checkpoint; the score is cos(image, text).
 
     Options: ``checkpoint`` (path to ``HPS_v2*.pt``; default: downloaded from ``xswu/HPSv2`` for
@@ -108,20 +107,6 @@ class HPSv2(Reward):
         tokens = self.tokenizer(list(prompts)).to(self.device)
         txt = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
         return (img * txt).sum(-1)
-
-    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str], metadata=None) -> torch.Tensor:
-        """Scores (B,) float32; differentiable w.r.t. ``images`` when built with ``differentiable=true``."""
-        prompts = list(prompts)
-        if not prompts:
-            return torch.zeros(0, device=self.device)
-        grad = nullcontext() if self.differentiable else torch.no_grad()
-        with self._lock, grad:
-            parts = [self._score_batch(images[i: i + self.batch_size], prompts[i: i + self.batch_size])
-                     for i in range(0, len(prompts), self.batch_size)]
-        return torch.cat(parts)
-
-    def __call__(self, images, prompts, metadata):
-        return finish_scores(self.score_tensor(images, prompts, metadata))
 
 
 @register_reward("imagereward")
