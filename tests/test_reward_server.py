@@ -269,18 +269,22 @@ def test_client_counts_connections_to_a_server_that_hangs_up():
         sock.close()
 
 
+def _send_json(handler: BaseHTTPRequestHandler, status: int, obj) -> None:
+    body = json.dumps(obj).encode()
+    handler.send_response(status)
+    handler.send_header("content-type", "application/json")
+    handler.send_header("content-length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class _StatusHandler(BaseHTTPRequestHandler):
     status = 503
     hits: list = []
 
     def do_GET(self):
         type(self).hits.append(self.path)
-        body = json.dumps({"error": f"status {self.status}"}).encode()
-        self.send_response(self.status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        _send_json(self, self.status, {"error": f"status {self.status}"})
 
     def log_message(self, *args):
         return
@@ -397,12 +401,7 @@ class _JudgeHandler(BaseHTTPRequestHandler):
                 cls.in_flight -= 1
 
     def _answer(self, status, obj):
-        body = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        _send_json(self, status, obj)
 
     def log_message(self, *args):
         return

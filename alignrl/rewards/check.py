@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alignrl.data import PromptSet
 from alignrl.errors import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -62,36 +63,22 @@ def pair_prompts(files: list[Path], folder: Path, spec) -> tuple[list[str], list
         raise ConfigError(f"prompts file '{spec}' not found; give a .jsonl/.txt path or the prompt text itself")
     if not path.is_file():
         return [spec] * len(files), [{} for _ in files], "one prompt for all images"
-    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    if path.suffix == ".jsonl":
-        by_name, ordered = {}, []
-        for n, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "prompt" not in row:
-                raise ConfigError(f"{path}:{n}: each line needs a \"prompt\" field")
-            image = row.pop("image", None)
-            if image is None:
-                ordered.append(row)
-            else:
-                by_name[str(image)] = row
-        if by_name:
-            missing = [f.name for f in files if f.name not in by_name]
-            if missing:
-                raise ConfigError(f"{path} has no line for {len(missing)} image(s), e.g. '{missing[0]}'; "
-                                  f"add {{\"image\": \"{missing[0]}\", \"prompt\": ...}}")
-            rows = [dict(by_name[f.name]) for f in files]
-        else:
-            rows = ordered
+    # the prompt-set reader (.jsonl: "prompt" + metadata fields; .txt: a prompt per line); "image" names the file
+    table = PromptSet._parse(path.read_text(encoding="utf-8"), path.name, str(path), "prompts")
+    named = [m.get("image") is not None for m in table.metadata]
+    if any(named):
+        by_name = {str(m.pop("image")): (p, m) for p, m, n in zip(table.prompts, table.metadata, named) if n}
+        missing = [f.name for f in files if f.name not in by_name]
+        if missing:
+            raise ConfigError(f"{path} has no line for {len(missing)} image(s), e.g. '{missing[0]}'; "
+                              f"add {{\"image\": \"{missing[0]}\", \"prompt\": ...}}")
+        prompts, metadata = [by_name[f.name][0] for f in files], [by_name[f.name][1] for f in files]
     else:
-        rows = [{"prompt": x.strip()} for x in lines]
-    if len(rows) != len(files):
-        raise ConfigError(f"{path} holds {len(rows)} prompts for {len(files)} images; give one per image "
+        prompts, metadata = table.prompts, table.metadata
+    if len(prompts) != len(files):
+        raise ConfigError(f"{path} holds {len(prompts)} prompts for {len(files)} images; give one per image "
                           f"(sorted by file name) or name each image in a .jsonl")
-    prompts = [str(r.pop("prompt")) for r in rows]
-    return prompts, rows, str(path)
+    return prompts, metadata, str(path)
 
 
 def load_image(path: Path) -> torch.Tensor:
