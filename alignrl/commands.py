@@ -103,6 +103,7 @@ def _launch_torchrun(cfg: DictConfig, run_dir: Path, nproc: int, nodes: dict | N
     ]
     print(f"alignrl: starting {nproc} processes (torchrun) in {run_dir}", file=sys.stderr)
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    (run_dir / "STOP").unlink(missing_ok=True)  # a stale request; one written from now on is for these workers
     child = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS=threads))
 
     # SIGTERM/SIGUSR1 to this launcher become a stop request the workers see at their next check

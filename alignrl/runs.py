@@ -35,9 +35,10 @@ def find_runs(roots: list[Path]) -> list[Path]:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _last_metrics(path: Path) -> tuple[int | None, float | None, float | None]:
@@ -51,6 +52,8 @@ def _last_metrics(path: Path) -> tuple[int | None, float | None, float | None]:
         try:
             row = json.loads(line)
         except ValueError:
+            continue
+        if not isinstance(row, dict):
             continue
         step = row.get("step", step)
         if row.get("reward_mean") is not None:
@@ -116,6 +119,8 @@ def slurm_states(job_ids: list[str]) -> dict[str, str] | None:
 def _pid_alive(pid) -> bool:
     try:
         os.kill(int(pid), 0)
+    except PermissionError:
+        return True  # alive, another user's
     except (OSError, TypeError, ValueError):
         return False
     try:  # a reused pid belongs to something else

@@ -236,7 +236,11 @@ def _launcher_options(lc) -> dict:
 
 def _sinfo_partitions() -> dict[str, list[str]]:
     """Partition -> the Gres of its nodes (``(null)``, ``gpu:4``, ``gpu:a100:8(S:0-1)``); '*' marks the default."""
-    out = subprocess.run(["sinfo", "-h", "-o", "%P|%G"], capture_output=True, text=True, timeout=60)
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P|%G"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise ConfigError(f"sinfo could not ask the cluster about its partitions ({type(e).__name__}: {e}); "
+                          "check that the Slurm controller answers (sinfo), or use launcher=local") from None
     if out.returncode != 0:
         raise ConfigError(f"sinfo failed: {(out.stderr.strip().splitlines() or ['no output'])[-1]}")
     parts: dict[str, list[str]] = {}
@@ -439,14 +443,17 @@ class SlurmTrainJob:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         result = {"exit_code": code}
         if rank == 0:
-            result.update(after_run(Path(self.run_dir), self.max_requeues))
+            result.update(after_run(Path(self.run_dir), self.max_requeues, code))
         if code:
             sys.exit(code)
         return result
 
 
 def _job_reason(job_id: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60)
+    try:
+        out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""  # unknown reason: a SIGTERM is then not taken for the time limit (no requeue)
     m = re.search(r"\bReason=(\S+)", out.stdout)
     return m.group(1) if m else ""
 
@@ -472,15 +479,28 @@ def requeue_decision(status: dict, restarts: int, max_requeues: int, reason: str
     return True, f"{why}; requeued ({restarts + 1} of launcher.max_requeues={max_requeues})", False
 
 
-def after_run(run_dir: Path, max_requeues: int) -> dict:
-    """Rank 0, after the trainer returned: requeue a preempted run (within the limit) and record it."""
+def after_run(run_dir: Path, max_requeues: int, exit_code: int = 0) -> dict:
+    """Rank 0, after the trainer returned: requeue a preempted run (within the limit) and record it.
+
+    A non-zero exit never requeues: the status file may still be the previous (preempted) run's when
+    this one failed before training started, and requeueing it would only fail again.
+    """
     from alignrl.training.checkpoint import atomic_write_text
 
     path = run_dir / "status.json"
     try:
         status = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {"state": "failed", "requeue": "no status.json"}
+        status = None
+    if not isinstance(status, dict):
+        status = {"state": "failed"} if exit_code else None
+        if status is None:
+            return {"state": "failed", "requeue": "no status.json"}
+    if exit_code:
+        status.update(state="failed", exit_code=exit_code, requeued=False,
+                      requeue=f"exit code {exit_code}: not requeued")
+        atomic_write_text(path, json.dumps(status, indent=2))
+        return {"state": "failed", "requeued": False, "requeue": status["requeue"]}
     job_id = os.environ.get("SLURM_JOB_ID", "")
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)  # unset on the first run
     reason = ""
@@ -492,9 +512,13 @@ def after_run(run_dir: Path, max_requeues: int) -> dict:
         status.update(requeue=why, requeued=requeue, requeue_limit_reached=limit)
     atomic_write_text(path, json.dumps(status, indent=2))  # before the requeue, which ends this job
     if requeue:
-        out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-        if out.returncode != 0:
-            status.update(requeued=False, requeue=f"scontrol requeue failed: {out.stderr.strip() or out.returncode}")
+        try:
+            out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+            failure = "" if out.returncode == 0 else (out.stderr.strip() or f"exit {out.returncode}")
+        except (OSError, subprocess.SubprocessError) as e:
+            failure = f"{type(e).__name__}: {e}"
+        if failure:
+            status.update(requeued=False, requeue=f"scontrol requeue failed: {failure}")
             atomic_write_text(path, json.dumps(status, indent=2))
     if status.get("state") == "preempted":
         print(f"alignrl: preempted at step {status.get('step')}: {status['requeue']}", file=sys.stderr, flush=True)

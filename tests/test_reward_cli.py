@@ -119,3 +119,11 @@ def test_training_on_a_remote_reward_matches_in_process(tmp_path):
         assert remote["reward/remote_mean"] == local["reward/jpeg_compressibility_mean"]
         assert remote["policy_loss"] == local["policy_loss"]
         assert math.isfinite(remote["reward_std"])
+
+
+def test_reward_check_takes_a_long_prompt_as_text(tmp_path):
+    from alignrl.rewards.check import pair_prompts
+
+    long = "a very detailed prompt, " * 20  # longer than a file name may be
+    prompts, metadata, source = pair_prompts([tmp_path / "a.png", tmp_path / "b.png"], tmp_path, long)
+    assert prompts == [long, long] and metadata == [{}, {}] and source == "one prompt for all images"

@@ -191,6 +191,8 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(server):
         ("wrong protocol", _json_body(protocol=99), js, 422, "protocol version 99"),
         ("content type", b"{}", {"content-type": "text/plain"}, 415, "not supported"),
         ("garbage safetensors", b"\xff" * 64, {"content-type": "application/octet-stream"}, 400, "safetensors"),
+        ("overflowing protocol number", b'{"protocol": 1e400}', js, 400, "malformed"),
+        ("deeply nested JSON", b"[" * 50000, js, 400, ""),
     ]
     for name, body, headers, status, needle in cases:
         r = httpx.post(server + "/score", content=body, headers=headers, timeout=30)
@@ -202,6 +204,10 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(server):
     wrong = save({"images": torch.zeros(2, 3, 8, 8, dtype=torch.float64)}, metadata={"prompts": '["a", "b"]'})
     r = httpx.post(server + "/score", content=wrong, headers={"content-type": "application/octet-stream"})
     assert r.status_code == 422 and "float32 or uint8" in r.json()["error"]
+    _assert_serving(server)
+    outside = save({"images": torch.full((2, 3, 8, 8), 2.0)}, metadata={"prompts": '["a", "b"]'})
+    r = httpx.post(server + "/score", content=outside, headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 422 and "[0, 1]" in r.json()["error"]
     _assert_serving(server)
 
 
@@ -389,6 +395,8 @@ class _JudgeHandler(BaseHTTPRequestHandler):
             score = 1 + round(4 * red)
             if "error" in text:
                 return self._answer(500, {"error": "overloaded"})
+            if "forbidden" in text:
+                return self._answer(401, {"error": "bad key"})
             if "ramble" in text:
                 answer = "It looks fine to me."
             elif "bold" in text:
@@ -435,6 +443,9 @@ def test_vlm_judge_against_a_real_http_server(monkeypatch):
         assert handler.max_in_flight == 3  # concurrent, never over the limit
         assert "Rate this for: a cat. End with Final Score: <1-5>." in handler.texts
         assert set(handler.auth) == {"Bearer k-123"}
+        # a rejected key is the same for every sample: the run stops with the reason instead of scoring NaN
+        with pytest.raises(RewardError, match="HTTP 401.*api_key"):
+            judge(images[:2], ["forbidden", "a cat"], [{}] * 2)
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -445,6 +456,8 @@ def test_vlm_judge_against_a_real_http_server(monkeypatch):
         VLMJudge(url=base)
     with pytest.raises(ConfigError, match="url"):
         build_reward("vlm_judge", model="m")
+    with pytest.raises(ConfigError, match="not an http"):
+        build_reward("vlm_judge", url="127.0.0.1:30000/v1", model="m")
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -478,3 +491,18 @@ def test_cli_serve_reward_starts_and_answers(tmp_path):
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_client_refuses_a_request_over_the_server_limit_before_sending(server):
+    client = RemoteReward(url=server, format="safetensors", retries=0)  # the server takes 1 MB, 16 images
+    images = torch.rand(16, 3, 128, 128)  # 3.1 MB as float32
+    _, prompts, metas = _shapes_batch(16)
+    before = client.attempts
+    with pytest.raises(RewardError, match=r"over the server's serve.max_request_mb=1; lower reward.remote.batch_size"):
+        client(images, prompts, metas)
+    assert client.attempts == before  # nothing was uploaded
+    small = RemoteReward(url=server, format="safetensors", batch_size=4)
+    scores, _ = small(images, prompts, metas)
+    assert scores.shape == (16,) and small.attempts - 2 == 4  # /health, /info, then 4 requests
+    client.close()
+    small.close()

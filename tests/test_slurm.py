@@ -114,6 +114,19 @@ def test_requeue_decision():
     assert requeue_decision({"state": "failed"}, 0, 3)[0] is False
 
 
+def test_a_failed_restart_is_not_requeued(tmp_path, monkeypatch):
+    """A requeued job that fails before training finds the previous run's 'preempted' status: no requeue."""
+    from alignrl.slurm import after_run
+
+    (tmp_path / "status.json").write_text(json.dumps({"state": "preempted", "stop": "signal SIGUSR1", "step": 1}))
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol: it must not be needed
+    out = after_run(tmp_path, max_requeues=3, exit_code=2)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert out["state"] == status["state"] == "failed" and status["requeued"] is False
+    assert "exit code 2" in status["requeue"]
+
+
 def test_run_state_words():
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

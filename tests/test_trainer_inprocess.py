@@ -163,3 +163,48 @@ def test_stop_file_abandons_the_iteration_before_any_update(tmp_path):
         t2.run_iteration()
     assert all(torch.equal(a, b) for a, b in zip(before, t2.params)) and t2.optimizer_steps == 0
     t2.reward_runner.close()
+
+
+def test_a_crash_is_recorded_as_failed_and_signal_handlers_are_restored(tmp_path):
+    import json
+    import signal
+
+    t = _trainer(tmp_path)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def boom():
+        raise RuntimeError("simulated crash")
+
+    t.run_iteration = boom
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        t.train()
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "failed"
+    assert {s: signal.getsignal(s) for s in before} == before  # a later run in this process gets its own
+
+
+def test_sigusr1_is_not_overridden_by_a_later_sigterm(tmp_path):
+    import signal
+
+    t = _trainer(tmp_path)
+    previous = t._install_signal_handlers()
+    try:
+        signal.raise_signal(signal.SIGUSR1)
+        signal.raise_signal(signal.SIGTERM)
+        assert t.stop_signal == signal.SIGUSR1  # the Slurm job requeues on USR1: keep it
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        t.reward_runner.close()
+
+
+def test_a_restart_from_scratch_drops_every_stale_metrics_row(tmp_path):
+    import json
+
+    from alignrl.training.logging import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "eval/reward_mean": 1.0}\n{"step": 1, "reward_mean": 2.0}\n[1, 2]\n{"step": 2')
+    MetricsLogger(tmp_path, {"kind": "jsonl", "progress_bar": False}, {}, True, 4, 1, "r").close()
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1]  # resumed at 1: keeps 0..1
+    MetricsLogger(tmp_path, {"kind": "jsonl", "progress_bar": False}, {}, True, 4, 0, "r").close()
+    assert not path.exists() or path.read_text() == ""  # from scratch: the step-0 eval is logged again

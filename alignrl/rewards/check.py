@@ -59,9 +59,13 @@ def pair_prompts(files: list[Path], folder: Path, spec) -> tuple[list[str], list
         spec = str(default)
     spec = str(spec)
     path = Path(spec).expanduser()
-    if path.suffix in (".jsonl", ".txt") and not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError:  # text too long to be a path: it is the prompt itself
+        is_file = False
+    if path.suffix in (".jsonl", ".txt") and not is_file:
         raise ConfigError(f"prompts file '{spec}' not found; give a .jsonl/.txt path or the prompt text itself")
-    if not path.is_file():
+    if not is_file:
         return [spec] * len(files), [{} for _ in files], "one prompt for all images"
     # the prompt-set reader (.jsonl: "prompt" + metadata fields; .txt: a prompt per line); "image" names the file
     table = PromptSet._parse(path.read_text(encoding="utf-8"), path.name, str(path), "prompts")

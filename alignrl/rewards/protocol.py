@@ -242,6 +242,8 @@ def _decode_safetensors(body: bytes, max_images: int, max_pixels: int) -> ScoreR
         raise ProtocolError(f"safetensors body cannot be read: {e}", status=400) from None
     if images.dtype == torch.float32 and not torch.isfinite(images).all():
         raise ProtocolError("images contain NaN or inf")
+    if images.dtype == torch.float32 and images.numel() and (images.min() < 0 or images.max() > 1):
+        raise ProtocolError("float32 images must lie in [0, 1]")
     return ScoreRequest(images, prompts, metadata)
 
 

@@ -79,7 +79,11 @@ class RemoteReward(Reward):
         self.server_info: dict | None = None
         self.per_sample_keys: tuple[str, ...] = ()
         if check_on_start:
-            self.check()
+            try:
+                self.check()
+            except BaseException:
+                self._client.close()
+                raise
 
     # ------------------------------------------------------------------------------------ http
     def _wait(self, attempt: int, retry_after: float | None) -> None:
@@ -171,11 +175,17 @@ class RemoteReward(Reward):
         chunks = list(range(0, n, step))
         for start in chunks:
             sl = slice(start, min(start + step, n))
+            m_planned = sl.stop - sl.start
             try:
                 body, ctype = encode_request(images[sl], prompts[sl], metadata[sl], self.format)
             except (TypeError, ValueError) as e:
                 raise RewardError(f"remote: cannot encode the request ({e}); metadata must be JSON-serializable") \
                     from None
+            limit_mb = float((self.server_info or {}).get("max_request_mb") or 0)
+            if limit_mb and len(body) > limit_mb * 2 ** 20:
+                raise RewardError(f"remote: a request of {m_planned} images is {len(body) / 2 ** 20:.1f} MB, over the "
+                                  f"server's serve.max_request_mb={limit_mb:g}; lower reward.remote.batch_size "
+                                  "(or use format=png, or raise the server's limit)")
             answer = self._request("POST", "/score", "scoring", content=body, content_type=ctype)
             m = sl.stop - sl.start
             try:

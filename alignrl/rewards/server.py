@@ -350,6 +350,9 @@ def create_app(reward, options: ServeOptions):
                                              max_pixels=options.max_image_pixels)
         except ProtocolError as e:
             return JSONResponse({"error": str(e)}, status_code=e.status)
+        except (TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
+            # a body shaped in a way the checks above did not foresee is still the client's error
+            return JSONResponse({"error": f"malformed request ({type(e).__name__}: {e})"}, status_code=400)
         del body
         try:
             return await batcher.submit(parsed)

@@ -10,9 +10,10 @@ Each image goes as a ``data:image/png;base64,...`` ``image_url`` content part, f
 side tolerated (``Final Score: 4``, ``**Final Score:** 4.5``); the last match wins. A number outside
 [0, max_score] counts as unparsed.
 
-Never fatal: a failed request (connection error, timeout, non-200, malformed body) or an unparseable answer
+A failed request (connection error, timeout, 5xx, malformed body) or an unparseable answer is not fatal: it
 gives NaN for that sample (the trainer drops NaN samples) and is counted in ``info`` (``failures``,
-``unparsed``); the first failure, and any batch where every request fails, is reported on stderr.
+``unparsed``); the first failure, and any batch where every request fails, is reported on stderr. HTTP 401,
+403 and 404 say the key, model or URL is wrong for every sample, so they stop the run with a RewardError.
 Requests run on ``max_concurrency`` threads; ``timeout`` is per request. ``api_key`` defaults to the env
 ``ALIGNRL_VLM_API_KEY``, then ``OPENAI_API_KEY``.
 """
@@ -28,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from alignrl.errors import ConfigError
+from alignrl.errors import ConfigError, RewardError
 from alignrl.rewards.base import Reward, register_reward
 from alignrl.rewards.jpeg import to_uint8
 from alignrl.rewards.protocol import encode_png
@@ -51,6 +52,11 @@ def parse_score(text: str) -> float | None:
     return float(matches[-1]) if matches else None
 
 
+# answers that say the configuration is wrong, not that one request failed
+PERMANENT = {401: "check reward.vlm_judge.api_key or ALIGNRL_VLM_API_KEY", 403: "the key may not use this model",
+             404: "check reward.vlm_judge.url (the API base, e.g. .../v1) and reward.vlm_judge.model"}
+
+
 @register_reward("vlm_judge")
 class VLMJudge(Reward):
     def __init__(self, url: str | None = None, model: str | None = None, api_key: str | None = None,
@@ -64,6 +70,8 @@ class VLMJudge(Reward):
             raise ConfigError("reward 'vlm_judge' needs reward.vlm_judge.model=<served model name> "
                               "(the server lists them at <url>/models)")
         base = str(url).rstrip("/").removesuffix("/chat/completions")
+        if not base.startswith(("http://", "https://")):
+            raise ConfigError(f"reward.vlm_judge.url={url!r} is not an http(s) URL; use e.g. http://127.0.0.1:30000/v1")
         try:
             self.max_score, self.timeout = float(max_score), float(timeout)
             self.max_concurrency, self.max_tokens = int(max_concurrency), int(max_tokens)
@@ -99,6 +107,9 @@ class VLMJudge(Reward):
             r = self._client.post(self.endpoint, json=payload)
         except httpx.HTTPError as e:
             return math.nan, "failed", f"{type(e).__name__}: {e}"
+        if r.status_code in PERMANENT:  # the same for every sample: stop instead of training on nothing
+            raise RewardError(f"vlm_judge at {self.endpoint} answered HTTP {r.status_code} "
+                              f"({PERMANENT[r.status_code]}): {r.text.strip()[:200]}")
         if r.status_code != 200:
             return math.nan, "failed", f"HTTP {r.status_code}: {r.text.strip()[:200]}"
         try:

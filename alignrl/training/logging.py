@@ -48,10 +48,13 @@ class MetricsLogger:
             return
 
         def kept(line: str) -> bool:
+            if step <= 0:
+                return False  # a restart from scratch logs everything again, step 0 included
             try:
-                return json.loads(line).get("step", 0) <= step
+                row = json.loads(line)
             except ValueError:
                 return False  # a line cut short by a crash
+            return isinstance(row, dict) and row.get("step", 0) <= step
 
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
         keep = [ln if ln.endswith("\n") else ln + "\n" for ln in lines if ln.strip() and kept(ln)]

@@ -666,10 +666,12 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, as_dict(self.cfg.logger), resolved, self.is_main,
                                     self.max_steps, self.iteration, self.run_dir.name)
         self.evaluator = self._make_evaluator()
-        if self.is_main and self.stop_file.exists():
-            self.stop_file.unlink()  # a stop request of an earlier (now resumed) process
+        if self.is_main and self.stop_file.exists() and "TORCHELASTIC_RUN_ID" not in os.environ:
+            # a stop request of an earlier (now resumed) process; under torchrun the launcher removes a
+            # stale one before it starts the workers, and a STOP present now is a fresh request
+            self.stop_file.unlink()
         self.accelerator.wait_for_everyone()
-        self._install_signal_handlers()
+        previous_handlers = self._install_signal_handlers()
         self._write_status("running")
         if self.is_main:
             self.logger.write(
@@ -723,12 +725,14 @@ class Trainer:
                 if not ckpt.is_checkpoint(self._step_dir()):
                     self.save_checkpoint()
         except BaseException:
-            self._write_status("failed")
+            state = "failed"
             raise
         finally:
             self.reward_runner.close()
             self.logger.close()
-        self._write_status(state)
+            for sig, handler in previous_handlers.items():  # a later run in this process gets its own
+                signal.signal(sig, handler)
+            self._write_status(state)
         return state
 
     def run_iteration(self) -> dict:
@@ -863,21 +867,25 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds", 0.0))
 
     # ------------------------------------------------------------------ signals and status
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> dict:
+        """SIGTERM/SIGUSR1 request a stop; returns the handlers they replaced (to restore afterwards).
+
+        SIGUSR1 (the pre-time-limit / preemption signal, which the Slurm job requeues on) is not replaced
+        by a later SIGTERM, e.g. one that arrives during the checkpoint.
+        """
         import threading
 
         if threading.current_thread() is not threading.main_thread():
-            return
+            return {}
 
         def handler(signum, frame):
-            self.stop_signal = signum
+            if self.stop_signal != signal.SIGUSR1:
+                self.stop_signal = signum
 
-        if _early_stop_signals:
-            self.stop_signal = _early_stop_signals[-1]
-            _early_stop_signals.clear()
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+        for signum in _early_stop_signals:
+            handler(signum, None)
+        _early_stop_signals.clear()
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     @property
     def stop_file(self) -> Path:
