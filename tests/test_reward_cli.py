@@ -59,8 +59,10 @@ def test_reward_check_scores_a_folder(tmp_path):
     Image.open(folder / "c_small.png").resize((160, 64)).save(folder / "c_small.png")
     (folder / "prompts.jsonl").write_text("\n".join(json.dumps({"image": n, "prompt": 'a sign that says "HELLO"'})
                                                     for n in ("a_hello.png", "b_noise.png", "c_small.png")) + "\n")
+    _save(torch.zeros(3, 16, 16), folder / "grid.png")  # as `alignrl sample` writes beside its images
     proc = run_cli("reward-check", "reward={ocr: 1.0, jpeg_compressibility: 0.1}", f"images={folder}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert "skipping 1 image(s) prompts.jsonl does not name (e.g. grid.png)" in proc.stderr
     report = json.loads((folder / "reward_check.json").read_text())
     rows = {r["image"]: r for r in report["rows"]}
     assert list(rows) == ["a_hello.png", "b_noise.png", "c_small.png"]
@@ -125,5 +127,7 @@ def test_reward_check_takes_a_long_prompt_as_text(tmp_path):
     from alignrl.rewards.check import pair_prompts
 
     long = "a very detailed prompt, " * 20  # longer than a file name may be
-    prompts, metadata, source = pair_prompts([tmp_path / "a.png", tmp_path / "b.png"], tmp_path, long)
-    assert prompts == [long, long] and metadata == [{}, {}] and source == "one prompt for all images"
+    files = [tmp_path / "a.png", tmp_path / "b.png"]
+    kept, prompts, metadata, source = pair_prompts(files, tmp_path, long)
+    assert kept == files and prompts == [long, long] and metadata == [{}, {}]
+    assert source == "one prompt for all images"

@@ -3,7 +3,8 @@
 Images: a folder (its .png/.jpg/.jpeg/.webp/.bmp files, sorted by name) or a glob. Prompts, first match:
 
 - ``prompts=<file>.jsonl``: lines ``{"image": "<file name>", "prompt": "...", ...}``; the other fields are
-  the image's metadata (as in prompt sets). Lines without ``image`` pair with the images in sorted order.
+  the image's metadata (as in prompt sets); images it does not name are skipped (with a warning). Lines
+  without ``image`` pair with the images in sorted order.
 - ``prompts=<file>.txt``: one prompt per line, paired with the images in sorted order.
 - ``prompts="some text"``: one prompt for every image.
 - nothing: ``<folder>/prompts.jsonl`` when it exists (``alignrl sample`` writes one), else empty prompts
@@ -48,14 +49,17 @@ def find_images(spec: str) -> tuple[list[Path], Path]:
     return files, folder
 
 
-def pair_prompts(files: list[Path], folder: Path, spec) -> tuple[list[str], list[dict], str]:
-    """Prompts and metadata for each image, and where they came from."""
+def pair_prompts(files: list[Path], folder: Path, spec) -> tuple[list[Path], list[str], list[dict], str]:
+    """The images to score with their prompts and metadata, and where the prompts came from.
+
+    A .jsonl that names images (``"image"``) selects them: other files in the folder (e.g. the grid
+    ``alignrl sample`` writes) are skipped with a warning."""
     if spec is None or str(spec).strip() == "":
         default = folder / "prompts.jsonl"
         if not default.is_file():
             print("alignrl: warning: no prompts given and no prompts.jsonl next to the images; scoring with "
                   "empty prompts (pass prompts=<file or text> for prompt-dependent rewards)", file=sys.stderr)
-            return [""] * len(files), [{} for _ in files], "none"
+            return files, [""] * len(files), [{} for _ in files], "none"
         spec = str(default)
     spec = str(spec)
     path = Path(spec).expanduser()
@@ -66,23 +70,27 @@ def pair_prompts(files: list[Path], folder: Path, spec) -> tuple[list[str], list
     if path.suffix in (".jsonl", ".txt") and not is_file:
         raise ConfigError(f"prompts file '{spec}' not found; give a .jsonl/.txt path or the prompt text itself")
     if not is_file:
-        return [spec] * len(files), [{} for _ in files], "one prompt for all images"
+        return files, [spec] * len(files), [{} for _ in files], "one prompt for all images"
     # the prompt-set reader (.jsonl: "prompt" + metadata fields; .txt: a prompt per line); "image" names the file
     table = PromptSet._parse(path.read_text(encoding="utf-8"), path.name, str(path), "prompts")
     named = [m.get("image") is not None for m in table.metadata]
     if any(named):
         by_name = {str(m.pop("image")): (p, m) for p, m, n in zip(table.prompts, table.metadata, named) if n}
-        missing = [f.name for f in files if f.name not in by_name]
-        if missing:
-            raise ConfigError(f"{path} has no line for {len(missing)} image(s), e.g. '{missing[0]}'; "
-                              f"add {{\"image\": \"{missing[0]}\", \"prompt\": ...}}")
+        skipped = [f.name for f in files if f.name not in by_name]
+        files = [f for f in files if f.name in by_name]
+        if not files:
+            raise ConfigError(f"{path} names none of the images (e.g. '{skipped[0]}'); give each line "
+                              f"\"image\": \"<file name>\"")
+        if skipped:
+            print(f"alignrl: warning: skipping {len(skipped)} image(s) {path.name} does not name "
+                  f"(e.g. {skipped[0]})", file=sys.stderr)
         prompts, metadata = [by_name[f.name][0] for f in files], [by_name[f.name][1] for f in files]
     else:
         prompts, metadata = table.prompts, table.metadata
     if len(prompts) != len(files):
         raise ConfigError(f"{path} holds {len(prompts)} prompts for {len(files)} images; give one per image "
                           f"(sorted by file name) or name each image in a .jsonl")
-    return prompts, metadata, str(path)
+    return files, prompts, metadata, str(path)
 
 
 def load_image(path: Path) -> torch.Tensor:
@@ -169,7 +177,7 @@ def run(cfg) -> int:
     if batch_size < 1:
         raise ConfigError(f"check.batch_size must be >= 1, got {batch_size}")
     files, folder = find_images(check.get("images"))
-    prompts, metadata, source = pair_prompts(files, folder, check.get("prompts"))
+    files, prompts, metadata, source = pair_prompts(files, folder, check.get("prompts"))
     reward = WeightedReward.from_config(as_dict(cfg.reward))  # after the inputs are known to be good
     report = reward_check(reward, files, prompts, metadata, batch_size, progress=bool(check.get("progress", True)))
     report.update({"images": str(check.get("images")), "prompts": source})
