@@ -215,13 +215,13 @@ class Trainer:
         return torch.Generator().manual_seed(hash((self.seed, self.iteration) + salt) & 0x7FFF_FFFF)
 
     # ------------------------------------------------------------------ rollout
-    @torch.no_grad()
     def _old_policy_weights(self):
         """The EMA weights swapped in where the algorithm's old policy is the EMA (DiffusionNFT), else nothing."""
         if getattr(self.algorithm, "old_policy", None) == "ema":
             return self.ema.swapped()
         return nullcontext()
 
+    @torch.no_grad()
     def collect(self) -> IterationBatch:
         slots = self.sampler.rank_slots(self.iteration)
         bs = self.layout["rollout_batch_size"]
