@@ -33,7 +33,8 @@ def find_runs(roots: list[Path]) -> list[Path]:
     return sorted(found)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; {} when it is missing, unreadable or not an object (status files)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -177,8 +178,8 @@ def list_runs(dirs: list[str]) -> int:
         return 0
     info = []
     for run in runs:
-        status = _read_json(run / "status.json")
-        slurm = _read_json(run / "slurm.json")
+        status = read_json(run / "status.json")
+        slurm = read_json(run / "slurm.json")
         job = status.get("slurm_job_id") or slurm.get("job_id")
         if job:
             status["slurm_job_id"] = str(job)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from alignrl.errors import AlignError, ConfigError
+from alignrl.runs import read_json
 
 PORT_BASE, PORT_SPAN = 15000, 20000
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -384,8 +385,8 @@ def submit(cfg, run_dir: Path, overrides: list[str], recipe: str) -> int:
             "launcher": {k: v for k, v in opts.items() if k not in ("dry_run",)}}
     atomic_write_text(run_dir / "slurm.json", json.dumps(info, indent=2))
     try:  # a run continued by a new submission keeps its step until the job starts
-        step = int(json.loads((run_dir / "status.json").read_text()).get("step", 0))
-    except (OSError, ValueError, TypeError):
+        step = int(read_json(run_dir / "status.json").get("step", 0))
+    except (TypeError, ValueError):
         step = 0
     atomic_write_text(run_dir / "status.json", json.dumps(
         {"state": "submitted", "step": step, "max_steps": int(cfg.trainer.max_steps), "slurm_job_id": job_id,
@@ -488,14 +489,11 @@ def after_run(run_dir: Path, max_requeues: int, exit_code: int = 0) -> dict:
     from alignrl.training.checkpoint import atomic_write_text
 
     path = run_dir / "status.json"
-    try:
-        status = json.loads(path.read_text())
-    except (OSError, ValueError):
-        status = None
-    if not isinstance(status, dict):
-        status = {"state": "failed"} if exit_code else None
-        if status is None:
+    status = read_json(path)
+    if not status:
+        if not exit_code:
             return {"state": "failed", "requeue": "no status.json"}
+        status = {"state": "failed"}
     if exit_code:
         status.update(state="failed", exit_code=exit_code, requeued=False,
                       requeue=f"exit code {exit_code}: not requeued")

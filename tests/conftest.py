@@ -67,3 +67,12 @@ def running_server(reward, **options):
     from alignrl.rewards.server import serve_in_background
 
     return serve_in_background(reward, **options)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for servers and dead-server checks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

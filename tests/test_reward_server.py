@@ -26,7 +26,7 @@ from alignrl.rewards.protocol import encode_png, encode_request
 from alignrl.rewards.remote import RemoteReward
 from alignrl.rewards.vlm import VLMJudge, parse_score
 from alignrl.shapes import world
-from conftest import running_server
+from conftest import free_port, running_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -227,14 +227,8 @@ def test_reward_exception_is_500_and_client_retries_then_fails(server):
 
 
 # ------------------------------------------------------------------------------------ client failures
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_client_against_dead_port_fails_clearly_after_retries():
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     client = RemoteReward(url=url, retries=2, backoff=0.01, check_on_start=False)
     t0 = time.monotonic()
     with pytest.raises(RewardError) as err:
@@ -449,7 +443,7 @@ def test_vlm_judge_against_a_real_http_server(monkeypatch):
     finally:
         httpd.shutdown()
         httpd.server_close()
-    dead = VLMJudge(url=f"http://127.0.0.1:{_free_port()}/v1", model="m", timeout=2)
+    dead = VLMJudge(url=f"http://127.0.0.1:{free_port()}/v1", model="m", timeout=2)
     scores, info = dead(images[:3], prompts[:3], [{}] * 3)  # never fatal: NaN, counted
     assert np.isnan(scores).all() and info["failures"] == 3
     with pytest.raises(ConfigError, match="model"):

@@ -25,7 +25,7 @@ from alignrl.runs import run_state
 from alignrl.slurm import (expand_nodelist, expand_tasks_per_node, gpus_in_gres, master_port, requeue_decision,
                            torch_env_from_slurm, torchrun_rendezvous)
 from alignrl.errors import ConfigError
-from conftest import FAST, REPO, run_cli
+from conftest import FAST, REPO, free_port, run_cli
 
 # 4 iterations of 8 samples on 2 processes (2 per rollout and train batch): a few seconds per run
 ARGS = [*FAST, "trainer.max_steps=4", "trainer.rollout_batch_size=2", "trainer.train_batch_size=2"]
@@ -146,12 +146,6 @@ def test_run_state_words():
 
 
 # ---------------------------------------------------------------------------------------- the cluster
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ensure_slurm_installed() -> str | None:
     """None when Slurm's daemons and clients are installed (installing them if needed), else why not."""
     needed = ["/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged", "/usr/bin/sbatch"]
@@ -180,8 +174,8 @@ def slurm_cluster():
         pytest.skip("starting the Slurm daemons needs root")
     lab = Path(tempfile.mkdtemp(prefix="alignrl-slurm-", dir="/tmp"))  # short: munge's socket path is limited
     first_job = 1000 * (os.getpid() % 15 + 1)  # job ids, and so master ports, differ from another session's
-    env = dict(os.environ, SLURM_LAB=str(lab), SLURM_LAB_CTLD_PORT=str(_free_port()),
-               SLURM_LAB_SLURMD_PORT=str(_free_port()), SLURM_LAB_FIRST_JOB_ID=str(first_job),
+    env = dict(os.environ, SLURM_LAB=str(lab), SLURM_LAB_CTLD_PORT=str(free_port()),
+               SLURM_LAB_SLURMD_PORT=str(free_port()), SLURM_LAB_FIRST_JOB_ID=str(first_job),
                SLURM_LAB_PROCTRACK="proctrack/pgid", SLURM_LAB_CRED_EXPIRE="10",
                SLURM_LAB_CPUS=str(max(2, os.cpu_count() or 1)))  # 2-task jobs fit on a 1-core runner too
     start = subprocess.run([str(SLURM_DIR / "start-local-slurm.sh"), "--clean"], env=env, capture_output=True,

@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from alignrl.errors import ConfigError
+from alignrl.training.checkpoint import atomic_write_text
 
 
 def _clean(v):
@@ -59,9 +60,7 @@ class MetricsLogger:
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
         keep = [ln if ln.endswith("\n") else ln + "\n" for ln in lines if ln.strip() and kept(ln)]
         if keep != lines:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(keep), encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(keep))
 
     def _init_wandb(self, run_dir: Path, cfg: dict, resolved: dict, run_name: str):
         import wandb
