@@ -55,36 +55,23 @@ def _split_top_level(text: str) -> list[str]:
     return [p for p in (s.strip() for s in parts) if p]
 
 
-def _expand_range(body: str) -> list[str]:
-    """``01-03,07`` -> ``['01', '02', '03', '07']`` (zero padding kept)."""
-    out = []
-    for item in body.split(","):
-        lo, _, hi = item.partition("-")
-        if not hi:
-            out.append(lo)
-            continue
-        if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
-            raise ValueError(f"bad range {item!r} in node list")
-        width = len(lo)
-        out += [str(n).zfill(width) for n in range(int(lo), int(hi) + 1)]
-    return out
-
-
 def expand_nodelist(nodelist: str) -> list[str]:
     """Host names of a Slurm node list, in order: ``node[01-03,07],gpu5`` -> node01 node02 node03 node07 gpu5.
 
-    Several bracket groups in one name (``r[1-2]n[1-2]``) expand as their product, like Slurm does.
+    The expansion is submitit's (the parser its job environment uses), so both agree; several bracket groups
+    in one name (``r[1-2]n[1-2]``) expand as their product, like Slurm does. Raises ValueError on a list that
+    is not one (unbalanced brackets, a range that is not numeric, a name that expands to nothing).
     """
+    from submitit.slurm.slurm import SlurmParseException, _parse_node_list
+
     hosts = []
-    for part in _split_top_level(nodelist):
-        names = [""]
-        for m in re.finditer(r"([^\[]*)(?:\[([^\]]*)\])?", part):
-            prefix, body = m.group(1), m.group(2)
-            if not prefix and body is None:
-                continue
-            names = [n + prefix for n in names]
-            if body is not None:
-                names = [n + v for n in names for v in _expand_range(body)]
+    for part in _split_top_level(nodelist):  # checks the brackets, which submitit's parser assumes balanced
+        try:
+            names = _parse_node_list(part)
+        except SlurmParseException:
+            names = []
+        if not names or not all(names):
+            raise ValueError(f"bad node list {nodelist!r} (at {part!r})")
         hosts += names
     return hosts
 
@@ -235,15 +222,21 @@ def _launcher_options(lc) -> dict:
     }
 
 
+class ClusterUnreachable(ConfigError):
+    """sinfo is installed but got no answer: no Slurm configuration here, or no controller answering."""
+
+
 def _sinfo_partitions() -> dict[str, list[str]]:
     """Partition -> the Gres of its nodes (``(null)``, ``gpu:4``, ``gpu:a100:8(S:0-1)``); '*' marks the default."""
     try:
         out = subprocess.run(["sinfo", "-h", "-o", "%P|%G"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:
-        raise ConfigError(f"sinfo could not ask the cluster about its partitions ({type(e).__name__}: {e}); "
-                          "check that the Slurm controller answers (sinfo), or use launcher=local") from None
+        raise ClusterUnreachable(f"sinfo could not ask the cluster about its partitions ({type(e).__name__}: {e}); "
+                                 "check that the Slurm controller answers (sinfo), or use launcher=local") from None
     if out.returncode != 0:
-        raise ConfigError(f"sinfo failed: {(out.stderr.strip().splitlines() or ['no output'])[-1]}")
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        last = re.sub(r"^sinfo: (?:fatal|error): ", "", last.strip())  # "sinfo: fatal: Could not establish ..."
+        raise ClusterUnreachable(f"sinfo failed: {last}")
     parts: dict[str, list[str]] = {}
     for line in out.stdout.splitlines():
         if "|" in line:
@@ -262,16 +255,20 @@ def gpus_in_gres(gres: str) -> int:
     return total
 
 
-def check_cluster(opts: dict) -> None:
-    """Checks against the cluster: the partition exists and has the GPUs asked for (from ``sinfo``)."""
+def check_cluster(opts: dict) -> str | None:
+    """Checks against the cluster: the partition exists and has the GPUs asked for (from ``sinfo``).
+
+    Returns why the checks were skipped (no sinfo), or None when they ran; raises ClusterUnreachable when
+    sinfo gets no answer and ConfigError when the options do not fit the cluster.
+    """
     if not shutil.which("sinfo"):
-        return
+        return "sinfo is not on PATH"
     parts = _sinfo_partitions()
     want = opts["partition"]
     if want is None:
         name = next((p for p in parts if p.endswith("*")), None)
         if name is None:
-            return  # no default partition: sbatch says so itself
+            return None  # no default partition: sbatch says so itself
     else:
         name = next((p for p in parts if p.rstrip("*") == str(want)), None)
         if name is None:
@@ -286,6 +283,7 @@ def check_cluster(opts: dict) -> None:
     if opts["gpus_per_node"] > most > 0:
         raise ConfigError(f"launcher.gpus_per_node={opts['gpus_per_node']} but the nodes of partition '{label}' "
                           f"have at most {most} GPUs")
+    return None
 
 
 def require_sbatch() -> None:
@@ -353,7 +351,15 @@ def submit(cfg, run_dir: Path, overrides: list[str], recipe: str) -> int:
     validate_batch_arithmetic(cfg, world)
     if not opts["dry_run"]:
         require_sbatch()
-    check_cluster(opts)
+    try:
+        skipped = check_cluster(opts)
+    except ClusterUnreachable as e:
+        if not opts["dry_run"]:
+            raise
+        skipped = str(e)  # a dry run only prints the script: it needs no cluster
+    if skipped and opts["dry_run"]:
+        print(f"alignrl: dry run: cluster checks skipped ({skipped}); launcher.partition and "
+              f"launcher.gpus_per_node were not checked against the cluster", file=sys.stderr)
 
     run_dir = Path(run_dir).resolve()
     log_dir = Path(opts["log_dir"]).resolve() if opts["log_dir"] else run_dir / "slurm"

@@ -37,15 +37,28 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
          "PREEMPTED"}
 
 
+# node lists and their hosts; test_nodelists_match_scontrol checks them against `scontrol show hostnames`
+NODELISTS = {
+    "node[01-03,07]": ["node01", "node02", "node03", "node07"],
+    "gpu5": ["gpu5"],
+    "a[1-3,5]": ["a1", "a2", "a3", "a5"],
+    "n[01-02],m7": ["n01", "n02", "m7"],
+    "gpu-[1-2]-[3-4]": ["gpu-1-3", "gpu-1-4", "gpu-2-3", "gpu-2-4"],
+    "a[8-10],b1,c[1,3]": ["a8", "a9", "a10", "b1", "c1", "c3"],
+    "r[1-2]n[01-02]": ["r1n01", "r1n02", "r2n01", "r2n02"],
+    "h[009-011],x[1],y": ["h009", "h010", "h011", "x1", "y"],
+}
+
+
 # ---------------------------------------------------------------------------------------- pure
 def test_expand_nodelist_forms():
-    assert expand_nodelist("node[01-03,07]") == ["node01", "node02", "node03", "node07"]
-    assert expand_nodelist("gpu5") == ["gpu5"]
-    assert expand_nodelist("a[8-10],b1,c[1,3]") == ["a8", "a9", "a10", "b1", "c1", "c3"]
-    assert expand_nodelist("r[1-2]n[01-02]") == ["r1n01", "r1n02", "r2n01", "r2n02"]
+    for nodelist, hosts in NODELISTS.items():
+        assert expand_nodelist(nodelist) == hosts, nodelist
+    # Slurm 22.05 refuses a suffix after the brackets; the expansion is still the obvious one
     assert expand_nodelist("dgx-[099-101].cluster") == ["dgx-099.cluster", "dgx-100.cluster", "dgx-101.cluster"]
-    with pytest.raises(ValueError):
-        expand_nodelist("node[01-03")
+    for bad in ("node[01-03", "node01]", "a[1-x]", "a[3-1]", "a[1-2-3]"):
+        with pytest.raises(ValueError):
+            expand_nodelist(bad)
     assert expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
     assert expand_tasks_per_node("8") == [8]
 
@@ -162,6 +175,72 @@ def _ensure_slurm_installed() -> str | None:
         if out.returncode != 0:
             return f"`{' '.join(cmd)}` failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}"
     return None if all(Path(p).exists() for p in needed) else "apt-get installed Slurm but its binaries are missing"
+
+
+@pytest.fixture(scope="module")
+def dead_controller_conf(tmp_path_factory):
+    """Slurm's clients installed, and a slurm.conf whose controller does not run (nothing listens on its port)."""
+    reason = _ensure_slurm_installed()
+    if reason is not None:
+        pytest.skip(reason)
+    conf = tmp_path_factory.mktemp("dead_slurm") / "slurm.conf"
+    conf.write_text(f"ClusterName=dead\nSlurmctldHost=deadhost(127.0.0.1)\nSlurmctldPort={free_port()}\n"
+                    "AuthType=auth/munge\nNodeName=deadhost CPUs=1 State=UNKNOWN\n"
+                    "PartitionName=debug Nodes=ALL Default=YES\n")
+    return conf
+
+
+@pytest.mark.slurm
+def test_nodelists_match_scontrol(dead_controller_conf):
+    """expand_nodelist (submitit's parser) gives what Slurm's own `scontrol show hostnames` gives."""
+    env = dict(os.environ, SLURM_CONF=str(dead_controller_conf))  # a config to parse; no controller needed
+    for nodelist, hosts in NODELISTS.items():
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], env=env, capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0, (nodelist, out.stderr)
+        assert out.stdout.split() == hosts == expand_nodelist(nodelist), nodelist
+
+
+@pytest.mark.slurm
+def test_dry_run_prints_the_script_when_no_controller_answers(tmp_path, dead_controller_conf):
+    """sbatch and sinfo installed, no controller: a dry run still prints the script, with one note on stderr."""
+    base = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}  # the cluster fixture may have set it
+    empty = tmp_path / "empty.conf"
+    empty.write_text("")
+    cases = {  # name: (SLURM_CONF, dry run, what sinfo says)
+        "controller down": (str(dead_controller_conf), True, "Unable to contact slurm controller"),
+        "empty config": (str(empty), True, "Unable to process configuration file"),
+        "not a dry run": (str(dead_controller_conf), False, "Unable to contact slurm controller"),
+    }
+    if not Path("/etc/slurm/slurm.conf").exists():  # the packages ship none: Slurm then tries DNS and gives up
+        cases["no config"] = (None, True, "Could not establish a configuration source")
+    exe = Path(sys.executable).with_name("alignrl")
+    procs = {}
+    for name, (conf, dry, _) in cases.items():  # side by side: sinfo retries a dead controller for ~9 s
+        env = dict(base, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **({"SLURM_CONF": conf} if conf else {}))
+        run = tmp_path / name.replace(" ", "_")
+        procs[name] = (run, subprocess.Popen(
+            [str(exe), "train", f"run_dir={run}", *FAST, "launcher=slurm", f"launcher.dry_run={str(dry).lower()}",
+             "launcher.partition=debug", "launcher.time=30", "launcher.signal_lead_s=90"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for name, (run, p) in procs.items():
+        out, err = p.communicate(timeout=300)
+        conf, dry, says = cases[name]
+        lines = err.strip().splitlines()
+        if not dry:  # a submission still needs the cluster: one-line error, nothing written
+            assert p.returncode == 2, (name, out, err)
+            assert len(lines) == 1 and lines[0].startswith("alignrl: error: sinfo failed: ") and says in lines[0], \
+                (name, err)
+            assert not (run / "slurm.json").exists() and not (run / "status.json").exists(), name
+            continue
+        assert p.returncode == 0, (name, out, err)
+        script = out.splitlines()
+        assert script[0] == "#!/bin/bash" and "#SBATCH --partition=debug" in script, (name, out)
+        assert sum("srun " in ln and "submitit.core._submit" in ln for ln in script) == 1, (name, out)
+        notes = [ln for ln in lines if "cluster checks skipped" in ln]
+        assert len(notes) == 1 and notes[0].startswith("alignrl: dry run: cluster checks skipped (sinfo failed: ") \
+            and says in notes[0] and "launcher.partition" in notes[0], (name, err)
+        assert "dry run, nothing submitted" in err and not (run / "slurm.json").exists(), (name, err)
 
 
 @pytest.fixture(scope="module")
