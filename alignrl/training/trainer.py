@@ -32,6 +32,7 @@ from alignrl.eval.evaluate import Evaluator
 from alignrl.eval.report import save_grid
 from alignrl.rewards.base import WeightedReward
 from alignrl.rewards.runner import AsyncRewardRunner
+from alignrl.runs import read_json
 from alignrl.sampling.engine import apply_step, rollout, sample_generators
 from alignrl.training import checkpoint as ckpt
 from alignrl.training.ema import EMA
@@ -103,12 +104,43 @@ def _device_for(cfg_trainer) -> str:
     return want
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception as the one line ``status.json`` and the CLI show (the user-facing message for ours)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, AlignError):
+        return text or type(e).__name__
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path):
-        from accelerate import Accelerator
-
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.is_main = int(os.environ.get("RANK", "0")) == 0  # until the accelerator says
+        self.iteration = 0
+        self.train_seconds = 0.0  # wall-clock of training iterations (evaluation and saving excluded)
+        self.max_steps = int(cfg.trainer.max_steps)
+        self.stop_signal: int | None = None
+        self.resume_from: Path | None = None
+        self._owns_status = False  # set once this process may write the run's status.json
+        self._step_known = False  # self.iteration is the run's step (fresh start, or a checkpoint loaded)
+        self._last_saved_step: int | None = None  # the step of a good checkpoint this process saved or loaded
+        self._nonfinite_streak = 0
+        self._failure: str | None = None
+        try:
+            self._setup()
+        except BaseException as e:  # a failure it can record: status.json says failed, with the message
+            if self._owns_status:
+                self._failure = _one_line(e)
+                self._write_status("failed")
+            raise
+
+    def _setup(self) -> None:
+        from accelerate import Accelerator
+
+        cfg = self.cfg
         tcfg = cfg.trainer
         device = _device_for(tcfg)
         mp = str(tcfg.get("mixed_precision", "no"))
@@ -121,6 +153,17 @@ class Trainer:
         self.rank, self.world = acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
         self.device = acc.device if device != "cpu" else torch.device("cpu")
+
+        # ---- which checkpoint to resume (found now; verified below, before any model loads) ----
+        self._candidates, self._explicit = ckpt.resume_candidates(cfg.get("resume"), self.run_dir)
+        if not self._candidates and cfg.get("resume") in (None, "", "none") and \
+                ckpt.latest_checkpoint(self.run_dir / "checkpoints") is not None:
+            raise CheckpointError(f"{self.run_dir} already holds checkpoints; pass resume=auto to continue it "
+                                  f"or choose another run_dir")
+        self._owns_status = True
+        self._step_known = not self._candidates
+        self._prior_step = int(read_json(self.run_dir / "status.json").get("step") or 0) \
+            if self.is_main and self._candidates else 0
 
         # ---- everything that can be checked without a model ----
         self.seed = int(cfg.seed)
@@ -137,11 +180,10 @@ class Trainer:
         schedules = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
         if str(tcfg.get("lr_schedule", "constant")) not in schedules:
             raise ConfigError(f"trainer.lr_schedule='{tcfg.lr_schedule}' is not known; use one of {', '.join(schedules)}")
-        self.resume_from = ckpt.resolve_resume(cfg.get("resume"), self.run_dir)
-        if self.resume_from is None and cfg.get("resume") in (None, "", "none") and \
-                ckpt.latest_checkpoint(self.run_dir / "checkpoints") is not None:
-            raise CheckpointError(f"{self.run_dir} already holds checkpoints; pass resume=auto to continue it "
-                                  f"or choose another run_dir")
+        self._max_nonfinite = int(tcfg.get("max_nonfinite_iterations", 3) or 0)
+        if self._max_nonfinite < 0:
+            raise ConfigError(f"trainer.max_nonfinite_iterations={self._max_nonfinite} must be >= 0 (0: never stop)")
+        self._resume_index = self._agreed_first_usable(0)  # checksums and headers, before the models load
 
         # ---- models ----
         torch.manual_seed(self.seed)
@@ -165,7 +207,6 @@ class Trainer:
         )
         from diffusers.optimization import get_scheduler
 
-        self.max_steps = int(tcfg.max_steps)
         updates = self.layout["updates_per_iteration"] * int(tcfg.get("inner_epochs", 1))
         self.lr_scheduler = get_scheduler(
             str(tcfg.get("lr_schedule", "constant")), optimizer=self.optimizer,
@@ -180,12 +221,12 @@ class Trainer:
                               "trainer.ema.enabled=true, or algorithm.old_policy=sampling")
 
         self.reward_runner = AsyncRewardRunner(self.reward, int(tcfg.get("reward_workers", 1)))
-        self.iteration = 0
         self.optimizer_steps = 0
-        self.train_seconds = 0.0  # wall-clock of training iterations (evaluation and saving excluded)
-        self.stop_signal: int | None = None
-        if self.resume_from is not None:
-            self._load(self.resume_from)
+        try:
+            self._resume()
+        except BaseException:
+            self.reward_runner.close()
+            raise
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
@@ -356,6 +397,7 @@ class Trainer:
         mine = slice(self.rank * n_leaf, (self.rank + 1) * n_leaf)
         assert np.array_equal(full[mine, 2], leaf_global), "gathered order must follow rank order"
         finite = full[np.isfinite(full[:, 0]), 0]
+        self._finite_rewards = int(finite.size)  # over all ranks: the same on each
         stats = {"reward_mean": float(finite.mean()) if finite.size else float("nan"),
                  "reward_std": float(finite.std()) if finite.size else float("nan")}
         per_reward = {}
@@ -654,38 +696,51 @@ class Trainer:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
+        if not self._params_finite():  # the same weights on every rank: all stop here together
+            raise AlignError(
+                f"the update diverged: trainable weights are NaN/inf after optimizer step {self.optimizer_steps} "
+                f"(iteration {self.iteration + 1}), so the run stops without saving them; lower algorithm.lr "
+                f"(now {float(self.algorithm.lr):g}) or trainer.max_grad_norm and resume from the last checkpoint "
+                f"(resume=auto)")
         if self.ema is not None:
             self.ema.step()
         return float(norm)
 
     # ------------------------------------------------------------------ main loop
     def train(self) -> str:
-        """Run to ``trainer.max_steps`` iterations. Returns 'finished' or 'preempted'."""
+        """Run to ``trainer.max_steps`` iterations. Returns 'finished' or 'preempted'.
+
+        Any exception ends the run with status ``failed`` and its one-line message in status.json."""
         tcfg = self.cfg.trainer
-        resolved = OmegaConf.to_container(self.cfg, resolve=True)
-        self.logger = MetricsLogger(self.run_dir, as_dict(self.cfg.logger), resolved, self.is_main,
-                                    self.max_steps, self.iteration, self.run_dir.name)
-        self.evaluator = self._make_evaluator()
-        if self.is_main and self.stop_file.exists() and "TORCHELASTIC_RUN_ID" not in os.environ:
-            # a stop request of an earlier (now resumed) process; under torchrun the launcher removes a
-            # stale one before it starts the workers, and a STOP present now is a fresh request
-            self.stop_file.unlink()
-        self.accelerator.wait_for_everyone()
-        previous_handlers = self._install_signal_handlers()
-        self._write_status("running")
-        if self.is_main:
-            self.logger.write(
-                f"alignrl: {self.backbone.describe()}; {len(self.trainable_names)} trainable tensors "
-                f"({sum(p.numel() for p in self.params) / 1e6:.3f}M params, {self.finetune}); "
-                f"{self.world} process(es); run dir {self.run_dir}"
-                + (f"; resumed from {self.resume_from}" if self.resume_from else "")
-            )
         every = lambda key: int(tcfg.get(key, 0) or 0)  # noqa: E731
         budget_s = 60 * float(tcfg.get("max_minutes") or 0)  # training wall-clock, evaluation excluded
         eval_every_s = 60 * float(tcfg.get("eval_every_minutes") or 0)
         state = "finished"
         last_eval_step = -1
+        previous_handlers = {}
+        self.logger = None
         try:
+            if self.is_main:  # leftovers of killed runs: temporary checkpoint dirs, half-written files
+                ckpt.CheckpointWriter(self.run_dir).clean()
+                ckpt.remove_stale_temp_files(self.run_dir)
+            resolved = OmegaConf.to_container(self.cfg, resolve=True)
+            self.logger = MetricsLogger(self.run_dir, as_dict(self.cfg.logger), resolved, self.is_main,
+                                        self.max_steps, self.iteration, self.run_dir.name)
+            self.evaluator = self._make_evaluator()
+            if self.is_main and self.stop_file.exists() and "TORCHELASTIC_RUN_ID" not in os.environ:
+                # a stop request of an earlier (now resumed) process; under torchrun the launcher removes a
+                # stale one before it starts the workers, and a STOP present now is a fresh request
+                self.stop_file.unlink()
+            self.accelerator.wait_for_everyone()
+            previous_handlers = self._install_signal_handlers()
+            self._write_status("running")
+            if self.is_main:
+                self.logger.write(
+                    f"alignrl: {self.backbone.describe()}; {len(self.trainable_names)} trainable tensors "
+                    f"({sum(p.numel() for p in self.params) / 1e6:.3f}M params, {self.finetune}); "
+                    f"{self.world} process(es); run dir {self.run_dir}"
+                    + (f"; resumed from {self.resume_from}" if self.resume_from else "")
+                )
             if self.evaluator and tcfg.get("eval_at_start") and self.iteration == 0:
                 self.logger.log(0, {"train_seconds": 0.0, **self.evaluate(0)})
                 last_eval_step = 0
@@ -709,10 +764,11 @@ class Trainer:
                         last_eval_step = step
                     self.logger.log(step, metrics, images)
                     self.logger.progress(step, metrics)
+                    self._write_status("running")  # a killed run still shows where it stopped
                     if every("checkpoint_every") and step % every("checkpoint_every") == 0:
                         self.save_checkpoint()
                 if metrics is None or self._stop_agreed():
-                    if not ckpt.is_checkpoint(self._step_dir()):
+                    if self._last_saved_step != self.iteration:
                         self.save_checkpoint()
                     self.logger.write(f"alignrl: stop requested ({self._stop_reason()}); checkpoint saved at step "
                                       f"{self.iteration}, exiting (continue with resume=auto run_dir={self.run_dir})")
@@ -722,14 +778,16 @@ class Trainer:
                 if self.evaluator and (every("eval_every") or eval_every_s) and last_eval_step != self.iteration:
                     self.logger.log(self.iteration, {"train_seconds": self.train_seconds,
                                                      **self.evaluate(self.iteration)})
-                if not ckpt.is_checkpoint(self._step_dir()):
+                if self._last_saved_step != self.iteration:
                     self.save_checkpoint()
-        except BaseException:
+        except BaseException as e:
             state = "failed"
+            self._failure = _one_line(e)
             raise
         finally:
             self.reward_runner.close()
-            self.logger.close()
+            if self.logger is not None:
+                self.logger.close()
             for sig, handler in previous_handlers.items():  # a later run in this process gets its own
                 signal.signal(sig, handler)
             self._write_status(state)
@@ -752,6 +810,7 @@ class Trainer:
         self._sync()
         t1 = time.perf_counter()
         leaf_adv, leaf_keep, adv, keep, stats = self.advantages(batch)
+        self._check_rewards_finite(batch)
         t2 = time.perf_counter()
         self._last_batch = batch
         if getattr(self.algorithm, "needs_final_latents", False):
@@ -771,6 +830,21 @@ class Trainer:
         })
         self._last_rewards = batch.rewards
         return metrics
+
+    def _check_rewards_finite(self, batch: IterationBatch) -> None:
+        """Stop when every reward of ``trainer.max_nonfinite_iterations`` iterations in a row was NaN/inf: such
+        iterations drop every sample, so the run would otherwise 'finish' without a single update."""
+        if self._finite_rewards:
+            self._nonfinite_streak = 0
+            return
+        self._nonfinite_streak += 1
+        if self._max_nonfinite and self._nonfinite_streak >= self._max_nonfinite:
+            first = self.iteration + 2 - self._nonfinite_streak
+            names = ", ".join(self.reward.rewards)
+            raise AlignError(
+                f"every reward was NaN/inf for {self._nonfinite_streak} iterations in a row (iterations {first}-"
+                f"{self.iteration + 1}), so nothing can be learned: the reward ({names}) cannot score these images; "
+                f"check it with `alignrl reward-check`, or raise trainer.max_nonfinite_iterations (0: never stop)")
 
     def _save_rollout_grid(self, step: int) -> Path:
         batch = self._last_batch
@@ -834,6 +908,7 @@ class Trainer:
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
             writer.commit(step)
         self.accelerator.wait_for_everyone()
+        self._last_saved_step = step
 
     def export_lora(self, directory: Path) -> None:
         """Write the adapter (EMA weights when EMA is on) in diffusers' LoRA format."""
@@ -842,29 +917,132 @@ class Trainer:
             state, meta = lora_export(self.transformer)
         self.backbone.save_lora(str(directory), state, meta)
 
-    def _load(self, path: Path) -> None:
-        state = ckpt.load_json(path / "state.json")
+    def _agreed_first_usable(self, start: int) -> int | None:
+        """Index of the first resume candidate from ``start`` on that verifies (checksums, headers).
+
+        The main process reads and checks the files (every byte once); the others take its answer, so N
+        processes do not read the checkpoint N times."""
+        index, failure = -1, None
+        if self.is_main:
+            try:
+                found = ckpt.first_usable(self._candidates, self._explicit, start)
+                index = -1 if found is None else found
+            except CheckpointError as e:
+                failure, index = e, -2
+        if self.world > 1:
+            t = torch.tensor([index], dtype=torch.long, device=self.device)
+            torch.distributed.broadcast(t, src=0)
+            index = int(t.item())
+        if failure is not None:
+            raise failure
+        if index == -2:
+            raise CheckpointError("the main process found no usable checkpoint (its error is printed above)")
+        return None if index == -1 else index
+
+    def _resume(self) -> None:
+        """Load the chosen checkpoint; one whose files verify but still cannot be read is skipped like a damaged
+        one (the next older one is verified and loaded), unless it was named explicitly."""
+        while self._resume_index is not None:
+            path = self._candidates[self._resume_index]
+            failure = None
+            try:
+                loaded = self._read_checkpoint(path)
+            except Exception as e:  # noqa: BLE001  every rank must learn of it before anyone raises
+                failure = e
+            code = 0 if failure is None else 1 if isinstance(failure, ckpt.CorruptCheckpoint) else 2
+            if self.world > 1:
+                t = torch.tensor([code], device=self.device)
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+                agreed = int(t.item())
+            else:
+                agreed = code
+            if agreed == 0:
+                self._apply_checkpoint(path, loaded)
+                return
+            if code == 2:
+                raise failure
+            if agreed == 2:
+                raise AlignError("another process could not load the checkpoint (its error is printed above)")
+            problem = failure.problem if failure is not None else "another process could not read it"
+            if self._explicit:
+                raise CheckpointError(f"resume={path} cannot be used: {problem}; pick another checkpoint "
+                                      f"(or the run directory, for its newest good one)")
+            if self.is_main:
+                more = "trying the previous one" if self._resume_index + 1 < len(self._candidates) \
+                    else "no older checkpoint is left"
+                ckpt.warn(f"checkpoint {path} is unusable: {problem}; {more}")
+            self._resume_index = self._agreed_first_usable(self._resume_index + 1)
+
+    def _read_checkpoint(self, path: Path) -> dict:
+        """Read everything a checkpoint holds into memory and load its trainable weights.
+
+        A file that cannot be read raises ``CorruptCheckpoint`` before any state changes (the trainable
+        weights are read last, and ``load_file`` reads the whole file before anything is copied); a checkpoint
+        of another setup (finetune, LoRA shapes, EMA) raises ``CheckpointError``."""
+        def read(name, fn):
+            try:
+                return fn(path / name)
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001  any reader error means the file cannot be used
+                raise ckpt.CorruptCheckpoint(path, f"{name} is unreadable ({_one_line(e)[:160]})") from None
+
+        state = read("state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
         if state.get("finetune") != self.finetune:
             raise CheckpointError(f"{path} was trained with finetune={state.get('finetune')}, "
                                   f"this config says {self.finetune}")
-        load_trainable_file(self.transformer, self.trainable_names, path / "trainable.safetensors")
-        if self.ema is not None and (path / "ema.safetensors").is_file():
+        loaded = {"state": state, "ema": None}
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise CheckpointError(f"{path} has no ema.safetensors: the run was trained with trainer.ema.enabled="
+                                      f"false; continue it with trainer.ema.enabled=false")
+            if not (path / "ema.safetensors").is_file():
+                raise ckpt.CorruptCheckpoint(path, "ema.safetensors is missing although the run keeps an EMA")
             from safetensors.torch import load_file
 
-            self.ema.load_state_tensors(self.trainable_names, load_file(str(path / "ema.safetensors")))
+            ema = read("ema.safetensors", lambda f: load_file(str(f)))
+            missing = [n for n in self.trainable_names if n not in ema]
+            if missing:
+                raise CheckpointError(f"{path / 'ema.safetensors'} lacks {len(missing)} trainable tensors "
+                                      f"(e.g. {missing[0]}); was it written with another LoRA config?")
+            if not all(bool(torch.isfinite(ema[n]).all()) for n in self.trainable_names):
+                raise CheckpointError(f"{path / 'ema.safetensors'} holds NaN/inf weights: resume from an earlier "
+                                      f"checkpoint (resume=<run>/checkpoints/step_N)")
+            loaded["ema"] = ema
+        loaded["optimizer"] = read("optimizer.pt", ckpt.torch_load_trusted)
+        loaded["lr_scheduler"] = read("lr_scheduler.pt", ckpt.torch_load_trusted)
+        rng_name = f"rng/rank_{self.rank}.pt"
+        loaded["rng"] = read(rng_name, ckpt.torch_load_trusted) if (path / rng_name).is_file() else None
+        read("trainable.safetensors", lambda f: load_trainable_file(self.transformer, self.trainable_names, f))
+        if not self._params_finite():
+            raise CheckpointError(f"{path / 'trainable.safetensors'} holds NaN/inf weights: resume from an earlier "
+                                  f"checkpoint (resume=<run>/checkpoints/step_N)")
+        return loaded
+
+    def _apply_checkpoint(self, path: Path, loaded: dict) -> None:
+        state = loaded["state"]
+        if loaded["ema"] is not None:
+            self.ema.load_state_tensors(self.trainable_names, loaded["ema"])
             self.ema.load_counters(state["ema"])
         inner = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-        inner.load_state_dict(ckpt.torch_load_trusted(path / "optimizer.pt"))
-        self.lr_scheduler.load_state_dict(ckpt.torch_load_trusted(path / "lr_scheduler.pt"))
+        inner.load_state_dict(loaded["optimizer"])
+        self.lr_scheduler.load_state_dict(loaded["lr_scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.planner.load_state_dict(state.get("planner", {}))
         self.algorithm.load_state_dict(state.get("algorithm", {}))
-        rng_file = path / "rng" / f"rank_{self.rank}.pt"
-        if rng_file.is_file():
-            ckpt.set_rng_state(ckpt.torch_load_trusted(rng_file))
+        if loaded["rng"] is not None:
+            ckpt.set_rng_state(loaded["rng"])
         self.iteration = int(state["iteration"])
         self.optimizer_steps = int(state["optimizer_steps"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.resume_from = path
+        self._step_known = True
+        self._last_saved_step = self.iteration if path.name == ckpt.step_dir_name(self.iteration) else None
+
+    @torch.no_grad()
+    def _params_finite(self) -> bool:
+        """Whether every trainable weight is finite: one fused max-abs over all of them and one sync."""
+        return bool(torch.stack(torch._foreach_norm(self.params, float("inf"))).isfinite().all())
 
     # ------------------------------------------------------------------ signals and status
     def _install_signal_handlers(self) -> dict:
@@ -920,15 +1098,18 @@ class Trainer:
         if flag.item():
             raise AlignError("another process failed during the rollout (its error is printed above); stopping")
 
-    def _step_dir(self) -> Path:
-        return self.run_dir / "checkpoints" / ckpt.step_dir_name(self.iteration)
-
     def _write_status(self, state: str) -> None:
+        """status.json (atomic): written at the start, after every iteration and at the end; ``failed`` carries
+        the one-line error. Before a checkpoint is loaded the step is the one the run last recorded."""
         if not self.is_main:
             return
-        status = {"state": state, "step": self.iteration, "max_steps": self.max_steps, "pid": os.getpid(),
+        step = self.iteration if self._step_known else getattr(self, "_prior_step", 0)
+        status = {"state": state, "step": step, "max_steps": self.max_steps,
+                  "train_seconds": round(self.train_seconds, 3), "pid": os.getpid(),
                   "host": socket.gethostname(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+        if state == "failed" and self._failure:
+            status["error"] = self._failure
         if state == "preempted":
             status["stop"] = self._stop_reason()  # the Slurm job requeues on SIGUSR1 only (see alignrl/slurm.py)
         ckpt.atomic_write_text(self.run_dir / "status.json", json.dumps(status, indent=2))
