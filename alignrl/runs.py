@@ -1,7 +1,8 @@
-"""``alignrl runs [DIR ...]``: the runs under output directories, with step, last metrics, state and Slurm job.
+"""``alignrl runs [--plot [out.png]] [DIR ...]``: the runs under output directories, with step, last metrics,
+state and Slurm job; ``--plot`` also draws their reward curves on one chart.
 
 Reads only files (status.json, metrics.jsonl, slurm.json, config.yaml, .hydra/hydra.yaml) and asks
-Slurm (squeue, then scontrol) about the jobs it finds; imports nothing heavy.
+Slurm (squeue, then scontrol) about the jobs it finds; imports nothing heavy (matplotlib only for --plot).
 """
 
 from __future__ import annotations
@@ -11,10 +12,19 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
+from alignrl.plots import read_metrics
+
+USAGE = """usage: alignrl runs [--plot [out.png]] [DIR ...]
+
+Lists the runs under DIR (default: outputs/ and multirun/): step, last reward and eval, state, Slurm job.
+  --plot [out.png]  also draw their reward mean (and eval reward mean) against step and against training
+                    time, one line per run, into out.png (default: runs.png)"""
+DEFAULT_PLOT = "runs.png"
 DEFAULT_DIRS = ("outputs", "multirun")
 SLURM_ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                 "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
@@ -45,17 +55,7 @@ def read_json(path: Path) -> dict:
 def _last_metrics(path: Path) -> tuple[int | None, float | None, float | None]:
     """(last logged step, last reward_mean, last eval/reward_mean) of a metrics.jsonl."""
     step = reward = evaluation = None
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return None, None, None
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(row, dict):
-            continue
+    for row in read_metrics(path):
         step = row.get("step", step)
         if row.get("reward_mean") is not None:
             reward = row["reward_mean"]
@@ -168,14 +168,76 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def list_runs(dirs: list[str]) -> int:
+def parse_args(argv: list[str]) -> tuple[list[str], Path | None]:
+    """(directories, plot output or None) from ``[--plot [out.png]] [DIR ...]``; ValueError names a bad option."""
+    dirs: list[str] = []
+    plot = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--plot":
+            plot = Path(DEFAULT_PLOT)
+            if i + 1 < len(argv) and argv[i + 1].lower().endswith(".png"):
+                plot = Path(argv[i + 1])
+                i += 1
+        elif arg.startswith("--plot="):
+            plot = Path(arg.split("=", 1)[1] or DEFAULT_PLOT)
+            if plot.suffix.lower() != ".png":
+                raise ValueError(f"--plot writes a PNG: give a file name ending in .png, not '{plot}'")
+        elif arg.startswith("-"):
+            raise ValueError(f"unknown option '{arg}'")
+        else:
+            dirs.append(arg)
+        i += 1
+    return dirs, plot
+
+
+def _plot_labels(runs: list[Path], names: list[str]) -> list[str]:
+    """Each run's directory name; the shortest path tail that tells runs apart when names repeat, and a
+    sweep job's overrides (.hydra/overrides.yaml) after its number."""
+    labels = []
+    for run, name in zip(runs, names):
+        parts = Path(name).parts
+        depth = 1
+        while depth < len(parts) and sum(Path(n).parts[-depth:] == parts[-depth:] for n in names) > 1:
+            depth += 1
+        label = "/".join(parts[-depth:])
+        if run.name.isdigit():
+            try:
+                overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
+            except (OSError, yaml.YAMLError):
+                overrides = []
+            shown = [str(o) for o in overrides if not str(o).startswith(("run_dir=", "hydra.", "launcher"))]
+            if shown:
+                label += " (" + " ".join(shown) + ")"
+        labels.append(label)
+    return labels
+
+
+def plot_run_dirs(runs: list[Path], names: list[str], out: Path) -> Path | None:
+    """``alignrl runs --plot``: every run's metrics.jsonl on one chart (see alignrl.plots.plot_runs)."""
+    from alignrl.plots import plot_runs
+
+    labels = _plot_labels(runs, names)
+    return plot_runs({label: read_metrics(run / "metrics.jsonl") for run, label in zip(runs, labels)}, out)
+
+
+def list_runs(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    try:
+        dirs, plot = parse_args(argv)
+    except ValueError as e:
+        print(f"alignrl: error: {e}\n{USAGE}", file=sys.stderr)
+        return 2
     roots = [Path(d) for d in dirs] if dirs else [Path(d) for d in DEFAULT_DIRS]
     missing = [str(r) for r in roots if not r.exists()]
     runs = find_runs([r for r in roots if r.exists()])
     if not runs:
         where = ", ".join(str(r) for r in roots)
         print(f"no runs under {where}" + (f" ({', '.join(missing)} not found)" if missing else ""))
-        return 0
+        return 1 if plot is not None else 0  # a chart was asked for and none can be drawn
     info = []
     for run in runs:
         status = read_json(run / "status.json")
@@ -204,4 +266,10 @@ def list_runs(dirs: list[str]) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if plot is not None:
+        written = plot_run_dirs([run for run, _, _ in info], [r[0] for r in rows[1:]], plot)
+        if written is None:
+            print(f"alignrl: error: no run has logged a reward yet; nothing to plot into {plot}", file=sys.stderr)
+            return 1
+        print(f"alignrl: wrote {written} ({len(info)} runs)")
     return 0

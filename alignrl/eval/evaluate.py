@@ -143,8 +143,28 @@ def _summary(prefix: str, values: np.ndarray) -> dict:
             f"{prefix}_std": float(finite.std()) if finite.size else float("nan")}
 
 
+def report_chart(out: Path, result: EvalResult) -> Path | None:
+    """The bar chart beside the summary table: per tag, the verdict columns (strict, partial, ...; the reward
+    when there are none), overall included; without tags, every ``eval/<name>_mean`` with its std."""
+    from alignrl.plots import bar_chart
+
+    if result.table:
+        columns = [k for k in next(iter(result.table.values())) if k != "n"]
+        shown = [c for c in columns if c != "reward"] or ["reward"]
+        groups = {tag: {c: row.get(c) for c in shown} for tag, row in result.table.items()}
+        return bar_chart(groups, out, "per tag (overall = mean over tags)", " / ".join(shown))
+    means = {k[len("eval/"):-len("_mean")]: v for k, v in result.metrics.items()
+             if k.startswith("eval/") and k.endswith("_mean") and not k.startswith("eval/tag/")}
+    terms = [n for n in means if n != "reward" and "/" not in n]
+    if len(terms) == 1 and "reward" in means and means[terms[0]] == means["reward"]:
+        del means["reward"]  # a lone reward term is the total: one bar, under the reward's name
+    stds = {name: result.metrics.get(f"eval/{name}_std") for name in means}
+    return bar_chart({name: {"mean": v} for name, v in means.items()}, out, "mean per reward (error bar: std)",
+                     "mean", errors={name: {"mean": s} for name, s in stds.items() if s is not None})
+
+
 def write_report(out_dir: Path, result: EvalResult, title: str, details: dict, grid_size: int = 16) -> dict:
-    """Write metrics.json, grid.png and summary.md into ``out_dir``; returns the paths."""
+    """Write metrics.json, grid.png, chart.png and summary.md into ``out_dir``; returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps({**result.metrics, **details}, indent=2))
@@ -152,13 +172,20 @@ def write_report(out_dir: Path, result: EvalResult, title: str, details: dict, g
     if result.images is not None and len(result.images):
         k = min(grid_size, len(result.images))
         paths["grid"] = save_grid(out_dir / "grid.png", result.images[:k], result.captions[:k])
+    chart = report_chart(out_dir / "chart.png", result)
+    if chart is not None:
+        paths["chart"] = chart
     lines = [f"# {title}", ""]
     if result.table:
         cols = ["tag"] + [k for k in next(iter(result.table.values())) if k != "n"] + ["n"]
         lines += ["## Per tag (GenEval style; overall = mean over tags)", "",
                   markdown_table([{"tag": t, **row} for t, row in result.table.items()], cols), ""]
+        if chart is not None:
+            lines += ["![per tag](chart.png)", ""]
     rows = [{"metric": k, "value": v} for k, v in result.metrics.items() if not k.startswith("eval/tag/")]
     lines += [markdown_table(rows, ["metric", "value"]), ""]
+    if chart is not None and not result.table:
+        lines += ["![per reward](chart.png)", ""]
     lines += [f"- {k}: {v}" for k, v in details.items()]
     if "grid" in paths:
         lines += ["", "![samples](grid.png)"]

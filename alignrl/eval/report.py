@@ -16,9 +16,38 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
+CAPTION_MAX_LINES = 6
+
+
+def wrap_text(text: str, max_width: float, measure, max_lines: int = CAPTION_MAX_LINES) -> list[str]:
+    """``text`` broken into lines no wider than ``max_width`` (as ``measure(str)`` gives widths): at spaces,
+    and inside a word longer than a line. Past ``max_lines`` the last line ends with '...'."""
+    lines: list[str] = []
+    for word in str(text).split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and measure(candidate) <= max_width:
+            lines[-1] = candidate
+            continue
+        while measure(word) > max_width and len(word) > 1:  # a word wider than a line: break it
+            cut = 1
+            while cut < len(word) and measure(word[:cut + 1]) <= max_width:
+                cut += 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and measure(last + "...") > max_width:
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last.rstrip() + "..."]
+    return lines
+
+
 def image_grid(images: torch.Tensor | Sequence[Image.Image], captions: Sequence[str] | None = None,
-               cols: int | None = None, min_cell: int = 128) -> Image.Image:
-    """A grid of images, upscaled (nearest) to at least ``min_cell`` pixels, each with a caption strip."""
+               cols: int | None = None, min_cell: int = 128,
+               max_caption_lines: int = CAPTION_MAX_LINES) -> Image.Image:
+    """A grid of images, upscaled (nearest) to at least ``min_cell`` pixels, each with its caption wrapped to
+    the cell width below it (at most ``max_caption_lines`` lines; the strip is as tall as the longest caption)."""
     pils = to_pil(images) if isinstance(images, torch.Tensor) else list(images)
     n = len(pils)
     cols = cols or min(n, int(math.ceil(math.sqrt(n))))
@@ -26,17 +55,20 @@ def image_grid(images: torch.Tensor | Sequence[Image.Image], captions: Sequence[
     w, h = pils[0].size
     scale = max(1, int(math.ceil(min_cell / max(w, h))))
     cw, ch = w * scale, h * scale
-    cap_h = 14 if captions else 0
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    wrapped = [wrap_text(str(c), cw - 4, lambda t: measure(t, font=font), max_caption_lines)
+               for c in captions[:n]] if captions else []
+    left, top, right, bottom = font.getbbox("Ag|")
+    line_h = bottom - min(top, 0) + 2
+    cap_h = (max(map(len, wrapped), default=0) * line_h + 3) if wrapped else 0
     grid = Image.new("RGB", (cols * cw, rows * (ch + cap_h)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default()
     for i, im in enumerate(pils):
         x, y = (i % cols) * cw, (i // cols) * (ch + cap_h)
         grid.paste(im.resize((cw, ch), Image.NEAREST), (x, y))
-        if captions:
-            text = str(captions[i])
-            max_chars = max(4, cw // 6)
-            draw.text((x + 2, y + ch + 1), text[:max_chars], fill=(0, 0, 0), font=font)
+        for j, line in enumerate(wrapped[i] if i < len(wrapped) else []):
+            draw.text((x + 2, y + ch + 1 + j * line_h), line, fill=(0, 0, 0), font=font)
     return grid
 
 

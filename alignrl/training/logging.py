@@ -1,5 +1,13 @@
-"""Metrics: a JSONL file always, wandb when asked (offline works without an account), a console
-progress bar with ETA and the key metrics."""
+"""Metrics: a JSONL file always, wandb when asked (offline works without an account), progress on the
+console, a log file and training plots in the run directory.
+
+Progress: a tqdm bar when stderr is a terminal; otherwise (Slurm, CI, ``| tee``) one plain line per iteration,
+at most one per ``logger.log_every_s`` seconds (the first and the last are always printed), such as
+``step 12/40 (30%) | 2.1 s/it | ETA 0:00:58 | reward 0.412 kl 0.001 clip 0.02 lr 0.01``.
+``<run_dir>/alignrl.log`` (the file Hydra's job logging opens) gets the same lines, timestamped, and every
+message passed to ``write()``, whatever ``logger.progress_bar`` says. ``<run_dir>/plots/*.png`` are redrawn
+from metrics.jsonl at most every ``logger.plot_every_s`` seconds and when the logger closes.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +15,20 @@ import json
 import math
 import os
 import sys
+import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from alignrl.errors import ConfigError
 from alignrl.training.checkpoint import atomic_write_text
+
+WANDB_MODES = ("online", "offline", "disabled", "shared")
+# (label, metric) shown in the progress bar and progress lines; approx_kl stands in when kl is not logged
+PROGRESS_KEYS = (("reward", "reward_mean"), ("kl", "kl"), ("approx_kl", "approx_kl"), ("clip", "clipfrac"),
+                 ("lr", "lr"), ("eval", "eval/reward_mean"))
 
 
 def _clean(v):
@@ -24,23 +39,87 @@ def _clean(v):
     return v
 
 
+def _finite(v) -> float | None:
+    v = _clean(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def _is_tty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _seconds(cfg: dict, key: str, default: float) -> float:
+    value = cfg.get(key, default)
+    try:
+        value = float(default if value is None else value)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"logger.{key} must be a number of seconds >= 0, got {cfg.get(key)!r}")
+    return value
+
+
+def progress_line(step: int, total: int, metrics: dict, seconds_per_it: float | None) -> str:
+    """``step 12/40 (30%) | 2.1 s/it | ETA 0:00:58 | reward 0.412 kl 0.001 clip 0.02 lr 0.01``."""
+    parts = [f"step {step}/{total} ({100 * step / total:.0f}%)" if total else f"step {step}"]
+    if seconds_per_it is not None:
+        parts.append(f"{seconds_per_it:.2f} s/it" if seconds_per_it < 10 else f"{seconds_per_it:.0f} s/it")
+        if total:
+            parts.append(f"ETA {timedelta(seconds=round(max(0, total - step) * seconds_per_it))}")
+    values = []
+    for label, key in PROGRESS_KEYS:
+        v = _finite(metrics.get(key))
+        if v is not None and not (key == "approx_kl" and _finite(metrics.get("kl")) is not None):
+            values.append(f"{label} {v:.3g}")
+    if values:
+        parts.append(" ".join(values))
+    return " | ".join(parts)
+
+
 class MetricsLogger:
+    """Used by the trainer: ``log(step, metrics, images)`` after each iteration, ``progress(step, metrics)``,
+    ``write(message)`` for one-line notices, ``close()`` at the end (plots are drawn one last time). Only the
+    process built with ``enabled=True`` (the main one) writes anything."""
+
     def __init__(self, run_dir: Path, cfg_logger: dict, resolved_config: dict, enabled: bool, total_steps: int,
                  start_step: int, run_name: str):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.log_path: Path | None = self.run_dir / "alignrl.log"
         self.wandb = None
         self.bar = None
+        self.plain = False  # plain progress lines on stderr (not a terminal)
         if not enabled:
             return
         self._drop_rows_after(start_step)
         kind = cfg_logger.get("kind", "jsonl")
         if kind not in ("jsonl", "wandb"):
             raise ConfigError(f"unknown logger kind '{kind}'; use logger=jsonl or logger=wandb")
+        self.total, self.start_step = int(total_steps), int(start_step)
+        self.log_every_s = _seconds(cfg_logger, "log_every_s", 10.0)
+        self.plot_every_s = _seconds(cfg_logger, "plot_every_s", 120.0)
+        self.plots = cfg_logger.get("plots", True) is not False
+        self._t0 = time.monotonic()
+        self._last_line_at: float | None = None
+        self._pending_line: str | None = None  # the latest progress line not printed (throttled)
+        self._next_plot_at = self._t0 + self.plot_every_s
+        self._plotted_size = -1  # metrics.jsonl size at the last refresh
+        self.plot_seconds: list[float] = []  # the measured cost of each refresh
+        self._warned: set[str] = set()
         if kind == "wandb":
-            self._init_wandb(Path(run_dir), cfg_logger, resolved_config, run_name)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="it", dynamic_ncols=True,
-                        file=sys.stderr, mininterval=1.0, disable=cfg_logger.get("progress_bar", True) is False)
+            self._init_wandb(self.run_dir, cfg_logger, resolved_config, run_name)
+        if cfg_logger.get("progress_bar", True) is not False:
+            if _is_tty(sys.stderr):
+                self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="it", dynamic_ncols=True,
+                                file=sys.stderr, mininterval=1.0)
+            else:
+                self.plain = True
 
     def _drop_rows_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: drop their rows from a run that died
@@ -63,18 +142,31 @@ class MetricsLogger:
             atomic_write_text(self.path, "".join(keep))
 
     def _init_wandb(self, run_dir: Path, cfg: dict, resolved: dict, run_name: str):
+        # WANDB_MODE, when set, wins over logger.mode: a cluster or CI can switch wandb off (or online) for
+        # every recipe without editing any
+        env_mode = os.environ.get("WANDB_MODE")
+        mode = env_mode or cfg.get("mode") or "offline"
+        if mode not in WANDB_MODES:
+            source = "WANDB_MODE" if env_mode else "logger.mode"
+            raise ConfigError(f"{source}={mode!r} is not a wandb mode; use one of {', '.join(WANDB_MODES)}")
+        if mode == "disabled":
+            self.write(f"alignrl: wandb disabled ({'WANDB_MODE' if env_mode else 'logger.mode'}=disabled); "
+                       "metrics go to metrics.jsonl only")
+            return
         import wandb
 
         id_file = run_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
-        mode = cfg.get("mode") or os.environ.get("WANDB_MODE") or "offline"
         self.wandb = wandb.init(
-            project=cfg.get("project", "alignrl"), entity=cfg.get("entity"), name=run_name, id=run_id,
-            resume="allow", dir=str(run_dir), config=resolved, mode=mode, tags=list(cfg.get("tags") or []),
+            project=cfg.get("project") or os.environ.get("WANDB_PROJECT") or "alignrl", entity=cfg.get("entity"),
+            name=run_name, id=run_id, resume="allow", dir=str(run_dir), config=resolved, mode=mode,
+            tags=list(cfg.get("tags") or []),
         )
 
     def log(self, step: int, metrics: dict, images: dict | None = None) -> None:
+        """Append a row to metrics.jsonl (and wandb, with ``images``: name -> PNG path, logged as
+        ``images/<name>``); redraw the plots when ``logger.plot_every_s`` has passed."""
         if not self.enabled:
             return
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
@@ -82,34 +174,109 @@ class MetricsLogger:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             payload = dict(row)
-            if images:
+            for name, path in (images or {}).items():
+                if path is None:
+                    continue
+                if not Path(path).is_file():
+                    self._warn_once(f"image:{name}", f"alignrl: image '{name}' not logged to wandb: {path} is missing")
+                    continue
                 import wandb
 
-                payload.update({k: wandb.Image(str(v)) for k, v in images.items()})
+                payload[f"images/{name}"] = wandb.Image(str(path), caption=f"{name}, step {step}")
             self.wandb.log(payload, step=step)
+        if time.monotonic() >= self._next_plot_at:
+            self.refresh_plots()
+
+    def refresh_plots(self) -> list[Path]:
+        """Redraw run_dir/plots/ from metrics.jsonl (skipped when no row was added since the last time).
+        The next refresh waits ``plot_every_s`` and at least 20x this one's cost, so drawing never takes more
+        than ~5% of the run. A failure is reported once and turns plotting off; training goes on."""
+        if not (self.enabled and self.plots):
+            return []
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return []
+        if size == self._plotted_size:
+            return []
+        t = time.perf_counter()
+        try:
+            from alignrl.plots import write_run_plots
+
+            written = write_run_plots(self.run_dir)
+        except Exception as e:  # noqa: BLE001  a plot must never stop a training run
+            self.plots = False
+            self.write(f"alignrl: plots turned off for this run, drawing failed: {type(e).__name__}: {e}")
+            return []
+        cost = time.perf_counter() - t
+        self.plot_seconds.append(cost)
+        self._plotted_size = size
+        self._next_plot_at = time.monotonic() + max(self.plot_every_s, 20 * cost)
+        return written
 
     def progress(self, step: int, metrics: dict) -> None:
-        if self.bar is None:
+        if not self.enabled:
             return
-        keys = [("reward", "reward_mean"), ("kl", "kl"), ("clip", "clipfrac"), ("lr", "lr")]
-        post = {}
-        for short, key in keys:
-            v = metrics.get(key)
-            if v is not None:
-                post[short] = f"{v:.3g}"
-        self.bar.set_postfix(post, refresh=False)
-        self.bar.update(step - self.bar.n)
+        if self.bar is not None:
+            post = {}
+            for short, key in PROGRESS_KEYS:
+                v = _finite(metrics.get(key))
+                if v is not None:
+                    post[short] = f"{v:.3g}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(step - self.bar.n)
+        now = time.monotonic()
+        done = step - self.start_step
+        line = progress_line(step, self.total, metrics, (now - self._t0) / done if done > 0 else None)
+        evaluated = _finite(metrics.get("eval/reward_mean")) is not None  # an eval result is always shown
+        due = self._last_line_at is None or now - self._last_line_at >= self.log_every_s
+        if due or step >= self.total or evaluated:
+            self._emit_progress(line)
+            self._last_line_at = now
+        else:
+            self._pending_line = line
+
+    def _emit_progress(self, line: str) -> None:
+        self._pending_line = None
+        if self.plain:
+            print(line, file=sys.stderr, flush=True)
+        self._append_log(line)
+
+    def _append_log(self, message: str) -> None:
+        if self.log_path is None:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write("".join(f"[{stamp}] {line}\n" for line in message.splitlines() or [""]))
+        except OSError as e:
+            self.log_path = None
+            print(f"alignrl: not writing {self.run_dir / 'alignrl.log'} any more: {e}", file=sys.stderr)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.write(message)
 
     def write(self, message: str) -> None:
+        """A notice for the console (above the bar) and alignrl.log."""
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.write(message, file=sys.stderr)
         else:
-            print(message, file=sys.stderr)
+            print(message, file=sys.stderr, flush=True)
+        self._append_log(message)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._pending_line is not None:  # the last iteration's line, when the throttle held it back
+            self._emit_progress(self._pending_line)
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+        self.refresh_plots()
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None
