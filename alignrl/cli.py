@@ -15,6 +15,8 @@ commands:
   train     run a recipe (default recipe: tiny_flowgrpo, CPU, under 2 minutes)
   eval      evaluate a checkpoint (eval.checkpoint=<dir>) or the base model; writes metrics, grid, summary
   sample    generate images from a checkpoint or the base model (sample.prompts=[...])
+  export    write a diffusers pipeline (weights merged) and the LoRA adapter: checkpoint=<run|ckpt> out=<dir>
+            [weights=ema|live]; without checkpoint=, the recipe's base model
   serve-reward  serve a reward over HTTP for reward=remote clients (port=8000 host=127.0.0.1 token=...)
   reward-check  score a folder of images with a reward before a run (images=<dir|glob> prompts=<file|text>)
   recipes   list the recipes with a one-line description, and every config group's options
@@ -27,6 +29,7 @@ examples:
   alignrl train recipe=flowgrpo_sd35_geneval launcher.nproc_per_node=8
   alignrl train run_dir=outputs/my_run resume=auto
   alignrl eval eval.checkpoint=outputs/tiny_flowgrpo/<run>
+  alignrl export checkpoint=outputs/tiny_flowgrpo/<run> out=exported/my_model
   alignrl train recipe=flowgrpo_sd35 --cfg job        # print the resolved config
   alignrl train launcher=slurm launcher.nodes=2 launcher.gpus_per_node=8 launcher.time=240  # submit to Slurm
   alignrl train -m launcher=slurm algorithm.lr=1e-5,3e-5  # one Slurm job per point
@@ -37,10 +40,11 @@ examples:
 `alignrl <command> --help` lists the config groups and their options.
 """
 
-COMMANDS = ("train", "eval", "sample", "serve-reward", "reward-check")
+COMMANDS = ("train", "eval", "sample", "export", "serve-reward", "reward-check")
 # bare keys `alignrl serve-reward` accepts for serve.<key>, and `alignrl reward-check` for check.<key>
 SERVE_SHORTHANDS = ("port", "host", "token")
 CHECK_SHORTHANDS = ("images", "prompts", "out", "batch_size")
+EXPORT_SHORTHANDS = ("checkpoint", "out", "weights", "device")
 # commands that write no run directory or Hydra log file
 QUIET = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
@@ -64,12 +68,17 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(list_runs(rest))
     if command not in COMMANDS:
-        _fail(f"unknown command '{command}'; use one of train, eval, sample, serve-reward, reward-check, "
+        _fail(f"unknown command '{command}'; use one of train, eval, sample, export, serve-reward, reward-check, "
               "recipes, runs")
     if command == "serve-reward":
         rest = QUIET + _shorthands(rest, SERVE_SHORTHANDS, "serve")
     elif command == "reward-check":
         rest = QUIET + _shorthands(rest, CHECK_SHORTHANDS, "check")
+    elif command == "export":
+        rest = QUIET + _shorthands(rest, EXPORT_SHORTHANDS, "export")
+    elif command in ("eval", "sample") and any(o.startswith("eval.checkpoint=") and o.split("=", 1)[1] not in
+                                               ("", "null") for o in rest):
+        rest = QUIET + rest  # the outputs go into the checkpoint's run directory: no new one
 
     from alignrl.config import check_group_overrides, expand_reward_weights
     from alignrl.errors import AlignError
@@ -126,6 +135,10 @@ def _dispatch(command: str, cfg) -> None:
             from alignrl.rewards.check import run
 
             code = run(cfg)
+        elif command == "export":
+            from alignrl.export import export
+
+            code = export(cfg)
         else:
             from alignrl.commands import sample
 

@@ -120,40 +120,33 @@ def _launch_torchrun(cfg: DictConfig, run_dir: Path, nproc: int, nodes: dict | N
 
 
 # ---------------------------------------------------------------------------------------- eval / sample
-def _load_policy(cfg: DictConfig, device):
-    """Build the backbone; with eval.checkpoint, load its trained weights (EMA or live)."""
-    from alignrl.training.lora import load_trainable_file, setup_trainable
+def _command_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
 
-    checkpoint = cfg.eval.get("checkpoint")
-    path = ckpt.resolve_resume(str(checkpoint), Path(".")) if checkpoint else None
-    if checkpoint and path is None:
-        raise CheckpointError(f"eval.checkpoint='{checkpoint}' holds no checkpoint")
-    model_cfg = cfg
-    if path is not None:
-        saved = path.parent.parent / "config.yaml"
-        if saved.is_file():
-            run_cfg = OmegaConf.load(saved)
-            model_cfg = OmegaConf.merge(cfg, {"backbone": run_cfg.backbone,
-                                              "trainer": {"finetune": run_cfg.trainer.finetune,
-                                                          "lora": run_cfg.trainer.lora}})
-    backbone = build_backbone(model_cfg, device)
-    if path is None:
-        return backbone, "base model"
-    state = ckpt.load_json(path / "state.json")
-    finetune = state.get("finetune", str(model_cfg.trainer.finetune))
-    names = setup_trainable(backbone, finetune, as_dict(model_cfg.trainer.lora))
-    weights = str(cfg.eval.get("weights", "ema"))
-    if weights not in ("ema", "live"):
-        raise ConfigError(f"eval.weights='{weights}' is not known; use ema or live")
-    file = path / ("ema.safetensors" if weights == "ema" else "trainable.safetensors")
-    if weights == "ema" and not file.is_file():
-        file = path / "trainable.safetensors"
-        weights = "live (no EMA in checkpoint)"
-    load_trainable_file(backbone.transformer, names, file)
-    backbone.transformer.requires_grad_(False).eval()
-    if finetune == "full":
-        backbone.transformer.to(backbone.dtype)  # training kept fp32 master weights; inference needs none
-    return backbone, f"{path} ({weights} weights)"
+    return list(HydraConfig.get().overrides.task)
+
+
+def _source(cfg: DictConfig, checkpoint, key: str):
+    """The policy's config and checkpoint: the run's own config when a checkpoint is given."""
+    from alignrl.policy import run_source
+
+    return run_source(cfg, checkpoint, _command_overrides(), key)
+
+
+def _output_dir(cfg: DictConfig, source, command: str, weights: str) -> Path:
+    """``eval.out_dir`` when set; for a checkpoint ``<run>/eval/<command>-<step>-<weights>-<time>/``; else the
+    command's own run directory."""
+    if cfg.eval.get("out_dir"):
+        return Path(str(cfg.eval.out_dir))
+    if source.checkpoint is None:
+        return _run_dir()
+    import time
+
+    base = source.run_dir / "eval" / f"{command}-{source.checkpoint.name}-{weights}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 1
+    while out.exists():  # two commands in the same second never share a folder
+        out, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return out
 
 
 def _device(cfg: DictConfig):
@@ -164,21 +157,25 @@ def _device(cfg: DictConfig):
 
 def evaluate(cfg: DictConfig) -> int:
     from alignrl.eval.evaluate import Evaluator, write_report
+    from alignrl.policy import load_policy
     from alignrl.rewards.base import WeightedReward
 
+    source = _source(cfg, cfg.eval.get("checkpoint"), "eval.checkpoint")
+    cfg = source.cfg
+    weights = str(cfg.eval.get("weights", "ema"))
     prompts = PromptSet.load(cfg.data.get("eval"), "data.eval")
     reward = WeightedReward.from_config(as_dict(cfg.reward))
     planner = build_planner(cfg)
     device = _device(cfg)
-    out_dir = Path(cfg.eval.get("out_dir") or _run_dir())
+    out_dir = _output_dir(cfg, source, "eval", weights)
     torch.manual_seed(int(cfg.seed))
-    backbone, source = _load_policy(cfg, device)
+    backbone, model = load_policy(source, device, weights)
     plan = planner.eval_plan()
     evaluator = Evaluator(backbone, plan, prompts, reward, seed=int(cfg.seed),
                           batch_size=int(cfg.eval.batch_size), num_prompts=cfg.eval.get("num_prompts"),
                           images_per_prompt=int(cfg.eval.get("images_per_prompt", 1)), progress=True)
     result = evaluator.run()
-    details = {"model": source, "prompts": prompts.source, "ode_steps": plan.num_steps,
+    details = {"model": model, "prompts": prompts.source, "ode_steps": plan.num_steps,
                "guidance_scale": plan.guidance_scale, "reward": ", ".join(cfg.reward.keys())}
     paths = write_report(out_dir, result, "alignrl eval", details, grid_size=int(cfg.eval.get("grid_size", 16)))
     if result.table:
@@ -193,10 +190,22 @@ def evaluate(cfg: DictConfig) -> int:
     return 0
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The noise seed of image ``index`` (prompt i, image j: ``index = i * num_images + j``) of ``alignrl sample``:
+    ``torch.Generator().manual_seed(sample_seed(...))`` gives a diffusers pipeline the same starting noise."""
+    from alignrl.sampling.engine import generator_seed
+
+    return generator_seed(seed, 0, index)
+
+
 def sample(cfg: DictConfig) -> int:
     from alignrl.eval.report import save_grid, to_pil
+    from alignrl.policy import load_policy
     from alignrl.sampling.engine import rollout, sample_generators
 
+    source = _source(cfg, cfg.eval.get("checkpoint"), "eval.checkpoint")
+    cfg = source.cfg
+    weights = str(cfg.eval.get("weights", "ema"))
     prompts = list(cfg.sample.get("prompts") or [])
     metadata = [{} for _ in prompts]
     if not prompts:
@@ -206,23 +215,29 @@ def sample(cfg: DictConfig) -> int:
     if num < 1:
         raise ConfigError(f"sample.num_images must be >= 1, got {num}")
     planner = build_planner(cfg)
-    out_dir = Path(cfg.eval.get("out_dir") or _run_dir())
+    out_dir = _output_dir(cfg, source, "sample", weights)
+    backbone, model = load_policy(source, _device(cfg), weights)
     out_dir.mkdir(parents=True, exist_ok=True)
-    backbone, source = _load_policy(cfg, _device(cfg))
     plan = planner.eval_plan()
+    seed = int(cfg.seed)
     all_images, captions, index = [], [], []
     with torch.no_grad():
         for p_idx, prompt in enumerate(prompts):
             cond = backbone.encode_prompts([prompt] * num)
-            gens = sample_generators(int(cfg.seed), 0, [p_idx * num + j for j in range(num)], backbone.device)
+            ids = [p_idx * num + j for j in range(num)]
+            gens = sample_generators(seed, 0, ids, backbone.device)
             images = backbone.decode(rollout(backbone, plan, cond, gens, record=False).final).cpu()
             for j, im in enumerate(to_pil(images)):
-                im.save(out_dir / f"{p_idx:03d}_{j:02d}.png")
-                index.append(json.dumps({"image": f"{p_idx:03d}_{j:02d}.png", "prompt": prompt, **metadata[p_idx]}))
+                name = f"{p_idx:03d}_{j:02d}.png"
+                im.save(out_dir / name)
+                index.append(json.dumps({"image": name, "prompt": prompt, "seed": sample_seed(seed, ids[j]),
+                                         **metadata[p_idx]}))
             all_images.append(images)
             captions += [prompt] * num
-    # prompts.jsonl pairs each image with its prompt: `alignrl reward-check images=<this folder>` reads it
+    # prompts.jsonl pairs each image with its prompt and noise seed: `alignrl reward-check images=<this folder>`
+    # reads it, and the seed reproduces the image with an exported pipeline (README: Export)
     ckpt.atomic_write_text(out_dir / "prompts.jsonl", "\n".join(index) + "\n")
     grid = save_grid(out_dir / "grid.png", torch.cat(all_images)[:64], captions[:64])
-    print(f"alignrl: {len(prompts) * num} images from {source} in {out_dir} (grid: {grid})", file=sys.stderr)
+    print(f"alignrl: {len(prompts) * num} images from {model} ({plan.num_steps} ODE steps, guidance "
+          f"{plan.guidance_scale:g}) in {out_dir} (grid: {grid})", file=sys.stderr)
     return 0

@@ -257,6 +257,16 @@ class Backbone:
             safe_serialization=True,
         )
 
+    def save_pipeline(self, directory: str) -> None:
+        """The whole pipeline in diffusers' layout (``DiffusionPipeline.from_pretrained(directory)`` loads it)."""
+        self.pipe.save_pretrained(directory, safe_serialization=True)
+
+    def pipeline_call_kwargs(self, num_steps: int, guidance_scale: float) -> dict:
+        """Arguments of the pipeline's own ``__call__`` that sample as this adapter's ODE plan does."""
+        return {"num_inference_steps": int(num_steps), "guidance_scale": float(guidance_scale),
+                "height": self.resolution, "width": self.resolution,
+                "max_sequence_length": self.max_sequence_length}
+
     def describe(self) -> str:
         n = sum(p.numel() for p in self.transformer.parameters())
         return f"{self.family} {type(self.transformer).__name__} {n / 1e6:.2f}M params, {self.resolution}px, dtype {self.dtype}"

@@ -19,15 +19,15 @@ from alignrl.sampling.kernels import KERNELS, StepResult, dpm_solver_2m_step, od
 from alignrl.sampling.plans import RolloutPlan, StepSpec
 
 
+def generator_seed(seed: int, iteration: int, index: int) -> int:
+    """The seed of sample ``index``'s generator in ``iteration``: a fixed odd-multiplier mix keeps keys distinct
+    for realistic ranges (< 2^20 samples per iteration)."""
+    return (int(seed) * 1_000_003 + int(iteration)) * 1_048_583 + int(index) & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def sample_generators(seed: int, iteration: int, indices: Sequence[int], device="cpu") -> list[torch.Generator]:
     """One generator per sample, keyed by (seed, iteration, global sample index)."""
-    gens = []
-    for idx in indices:
-        g = torch.Generator(device=device)
-        # A fixed odd-multiplier mix keeps keys distinct for realistic ranges (< 2^20 samples/iteration).
-        g.manual_seed((int(seed) * 1_000_003 + int(iteration)) * 1_048_583 + int(idx) & 0x7FFF_FFFF_FFFF_FFFF)
-        gens.append(g)
-    return gens
+    return [torch.Generator(device=device).manual_seed(generator_seed(seed, iteration, idx)) for idx in indices]
 
 
 def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int], device) -> torch.Tensor:

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 
 from alignrl.backbones.base import Backbone, Conditioning, dtype_kwarg, parse_dtype
 from alignrl.errors import ConfigError
+from alignrl.shapes.pipeline import MAX_TOKENS, ShapesPipeline
 from alignrl.shapes.world import COLORS, COUNT_WORDS, RELATIONS, SHAPES
 
-MAX_TOKENS = 10
+__all__ = ["MAX_TOKENS", "ShapesPipeline", "ShapesBackbone", "build_pipeline"]
 
 
 def vocabulary() -> list[str]:
@@ -61,42 +61,6 @@ def build_unet(channels: Sequence[int] = (32, 64, 128), cross_dim: int = 128) ->
         up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
         cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=8,
     )
-
-
-class ShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
-    model_cpu_offload_seq = "text_encoder->unet"
-
-    def __init__(self, unet, text_encoder, tokenizer, scheduler):
-        super().__init__()
-        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-
-    @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], device=None) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                             return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(device or self.text_encoder.device))[0]
-
-    @torch.no_grad()
-    def __call__(self, prompt: list[str] | str, num_inference_steps: int = 20, guidance_scale: float = 3.0,
-                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None):
-        """Euler ODE sampling with CFG; returns images in [0, 1], (B, 3, 32, 32)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        device = self.unet.device
-        cond = self.encode_prompt(prompts, device)
-        uncond = self.encode_prompt([""] * len(prompts), device)
-        x = latents if latents is not None else torch.randn(
-            (len(prompts), 3, self.unet.config.sample_size, self.unet.config.sample_size), generator=generator
-        ).to(device)
-        dtype = self.unet.dtype
-        x = x.float()
-        embeds = torch.cat([uncond, cond]).to(dtype)
-        self.scheduler.set_timesteps(num_inference_steps)
-        for i, t in enumerate(self.scheduler.timesteps):
-            out = self.unet(torch.cat([x, x]).to(dtype), t.expand(2 * len(prompts)), encoder_hidden_states=embeds).sample
-            u, c = out.float().chunk(2)
-            v = u + guidance_scale * (c - u)
-            x = x + (self.scheduler.sigmas[i + 1] - self.scheduler.sigmas[i]) * v
-        return (x / 2 + 0.5).clamp(0, 1)
 
 
 def build_pipeline(seed: int = 0, channels: Sequence[int] = (32, 64, 128), text_hidden: int = 128) -> ShapesPipeline:
@@ -169,6 +133,24 @@ class ShapesBackbone(Backbone):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents.float() / 2 + 0.5).clamp(0, 1)
+
+    def save_pipeline(self, directory: str) -> None:
+        """diffusers' layout plus the pipeline's code (``pipeline.py``): load it with
+        ``DiffusionPipeline.from_pretrained(directory, trust_remote_code=True)``, no alignrl needed."""
+        import json
+        import shutil
+
+        from alignrl.shapes import pipeline
+
+        self.pipe.save_pretrained(directory, safe_serialization=True)
+        shutil.copyfile(pipeline.__file__, Path(directory) / "pipeline.py")
+        index_file = Path(directory) / "model_index.json"
+        index = json.loads(index_file.read_text())
+        index["_class_name"] = ["pipeline", "ShapesPipeline"]  # diffusers' custom-pipeline form: <file>, <class>
+        index_file.write_text(json.dumps(index, indent=2) + "\n")
+
+    def pipeline_call_kwargs(self, num_steps: int, guidance_scale: float) -> dict:
+        return {"num_inference_steps": int(num_steps), "guidance_scale": float(guidance_scale)}
 
     def save_lora(self, directory: str, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
         ShapesPipeline.save_lora_weights(directory, unet_lora_layers=state_dict, unet_lora_adapter_metadata=metadata,

@@ -67,7 +67,9 @@ def lora_export(transformer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], 
     """The adapter's state dict and config, as diffusers' ``save_lora_weights`` expects them."""
     from peft.utils import get_peft_model_state_dict
 
-    state = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    # A copy, never a view: on CPU ``.to("cpu")`` returns the live tensor itself, and a caller that exports
+    # with the EMA weights swapped in saves after the swap is undone.
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
     meta = transformer.peft_config["default"].to_dict()
     meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
     return state, meta

@@ -1,0 +1,157 @@
+"""The trained policy of a run, as ``alignrl eval``, ``sample`` and ``export`` use it.
+
+A checkpoint is read with the config its run was trained with (``<run>/config.yaml``): backbone, sampler,
+rewards, eval prompts and resolution come from there, and only what the user names on the command line
+changes (``backbone.pretrained=/moved/weights``, ``backbone.dtype=bf16``, ``sampler.eval_num_steps=40``,
+``reward=pickscore``). Without a checkpoint the composed config is used as it is (the base model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from alignrl.config import GROUPS
+from alignrl.errors import CheckpointError, ConfigError
+from alignrl.training import checkpoint as ckpt
+
+WEIGHTS = ("ema", "live")
+
+
+@dataclass
+class RunSource:
+    """Where a policy comes from: a checkpoint of a run (with that run's config), or the base model."""
+
+    cfg: DictConfig  # the config to build the policy with (the run's, with the command's overrides on top)
+    checkpoint: Path | None  # a checkpoint directory, or None for the base model
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.checkpoint.parent.parent if self.checkpoint is not None else None
+
+    @property
+    def step(self) -> int | None:
+        if self.checkpoint is None:
+            return None
+        return int(ckpt.load_json(self.checkpoint / "state.json").get("iteration", 0))
+
+
+def find_checkpoint(path: str, key: str) -> Path:
+    """A checkpoint directory, or a run directory's latest good checkpoint; ``key`` names the setting in errors."""
+    try:
+        found = ckpt.resolve_resume(str(path), Path("."))
+    except CheckpointError:
+        found = None
+    if found is None:
+        raise CheckpointError(
+            f"{key}='{path}' is not a checkpoint (a checkpoints/step_N directory with {ckpt.MARKER}) nor a run "
+            f"directory holding one; pass {key}=outputs/<recipe>/<run> or {key}=<run>/checkpoints/step_000010")
+    return found
+
+
+def _override_keys(overrides: list[str]) -> list[str]:
+    """The config keys the command line sets (``+``/``++`` prefixes dropped, deletions and Hydra's own skipped)."""
+    keys = []
+    for ov in overrides:
+        if "=" not in ov or ov.startswith(("hydra.", "hydra/", "~")):
+            continue
+        key = ov.split("=", 1)[0].lstrip("+").removeprefix("override ").strip()
+        keys.append(key)
+    return keys
+
+
+def run_source(cfg: DictConfig, checkpoint: str | None, overrides: list[str], key: str = "eval.checkpoint") -> RunSource:
+    """The run's saved config with the command line's overrides on top (values as the command composed them).
+
+    A group choice on the command line (``reward=pickscore``) replaces the run's whole group; a key
+    (``backbone.dtype=bf16``) replaces that key. ``recipe=`` cannot be combined with a checkpoint.
+    """
+    if not checkpoint:
+        return RunSource(cfg, None)
+    path = find_checkpoint(str(checkpoint), key)
+    saved = path.parent.parent / "config.yaml"
+    if not saved.is_file():  # a checkpoint copied without its run: the command's config is all there is
+        return RunSource(cfg, path)
+    try:
+        run_cfg = OmegaConf.load(saved)
+    except Exception as e:  # noqa: BLE001  a YAML error: name the file
+        raise CheckpointError(f"cannot read the run's config {saved}: {str(e).splitlines()[0]}") from None
+    keys = _override_keys(overrides)
+    if "recipe" in keys:
+        raise ConfigError(f"recipe= cannot be combined with {key}: the checkpoint's run config "
+                          f"({saved}) is used; override single keys instead (e.g. backbone.dtype=bf16)")
+    with open_dict(run_cfg):
+        for section in cfg:  # settings added since the run was trained (e.g. export:) come from the command
+            if section not in run_cfg:
+                run_cfg[section] = _resolved(cfg, section)
+        for k in keys:
+            value = _resolved(cfg, k)
+            if k in GROUPS:  # a group choice replaces the run's whole group
+                run_cfg[k] = value
+            else:
+                OmegaConf.update(run_cfg, k, value, merge=False, force_add=True)
+    return RunSource(run_cfg, path)
+
+
+def _resolved(cfg: DictConfig, key: str):
+    """The value of ``key`` as the command composed it, interpolations resolved (they refer to that config)."""
+    value = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def load_policy(source: RunSource, device, weights: str = "ema"):
+    """Build the backbone; with a checkpoint, load its trained weights (EMA or live).
+
+    Returns ``(backbone, description)``; LoRA stays as adapter layers (``merge_lora`` folds it in).
+    """
+    from alignrl.components import as_dict, build_backbone
+    from alignrl.training.lora import load_trainable_file, setup_trainable
+
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights='{weights}' is not known; use ema or live")
+    cfg = source.cfg
+    path = source.checkpoint
+    if path is not None:  # before the model loads: the files we need are there
+        state = ckpt.load_json(path / "state.json")
+        finetune = str(state.get("finetune", cfg.trainer.finetune))
+        file = path / ("ema.safetensors" if weights == "ema" else "trainable.safetensors")
+        note = f"{weights} weights"
+        if weights == "ema" and not file.is_file():
+            if state.get("ema") is not None:
+                raise CheckpointError(f"{file} is missing although the run kept an EMA; the checkpoint is incomplete "
+                                      f"(use another checkpoint, or eval.weights=live)")
+            file, note = path / "trainable.safetensors", "live weights (the run kept no EMA)"
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing; the checkpoint is incomplete, use another one")
+    backbone = build_backbone(cfg, device)
+    if path is None:
+        return backbone, "base model"
+    names = setup_trainable(backbone, finetune, as_dict(cfg.trainer.get("lora")))
+    load_trainable_file(backbone.transformer, names, file)
+    backbone.transformer.requires_grad_(False).eval()
+    if finetune == "full":
+        _to_backbone_dtype(backbone)  # training kept fp32 master weights; inference needs none
+    return backbone, f"{path} ({note})"
+
+
+def _to_backbone_dtype(backbone) -> None:
+    if any(p.dtype != backbone.dtype for p in backbone.transformer.parameters() if p.is_floating_point()):
+        backbone.transformer.to(backbone.dtype)
+
+
+def is_lora(backbone) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in backbone.transformer.modules())
+
+
+def merge_lora(backbone) -> None:
+    """Fold the LoRA adapter into the denoiser's weights and drop the adapter layers (for export)."""
+    if not is_lora(backbone):
+        return
+    transformer = backbone.transformer
+    transformer.fuse_lora()
+    transformer.unload_lora()
+    _to_backbone_dtype(backbone)

@@ -1,0 +1,59 @@
+"""The ShapeWorld diffusers pipeline: a pixel-space conditional UNet sampled by rectified flow (Euler ODE, CFG).
+
+This file imports only torch and diffusers: ``alignrl export`` copies it into an exported pipeline directory
+as ``pipeline.py``, so ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` loads a ShapeWorld
+model on a machine without alignrl.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+MAX_TOKENS = 10  # prompts are padded or cut to this many word tokens
+
+
+class ShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    model_cpu_offload_seq = "text_encoder->unet"
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], device=None) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                             return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(device or self.text_encoder.device))[0]
+
+    @torch.no_grad()
+    def __call__(self, prompt: list[str] | str, num_inference_steps: int = 20, guidance_scale: float = 3.0,
+                 generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None):
+        """Euler ODE sampling with CFG; returns images in [0, 1], (B, 3, 32, 32).
+
+        ``generator``: one for the whole batch, or a list with one per prompt (each image's noise then
+        depends only on its own generator, as in ``alignrl sample``).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        device = self.unet.device
+        cond = self.encode_prompt(prompts, device)
+        uncond = self.encode_prompt([""] * len(prompts), device)
+        side = self.unet.config.sample_size
+        if latents is None:
+            if isinstance(generator, (list, tuple)):
+                if len(generator) != len(prompts):
+                    raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts")
+                latents = torch.stack([torch.randn((3, side, side), generator=g) for g in generator])
+            else:
+                latents = torch.randn((len(prompts), 3, side, side), generator=generator)
+        x = latents.to(device).float()
+        dtype = self.unet.dtype
+        embeds = torch.cat([uncond, cond]).to(dtype)
+        self.scheduler.set_timesteps(num_inference_steps)
+        for i, t in enumerate(self.scheduler.timesteps):
+            out = self.unet(torch.cat([x, x]).to(dtype), t.expand(2 * len(prompts)), encoder_hidden_states=embeds).sample
+            u, c = out.float().chunk(2)
+            v = u + guidance_scale * (c - u)
+            x = x + (self.scheduler.sigmas[i + 1] - self.scheduler.sigmas[i]) * v
+        return (x / 2 + 0.5).clamp(0, 1)
