@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "reward-check":
         rest = QUIET + _shorthands(rest, CHECK_SHORTHANDS, "check")
     elif command == "export":
-        rest = QUIET + _shorthands(rest, EXPORT_SHORTHANDS, "export")
-    elif command in ("eval", "sample") and any(o.startswith("eval.checkpoint=") and o.split("=", 1)[1] not in
-                                               ("", "null") for o in rest):
-        rest = QUIET + rest  # the outputs go into the checkpoint's run directory: no new one
+        rest = _shorthands(rest, EXPORT_SHORTHANDS, "export")
+        rest = QUIET + (_on_run_config(rest) if _names_checkpoint(rest, "export.checkpoint") else rest)
+    elif command in ("eval", "sample") and _names_checkpoint(rest, "eval.checkpoint"):
+        rest = QUIET + _on_run_config(rest)  # the outputs go into the checkpoint's run directory: no new one
 
     from alignrl.config import check_group_overrides, expand_reward_weights
     from alignrl.errors import AlignError
@@ -89,6 +89,26 @@ def main(argv: list[str] | None = None) -> None:
     except AlignError as e:
         _fail(str(e))
     _run_hydra(command, rest)
+
+
+def _names_checkpoint(overrides: list[str], key: str) -> bool:
+    return any(o.startswith(key + "=") and o.split("=", 1)[1] not in ("", "null") for o in overrides)
+
+
+# sections whose keys belong to the command, not to the run a checkpoint comes from
+COMMAND_SECTIONS = ("eval.", "sample.", "export.", "check.", "serve.", "hydra.", "hydra/")
+
+
+def _on_run_config(overrides: list[str]) -> list[str]:
+    """With a checkpoint, keys are set on the run's saved config, whose groups may hold keys the default recipe
+    lacks (``backbone.pretrained`` of a real-weights run): let Hydra add them (``++``); alignrl.policy checks them
+    against the run's config."""
+    out = []
+    for ov in overrides:
+        key = ov.split("=", 1)[0]
+        plain = "=" in ov and "." in key and not key.startswith(("+", "~", *COMMAND_SECTIONS))
+        out.append("++" + ov if plain else ov)
+    return out
 
 
 def _shorthands(overrides: list[str], keys: tuple[str, ...], section: str) -> list[str]:

@@ -175,7 +175,7 @@ def evaluate(cfg: DictConfig) -> int:
                           batch_size=int(cfg.eval.batch_size), num_prompts=cfg.eval.get("num_prompts"),
                           images_per_prompt=int(cfg.eval.get("images_per_prompt", 1)), progress=True)
     result = evaluator.run()
-    details = {"model": model, "prompts": prompts.source, "ode_steps": plan.num_steps,
+    details = {"model": model, "backbone": backbone.describe(), "prompts": prompts.source, "ode_steps": plan.num_steps,
                "guidance_scale": plan.guidance_scale, "reward": ", ".join(cfg.reward.keys())}
     paths = write_report(out_dir, result, "alignrl eval", details, grid_size=int(cfg.eval.get("grid_size", 16)))
     if result.table:

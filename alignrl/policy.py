@@ -79,6 +79,7 @@ def run_source(cfg: DictConfig, checkpoint: str | None, overrides: list[str], ke
     except Exception as e:  # noqa: BLE001  a YAML error: name the file
         raise CheckpointError(f"cannot read the run's config {saved}: {str(e).splitlines()[0]}") from None
     keys = _override_keys(overrides)
+    _check_keys(run_cfg, keys, saved)
     if "recipe" in keys:
         raise ConfigError(f"recipe= cannot be combined with {key}: the checkpoint's run config "
                           f"({saved}) is used; override single keys instead (e.g. backbone.dtype=bf16)")
@@ -93,6 +94,30 @@ def run_source(cfg: DictConfig, checkpoint: str | None, overrides: list[str], ke
             else:
                 OmegaConf.update(run_cfg, k, value, merge=False, force_add=True)
     return RunSource(run_cfg, path)
+
+
+def _check_keys(run_cfg: DictConfig, keys: list[str], saved: Path) -> None:
+    """A dotted key must exist in the run's config (the command's own sections excepted): a misspelt one names the
+    closest keys instead of being added silently."""
+    import difflib
+
+    for k in keys:
+        if "." not in k or k.split(".")[0] in ("eval", "sample", "export", "check", "serve"):
+            continue
+        if OmegaConf.select(run_cfg, k, default="__missing__") != "__missing__":
+            continue
+        known = _leaf_keys(run_cfg)
+        close = difflib.get_close_matches(k, known, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else "check the spelling (alignrl eval --cfg job lists them)"
+        raise ConfigError(f"'{k}' is not a key of this run's config ({saved}); {hint}")
+
+
+def _leaf_keys(node, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in (node.items() if isinstance(node, DictConfig) else []):
+        key = f"{prefix}{k}"
+        out += _leaf_keys(v, key + ".") if isinstance(v, DictConfig) else [key]
+    return out
 
 
 def _resolved(cfg: DictConfig, key: str):
