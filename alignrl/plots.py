@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 PLOTS_DIR = "plots"
+RUN_FIGURES = ("reward", "kl", "clipfrac", "eval")  # the files write_run_plots owns in PLOTS_DIR
 _DPI = 90
 _MARKERS_UP_TO = 40  # points per line drawn with markers (so a single logged step is visible)
 _SMOOTH_FROM = 60  # longer lines get a moving average over a faint raw line
@@ -140,7 +141,7 @@ def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png")
+    fig.savefig(tmp, format="png", pil_kwargs={"compress_level": 3})  # zlib's default 6 is slower, barely smaller
     os.replace(tmp, path)
     return path
 
@@ -190,7 +191,7 @@ def _panel(ax, curves: Curves, keys: list[str], ylabel: str, wall_clock: bool, u
     ax.set_xlabel(f"training time ({name})" if wall_clock else "step")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    if drawn:
+    if drawn and not wall_clock:  # the same lines on both axes: one legend (placing it costs time)
         ax.legend(fontsize=7, loc="best")
     else:
         ax.text(0.5, 0.5, "no train_seconds logged" if wall_clock else "no data", ha="center", va="center",
@@ -199,13 +200,17 @@ def _panel(ax, curves: Curves, keys: list[str], ylabel: str, wall_clock: bool, u
 
 def write_run_plots(run_dir: Path, rows: list[dict] | None = None) -> list[Path]:
     """(Re)write ``run_dir/plots/<figure>.png`` from ``rows`` (default: run_dir/metrics.jsonl); returns the
-    files written. A figure whose metrics were never logged is not written."""
+    files written. A figure whose metrics were never logged is not written, and one left from earlier rows
+    (a run restarted from scratch) is removed."""
     run_dir = Path(run_dir)
     curves = Curves(read_metrics(run_dir / "metrics.jsonl") if rows is None else rows)
     seconds = list(curves.values.get("train_seconds", {}).values())
     unit = _time_unit(max(seconds) if seconds else 0.0)
+    figures = run_panels(curves)
+    for stale in set(RUN_FIGURES) - set(figures):
+        (run_dir / PLOTS_DIR / f"{stale}.png").unlink(missing_ok=True)
     written = []
-    for figure, panels in run_panels(curves).items():
+    for figure, panels in figures.items():
         fig, axes = _figure(len(panels), 2, width=11, row_height=2.8)
         for (ylabel, keys), row in zip(panels, axes):
             _panel(row[0], curves, keys, ylabel, False, unit)

@@ -71,14 +71,19 @@ def progress_line(step: int, total: int, metrics: dict, seconds_per_it: float | 
         parts.append(f"{seconds_per_it:.2f} s/it" if seconds_per_it < 10 else f"{seconds_per_it:.0f} s/it")
         if total:
             parts.append(f"ETA {timedelta(seconds=round(max(0, total - step) * seconds_per_it))}")
+    values = _progress_values(metrics)
+    if values:
+        parts.append(" ".join(f"{label} {v:.3g}" for label, v in values))
+    return " | ".join(parts)
+
+
+def _progress_values(metrics: dict) -> list[tuple[str, float]]:
     values = []
     for label, key in PROGRESS_KEYS:
         v = _finite(metrics.get(key))
         if v is not None and not (key == "approx_kl" and _finite(metrics.get("kl")) is not None):
-            values.append(f"{label} {v:.3g}")
-    if values:
-        parts.append(" ".join(values))
-    return " | ".join(parts)
+            values.append((label, v))
+    return values
 
 
 class MetricsLogger:
@@ -97,6 +102,7 @@ class MetricsLogger:
         self.plain = False  # plain progress lines on stderr (not a terminal)
         if not enabled:
             return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._drop_rows_after(start_step)
         kind = cfg_logger.get("kind", "jsonl")
         if kind not in ("jsonl", "wandb"):
@@ -189,8 +195,8 @@ class MetricsLogger:
 
     def refresh_plots(self) -> list[Path]:
         """Redraw run_dir/plots/ from metrics.jsonl (skipped when no row was added since the last time).
-        The next refresh waits ``plot_every_s`` and at least 20x this one's cost, so drawing never takes more
-        than ~5% of the run. A failure is reported once and turns plotting off; training goes on."""
+        The next refresh waits ``plot_every_s`` and at least 50x this one's cost, so drawing never takes more
+        than ~2% of the run. A failure is reported once and turns plotting off; training goes on."""
         if not (self.enabled and self.plots):
             return []
         try:
@@ -211,19 +217,14 @@ class MetricsLogger:
         cost = time.perf_counter() - t
         self.plot_seconds.append(cost)
         self._plotted_size = size
-        self._next_plot_at = time.monotonic() + max(self.plot_every_s, 20 * cost)
+        self._next_plot_at = time.monotonic() + max(self.plot_every_s, 50 * cost)
         return written
 
     def progress(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
-            post = {}
-            for short, key in PROGRESS_KEYS:
-                v = _finite(metrics.get(key))
-                if v is not None:
-                    post[short] = f"{v:.3g}"
-            self.bar.set_postfix(post, refresh=False)
+            self.bar.set_postfix({label: f"{v:.3g}" for label, v in _progress_values(metrics)}, refresh=False)
             self.bar.update(step - self.bar.n)
         now = time.monotonic()
         done = step - self.start_step
