@@ -171,6 +171,12 @@ def _line(ax, xs, ys, label: str, color=None, band=None) -> None:
         ax.plot(x, y, color=color, marker=marker, markersize=3, linewidth=1.4, label=label)
 
 
+def _integer_ticks(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, not 1.25
+
+
 def _panel(ax, curves: Curves, keys: list[str], ylabel: str, wall_clock: bool, unit: tuple[str, float]) -> None:
     name, scale = unit
     drawn = 0
@@ -189,13 +195,15 @@ def _panel(ax, curves: Curves, keys: list[str], ylabel: str, wall_clock: bool, u
         _line(ax, xs, ys, key, band=band)
         drawn += 1
     ax.set_xlabel(f"training time ({name})" if wall_clock else "step")
+    if not wall_clock:
+        _integer_ticks(ax)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    if drawn and not wall_clock:  # the same lines on both axes: one legend (placing it costs time)
-        ax.legend(fontsize=7, loc="best")
-    else:
+    if not drawn:
         ax.text(0.5, 0.5, "no train_seconds logged" if wall_clock else "no data", ha="center", va="center",
                 transform=ax.transAxes, color="gray")
+    elif not wall_clock:  # the same lines on both axes: one legend (placing it costs time)
+        ax.legend(fontsize=7, loc="best")
 
 
 def write_run_plots(run_dir: Path, rows: list[dict] | None = None) -> list[Path]:
@@ -215,7 +223,7 @@ def write_run_plots(run_dir: Path, rows: list[dict] | None = None) -> list[Path]
         for (ylabel, keys), row in zip(panels, axes):
             _panel(row[0], curves, keys, ylabel, False, unit)
             _panel(row[1], curves, keys, ylabel, True, unit)
-        fig.suptitle(f"{run_dir.name}: {figure}", fontsize=10)
+        fig.suptitle(f"{run_dir.name}: {figure}", fontsize=10, y=1 - 0.08 / fig.get_figheight(), va="top")
         written.append(_save(fig, run_dir / PLOTS_DIR / f"{figure}.png"))
     return written
 
@@ -241,6 +249,8 @@ def plot_runs(runs: dict[str, list[dict]], out: Path) -> Path | None:
                 if xs:
                     _line(ax, [x / unit[1] for x in xs] if wall_clock else xs, ys, name, color=color)
             ax.set_xlabel(f"training time ({unit[0]})" if wall_clock else "step")
+            if not wall_clock:
+                _integer_ticks(ax)
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()

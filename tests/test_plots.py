@@ -10,7 +10,7 @@ from PIL import Image
 
 from alignrl.eval.evaluate import EvalResult, write_report
 from alignrl.eval.report import image_grid, wrap_text
-from alignrl.plots import Curves, read_metrics, write_run_plots
+from alignrl.plots import Curves, _figure, _panel, read_metrics, write_run_plots
 from conftest import run_cli
 
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's first two line colours (C0, C1)
@@ -94,6 +94,14 @@ def test_plots_tolerate_missing_keys_nan_and_resumed_rows(tmp_path):
     assert curves.series("reward_mean") == ([1, 2, 3], [0.1, 0.3, 0.4])  # the later step-2 value wins
     assert curves.series("reward_mean", wall_clock=True) == ([1.0, 2.5], [0.1, 0.3])  # step 3 has no time
     assert not curves.has("clipfrac") and not curves.has("approx_kl")
+    fig, axes = _figure(2, 2, width=8, row_height=3)
+    untimed = Curves([{"step": 1, "reward_mean": 0.5}])
+    for row, c in zip(axes, (curves, untimed)):
+        _panel(row[0], c, ["reward_mean"], "reward", False, ("s", 1.0))
+        _panel(row[1], c, ["reward_mean"], "reward", True, ("s", 1.0))
+    assert axes[0][0].get_legend() is not None and axes[0][1].get_legend() is None  # one legend per row
+    assert not axes[0][1].texts and len(axes[0][1].lines) == 1  # drawn against time, no placeholder
+    assert [t.get_text() for t in axes[1][1].texts] == ["no train_seconds logged"] and not axes[1][1].lines
     written = write_run_plots(tmp_path)
     assert [p.name for p in written] == ["reward.png"]  # no KL, clip or eval figure from nothing
     assert colour_pixels(written[0], BLUE) > 30
