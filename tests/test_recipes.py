@@ -1,0 +1,342 @@
+"""Every shipped recipe resolves to the method values its own files say.
+
+A recipe (``# @package _global_``) is composed after the sampler and algorithm groups, so values it
+inherits from another recipe override those group files. A recipe built on a recipe of another method
+used to take that method's values (DanceGRPO and DiffusionNFT resolved to Flow-GRPO's KL weight 0.01;
+DanceGRPO, AWM and NFT to its global std). Two guards: a table of the method-defining values of every
+recipe, written out here, and a provenance check that each resolved sampler/algorithm value comes from
+the method's own group file or from a recipe of that same method (never from a base or another method).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from alignrl.config import compose, group_options, recipe_descriptions, recipes_dir
+from alignrl.errors import ConfigError
+
+METHOD_GROUPS = ("sampler", "algorithm")
+
+
+def row(algorithm, *, beta, global_std, clip, std_eps, K, lr, sampler, T, noise, cfg, eval_T, backbone, finetune,
+        lora, groups, batches, reward, sampler_keys=None, algorithm_keys=None):
+    return dict(algorithm=algorithm, beta=beta, global_std=global_std, clip=clip, std_eps=std_eps, K=K, lr=lr,
+                sampler=sampler, T=T, noise=noise, cfg=cfg, eval_T=eval_T, sampler_keys=sampler_keys or {},
+                algorithm_keys=algorithm_keys or {}, backbone=backbone, finetune=finetune, lora=lora, groups=groups,
+                batches=batches, reward=reward)
+
+
+# Shorthands for the settings shared by many rows (the bases: recipes/base/*.yaml).
+SD35 = dict(backbone="sd35_medium", finetune="lora", lora=32, reward=["pickscore"])
+FLUX = dict(backbone="flux1_dev", finetune="lora", lora=64, reward=["pickscore"])
+TINY = dict(backbone="tiny_sd3", finetune="full", lora=8, groups=4, reward=["jpeg_compressibility"])
+FG = {"timestep_fraction": 0.99}  # Flow-GRPO's sampler: steps 0..T-2 trained
+DANCE = {"sde_type": "dance", "timestep_fraction": 0.6}
+PPO = {"adv_clip_max": 5.0}
+
+# One row per recipe in recipes/recipe/. Method values (beta, std convention, clip, noise, guidance,
+# steps, sampler kind and its window/branching) follow each recipe's comments and
+# /work/shared/reference/algorithms.md; a new recipe needs a row here.
+EXPECTED = {
+    # Flow-GRPO: SD3.5 T=10 noise 0.7 CFG 4.5 K=24 lr 3e-4 clip 1e-4 global std; beta 0.01 PickScore, 0.04
+    # GenEval/OCR; FLUX 6 steps, guidance 3.5, noise 0.9, beta 0.
+    "flowgrpo_sd35": row("flowgrpo", beta=0.01, global_std=True, clip=1e-4, std_eps=1e-4, K=24, lr=3e-4,
+                         sampler="FlowGRPOPlanner", T=10, noise=0.7, cfg=4.5, eval_T=40, sampler_keys=FG,
+                         algorithm_keys=PPO, groups=48, batches=(9, 9, 2), **SD35),
+    "flowgrpo_sd35_pickscore": row("flowgrpo", beta=0.01, global_std=True, clip=1e-4, std_eps=1e-4, K=24, lr=3e-4,
+                                   sampler="FlowGRPOPlanner", T=10, noise=0.7, cfg=4.5, eval_T=40, sampler_keys=FG,
+                                   algorithm_keys=PPO, groups=48, batches=(9, 9, 2), **SD35),
+    "flowgrpo_sd35_geneval": row("flowgrpo", beta=0.04, global_std=True, clip=1e-4, std_eps=1e-4, K=24, lr=3e-4,
+                                 sampler="FlowGRPOPlanner", T=10, noise=0.7, cfg=4.5, eval_T=40, sampler_keys=FG,
+                                 algorithm_keys=PPO, groups=48, batches=(9, 9, 2),
+                                 **{**SD35, "reward": ["geneval"]}),
+    "flowgrpo_sd35_ocr": row("flowgrpo", beta=0.04, global_std=True, clip=1e-4, std_eps=1e-4, K=24, lr=3e-4,
+                             sampler="FlowGRPOPlanner", T=10, noise=0.7, cfg=4.5, eval_T=40, sampler_keys=FG,
+                             algorithm_keys=PPO, groups=48, batches=(9, 9, 2), **{**SD35, "reward": ["ocr"]}),
+    "flowgrpo_flux": row("flowgrpo", beta=0.0, global_std=True, clip=1e-4, std_eps=1e-4, K=24, lr=3e-4,
+                         sampler="FlowGRPOPlanner", T=6, noise=0.9, cfg=3.5, eval_T=40, sampler_keys=FG,
+                         algorithm_keys=PPO, groups=48, batches=(9, 9, 2), **FLUX),
+    # Flow-GRPO-Fast: a 2-step SDE window, Flow-GRPO's values otherwise.
+    "flowgrpo_fast_sd35": row("flowgrpo", beta=0.01, global_std=True, clip=1e-4, std_eps=1e-4, K=24, lr=3e-4,
+                              sampler="FastPlanner", T=10, noise=0.7, cfg=4.5, eval_T=40,
+                              sampler_keys={"window_size": 2, "branched": False}, algorithm_keys=PPO, groups=48,
+                              batches=(9, 9, 2), **SD35),
+    "flowgrpo_fast_flux": row("flowgrpo", beta=0.0, global_std=True, clip=1e-4, std_eps=1e-4, K=24, lr=3e-4,
+                              sampler="FastPlanner", T=6, noise=0.9, cfg=3.5, eval_T=40,
+                              sampler_keys={"window_size": 2, "branched": False}, algorithm_keys=PPO, groups=48,
+                              batches=(9, 9, 2), **FLUX),
+    # DanceGRPO: 16 Dance-SDE steps eta 0.3, 60% of steps per sample, K=12, lr 1e-5, clip 1e-4, no KL,
+    # per-prompt std + 1e-8, per-reward advantages.
+    "dancegrpo_flux": row("dancegrpo", beta=0.0, global_std=False, clip=1e-4, std_eps=1e-8, K=12, lr=1e-5,
+                          sampler="DancePlanner", T=16, noise=0.3, cfg=3.5, eval_T=16, sampler_keys=DANCE,
+                          algorithm_keys={**PPO, "advantage_aggr": "advantage", "best_of_n": 0}, groups=48,
+                          batches=(12, 12, 2), **FLUX),
+    "dancegrpo_sd35": row("dancegrpo", beta=0.0, global_std=False, clip=1e-4, std_eps=1e-8, K=12, lr=1e-5,
+                          sampler="DancePlanner", T=16, noise=0.3, cfg=4.5, eval_T=16, sampler_keys=DANCE,
+                          algorithm_keys={**PPO, "advantage_aggr": "advantage", "best_of_n": 0}, groups=48,
+                          batches=(12, 12, 2), **SD35),
+    # MixGRPO: 25 steps, progressive window of 4 moving every 25 iterations; Flash: DPM-Solver++ tail x0.4.
+    "mixgrpo_flux": row("flowgrpo", beta=0.0, global_std=False, clip=1e-4, std_eps=1e-4, K=12, lr=1e-5,
+                        sampler="MixGRPOPlanner", T=25, noise=0.7, cfg=3.5, eval_T=25,
+                        sampler_keys={"window_size": 4, "strategy": "progressive", "shift_interval": 25,
+                                      "ode_after": "ode", "compress_ratio": 1.0},
+                        algorithm_keys=PPO, groups=48, batches=(12, 12, 2), **FLUX),
+    "mixgrpo_sd35": row("flowgrpo", beta=0.0, global_std=False, clip=1e-4, std_eps=1e-4, K=12, lr=1e-5,
+                        sampler="MixGRPOPlanner", T=25, noise=0.7, cfg=4.5, eval_T=25,
+                        sampler_keys={"window_size": 4, "strategy": "progressive", "shift_interval": 25,
+                                      "ode_after": "ode", "compress_ratio": 1.0},
+                        algorithm_keys=PPO, groups=48, batches=(12, 12, 2), **SD35),
+    "mixgrpo_flash_flux": row("flowgrpo", beta=0.0, global_std=False, clip=1e-4, std_eps=1e-4, K=12, lr=1e-5,
+                              sampler="MixGRPOPlanner", T=25, noise=0.7, cfg=3.5, eval_T=25,
+                              sampler_keys={"window_size": 4, "strategy": "progressive", "shift_interval": 25,
+                                            "ode_after": "dpm2m", "compress_ratio": 0.4},
+                              algorithm_keys=PPO, groups=48, batches=(12, 12, 2), **FLUX),
+    "mixgrpo_flash_sd35": row("flowgrpo", beta=0.0, global_std=False, clip=1e-4, std_eps=1e-4, K=12, lr=1e-5,
+                              sampler="MixGRPOPlanner", T=25, noise=0.7, cfg=4.5, eval_T=25,
+                              sampler_keys={"window_size": 4, "strategy": "progressive", "shift_interval": 25,
+                                            "ode_after": "dpm2m", "compress_ratio": 0.4},
+                              algorithm_keys=PPO, groups=48, batches=(12, 12, 2), **SD35),
+    # BranchGRPO: 20 steps, binary splits at 0, 3, 6, 9, one tree per prompt, depth-wise std + 1e-8.
+    "branchgrpo_flux": row("flowgrpo", beta=0.0, global_std=False, clip=1e-4, std_eps=1e-8, K=1, lr=1e-5,
+                           sampler="BranchPlanner", T=20, noise=0.7, cfg=3.5, eval_T=20,
+                           sampler_keys={"split_points": [0, 3, 6, 9], "branch_factor": 2, "fusion": "mean",
+                                         "mix": False},
+                           algorithm_keys=PPO, groups=16, batches=(1, 1, 1), **FLUX),
+    "branchgrpo_sd35": row("flowgrpo", beta=0.0, global_std=False, clip=1e-4, std_eps=1e-8, K=1, lr=1e-5,
+                           sampler="BranchPlanner", T=20, noise=0.7, cfg=4.5, eval_T=20,
+                           sampler_keys={"split_points": [0, 3, 6, 9], "branch_factor": 2, "fusion": "mean",
+                                         "mix": False},
+                           algorithm_keys=PPO, groups=16, batches=(1, 1, 1), **SD35),
+    # G2RPO: 16 steps, 12 single-step children at 0, 2, 4, 6, 8, granularities 1 and 2.
+    "g2rpo_flux": row("flowgrpo", beta=0.0, global_std=False, clip=1e-4, std_eps=1e-8, K=1, lr=1e-5,
+                      sampler="SideBranchPlanner", T=16, noise=0.7, cfg=3.5, eval_T=16,
+                      sampler_keys={"method": "g2rpo", "branch_steps": [0, 2, 4, 6, 8], "children": 12,
+                                    "granularities": [1, 2], "noise_aware_weight": False},
+                      algorithm_keys=PPO, groups=16, batches=(1, 1, 1), **FLUX),
+    "g2rpo_sd35": row("flowgrpo", beta=0.0, global_std=False, clip=1e-4, std_eps=1e-8, K=1, lr=1e-5,
+                      sampler="SideBranchPlanner", T=16, noise=0.7, cfg=4.5, eval_T=16,
+                      sampler_keys={"method": "g2rpo", "branch_steps": [0, 2, 4, 6, 8], "children": 12,
+                                    "granularities": [1, 2], "noise_aware_weight": False},
+                      algorithm_keys=PPO, groups=16, batches=(1, 1, 1), **SD35),
+    # TempFlow-GRPO: ODE trunk, 6 children per branch step, noise-aware weighting, no KL, per-prompt std.
+    "tempflow_sd35": row("flowgrpo", beta=0.0, global_std=False, clip=1e-4, std_eps=1e-4, K=1, lr=3e-4,
+                         sampler="SideBranchPlanner", T=10, noise=0.7, cfg=4.5, eval_T=40,
+                         sampler_keys={"method": "tempflow", "branch_steps": [0, 2, 4, 6], "children": 6,
+                                       "granularities": [1], "noise_aware_weight": True},
+                         algorithm_keys=PPO, groups=16, batches=(1, 1, 1), **SD35),
+    "tempflow_flux": row("flowgrpo", beta=0.0, global_std=False, clip=1e-4, std_eps=1e-4, K=1, lr=3e-4,
+                         sampler="SideBranchPlanner", T=6, noise=0.9, cfg=3.5, eval_T=40,
+                         sampler_keys={"method": "tempflow", "branch_steps": [0, 1, 2, 3], "children": 6,
+                                       "granularities": [1], "noise_aware_weight": True},
+                         algorithm_keys=PPO, groups=16, batches=(1, 1, 1), **FLUX),
+    # GRPO-Guard: Flow-GRPO's sampler, beta 0, per-prompt std, lr 1e-4, clip 4e-6 (PickScore).
+    "grpo_guard_sd35": row("grpo_guard", beta=0.0, global_std=False, clip=4e-6, std_eps=1e-4, K=24, lr=1e-4,
+                           sampler="FlowGRPOPlanner", T=10, noise=0.7, cfg=4.5, eval_T=40, sampler_keys=FG,
+                           algorithm_keys=PPO, groups=48, batches=(9, 9, 2), **SD35),
+    "grpo_guard_flux": row("grpo_guard", beta=0.0, global_std=False, clip=4e-6, std_eps=1e-4, K=24, lr=1e-4,
+                           sampler="FlowGRPOPlanner", T=6, noise=0.9, cfg=3.5, eval_T=40, sampler_keys=FG,
+                           algorithm_keys=PPO, groups=48, batches=(9, 9, 2), **FLUX),
+    # AWM: ODE rollouts, 6 stratified training times, advantage clip 5, beta 1e-4 (PickScore), per-prompt std.
+    "awm_sd35": row("awm", beta=1e-4, global_std=False, clip=None, std_eps=1e-4, K=24, lr=3e-4, sampler="ODEPlanner",
+                    T=10, noise=0.0, cfg=4.5, eval_T=40, algorithm_keys={"num_train_timesteps": 6, **PPO},
+                    groups=48, batches=(9, 9, 2), **SD35),
+    "awm_flux": row("awm", beta=1e-4, global_std=False, clip=None, std_eps=1e-4, K=24, lr=3e-4, sampler="ODEPlanner",
+                    T=6, noise=0.0, cfg=3.5, eval_T=40, algorithm_keys={"num_train_timesteps": 6, **PPO},
+                    groups=48, batches=(9, 9, 2), **FLUX),
+    # DiffusionNFT: ODE rollouts, nft_beta 1 (the paper's beta), EMA as old policy, no KL, per-prompt std.
+    "nft_sd35": row("nft", beta=0.0, global_std=False, clip=None, std_eps=1e-4, K=24, lr=3e-4, sampler="ODEPlanner",
+                    T=10, noise=0.0, cfg=4.5, eval_T=40,
+                    algorithm_keys={"nft_beta": 1.0, "old_policy": "ema", "num_train_timesteps": 6, **PPO},
+                    groups=48, batches=(9, 9, 2), **SD35),
+    "nft_flux": row("nft", beta=0.0, global_std=False, clip=None, std_eps=1e-4, K=24, lr=3e-4, sampler="ODEPlanner",
+                    T=6, noise=0.0, cfg=3.5, eval_T=40,
+                    algorithm_keys={"nft_beta": 1.0, "old_policy": "ema", "num_train_timesteps": 6, **PPO},
+                    groups=48, batches=(9, 9, 2), **FLUX),
+    # ShapeWorld on CPU: no CFG in rollouts (CFG 3 in the 20-step eval), 3 of 8 steps trained, lr 1e-4.
+    "shapes_flowgrpo": row("flowgrpo", beta=0.0, global_std=False, clip=1e-3, std_eps=1e-4, K=8, lr=1e-4,
+                           sampler="FlowGRPOPlanner", T=8, noise=0.7, cfg=1.0, eval_T=20,
+                           sampler_keys={"timestep_fraction": 0.4, "eval_guidance_scale": 3.0},
+                           algorithm_keys=PPO, backbone="shapes", finetune="full", lora=32, groups=8,
+                           batches=(64, 32, 2), reward=["shapes_geneval"]),
+    # The tiny CPU recipes (recipes/base/tiny.yaml): 6 steps, CFG 4.5 (SD3) or guidance 3.5 (FLUX).
+    "tiny_flowgrpo": row("flowgrpo", beta=0.0, global_std=True, clip=1e-2, std_eps=1e-4, K=8, lr=1e-2,
+                         sampler="FlowGRPOPlanner", T=6, noise=0.7, cfg=4.5, eval_T=6, sampler_keys=FG,
+                         algorithm_keys=PPO, batches=(16, 16, 2), **TINY),
+    "tiny_flowgrpo_flux": row("flowgrpo", beta=0.0, global_std=True, clip=1e-2, std_eps=1e-4, K=8, lr=3e-2,
+                              sampler="FlowGRPOPlanner", T=6, noise=0.9, cfg=3.5, eval_T=6, sampler_keys=FG,
+                              algorithm_keys=PPO, batches=(16, 16, 2),
+                              **{**TINY, "backbone": "tiny_flux", "finetune": "lora"}),
+    "tiny_flowgrpo_fast": row("flowgrpo", beta=0.0, global_std=True, clip=1e-2, std_eps=1e-4, K=8, lr=1e-2,
+                              sampler="FastPlanner", T=6, noise=0.7, cfg=4.5, eval_T=6,
+                              sampler_keys={"window_size": 2}, algorithm_keys=PPO, batches=(16, 16, 2), **TINY),
+    "tiny_dancegrpo": row("dancegrpo", beta=0.0, global_std=False, clip=1e-2, std_eps=1e-8, K=8, lr=1e-2,
+                          sampler="DancePlanner", T=6, noise=1.0, cfg=4.5, eval_T=6, sampler_keys=DANCE,
+                          algorithm_keys={**PPO, "advantage_aggr": "advantage"}, batches=(16, 16, 2), **TINY),
+    "tiny_mixgrpo": row("flowgrpo", beta=0.0, global_std=True, clip=1e-2, std_eps=1e-4, K=8, lr=1e-2,
+                        sampler="MixGRPOPlanner", T=6, noise=0.7, cfg=4.5, eval_T=6,
+                        sampler_keys={"window_size": 2, "strategy": "progressive", "shift_interval": 5,
+                                      "ode_after": "ode", "compress_ratio": 1.0},
+                        algorithm_keys=PPO, batches=(16, 16, 2), **TINY),
+    "tiny_mixgrpo_flash": row("flowgrpo", beta=0.0, global_std=True, clip=1e-2, std_eps=1e-4, K=8, lr=1e-2,
+                              sampler="MixGRPOPlanner", T=6, noise=0.7, cfg=4.5, eval_T=6,
+                              sampler_keys={"window_size": 2, "strategy": "progressive", "shift_interval": 5,
+                                            "ode_after": "dpm2m", "compress_ratio": 0.4},
+                              algorithm_keys=PPO, batches=(16, 16, 2), **TINY),
+    "tiny_branchgrpo": row("flowgrpo", beta=0.0, global_std=False, clip=1e-2, std_eps=1e-4, K=1, lr=1e-2,
+                           sampler="BranchPlanner", T=6, noise=0.7, cfg=4.5, eval_T=6,
+                           sampler_keys={"split_points": [0, 2, 3], "branch_factor": 2},
+                           algorithm_keys=PPO, batches=(2, 2, 2), **TINY),
+    "tiny_g2rpo": row("flowgrpo", beta=0.0, global_std=False, clip=1e-2, std_eps=1e-4, K=1, lr=1e-2,
+                      sampler="SideBranchPlanner", T=6, noise=0.7, cfg=4.5, eval_T=6,
+                      sampler_keys={"method": "g2rpo", "branch_steps": [0, 2], "children": 4, "granularities": [1, 2]},
+                      algorithm_keys=PPO, batches=(2, 2, 2), **TINY),
+    "tiny_tempflow": row("flowgrpo", beta=0.0, global_std=False, clip=1e-2, std_eps=1e-4, K=1, lr=1e-2,
+                         sampler="SideBranchPlanner", T=6, noise=0.7, cfg=4.5, eval_T=6,
+                         sampler_keys={"method": "tempflow", "branch_steps": [0, 2], "children": 4,
+                                       "noise_aware_weight": True},
+                         algorithm_keys=PPO, batches=(2, 2, 2), **TINY),
+    "tiny_grpo_guard": row("grpo_guard", beta=0.0, global_std=False, clip=1e-2, std_eps=1e-4, K=8, lr=1e-2,
+                           sampler="FlowGRPOPlanner", T=6, noise=0.7, cfg=4.5, eval_T=6, sampler_keys=FG,
+                           algorithm_keys=PPO, batches=(16, 16, 2), **TINY),
+    "tiny_awm": row("awm", beta=0.0, global_std=False, clip=None, std_eps=1e-4, K=8, lr=1e-2, sampler="ODEPlanner",
+                    T=6, noise=0.0, cfg=4.5, eval_T=6, algorithm_keys={"num_train_timesteps": 3, **PPO},
+                    batches=(16, 16, 2), **TINY),
+    "tiny_nft": row("nft", beta=0.0, global_std=False, clip=None, std_eps=1e-4, K=8, lr=3e-2, sampler="ODEPlanner",
+                    T=6, noise=0.0, cfg=4.5, eval_T=6,
+                    algorithm_keys={"nft_beta": 1.0, "old_policy": "sampling", "num_train_timesteps": 3,
+                                    "adv_clip_max": 1.0},
+                    batches=(16, 16, 2), **TINY),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def resolved(name: str) -> dict:
+    cfg = compose([f"recipe={name}", "run_dir=/tmp/alignrl-test-recipes"])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def actual_row(c: dict, like: dict) -> dict:
+    a, s, t = c["algorithm"], c["sampler"], c["trainer"]
+    return dict(algorithm=a["name"], beta=a["beta"], global_std=a["global_std"], clip=a.get("clip_range"),
+                std_eps=a["std_eps"], K=a["group_size"], lr=a["lr"], sampler=s["_target_"].rsplit(".", 1)[-1],
+                T=s["num_steps"], noise=s["noise_level"], cfg=s["guidance_scale"], eval_T=s["eval_num_steps"],
+                sampler_keys={k: s.get(k, "<absent>") for k in like["sampler_keys"]},
+                algorithm_keys={k: a.get(k, "<absent>") for k in like["algorithm_keys"]},
+                backbone=c["backbone"]["name"], finetune=t["finetune"], lora=t["lora"]["rank"],
+                groups=c["data"]["groups_per_iteration"],
+                batches=(t["rollout_batch_size"], t["train_batch_size"], t["updates_per_iteration"]),
+                reward=sorted(c["reward"]))
+
+
+def test_the_table_covers_every_recipe():
+    shipped = set(group_options("recipe"))
+    assert shipped, "no recipes found"
+    assert not shipped - EXPECTED.keys(), f"recipes without a row in EXPECTED: {sorted(shipped - EXPECTED.keys())}"
+    assert not EXPECTED.keys() - shipped, f"rows for recipes that do not exist: {sorted(EXPECTED.keys() - shipped)}"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_recipe_resolves_to_its_method_values(name):
+    got = actual_row(resolved(name), EXPECTED[name])
+    diff = {k: (got[k], v) for k, v in EXPECTED[name].items() if got[k] != v}
+    assert not diff, f"{name}: resolved vs expected {diff}"
+
+
+# --- provenance: sampler and algorithm values come from the method's own files -----------------------
+
+def _yaml(path) -> dict:
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def _defaults(data: dict) -> tuple[list[str], dict[str, str]]:
+    """(plain config entries, {group: option} overrides) of a defaults list."""
+    plain, overrides = [], {}
+    for entry in data.get("defaults", []):
+        if isinstance(entry, str):
+            if entry != "_self_":
+                plain.append(entry)
+        else:
+            for key, value in entry.items():
+                overrides[key.removeprefix("override ").lstrip("/")] = value
+    return plain, overrides
+
+
+def _recipe(name: str) -> dict:
+    return _yaml(recipes_dir() / "recipe" / f"{name}.yaml")
+
+
+def _recipe_chain(name: str) -> list[str]:
+    """The recipe and the recipes it builds on, root first (bases, written /base/..., are not recipes)."""
+    plain, _ = _defaults(_recipe(name))
+    parents = [p for p in plain if not p.startswith("/")]
+    assert len(parents) <= 1, f"{name}: builds on several recipes {parents}"
+    return (_recipe_chain(parents[0]) if parents else []) + [name]
+
+
+def _choice(name: str, group: str) -> str:
+    for r in reversed(_recipe_chain(name)):
+        _, overrides = _defaults(_recipe(r))
+        if group in overrides:
+            return overrides[group]
+    for entry in _yaml(recipes_dir() / "config.yaml")["defaults"]:
+        if isinstance(entry, dict) and group in entry:
+            return entry[group]
+    raise AssertionError(f"no default for {group}")
+
+
+def _lineage(group: str, option: str) -> list[str]:
+    """The group file and the files of the same group it extends (mixgrpo_flash extends mixgrpo), base first."""
+    plain, _ = _defaults(_yaml(recipes_dir() / group / f"{option}.yaml"))
+    return [x for p in plain for x in _lineage(group, p)] + [option]
+
+
+def _group_values(group: str, option: str) -> dict:
+    merged = OmegaConf.create()
+    for o in _lineage(group, option):
+        data = _yaml(recipes_dir() / group / f"{o}.yaml")
+        data.pop("defaults", None)
+        merged = OmegaConf.merge(merged, data)
+    return merged
+
+
+@pytest.mark.parametrize("group", METHOD_GROUPS)
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_method_values_come_from_the_method_own_files(name, group):
+    """What the group file says, overridden only by recipes that chose this same group option.
+
+    A recipe that chose another sampler or algorithm (another method) contributes nothing: values it sets
+    would silently override the method's own file (dancegrpo_flux on flowgrpo_sd35 got beta 0.01).
+    """
+    choice = _choice(name, group)
+    same_method = _lineage(group, choice)
+    expected = _group_values(group, choice)
+    for r in _recipe_chain(name):
+        if _choice(r, group) in same_method:
+            expected = OmegaConf.merge(expected, _recipe(r).get(group) or {})
+    expected = OmegaConf.to_container(expected)
+    got = resolved(name)[group]
+    diff = {k: (got.get(k, "<absent>"), v) for k, v in expected.items() if got.get(k, "<absent>") != v}
+    diff.update({k: (v, "<absent>") for k, v in got.items() if k not in expected})
+    assert not diff, (f"{name}: {group} values (resolved, from its own {group}/{choice}.yaml and same-method "
+                      f"recipes) differ: {diff}; a recipe of another method in {_recipe_chain(name)} sets them")
+
+
+def test_bases_hold_no_method_values_and_are_not_recipes():
+    bases = sorted(p.stem for p in (recipes_dir() / "base").glob("*.yaml"))
+    assert bases
+    recipes = set(group_options("recipe"))
+    assert not recipes & set(bases)
+    assert not {n for n, _ in recipe_descriptions()} & set(bases)
+    for b in bases:
+        data = _yaml(recipes_dir() / "base" / f"{b}.yaml")
+        _, overrides = _defaults(data)
+        assert not set(METHOD_GROUPS) & (data.keys() | overrides.keys()), \
+            f"base/{b}.yaml sets sampler or algorithm values; keep them in the method's files"
+        assert "description" not in data, f"base/{b}.yaml has a description: a base is not a recipe"
+        for spelling in (b, f"base/{b}", f"/base/{b}"):
+            with pytest.raises(ConfigError, match="unknown recipe"):
+                compose([f"recipe={spelling}", "run_dir=/tmp/alignrl-test-recipes"])
