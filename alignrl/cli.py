@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 USAGE = """usage: alignrl <command> [overrides...] [hydra flags]
 
@@ -71,24 +72,77 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"unknown command '{command}'; use one of train, eval, sample, export, serve-reward, reward-check, "
               "recipes, runs")
     if command == "serve-reward":
+        rest = ["serve.insecure=true" if a == "--insecure" else a for a in rest]
         rest = QUIET + _shorthands(rest, SERVE_SHORTHANDS, "serve")
     elif command == "reward-check":
-        rest = QUIET + _shorthands(rest, CHECK_SHORTHANDS, "check")
+        rest = QUIET + _shorthands(rest, CHECK_SHORTHANDS, "check", quote=("images", "prompts", "out"))
     elif command == "export":
-        rest = _shorthands(rest, EXPORT_SHORTHANDS, "export")
+        rest = _shorthands(rest, EXPORT_SHORTHANDS, "export", quote=("checkpoint", "out"))
         rest = QUIET + (_on_run_config(rest) if _names_checkpoint(rest, "export.checkpoint") else rest)
     elif command in ("eval", "sample") and _names_checkpoint(rest, "eval.checkpoint"):
         rest = QUIET + _on_run_config(rest)  # the outputs go into the checkpoint's run directory: no new one
 
-    from alignrl.config import check_group_overrides, expand_reward_weights
+    if "--cfg" in rest and "--resolve" not in rest:
+        rest.append("--resolve")  # print values, not ${...} interpolations
+
+    from alignrl.config import check_group_overrides, expand_reward_weights, precheck_overrides
     from alignrl.errors import AlignError
 
     try:
         rest = expand_reward_weights(rest)
         check_group_overrides(rest)
+        if not any(a.startswith("-") for a in rest):  # Hydra's flags (--cfg, -m sweeps) take their own path
+            precheck_overrides(rest)
+        if command == "train":
+            _check_run_dir(rest)
     except AlignError as e:
         _fail(str(e))
     _run_hydra(command, rest)
+
+
+# Whether the train command's run directory existed before Hydra created it (a failed start removes a new one),
+# and its nearest ancestor that did (empty folders created below it go too).
+_run_dir_existed: bool | None = None
+_run_dir_anchor: Path | None = None
+
+
+def _check_run_dir(overrides: list[str]) -> None:
+    """``run_dir`` must be a directory this user can write (checked before Hydra creates it)."""
+    global _run_dir_existed, _run_dir_anchor
+    from alignrl.errors import ConfigError
+
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
+    path = Path(given[-1].strip("'\"")).expanduser() if given else Path("outputs")
+    _run_dir_existed = path.exists() if given else False
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    _run_dir_anchor = probe.resolve()
+    key = f"run_dir={given[-1]}" if given else "the default run directory outputs/"
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"{key}: {probe} is a file, not a directory; choose another run_dir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {probe} is not writable; choose a run_dir you can write")
+
+
+def _remove_failed_start(run_dir: Path) -> None:
+    """A run that failed before it trained leaves no directory behind: when this command created ``run_dir``
+    and it holds only what a start writes (Hydra's .hydra/, the log, config.yaml, status.json), remove it."""
+    import shutil
+
+    if _run_dir_existed is not False or not run_dir.is_dir():
+        return
+    start_files = {".hydra", "alignrl.log", "config.yaml", "status.json", "STOP"}
+    if not all(p.name in start_files for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.resolve().parent
+    while _run_dir_anchor is not None and parent != _run_dir_anchor and _run_dir_anchor in parent.parents:
+        try:
+            parent.rmdir()  # only while empty: outputs/<recipe>/ made for this run alone
+        except OSError:
+            break
+        parent = parent.parent
 
 
 def _names_checkpoint(overrides: list[str], key: str) -> bool:
@@ -111,12 +165,21 @@ def _on_run_config(overrides: list[str]) -> list[str]:
     return out
 
 
-def _shorthands(overrides: list[str], keys: tuple[str, ...], section: str) -> list[str]:
-    """Bare ``key=value`` for the command's own keys -> ``<section>.key=value``."""
+def _shorthands(overrides: list[str], keys: tuple[str, ...], section: str, quote: tuple[str, ...] = ()) -> list[str]:
+    """Bare ``key=value`` for the command's own keys -> ``<section>.key=value``.
+
+    Values of the ``quote`` keys (paths, prompt text) are passed to Hydra as one quoted string, so spaces and
+    quotes in them need no Hydra quoting: ``prompts='a sign that says "HELLO"'`` works as a shell user writes it.
+    """
     out = []
     for ov in overrides:
-        key = ov.split("=", 1)[0]
-        out.append(f"{section}.{ov}" if "=" in ov and key in keys else ov)
+        key, _, value = ov.partition("=")
+        if "=" not in ov or key not in keys:
+            out.append(ov)
+        elif key in quote and value and value[0] not in "'\"" and value not in ("null", "None"):
+            out.append(f"{section}.{key}='" + value.replace("'", "\\'") + "'")
+        else:
+            out.append(f"{section}.{ov}")
     return out
 
 
@@ -142,7 +205,13 @@ def _dispatch(command: str, cfg) -> None:
         if command == "train":
             from alignrl.commands import train
 
-            code = train(cfg)
+            try:
+                code = train(cfg)
+            except BaseException:
+                from alignrl.commands import _run_dir
+
+                _remove_failed_start(_run_dir())
+                raise
         elif command == "eval":
             from alignrl.commands import evaluate
 

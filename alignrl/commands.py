@@ -36,8 +36,23 @@ def _save_config(cfg: DictConfig, run_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- train
+def _check_start(cfg: DictConfig, run_dir: Path) -> None:
+    """What can be refused before anything is written (config.yaml included) or loaded."""
+    from alignrl.config import check_finite
+
+    check_finite(cfg)  # sweeps (-m) reach here without the CLI's pre-check
+    try:
+        int(cfg.seed)
+    except (TypeError, ValueError):
+        raise ConfigError(f"seed={cfg.seed!r} must be an integer") from None
+    if cfg.get("resume") in (None, "", "none", "null") and ckpt.list_checkpoints(run_dir / "checkpoints"):
+        raise CheckpointError(f"{run_dir} already holds checkpoints; pass resume=auto to continue it "
+                              f"or choose another run_dir")
+
+
 def train(cfg: DictConfig) -> int:
     run_dir = _run_dir()
+    _check_start(cfg, run_dir)
     launcher = cfg.launcher.get("name", "local")
     if launcher == "slurm":
         from hydra.core.hydra_config import HydraConfig
@@ -66,6 +81,9 @@ def train(cfg: DictConfig) -> int:
             _save_config(cfg, run_dir)
         return _launch_torchrun(cfg, run_dir, nproc, nodes)
     from alignrl.training.trainer import Trainer, record_early_stop_signal
+
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: it dies with its agent (a SIGKILLed agent leaves
+        die_with_parent(signal.SIGKILL, os.getppid())  # no process to stop it otherwise); checkpoints are atomic
 
     if "SLURM_STEP_ID" in os.environ:  # Slurm may signal while the models load: stop at the first check
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -104,7 +122,10 @@ def _launch_torchrun(cfg: DictConfig, run_dir: Path, nproc: int, nodes: dict | N
     print(f"alignrl: starting {nproc} processes (torchrun) in {run_dir}", file=sys.stderr)
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     (run_dir / "STOP").unlink(missing_ok=True)  # a stale request; one written from now on is for these workers
-    child = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS=threads))
+    launcher_pid = os.getpid()
+    # torchrun dies with this launcher (SIGTERM: it stops its workers) instead of running on as an orphan
+    child = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS=threads),
+                             preexec_fn=lambda: die_with_parent(signal.SIGTERM, launcher_pid))
 
     # SIGTERM/SIGUSR1 to this launcher become a stop request the workers see at their next check
     # (they checkpoint and exit 0); torchrun itself is left alone so it does not kill them mid-save.
@@ -113,10 +134,43 @@ def _launch_torchrun(cfg: DictConfig, run_dir: Path, nproc: int, nodes: dict | N
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        return child.wait()
+        code = child.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if code != 0:
+        _record_worker_failure(run_dir, code)
+    return code
+
+
+def _record_worker_failure(run_dir: Path, code: int) -> None:
+    """A worker that died (rank 0 included, e.g. killed) could not record it: status.json must not say running."""
+    import time
+
+    from alignrl.runs import read_json
+
+    status = read_json(run_dir / "status.json")
+    if status.get("state") not in (None, "running"):
+        return  # the workers recorded how they ended
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    status.update({"state": "failed", "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   "error": f"a training process died (torchrun {how}); its output above says why"})
+    ckpt.atomic_write_text(run_dir / "status.json", json.dumps(status, indent=2))
+    print(f"alignrl: error: {status['error']}; status.json says failed (resume with resume=auto run_dir={run_dir})",
+          file=sys.stderr)
+
+
+def die_with_parent(sig: int, parent_pid: int) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies (prctl PR_SET_PDEATHSIG); no-op elsewhere.
+    Called in a child right after fork, or at a worker's start."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os.kill(os.getpid(), int(sig))
 
 
 # ---------------------------------------------------------------------------------------- eval / sample

@@ -168,3 +168,103 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     check_group_overrides(overrides)
     with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
         return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+# ---------------------------------------------------------------------------------------- values
+def _leaves(node, prefix: str = ""):
+    """(dotted key, value) of every leaf of a config, interpolations that cannot resolve yet skipped."""
+    from omegaconf import DictConfig, ListConfig
+
+    items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node)
+    for k, _ in items:
+        key = f"{prefix}{k}"
+        try:
+            value = node[k]
+        except Exception:  # noqa: BLE001  an interpolation of Hydra's runtime (run_dir): not a number anyway
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            yield from _leaves(value, key + ".")
+        else:
+            yield key, value
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """Every number in the config is finite (``lr=inf`` would train to NaN weights and exit 0)."""
+    import math
+
+    for key, value in _leaves(cfg):
+        if key.startswith("hydra."):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not a finite number; give a finite value")
+
+
+def _overridden(overrides: list[str]) -> list[tuple[str, str]]:
+    """(key, override) of the plain ``key=value`` overrides (group choices, additions and deletions excluded)."""
+    out = []
+    for ov in overrides:
+        if "=" not in ov or ov.startswith(("hydra.", "hydra/", "+", "~")):
+            continue
+        key = ov.split("=", 1)[0].strip()
+        if key not in GROUPS:
+            out.append((key, ov))
+    return out
+
+
+def _type_error(key: str, default, value) -> str | None:
+    """A value of another kind than the default's (``seed=abc``, ``algorithm.lr=fast``), or None."""
+    if default is None or value is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else f"{key}={value!r} must be true or false"
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{key}={value!r} must be a number"
+        if key == "seed" and not float(value).is_integer():
+            return f"seed={value!r} must be an integer"
+    return None
+
+
+def precheck_overrides(overrides: list[str]) -> None:
+    """Before Hydra runs a command: overrides that compose, name keys that exist (a misspelt one names the closest
+    valid keys rather than Hydra's ``+key=value`` hint, which would run with the typo), carry values of the
+    default's type, and finite numbers. Raises ``ConfigError`` with one line."""
+    import difflib
+
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose(overrides)
+    except OverrideParseException as e:
+        first, _, rest = str(e).partition("\n")
+        detail = rest.splitlines()[0] if rest.strip() else ""
+        raise ConfigError(f"{first.removeprefix('Error parsing override ')}: {detail}; quote a value that holds "
+                          f"spaces or quotes as a whole, e.g. 'check.prompts=\"a sign that says HELLO\"'") from None
+    except ConfigCompositionException as e:
+        import re
+
+        m = re.search(r"Could not override '([^']+)'", str(e))
+        if not m:
+            raise ConfigError(str(e).splitlines()[0]) from None
+        key = m.group(1)
+        base = compose([ov for ov in overrides if not ov.startswith(key + "=")])
+        known = [k for k, _ in _leaves(base) if not k.startswith("hydra.")]
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else \
+            "check the spelling (alignrl train --cfg job prints every key)"
+        raise ConfigError(f"'{key}' is not a config key; {hint}") from None
+    except (OmegaConfBaseException, ValueError) as e:
+        raise ConfigError(f"the overrides do not compose: {str(e).splitlines()[0]}") from None
+    plain = _overridden(overrides)
+    if plain:
+        groups_only = [ov for ov in overrides if ov not in {o for _, o in plain}]
+        base = compose(groups_only)
+        for key, _ in plain:
+            default = OmegaConf.select(base, key, default=None, throw_on_resolution_failure=False)
+            value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+            problem = _type_error(key, default, value)
+            if problem:
+                raise ConfigError(problem)
+    check_finite(cfg)

@@ -42,7 +42,14 @@ class PromptSet:
         if not path.is_file():
             raise ConfigError(f"prompt file not found for {what}: '{spec}' "
                               f"(give a .txt/.jsonl path, or builtin:<{'|'.join(builtin_prompt_sets())}>)")
-        return cls._parse(path.read_text(encoding="utf-8"), path.name, str(path), what)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"prompt file '{spec}' ({what}) is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                              f"offset {e.start}); save it as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read prompt file '{spec}' ({what}): {e.strerror}") from None
+        return cls._parse(text, path.name, str(path), what)
 
     @classmethod
     def _parse(cls, text: str, name: str, source: str, what: str) -> "PromptSet":

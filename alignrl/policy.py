@@ -39,16 +39,17 @@ class RunSource:
 
 
 def find_checkpoint(path: str, key: str) -> Path:
-    """A checkpoint directory, or a run directory's latest good checkpoint; ``key`` names the setting in errors."""
+    """A checkpoint directory, or a run directory's newest good checkpoint (damaged ones are skipped with a
+    warning); ``key`` names the setting in errors."""
     try:
-        found = ckpt.resolve_resume(str(path), Path("."))
+        candidates, explicit = ckpt.resume_candidates(str(path), Path("."))
     except CheckpointError:
-        found = None
-    if found is None:
+        candidates, explicit = [], False
+    if not candidates:
         raise CheckpointError(
             f"{key}='{path}' is not a checkpoint (a checkpoints/step_N directory with {ckpt.MARKER}) nor a run "
             f"directory holding one; pass {key}=outputs/<recipe>/<run> or {key}=<run>/checkpoints/step_000010")
-    return found
+    return candidates[ckpt.first_usable(candidates, explicit, what=key)]
 
 
 def _override_keys(overrides: list[str]) -> list[str]:
