@@ -22,7 +22,8 @@ commands:
   reward-check  score a folder of images with a reward before a run (images=<dir|glob> prompts=<file|text>)
   recipes   list the recipes with a one-line description, and every config group's options
   runs      list the runs under outputs/ and multirun/ (or the given dirs): step, last reward and eval,
-            state (running, finished, preempted, failed, stale, ...), Slurm job and its state
+            state (running, finished, preempted, failed, stale, ...), Slurm job and its state;
+            --plot [out.png]: their reward curves on one chart
 
 examples:
   alignrl train
@@ -35,6 +36,7 @@ examples:
   alignrl train launcher=slurm launcher.nodes=2 launcher.gpus_per_node=8 launcher.time=240  # submit to Slurm
   alignrl train -m launcher=slurm algorithm.lr=1e-5,3e-5  # one Slurm job per point
   alignrl runs outputs
+  alignrl runs --plot runs.png outputs                # reward curves of the runs on one chart
   alignrl serve-reward reward=shapes_geneval port=8000 # a reward server; clients use reward=remote
   alignrl reward-check reward=ocr images=samples/ prompts='a sign that says "HELLO"'
 

@@ -42,7 +42,7 @@ def run_cli(*args, cwd=None, env=None, timeout=600):
 FAST = [
     "trainer.max_steps=2", "data.groups_per_iteration=2", "algorithm.group_size=4",
     "trainer.rollout_batch_size=4", "trainer.train_batch_size=4", "trainer.updates_per_iteration=2",
-    "sampler.num_steps=4", "sampler.eval_num_steps=4", "eval.num_prompts=4", "logger.progress_bar=false",
+    "sampler.num_steps=4", "sampler.eval_num_steps=4", "eval.num_prompts=4", "logger.progress_bar=false", "logger.plots=false",
     "trainer.eval_every=0", "trainer.log_images_every=0", "trainer.checkpoint_every=0",
 ]
 

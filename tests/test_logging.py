@@ -18,7 +18,7 @@ def test_real_run_logs_lines_plots_and_honours_wandb_mode_disabled(tmp_path):
     """A subprocess's stderr is a pipe: one plain line per iteration, no carriage-return bar; alignrl.log gets
     the lines and the notices; plots/ is drawn; WANDB_MODE=disabled beats logger.mode=offline."""
     run = tmp_path / "run"
-    fast = [o for o in FAST if not o.startswith(("trainer.max_steps=", "logger.progress_bar="))]
+    fast = [o for o in FAST if not o.startswith(("trainer.max_steps=", "logger.progress_bar=", "logger.plots="))]
     proc = run_cli("train", f"run_dir={run}", *fast, "trainer.max_steps=3", "logger=wandb", "logger.mode=offline",
                    "logger.progress_bar=true", env={"WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stderr[-3000:]
