@@ -1,6 +1,7 @@
 """The reward server, the `remote` client and the `vlm_judge` reward, over real HTTP on loopback."""
 
 import base64
+import functools
 import io
 import json
 import os
@@ -191,7 +192,7 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(server):
         ("wrong protocol", _json_body(protocol=99), js, 422, "protocol version 99"),
         ("content type", b"{}", {"content-type": "text/plain"}, 415, "not supported"),
         ("garbage safetensors", b"\xff" * 64, {"content-type": "application/octet-stream"}, 400, "safetensors"),
-        ("overflowing protocol number", b'{"protocol": 1e400}', js, 400, "malformed"),
+        ("overflowing protocol number", b'{"protocol": 1e400}', js, 422, "must be the integer 1, got Infinity"),
         ("deeply nested JSON", b"[" * 50000, js, 400, ""),
     ]
     for name, body, headers, status, needle in cases:
@@ -500,3 +501,436 @@ def test_client_refuses_a_request_over_the_server_limit_before_sending(server):
     assert scores.shape == (16,) and small.attempts - 2 == 4  # /health, /info, then 4 requests
     client.close()
     small.close()
+
+
+# ------------------------------------------------------------------------------------ hostile clients
+# A server in its own process, so its memory can be measured: VmHWM (peak RSS), reset before each request by
+# writing 5 to /proc/PID/clear_refs. Its limits are small so the tests are quick: a request may declare
+# 2048x2048 decoded pixels, two such requests may be held at once, and slow clients are cut after 1 s.
+HOSTILE_OPTIONS = dict(max_batch=16, max_image_pixels=2048 * 2048, max_request_pixels=2048 * 2048,
+                       max_inflight_pixels=2 * 2048 * 2048, max_request_mb=4, max_inflight_mb=8, batch_wait_ms=20,
+                       max_connections=16, header_timeout_s=1, body_timeout_s=1, queue_timeout_s=20)
+HOSTILE_BUDGET_MB = 64  # peak RSS growth a hostile request may cause (the old server: +1365 MB for 8 PNGs)
+_SERVER_SCRIPT = """
+import json, sys, time
+from alignrl.rewards.server import serve_in_background
+
+class Mean:  # float32 mean: allocates nothing per pixel, so the server's own memory is what is measured
+    reward_name = "mean"
+    per_sample_keys = ()
+
+    def __call__(self, images, prompts, metadata):
+        time.sleep(max([float(p[5:]) for p in prompts if p.startswith("sleep")], default=0.0))
+        return images.mean(dim=(1, 2, 3)).double().numpy(), {}
+
+with serve_in_background(Mean(), **json.loads(sys.argv[1])) as url:
+    print(url, flush=True)
+    sys.stdin.read()  # serve until the test closes our stdin
+"""
+
+
+class _ServerProcess:
+    def __init__(self, options: dict):
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER_SCRIPT, json.dumps(options)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.url = self.proc.stdout.readline().strip()
+        assert self.url.startswith("http://127.0.0.1:"), "the server process did not start"
+        self.host, self.port = "127.0.0.1", int(self.url.rsplit(":", 1)[1])
+        _assert_mean_served(self.url)  # warm: threads and allocator pools exist before anything is measured
+        self.start_rss = self.status_mb("VmRSS")
+        self.can_reset = self._reset_peak()
+
+    def status_mb(self, key: str) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+        raise KeyError(key)
+
+    def _reset_peak(self) -> bool:
+        try:
+            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    def mark(self) -> float:
+        """Start measuring: the RSS now (the peak is reset to it where the kernel allows)."""
+        return self.status_mb("VmRSS") if self._reset_peak() else self.start_rss
+
+    def growth_mb(self, mark: float) -> float:
+        return self.status_mb("VmHWM") - mark
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def limits(self) -> dict:
+        return httpx.get(self.url + "/info", timeout=10).json()["limits"]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(15)
+
+
+def _assert_mean_served(url, n=2, side=32):
+    body = json.dumps({"protocol": 1, "prompts": ["p"] * n,
+                       "images": [encode_png(np.full((side, side, 3), 51, np.uint8))] * n}).encode()
+    r = httpx.post(url + "/score", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["scores"] == pytest.approx([0.2] * n)
+
+
+@pytest.fixture(scope="module")
+def hostile():
+    server = _ServerProcess(HOSTILE_OPTIONS)
+    yield server
+    server.close()
+
+
+def _png_b64(width, height, compress_level=9):
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buf, format="PNG", compress_level=compress_level)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _png_json(images, prompts=None, **fields):
+    return json.dumps({"protocol": 1, "prompts": prompts or ["p"] * len(images), "images": images,
+                       **fields}).encode(), "application/json"
+
+
+def _png_declaring(width, height):
+    """A PNG whose header declares width x height (no pixel data)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return base64.b64encode(raw).decode()
+
+
+def _safetensors(shape, dtype="U8", offsets=None, data=b"", meta=None, spec=None):
+    """A safetensors body written by hand, so its header can say anything."""
+    import struct
+
+    count = shape[0] if isinstance(shape, list) and shape and type(shape[0]) is int and shape[0] < 100 else 1
+    meta = {"protocol": "1", "prompts": json.dumps(["p"] * count)} if meta is None else meta
+    header = {"images": spec or {"dtype": dtype, "shape": shape, "data_offsets": offsets or [0, len(data)]},
+              "__metadata__": meta}
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data, "application/octet-stream"
+
+
+@functools.lru_cache(maxsize=1)
+def _black_2048() -> str:
+    return _png_b64(2048, 2048)  # 16 kB of PNG, 12 MB of pixels
+
+
+HOSTILE_REQUESTS = [
+    # decoded-pixel budget: refused from the PNG / safetensors headers, before any pixel is decoded
+    ("8 black 2048x2048 PNGs", lambda: _png_json([_black_2048()] * 8), 413, "serve.max_request_pixels=4194304"),
+    ("16 declared 2048x2048 uint8", lambda: _safetensors([16, 3, 2048, 2048]), 413, "serve.max_request_pixels"),
+    ("one 4096x4096 PNG header", lambda: _png_json([_png_declaring(4096, 4096)]), 413, "max_image_pixels"),
+    # safetensors headers: checked before any arithmetic
+    ("shape with a string", lambda: _safetensors([1, 3, "a", 2 * 10**9]), 422, "non-negative integers"),
+    ("shape 1e14 after a string", lambda: _safetensors([1, 3, 10**14, "a"]), 422, "non-negative integers"),
+    ("shape 1e14", lambda: _safetensors([1, 3, 1, 10**14]), 413, "max_image_pixels"),
+    ("1e14 images", lambda: _safetensors([10**14, 3, 1, 1], meta={"prompts": '["p"]'}), 413, "max_batch=16"),
+    ("negative shape", lambda: _safetensors([1, 3, -2, -2]), 422, "non-negative integers"),
+    ("float shape", lambda: _safetensors([1, 3, 1.5, 2]), 422, "non-negative integers"),
+    ("bool shape", lambda: _safetensors([True, 3, 8, 8]), 422, "non-negative integers"),
+    ("shape not a list", lambda: _safetensors({"a": 1}), 422, "shape (B, 3, H, W)"),
+    ("five dimensions", lambda: _safetensors([1, 3, 8, 8, 1]), 422, "shape (B, 3, H, W)"),
+    ("unknown dtype", lambda: _safetensors([1, 3, 8, 8], dtype="X9"), 422, "float32 or uint8"),
+    ("dtype not a string", lambda: _safetensors([1, 3, 8, 8], dtype=[1]), 422, "float32 or uint8"),
+    ("offsets past the body", lambda: _safetensors([1, 3, 8, 8], offsets=[0, 10**14]), 400, "data_offsets"),
+    ("offsets as strings", lambda: _safetensors([1, 3, 8, 8], offsets=["0", "192"]), 400, "data_offsets"),
+    ("offsets short of the shape", lambda: _safetensors([1, 3, 8, 8], data=bytes(100)), 400, "192 bytes"),
+    ("extra tensor fields", lambda: _safetensors(None, spec={"dtype": "U8", "shape": [1, 3, 8, 8],
+                                                             "data_offsets": [0, 192], "x": 1}), 400, "exactly"),
+    ("metadata not strings", lambda: _safetensors([1, 3, 8, 8], data=bytes(192), meta={"prompts": ["p"]}), 400,
+     "strings to strings"),
+    # zero-sized images: a 4xx, never a 500 (clients retry 500s)
+    ("zero height (safetensors)", lambda: _safetensors([2, 3, 0, 8]), 422, "zero-sized"),
+    ("zero images (safetensors)", lambda: _safetensors([0, 3, 8, 8], meta={"prompts": "[]"}), 422, "no images"),
+    ("empty PNG", lambda: _png_json([""]), 422, "images[0] is empty"),
+    ("PNG header 0x8", lambda: _png_json([_png_declaring(0, 8)]), 422, "images[0]"),
+    # the protocol number is an integer (a string in safetensors headers, where only strings exist)
+    ("protocol true", lambda: _png_json([_png_b64(8, 8)], protocol=True), 422, "must be the integer 1, got true"),
+    ("protocol '1'", lambda: _png_json([_png_b64(8, 8)], protocol="1"), 422, 'must be the integer 1, got "1"'),
+    ("protocol 1.9", lambda: _png_json([_png_b64(8, 8)], protocol=1.9), 422, "must be the integer 1, got 1.9"),
+    ("protocol 1.0", lambda: _png_json([_png_b64(8, 8)], protocol=1.0), 422, "must be the integer 1, got 1.0"),
+    ("protocol 2", lambda: _png_json([_png_b64(8, 8)], protocol=2), 422, "protocol version 2 is not supported"),
+    ("safetensors protocol '1.0'", lambda: _safetensors([1, 3, 8, 8], data=bytes(192),
+                                                        meta={"protocol": "1.0", "prompts": '["p"]'}), 422,
+     'must be the string "1"'),
+]
+
+
+@pytest.mark.parametrize("name,make,status,needle", HOSTILE_REQUESTS, ids=[c[0] for c in HOSTILE_REQUESTS])
+def test_hostile_body_is_a_4xx_within_the_memory_budget(hostile, name, make, status, needle):
+    body, ctype = make()
+    mark = hostile.mark()
+    r = httpx.post(hostile.url + "/score", content=body, headers={"content-type": ctype}, timeout=30)
+    growth = hostile.growth_mb(mark)
+    assert r.status_code == status, (name, r.status_code, r.text)
+    assert needle in r.json()["error"] and "\n" not in r.json()["error"], (name, r.json())
+    assert growth < HOSTILE_BUDGET_MB, f"{name}: the server's peak RSS grew {growth:.0f} MB"
+    _assert_mean_served(hostile.url)
+
+
+def test_a_request_at_the_pixel_budget_is_served_and_concurrent_ones_share_the_server_budget(hostile):
+    """8 clients at once, each at the per-request limit (one 2048x2048 image): all served, at most two held
+    decoded at a time (serve.max_inflight_pixels), so the peak stays near two requests' worth of memory."""
+    before = hostile.limits()
+    body, ctype = _png_json([_png_b64(2048, 2048, compress_level=1)], prompts=["sleep0.05"])
+    barrier = threading.Barrier(8)
+    statuses = []
+
+    def send():
+        barrier.wait()
+        statuses.append(httpx.post(hostile.url + "/score", content=body, headers={"content-type": ctype},
+                                   timeout=30).status_code)
+
+    mark = hostile.mark()
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    growth = hostile.growth_mb(mark)
+    limits = hostile.limits()
+    assert statuses == [200] * 8, statuses
+    assert limits["peak_inflight_pixels"] <= 2 * 2048 * 2048 and limits["inflight_pixels"] == 0
+    assert limits["inflight_pixels_waits"] > before["inflight_pixels_waits"]  # some waited their turn
+    assert limits["inflight_body_bytes"] == 0
+    # two requests held: 2 x 4.2 Mpx x (3 B uint8 + 12 B float32) = 126 MB; all eight at once would be 503 MB
+    assert growth < 250, f"peak RSS grew {growth:.0f} MB"
+
+
+class _Sleepy(FloatMean):
+    def __call__(self, images, prompts, metadata):
+        if "slow" in prompts:
+            time.sleep(1.0)
+        return super().__call__(images, prompts, metadata)
+
+
+def test_a_server_kept_busy_answers_503_with_retry_after():
+    """One request holds the whole decoded-pixel budget for 1 s; another waits serve.queue_timeout_s, then is
+    answered 503 with Retry-After (clients retry it), and is served once the budget is free."""
+    with running_server(_Sleepy(), max_request_pixels=32 * 32, max_inflight_pixels=32 * 32,
+                        queue_timeout_s=0.3) as url:
+        images = torch.rand(1, 3, 32, 32)
+        slow = threading.Thread(target=_post, args=(url, images, ["slow"], [{}]), kwargs={"timeout": 30})
+        slow.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        r = _post(url, images, ["a"], [{}], timeout=30)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert "serve.max_inflight_pixels=1024" in r.json()["error"] and 0.25 < time.monotonic() - t0 < 1.0
+        slow.join(30)
+        assert _post(url, images, ["a"], [{}], timeout=30).status_code == 200
+        limits = httpx.get(url + "/info").json()["limits"]
+        assert limits["inflight_pixels_refusals"] == 1 and limits["inflight_pixels"] == 0
+
+
+def _connect(server) -> socket.socket:
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _until_closed(sock, limit_s=10.0) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    t0, data = time.monotonic(), b""
+    sock.settimeout(limit_s)
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    return data, time.monotonic() - t0
+
+
+def test_stalled_bodies_and_headers_are_answered_408_and_closed(hostile):
+    before = hostile.limits()
+    stalled_body = _connect(hostile)  # declares 1000 bytes, sends 10
+    stalled_body.sendall(b"POST /score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: 1000\r\n\r\n" + b"{" * 10)
+    half_headers = _connect(hostile)
+    half_headers.sendall(b"POST /score HTTP/1.1\r\nhost: x\r\ncontent-le")
+    silent = _connect(hostile)
+    for sock, status in ((stalled_body, b"HTTP/1.1 408"), (half_headers, b"HTTP/1.1 408"), (silent, b"")):
+        data, took = _until_closed(sock)
+        assert data.startswith(status) and took < 3.0, (data[:200], took)  # serve.body/header_timeout_s=1
+        sock.close()
+    assert b"serve.body_timeout_s=1" in _until_closed_answer(hostile, b"content-length: 1000\r\n\r\n{")
+    # a slow drip of header bytes does not push the deadline back
+    drip, t0 = _connect(hostile), time.monotonic()
+    for byte in b"GET /health HTTP/1.1\r\n":
+        try:
+            drip.sendall(bytes([byte]))
+        except OSError:
+            break
+        time.sleep(0.1)
+        if time.monotonic() - t0 > 4:
+            break
+    data, _ = _until_closed(drip)
+    assert data.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 3.5, data[:200]
+    drip.close()
+    # an idle keep-alive connection is closed too, after its answer
+    keep = _connect(hostile)
+    keep.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    data, took = _until_closed(keep)
+    assert data.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in data and took < 3.0
+    keep.close()
+    after = hostile.limits()
+    assert after["body_timeouts"] - before["body_timeouts"] == 2
+    assert after["header_timeouts"] - before["header_timeouts"] == 2
+    assert after["idle_closed"] - before["idle_closed"] >= 1  # the silent one (keep-alive: uvicorn may close first)
+    _assert_mean_served(hostile.url)
+
+
+def _until_closed_answer(server, tail: bytes) -> bytes:
+    sock = _connect(server)
+    sock.sendall(b"POST /score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n" + tail)
+    data, _ = _until_closed(sock)
+    sock.close()
+    return data
+
+
+def test_connections_stuck_in_their_body_fill_the_cap_then_time_out(hostile):
+    """16 (serve.max_connections) uploads that stall: a new client is answered 503 at once (not left hanging),
+    and is served once the stalled ones hit serve.body_timeout_s; the server never holds more sockets."""
+    fds = hostile.open_fds()
+    stuck = []
+    for _ in range(16):
+        sock = _connect(hostile)
+        sock.sendall(b"POST /score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: 100000\r\n\r\n{")
+        stuck.append(sock)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    r = httpx.get(hostile.url + "/health", timeout=10)
+    took, now_fds = time.monotonic() - t0, hostile.open_fds()
+    assert r.status_code == 503 and "serve.max_connections=16" in r.json()["error"] and r.headers["retry-after"]
+    assert took < 1.0 and now_fds <= fds + 16, (took, fds, now_fds)
+    for sock in stuck:
+        assert _until_closed(sock)[0].startswith(b"HTTP/1.1 408")
+        sock.close()
+    _assert_mean_served(hostile.url)
+    assert hostile.limits()["refused_busy"] >= 1
+
+
+def test_idle_connections_past_the_cap_do_not_block_a_good_client():
+    """cap + 50 idle connections and 30 half-sent requests (timeouts far away): the longest-idle ones are closed
+    to make room, so a good client is served at once and the server never holds more than the cap."""
+    with running_server(FloatMean(), max_connections=20, header_timeout_s=60, body_timeout_s=60) as url:
+        host, port = url.removeprefix("http://").split(":")
+        socks = []
+        for k in range(100):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            if k >= 70:
+                sock.sendall(b"POST /score HTTP/1.1\r\nhost: x\r\ncontent-le")  # half-sent request headers
+            socks.append(sock)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        images = torch.rand(2, 3, 16, 16)
+        r = _post(url, images, ["a", "b"], [{}, {}])
+        assert r.status_code == 200 and time.monotonic() - t0 < 2.0, r.text
+        limits = httpx.get(url + "/info").json()["limits"]
+        assert limits["open_connections"] <= 21 and limits["peak_connections"] <= 22, limits
+        assert limits["evicted_idle"] >= 78
+        closed = sum(_closed_by_server(sock) for sock in socks)
+        assert closed >= 78  # the oldest were closed by the server (the last 20 or so are still open)
+        assert all(_closed_by_server(sock) is False for sock in socks[-10:])  # the newest were not
+        for sock in socks:
+            sock.close()
+
+
+def _closed_by_server(sock) -> bool:
+    """Whether the server closed this connection (after any answer it wrote: a 408 for a half-sent request)."""
+    sock.settimeout(0.05)
+    try:
+        while data := sock.recv(65536):
+            assert data.startswith(b"HTTP/1.1 408"), data[:100]
+        return True
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+# ------------------------------------------------------------------------------------ binding and tokens
+def test_open_host_without_a_token_is_refused_and_the_token_comes_from_env_or_a_file(tmp_path, monkeypatch):
+    from alignrl.rewards.server import ServeOptions
+
+    monkeypatch.delenv("ALIGNRL_REWARD_TOKEN", raising=False)
+    for host in ("0.0.0.0", "", "10.1.2.3", "::"):
+        with pytest.raises(ConfigError, match=r"no token is set; set ALIGNRL_REWARD_TOKEN or serve.token_file="
+                                              r".*serve.insecure=true"):
+            ServeOptions.from_config({"host": host})
+    assert ServeOptions.from_config({"host": "0.0.0.0", "insecure": True}).token is None
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert ServeOptions.from_config({"host": host}).token is None
+    monkeypatch.setenv("ALIGNRL_REWARD_TOKEN", "from-env")
+    assert ServeOptions.from_config({"host": "0.0.0.0"}).token == "from-env"
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    assert ServeOptions.from_config({"host": "0.0.0.0", "token_file": str(token_file)}).token == "from-file"
+    for bad, match in [({"token_file": str(tmp_path / "missing")}, "cannot read the token file"),
+                       ({"token": "a", "token_file": str(token_file)}, "not both"),
+                       ({"insecure": "yes"}, "serve.insecure must be true or false"),
+                       ({"max_request_pixels": 10, "max_inflight_pixels": 5}, "raise max_inflight_pixels"),
+                       ({"header_timeout_s": 0}, "header_timeout_s must be > 0")]:
+        with pytest.raises(ConfigError, match=match):
+            ServeOptions.from_config(bad)
+    (tmp_path / "empty").write_text(" \n")
+    with pytest.raises(ConfigError, match="is empty"):
+        ServeOptions.from_config({"token_file": str(tmp_path / "empty")})
+
+
+def test_client_reads_the_token_from_a_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("ALIGNRL_REWARD_TOKEN", raising=False)
+    server_file, good, wrong = tmp_path / "server", tmp_path / "good", tmp_path / "wrong"
+    server_file.write_text("s3cret-file")
+    good.write_text("s3cret-file\n")
+    wrong.write_text("nope")
+    with running_server(FloatMean(), token_file=str(server_file)) as url:
+        images = torch.rand(2, 3, 8, 8)
+        client = RemoteReward(url=url, token_file=str(good), retries=0, format="safetensors")
+        scores, _ = client(images, ["a", "b"], [{}, {}])
+        np.testing.assert_array_equal(scores, images.double().mean(dim=(1, 2, 3)).numpy())
+        with pytest.raises(RewardError, match="refused the token.*reward.remote.token_file"):
+            RemoteReward(url=url, token_file=str(wrong), retries=0)
+    with pytest.raises(ConfigError, match="not both"):
+        RemoteReward(url=url, token="a", token_file=str(good), check_on_start=False)
+    with pytest.raises(ConfigError, match="reward.remote.token_file=.*cannot read"):
+        RemoteReward(url=url, token_file=str(tmp_path / "missing"), check_on_start=False)
+
+
+def test_client_splits_requests_to_fit_the_servers_pixel_limit():
+    with running_server(FloatMean(), max_request_pixels=2 * 64 * 64, max_image_pixels=64 * 64) as url:
+        client = RemoteReward(url=url, retries=0)
+        images = torch.rand(5, 3, 64, 64)
+        scores, info = client(images, list("abcde"), [{}] * 5)
+        assert info["requests"] == 3  # 2 + 2 + 1, though max_batch (64) would take all five
+        np.testing.assert_allclose(scores, images.double().mean(dim=(1, 2, 3)).numpy(), atol=1 / 255)
+        before = client.attempts
+        with pytest.raises(RewardError, match="80x80, over the server's serve.max_image_pixels=4096"):
+            client(torch.rand(1, 3, 80, 80), ["a"], [{}])
+        assert client.attempts == before  # refused before sending
+
+
+def test_cli_refuses_an_open_host_without_a_token_before_binding(tmp_path):
+    from conftest import run_cli
+
+    port = free_port()
+    result = run_cli("serve-reward", "reward=jpeg_compressibility", "serve.host=0.0.0.0", f"port={port}",
+                     cwd=tmp_path, env={"ALIGNRL_REWARD_TOKEN": ""}, timeout=120)
+    assert result.returncode != 0
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no token is set" in lines[0] and "serve.insecure=true" in lines[0], result.stderr
+    with socket.socket() as s:  # the port was never bound
+        s.bind(("0.0.0.0", port))

@@ -3,12 +3,13 @@
     alignrl serve-reward reward=shapes_geneval serve.port=8000          # on the reward machine/environment
     alignrl train reward=remote reward.remote.url=http://127.0.0.1:8000  # the trainer
 
-Options: ``url`` (required), ``token`` (default: env ``ALIGNRL_REWARD_TOKEN``), ``timeout`` (seconds per
-request), ``retries`` (extra tries after the first, for connection errors, timeouts, 5xx and 429; waits
-``backoff * 2**k`` seconds, at least any ``Retry-After``), ``format`` (``png``: uint8-exact, small;
-``safetensors``: exact float32), ``batch_size`` (images per request; default: the server's max_batch),
-``check_on_start`` (GET /health and /info in the constructor, so a dead server or a wrong token fails
-before any model loads). 4xx answers are not retried. The protocol is in ``alignrl.rewards.protocol``.
+Options: ``url`` (required), ``token`` or ``token_file`` (a file holding it, kept out of ``ps``; default: env
+``ALIGNRL_REWARD_TOKEN``), ``timeout`` (seconds per request), ``retries`` (extra tries after the first, for
+connection errors, timeouts, 5xx and 429; waits ``backoff * 2**k`` seconds, at least any ``Retry-After``),
+``format`` (``png``: uint8-exact, small; ``safetensors``: exact float32), ``batch_size`` (images per request;
+default: the server's max_batch; never more than its ``max_request_pixels`` take), ``check_on_start`` (GET
+/health and /info in the constructor, so a dead server or a wrong token fails before any model loads). 4xx
+answers are not retried. The protocol is in ``alignrl.rewards.protocol``.
 
 ``info`` holds ``per_sample`` (the server's per-reward scores under their names, and its per-sample
 metrics), the server's batch numbers averaged over requests, and ``requests`` / ``request_s``.
@@ -25,9 +26,10 @@ import numpy as np
 
 from alignrl.errors import ConfigError, RewardError
 from alignrl.rewards.base import Reward, register_reward
-from alignrl.rewards.protocol import FORMATS, PROTOCOL_VERSION, ProtocolError, decode_response, encode_request
+from alignrl.rewards.protocol import (
+    FORMATS, PROTOCOL_VERSION, TOKEN_ENV, ProtocolError, decode_response, encode_request, read_token_file,
+)
 
-TOKEN_ENV = "ALIGNRL_REWARD_TOKEN"
 MAX_WAIT_S = 60.0
 FIX_SERVER = "start one with `alignrl serve-reward reward=<name> serve.port=<port>` or fix reward.remote.url"
 
@@ -47,7 +49,7 @@ def _error_text(response) -> str:
 class RemoteReward(Reward):
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 120.0, retries: int = 3,
                  backoff: float = 0.5, format: str = "png", batch_size: int | None = None,
-                 check_on_start: bool = True):
+                 check_on_start: bool = True, token_file: str | None = None):
         import httpx
 
         if not url:
@@ -70,7 +72,11 @@ class RemoteReward(Reward):
         if self.timeout <= 0 or self.retries < 0 or self.backoff < 0 or (self.batch_size or 1) < 1:
             raise ConfigError("reward.remote: timeout must be > 0, retries and backoff >= 0, batch_size >= 1")
         self.format = format
-        token = token if token not in (None, "") else os.environ.get(TOKEN_ENV)
+        if token not in (None, "") and token_file not in (None, ""):
+            raise ConfigError("set one of reward.remote.token and reward.remote.token_file, not both")
+        if token in (None, ""):
+            token = read_token_file(token_file, "reward.remote.token_file") if token_file not in (None, "") \
+                else os.environ.get(TOKEN_ENV)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # TCP_NODELAY: a request body sent after its headers must not wait for the server's delayed ACK
         nodelay = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
@@ -121,8 +127,8 @@ class RemoteReward(Reward):
                     retry_after = None
                 continue
             if code == 401:
-                raise RewardError(f"reward server {self.url} refused the token (HTTP 401): set reward.remote.token "
-                                  f"or {TOKEN_ENV} to the server's serve.token")
+                raise RewardError(f"reward server {self.url} refused the token (HTTP 401): set {TOKEN_ENV} or "
+                                  "reward.remote.token_file (or reward.remote.token) to the server's token")
             if code == 413:
                 raise RewardError(f"reward server {self.url} refused the request as too large (HTTP 413: "
                                   f"{_error_text(response)}); lower reward.remote.batch_size")
@@ -158,6 +164,18 @@ class RemoteReward(Reward):
         self.server_info = info
         return info
 
+    def per_request(self, size, wanted: int) -> int:
+        """Images per request: ``wanted``, lowered to what the server's pixel limits take (from /info)."""
+        info = self.server_info or {}
+        height, width = (int(v) for v in size)
+        per_image, per_request = info.get("max_image_pixels"), info.get("max_request_pixels")
+        if per_image and height * width > per_image:
+            raise RewardError(f"remote: images are {width}x{height}, over the server's serve.max_image_pixels="
+                              f"{per_image}; send smaller images or raise the server's limit")
+        if per_request and height * width:
+            wanted = min(wanted, max(1, int(per_request) // (height * width)))
+        return wanted
+
     def close(self) -> None:
         self._client.close()
 
@@ -169,7 +187,7 @@ class RemoteReward(Reward):
             raise RewardError(f"remote: {images.shape[0]} images, {n} prompts, {len(metadata)} metadata")
         if n == 0:
             return np.zeros(0), {}
-        step = self.batch_size or n
+        step = self.per_request(images.shape[-2:], self.batch_size or n)
         scores, per_sample, info_sums = [], {}, {}
         t0 = time.perf_counter()
         chunks = list(range(0, n, step))
