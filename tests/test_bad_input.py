@@ -1,0 +1,75 @@
+"""Bad values stop `alignrl train` with one line naming the problem and the fix, before any model loads, and
+leave nothing behind (no run directory, no rewritten config.yaml). Driven through the real CLI entry point."""
+
+from pathlib import Path
+
+import pytest
+
+from alignrl.cli import main as cli
+
+
+def _fails(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli(list(args))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("alignrl: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.max_stpes=3", "did you mean trainer.max_steps"),
+    ("algorithm.lr=inf", "algorithm.lr=inf is not a finite number"),
+    ("algorithm.clip_range=nan", "algorithm.clip_range=nan is not a finite number"),
+    ("algorithm.beta=nan", "algorithm.beta=nan is not a finite number"),
+    ("seed=abc", "seed='abc' must be a number"),
+    ("trainer.ema.enabled=maybe", "must be true or false"),
+])
+def test_bad_values_stop_before_hydra_makes_a_run_dir(tmp_path, monkeypatch, capsys, override, expected):
+    monkeypatch.chdir(tmp_path)
+    err = _fails(capsys, "train", override)
+    assert expected in err, err
+    assert "+trainer" not in err  # never Hydra's hint to append the misspelt key
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_bad_files_and_run_dirs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("a caf\xe9 at night\n".encode("latin-1"))
+    err = _fails(capsys, "train", "data.train=latin1.txt")
+    assert "not UTF-8" in err and "latin1.txt" in err
+    assert not (tmp_path / "outputs").exists()  # the failed start removed what Hydra created
+    (tmp_path / "a_file").write_text("x")
+    assert "is a file, not a directory" in _fails(capsys, "train", "run_dir=a_file")
+    assert "is a file, not a directory" in _fails(capsys, "train", "run_dir=a_file/run")
+    err = _fails(capsys, "train", "run_dir=fresh", "data.train=missing.txt")
+    assert "prompt file not found" in err and not (tmp_path / "fresh").exists()
+
+
+def test_refused_resume_keeps_the_runs_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_000004"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text('{"iteration": 4}')
+    (step / "COMPLETE").write_text("ok\n")
+    (run / "config.yaml").write_text("seed: 7  # the run's own\n")
+    err = _fails(capsys, "train", f"run_dir={run}", "seed=8")
+    assert "already holds checkpoints" in err and "resume=auto" in err
+    assert (run / "config.yaml").read_text() == "seed: 7  # the run's own\n"
+    assert step.is_dir()  # nothing of the run was touched
+
+
+def test_hydra_quoting_of_reward_check_prompts(tmp_path, capsys):
+    """The README's OCR example: a prompt with spaces and quotes needs no Hydra quoting."""
+    from conftest import render_text
+    from alignrl.eval.report import to_pil
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    to_pil(render_text("HELLO").unsqueeze(0))[0].save(folder / "a.png")
+    cli(["reward-check", "reward=jpeg_compressibility", f"images={folder}", 'prompts=a sign that says "HELLO"'])
+    import json
+
+    report = json.loads((folder / "reward_check.json").read_text())
+    assert report["rows"][0]["prompt"] == 'a sign that says "HELLO"', report
