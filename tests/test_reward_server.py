@@ -534,7 +534,9 @@ class _ServerProcess:
         self.proc = subprocess.Popen([sys.executable, "-c", _SERVER_SCRIPT, json.dumps(options)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.url = self.proc.stdout.readline().strip()
-        assert self.url.startswith("http://127.0.0.1:"), "the server process did not start"
+        if not self.url.startswith("http://127.0.0.1:"):
+            self.proc.kill()
+            raise RuntimeError("the server process did not start")
         self.host, self.port = "127.0.0.1", int(self.url.rsplit(":", 1)[1])
         _assert_mean_served(self.url)  # warm: threads and allocator pools exist before anything is measured
         self.start_rss = self.status_mb("VmRSS")
