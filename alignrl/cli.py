@@ -18,7 +18,8 @@ commands:
   sample    generate images from a checkpoint or the base model (sample.prompts=[...])
   export    write a diffusers pipeline (weights merged) and the LoRA adapter: checkpoint=<run|ckpt> out=<dir>
             [weights=ema|live]; without checkpoint=, the recipe's base model
-  serve-reward  serve a reward over HTTP for reward=remote clients (port=8000 host=127.0.0.1 token=...)
+  serve-reward  serve a reward over HTTP for reward=remote clients (port=8000 host=127.0.0.1 token_file=...;
+            another host needs a token, or --insecure)
   reward-check  score a folder of images with a reward before a run (images=<dir|glob> prompts=<file|text>)
   recipes   list the recipes with a one-line description, and every config group's options
   runs      list the runs under outputs/ and multirun/ (or the given dirs): step, last reward and eval,
@@ -45,7 +46,7 @@ examples:
 
 COMMANDS = ("train", "eval", "sample", "export", "serve-reward", "reward-check")
 # bare keys `alignrl serve-reward` accepts for serve.<key>, and `alignrl reward-check` for check.<key>
-SERVE_SHORTHANDS = ("port", "host", "token")
+SERVE_SHORTHANDS = ("port", "host", "token", "token_file")
 CHECK_SHORTHANDS = ("images", "prompts", "out", "batch_size")
 EXPORT_SHORTHANDS = ("checkpoint", "out", "weights", "device")
 # commands that write no run directory or Hydra log file
