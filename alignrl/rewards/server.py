@@ -115,7 +115,7 @@ class ServeOptions:
         if not _is_loopback(opts.host) and not opts.token and not opts.insecure:
             raise ConfigError(f"serve.host={opts.host or '(all interfaces)'} is reachable from the network but no "
                               f"token is set; set {TOKEN_ENV} or serve.token_file=<file holding the token> (or "
-                              "serve.insecure=true to serve anyone who reaches the port, without auth)")
+                              "--insecure (serve.insecure=true) to serve anyone who reaches the port, without auth)")
         return opts
 
     @property
