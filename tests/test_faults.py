@@ -110,6 +110,9 @@ def test_killed_run_and_damaged_checkpoints_resume_from_the_newest_good_one(tmp_
                                                 (g + 1, "trainable.safetensors fails its checksum")]):
         assert f"{ckpt.step_dir_name(step)} is unusable: {problem}" in line, line
     assert f"resumed from {good}" in proc.stderr
+    damaged = sorted(d.name for d in root.glob("*.damaged"))  # moved aside, not deleted
+    assert damaged == [f"{ckpt.step_dir_name(g + i)}.damaged" for i in (1, 2, 3, 4)], damaged
+    assert f"checkpoint {root / ckpt.step_dir_name(g + 1)}" in proc.stderr.splitlines()[-1]  # the final line
     assert _steps(run) == list(range(1, g + 2))  # training continued from the good checkpoint
     assert _status(run)["state"] == "finished" and _status(run)["step"] == g + 1
     resaved = root / ckpt.step_dir_name(g + 1)
@@ -121,11 +124,14 @@ def test_killed_run_and_damaged_checkpoints_resume_from_the_newest_good_one(tmp_
 
     # a damaged checkpoint named explicitly: one line, non-zero exit, no model loaded; status.json says why
     # (and keeps the step the run had reached)
-    proc = run_cli("train", f"run_dir={run}", *args, f"resume={root / ckpt.step_dir_name(g + 2)}", cwd=tmp_path)
+    named = root / ckpt.step_dir_name(g + 2)
+    os.replace(root / f"{named.name}.damaged", named)
+    proc = run_cli("train", f"run_dir={run}", *args, f"resume={named}", cwd=tmp_path)
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert errors[-1].startswith("alignrl: error: resume=") and f"{ckpt.step_dir_name(g + 2)} cannot be used: " \
-        "trainable.safetensors has 5000 bytes" in errors[-1] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert errors[-1].startswith(f"alignrl: error: resume={named} cannot be used: trainable.safetensors has 5000 "
+                                 f"bytes") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert named.is_dir()  # named explicitly: reported, not moved
     status = _status(run)
     assert status["state"] == "failed" and status["step"] == g + 1 and "has 5000 bytes" in status["error"]
 

@@ -365,6 +365,19 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to ``step_N.damaged`` (``.damaged2``, ... if taken): no longer found or
+    pruned, kept for inspection."""
+    path = Path(path)
+    target, n = path.with_name(path.name + ".damaged"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged{n}")
+    os.replace(path, target)
+    _fsync_dir(path.parent)
+    return target
+
+
 class CheckpointWriter:
     """Writes checkpoints in the two phases multi-process runs need (every rank's RNG, then rank 0)."""
 

@@ -958,6 +958,7 @@ class Trainer:
                 agreed = code
             if agreed == 0:
                 self._apply_checkpoint(path, loaded)
+                self._set_aside_damaged()
                 return
             if code == 2:
                 raise failure
@@ -972,6 +973,15 @@ class Trainer:
                     else "no older checkpoint is left"
                 ckpt.warn(f"checkpoint {path} is unusable: {problem}; {more}")
             self._resume_index = self._agreed_first_usable(self._resume_index + 1)
+
+    def _set_aside_damaged(self) -> None:
+        """After falling back, rename the damaged newer checkpoints (``step_N.damaged``): the run's newest
+        checkpoint is a good one again (for ``eval``, the launcher, the next resume), nothing is deleted."""
+        damaged = self._candidates[:self._resume_index]
+        if self.is_main and damaged and not self._explicit:
+            moved = [ckpt.set_aside(c).name for c in damaged]
+            ckpt.warn(f"moved the damaged checkpoint(s) aside, kept for inspection: {', '.join(moved)}")
+        self.accelerator.wait_for_everyone()
 
     def _read_checkpoint(self, path: Path) -> dict:
         """Read everything a checkpoint holds into memory and load its trainable weights.
