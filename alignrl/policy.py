@@ -81,9 +81,12 @@ def run_source(cfg: DictConfig, checkpoint: str | None, overrides: list[str], ke
         raise CheckpointError(f"cannot read the run's config {saved}: {str(e).splitlines()[0]}") from None
     keys = _override_keys(overrides)
     _check_keys(run_cfg, keys, saved)
-    if "recipe" in keys:
-        raise ConfigError(f"recipe= cannot be combined with {key}: the checkpoint's run config "
-                          f"({saved}) is used; override single keys instead (e.g. backbone.dtype=bf16)")
+    if "recipe" in keys:  # the run's recipe is already in its config; another one would mix two runs
+        import sys
+
+        print(f"alignrl: note: recipe= is ignored with {key}: the run's own config ({saved}) is used, with "
+              f"the other overrides on top", file=sys.stderr)
+        keys = [k for k in keys if k != "recipe"]
     with open_dict(run_cfg):
         for section in cfg:  # settings added since the run was trained (e.g. export:) come from the command
             if section not in run_cfg:
