@@ -134,6 +134,7 @@ def test_killed_run_and_damaged_checkpoints_resume_from_the_newest_good_one(tmp_
     assert named.is_dir()  # named explicitly: reported, not moved
     status = _status(run)
     assert status["state"] == "failed" and status["step"] == g + 1 and "has 5000 bytes" in status["error"]
+    assert status["phase"] == "setup"
 
 
 PRUNE_SCRIPT = textwrap.dedent("""
@@ -193,6 +194,7 @@ def test_diverging_update_fails_the_run(tmp_path):
         "lower algorithm.lr (now 1e+30)" in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     status = _status(run)
     assert status["state"] == "failed" and status["error"] == last.removeprefix("alignrl: error: ")
+    assert status["phase"] == "train"
     for c in ckpt.list_checkpoints(run / "checkpoints"):  # nothing non-finite was saved
         assert all(torch.isfinite(t).all() for t in load_file(str(c / "trainable.safetensors")).values())
 

@@ -129,6 +129,7 @@ class Trainer:
         self._last_saved_step: int | None = None  # the step of a good checkpoint this process saved or loaded
         self._nonfinite_streak = 0
         self._failure: str | None = None
+        self._training = False  # train() was entered (status.json "phase": setup | train)
         try:
             self._setup()
         except BaseException as e:  # a failure it can record: status.json says failed, with the message
@@ -719,6 +720,7 @@ class Trainer:
         last_eval_step = -1
         previous_handlers = {}
         self.logger = None
+        self._training = True
         try:
             if self.is_main:  # leftovers of killed runs: temporary checkpoint dirs, half-written files
                 ckpt.CheckpointWriter(self.run_dir).clean()
@@ -1119,7 +1121,8 @@ class Trainer:
             return
         step = self.iteration if self._step_known else getattr(self, "_prior_step", 0)
         status = {"state": state, "step": step, "max_steps": self.max_steps,
-                  "train_seconds": round(self.train_seconds, 3), "pid": os.getpid(),
+                  "train_seconds": round(self.train_seconds, 3), "phase": "train" if self._training else "setup",
+                  "pid": os.getpid(),
                   "host": socket.gethostname(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         if state == "failed" and self._failure:
