@@ -135,6 +135,10 @@ def _remove_failed_start(run_dir: Path) -> None:
 
     if _run_dir_existed is not False or not run_dir.is_dir():
         return
+    from alignrl.runs import read_json
+
+    if read_json(run_dir / "status.json").get("phase") == "train":
+        return  # it trained, or failed while training: its status.json holds the error
     start_files = {".hydra", "alignrl.log", "config.yaml", "status.json", "STOP"}
     if not all(p.name in start_files for p in run_dir.iterdir()):
         return

@@ -175,7 +175,9 @@ def test_eval_and_sample_commands(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in samples.glob("*.png")) == ["000_00.png", "000_01.png", "grid.png"]
     index = [json.loads(x) for x in (samples / "prompts.jsonl").read_text().splitlines()]
-    assert index == [{"image": "000_00.png", "prompt": "a red cat"}, {"image": "000_01.png", "prompt": "a red cat"}]
+    assert [{k: v for k, v in r.items() if k != "seed"} for r in index] == \
+        [{"image": "000_00.png", "prompt": "a red cat"}, {"image": "000_01.png", "prompt": "a red cat"}]
+    assert len({r["seed"] for r in index}) == 2  # each image its own noise seed
 
 
 def test_tiny_flux_recipe_and_wandb_offline(tmp_path):

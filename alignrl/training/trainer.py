@@ -764,6 +764,8 @@ class Trainer:
                     if self.evaluator and ((every("eval_every") and step % every("eval_every") == 0) or timed_eval):
                         metrics.update(self.evaluate(step))
                         last_eval_step = step
+                        if self.is_main:
+                            images["eval"] = self.run_dir / "eval" / f"step_{step:06d}.png"
                     self.logger.log(step, metrics, images)
                     self.logger.progress(step, metrics)
                     self._write_status("running")  # a killed run still shows where it stopped
