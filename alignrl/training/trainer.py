@@ -1119,7 +1119,7 @@ class Trainer:
     def _write_status(self, state: str) -> None:
         """status.json (atomic): written at the start, after every iteration and at the end; ``failed`` carries
         the one-line error. Before a checkpoint is loaded the step is the one the run last recorded."""
-        if not self.is_main:
+        if not self.is_main or not self.run_dir.is_dir():  # a start that failed before the run had a directory
             return
         step = self.iteration if self._step_known else getattr(self, "_prior_step", 0)
         status = {"state": state, "step": step, "max_steps": self.max_steps,
