@@ -1,10 +1,11 @@
-"""The real `alignrl` console script: listing, config printing, and one-line errors on bad input."""
+"""The `alignrl` console script (its entry point, in-process where no process of its own is needed): listing,
+config printing, and one-line errors on bad input."""
 
 import json
 
 import pytest
 
-from conftest import FAST, run_cli
+from conftest import FAST, run_cli, run_inprocess
 
 
 def _one_line_error(proc, *needles):
@@ -37,7 +38,7 @@ def test_help_and_usage():
 
 
 def test_cfg_job_prints_resolved_config_with_overrides():
-    proc = run_cli("train", "recipe=flowgrpo_sd35_geneval", "trainer.max_steps=20", "--cfg", "job")
+    proc = run_inprocess("train", "recipe=flowgrpo_sd35_geneval", "trainer.max_steps=20", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "pretrained: stabilityai/stable-diffusion-3.5-medium" in out
@@ -45,12 +46,12 @@ def test_cfg_job_prints_resolved_config_with_overrides():
 
 
 def test_unknown_recipe_lists_valid_ones(tmp_path):
-    line = _one_line_error(run_cli("train", "recipe=nope", cwd=tmp_path), "unknown recipe 'nope'", "tiny_flowgrpo")
+    line = _one_line_error(run_inprocess("train", "recipe=nope", cwd=tmp_path), "unknown recipe 'nope'", "tiny_flowgrpo")
     assert "flowgrpo_sd35" in line
 
 
 def test_unknown_group_option(tmp_path):
-    _one_line_error(run_cli("train", "backbone=sd99", cwd=tmp_path), "unknown backbone 'sd99'", "tiny_flux")
+    _one_line_error(run_inprocess("train", "backbone=sd99", cwd=tmp_path), "unknown backbone 'sd99'", "tiny_flux")
 
 
 def test_unknown_command():
@@ -59,36 +60,36 @@ def test_unknown_command():
 
 
 def test_missing_prompt_file(tmp_path):
-    _one_line_error(run_cli("train", "data.train=/no/such/prompts.txt", *FAST, cwd=tmp_path),
+    _one_line_error(run_inprocess("train", "data.train=/no/such/prompts.txt", *FAST, cwd=tmp_path),
                     "prompt file not found", "/no/such/prompts.txt")
 
 
 def test_batch_arithmetic_checked_before_models_load(tmp_path):
     line = _one_line_error(
-        run_cli("train", *FAST, "trainer.rollout_batch_size=5", cwd=tmp_path),
+        run_inprocess("train", *FAST, "trainer.rollout_batch_size=5", cwd=tmp_path),
         "trainer.rollout_batch_size=5",
     )
     assert "8" in line  # names the per-process sample count it must divide
-    _one_line_error(run_cli("train", *FAST, "launcher.nproc_per_node=3", cwd=tmp_path), "3 processes")
-    _one_line_error(run_cli("train", *FAST, "algorithm.group_size=1", cwd=tmp_path), "group_size")
+    _one_line_error(run_inprocess("train", *FAST, "launcher.nproc_per_node=3", cwd=tmp_path), "3 processes")
+    _one_line_error(run_inprocess("train", *FAST, "algorithm.group_size=1", cwd=tmp_path), "group_size")
 
 
 def test_checkpoint_path_that_is_not_one(tmp_path):
     (tmp_path / "junk").mkdir()
-    _one_line_error(run_cli("train", f"resume={tmp_path / 'junk'}", *FAST, cwd=tmp_path),
+    _one_line_error(run_inprocess("train", f"resume={tmp_path / 'junk'}", *FAST, cwd=tmp_path),
                     "is not a checkpoint")
-    _one_line_error(run_cli("eval", f"eval.checkpoint={tmp_path / 'junk'}", cwd=tmp_path), "is not a checkpoint")
+    _one_line_error(run_inprocess("eval", f"eval.checkpoint={tmp_path / 'junk'}", cwd=tmp_path), "is not a checkpoint")
 
 
 def test_reward_whose_weights_cannot_load_is_named(tmp_path):
     # the hub id is not cached here: a one-line error naming the reward and the option, no traceback
-    proc = run_cli("train", "reward=pickscore", *FAST, cwd=tmp_path)
+    proc = run_inprocess("train", "reward=pickscore", *FAST, cwd=tmp_path)
     _one_line_error(proc, "pickscore")
     assert "set reward.pickscore." in proc.stderr
 
 
 def test_train_writes_run_dir_layout(tmp_path):
-    proc = run_cli("train", *FAST, "trainer.checkpoint_every=1", cwd=tmp_path)
+    proc = run_inprocess("train", *FAST, "trainer.checkpoint_every=1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     runs = list((tmp_path / "outputs" / "tiny_flowgrpo").iterdir())
     assert len(runs) == 1
@@ -104,7 +105,7 @@ def test_train_writes_run_dir_layout(tmp_path):
 
 
 def test_multirun_sweep_gives_one_run_per_point(tmp_path):
-    proc = run_cli("train", "-m", "seed=1,2", *FAST, "trainer.max_steps=1", cwd=tmp_path)
+    proc = run_inprocess("train", "-m", "seed=1,2", *FAST, "trainer.max_steps=1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     status = sorted((tmp_path / "multirun").rglob("status.json"))
     assert len(status) == 2

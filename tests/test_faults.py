@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from alignrl.errors import AlignError, CheckpointError
 from alignrl.training import checkpoint as ckpt
-from conftest import FAST, REPO, run_cli
+from conftest import FAST, REPO, run_inprocess
 
 ALIGNRL = Path(sys.executable).with_name("alignrl")
 
@@ -100,7 +100,7 @@ def test_killed_run_and_damaged_checkpoints_resume_from_the_newest_good_one(tmp_
     (root / f"{ckpt.step_dir_name(g + 9)}.tmp" / "rng").mkdir(parents=True)
     (run / f"status.json.tmp{_dead_pid()}").write_text("{")
 
-    proc = run_cli("train", f"run_dir={run}", *args, "resume=auto", f"trainer.max_steps={g + 1}", cwd=tmp_path)
+    proc = run_inprocess("train", f"run_dir={run}", *args, "resume=auto", f"trainer.max_steps={g + 1}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("alignrl: warning: checkpoint")]
     assert len(warnings) == 4, proc.stderr[-3000:]
@@ -126,7 +126,7 @@ def test_killed_run_and_damaged_checkpoints_resume_from_the_newest_good_one(tmp_
     # (and keeps the step the run had reached)
     named = root / ckpt.step_dir_name(g + 2)
     os.replace(root / f"{named.name}.damaged", named)
-    proc = run_cli("train", f"run_dir={run}", *args, f"resume={named}", cwd=tmp_path)
+    proc = run_inprocess("train", f"run_dir={run}", *args, f"resume={named}", cwd=tmp_path)
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert errors[-1].startswith(f"alignrl: error: resume={named} cannot be used: trainable.safetensors has 5000 "
@@ -186,7 +186,7 @@ def test_kill_during_prune_leaves_no_complete_checkpoint_without_weights(tmp_pat
 def test_diverging_update_fails_the_run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()  # an existing run directory is kept whatever happens (the CLI removes a new one a failed start made)
-    proc = run_cli("train", f"run_dir={run}", *FAST, "trainer.max_steps=3", "trainer.checkpoint_every=1",
+    proc = run_inprocess("train", f"run_dir={run}", *FAST, "trainer.max_steps=3", "trainer.checkpoint_every=1",
                    "algorithm.lr=1e30", cwd=tmp_path)
     assert proc.returncode != 0
     last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]

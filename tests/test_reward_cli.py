@@ -13,7 +13,7 @@ from PIL import Image
 from alignrl.config import compose, expand_reward_weights
 from alignrl.errors import ConfigError
 from alignrl.rewards.base import WeightedReward, build_reward
-from conftest import FAST, render_text, run_cli, running_server
+from conftest import FAST, render_text, run_inprocess, running_server
 
 
 def test_reward_weights_spelling_expands_to_a_group_list():
@@ -60,7 +60,7 @@ def test_reward_check_scores_a_folder(tmp_path):
     (folder / "prompts.jsonl").write_text("\n".join(json.dumps({"image": n, "prompt": 'a sign that says "HELLO"'})
                                                     for n in ("a_hello.png", "b_noise.png", "c_small.png")) + "\n")
     _save(torch.zeros(3, 16, 16), folder / "grid.png")  # as `alignrl sample` writes beside its images
-    proc = run_cli("reward-check", "reward={ocr: 1.0, jpeg_compressibility: 0.1}", f"images={folder}", cwd=tmp_path)
+    proc = run_inprocess("reward-check", "reward={ocr: 1.0, jpeg_compressibility: 0.1}", f"images={folder}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "skipping 1 image(s) prompts.jsonl does not name (e.g. grid.png)" in proc.stderr
     report = json.loads((folder / "reward_check.json").read_text())
@@ -78,7 +78,7 @@ def test_reward_check_scores_a_folder(tmp_path):
 
     # one prompt for all, a glob, another report path; a prompt without quotes is unscored, not fatal
     out = tmp_path / "r.json"
-    proc = run_cli("reward-check", "reward=ocr", f"images={folder}/a_*.png", "prompts=just a sign", f"out={out}",
+    proc = run_inprocess("reward-check", "reward=ocr", f"images={folder}/a_*.png", "prompts=just a sign", f"out={out}",
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
@@ -97,7 +97,7 @@ def test_reward_check_bad_input_is_one_line(tmp_path, args, needle):
     _save(torch.zeros(3, 8, 8), folder / "x.png")
     (tmp_path / "two.txt").write_text("one\ntwo\n")
     full = [f"images={folder}", *args] if not args[0].startswith("images=") else args
-    proc = run_cli("reward-check", "reward=jpeg_compressibility", *full, cwd=tmp_path)
+    proc = run_inprocess("reward-check", "reward=jpeg_compressibility", *full, cwd=tmp_path)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("alignrl: error: ") and needle in last and "Traceback" not in proc.stderr, proc.stderr
@@ -107,10 +107,10 @@ def test_training_on_a_remote_reward_matches_in_process(tmp_path):
     """A tiny run scored by a server on loopback logs the same rewards as the same run scored in-process."""
     runs = {}
     with running_server(build_reward("jpeg_compressibility")) as url:
-        proc = run_cli("train", *FAST, "reward=remote", f"reward.remote.url={url}", f"run_dir={tmp_path / 'remote'}",
+        proc = run_inprocess("train", *FAST, "reward=remote", f"reward.remote.url={url}", f"run_dir={tmp_path / 'remote'}",
                        cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
-    proc = run_cli("train", *FAST, f"run_dir={tmp_path / 'local'}", cwd=tmp_path)
+    proc = run_inprocess("train", *FAST, f"run_dir={tmp_path / 'local'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for name in ("remote", "local"):
         runs[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, run_cli
+from conftest import FAST, run_cli, run_inprocess
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -61,15 +61,15 @@ def test_default_recipe_raises_the_reward(tmp_path):
 def test_resume_is_exact_and_sigterm_checkpoints(tmp_path):
     args = [*FAST, "trainer.max_steps=5", "trainer.checkpoint_every=0"]
     straight = tmp_path / "straight"
-    proc = run_cli("train", f"run_dir={straight}", *args, cwd=tmp_path)
+    proc = run_inprocess("train", f"run_dir={straight}", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    # k steps, stop, resume to N
+    # k steps, stop, resume to N (the runs in this process; the SIGTERM case below resumes in a new one)
     split = tmp_path / "split"
-    assert run_cli("train", f"run_dir={split}", *args, "trainer.max_steps=2", cwd=tmp_path).returncode == 0
-    refused = run_cli("train", f"run_dir={split}", *args, cwd=tmp_path)
+    assert run_inprocess("train", f"run_dir={split}", *args, "trainer.max_steps=2", cwd=tmp_path).returncode == 0
+    refused = run_inprocess("train", f"run_dir={split}", *args, cwd=tmp_path)
     assert refused.returncode != 0 and "resume=auto" in refused.stderr  # never silently overwrites
-    proc = run_cli("train", f"run_dir={split}", *args, "resume=auto", cwd=tmp_path)
+    proc = run_inprocess("train", f"run_dir={split}", *args, "resume=auto", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _weights(straight, 5), _weights(split, 5)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -121,7 +121,7 @@ def test_two_processes_match_one(tmp_path):
 
 def test_lora_export_loads_in_diffusers_and_reproduces_policy(tmp_path):
     run = tmp_path / "run"
-    proc = run_cli("train", f"run_dir={run}", *FAST, "trainer.max_steps=2", "trainer.ema.enabled=false",
+    proc = run_inprocess("train", f"run_dir={run}", *FAST, "trainer.max_steps=2", "trainer.ema.enabled=false",
                    "trainer.finetune=lora", "algorithm.lr=3e-2",
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -156,9 +156,9 @@ def test_lora_export_loads_in_diffusers_and_reproduces_policy(tmp_path):
 
 def test_eval_and_sample_commands(tmp_path):
     run = tmp_path / "run"
-    assert run_cli("train", f"run_dir={run}", *FAST, cwd=tmp_path).returncode == 0
+    assert run_inprocess("train", f"run_dir={run}", *FAST, cwd=tmp_path).returncode == 0
     out = tmp_path / "ev"
-    proc = run_cli("eval", f"eval.checkpoint={run}", f"eval.out_dir={out}", "eval.num_prompts=4",
+    proc = run_inprocess("eval", f"eval.checkpoint={run}", f"eval.out_dir={out}", "eval.num_prompts=4",
                    "sampler.eval_num_steps=4", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -166,11 +166,11 @@ def test_eval_and_sample_commands(tmp_path):
     assert "step_000002" in metrics["model"] and "ema" in metrics["model"]
     assert (out / "grid.png").is_file() and "eval/reward_mean" in (out / "summary.md").read_text()
     base = tmp_path / "base"
-    proc = run_cli("eval", f"eval.out_dir={base}", "eval.num_prompts=4", "sampler.eval_num_steps=4", cwd=tmp_path)
+    proc = run_inprocess("eval", f"eval.out_dir={base}", "eval.num_prompts=4", "sampler.eval_num_steps=4", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((base / "metrics.json").read_text())["model"] == "base model"
     samples = tmp_path / "samples"
-    proc = run_cli("sample", f"eval.checkpoint={run}", f"eval.out_dir={samples}", "sample.prompts=[a red cat]",
+    proc = run_inprocess("sample", f"eval.checkpoint={run}", f"eval.out_dir={samples}", "sample.prompts=[a red cat]",
                    "sample.num_images=2", "sampler.eval_num_steps=4", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in samples.glob("*.png")) == ["000_00.png", "000_01.png", "grid.png"]
@@ -182,7 +182,7 @@ def test_eval_and_sample_commands(tmp_path):
 
 def test_tiny_flux_recipe_and_wandb_offline(tmp_path):
     run = tmp_path / "run"
-    proc = run_cli("train", "recipe=tiny_flowgrpo_flux", f"run_dir={run}", *FAST, "logger=wandb",
+    proc = run_inprocess("train", "recipe=tiny_flowgrpo_flux", f"run_dir={run}", *FAST, "logger=wandb",
                    "trainer.eval_every=2", cwd=tmp_path, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _metrics(run)
