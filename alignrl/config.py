@@ -171,7 +171,7 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
 
 
 # ---------------------------------------------------------------------------------------- values
-def _leaves(node, prefix: str = ""):
+def config_leaves(node, prefix: str = ""):
     """(dotted key, value) of every leaf of a config, interpolations that cannot resolve yet skipped."""
     from omegaconf import DictConfig, ListConfig
 
@@ -183,7 +183,7 @@ def _leaves(node, prefix: str = ""):
         except Exception:  # noqa: BLE001  an interpolation of Hydra's runtime (run_dir): not a number anyway
             continue
         if isinstance(value, (DictConfig, ListConfig)):
-            yield from _leaves(value, key + ".")
+            yield from config_leaves(value, key + ".")
         else:
             yield key, value
 
@@ -192,7 +192,7 @@ def check_finite(cfg: DictConfig) -> None:
     """Every number in the config is finite (``lr=inf`` would train to NaN weights and exit 0)."""
     import math
 
-    for key, value in _leaves(cfg):
+    for key, value in config_leaves(cfg):
         if key.startswith("hydra."):
             continue
         if isinstance(value, float) and not math.isfinite(value):
@@ -250,7 +250,7 @@ def precheck_overrides(overrides: list[str]) -> None:
             raise ConfigError(str(e).splitlines()[0]) from None
         key = m.group(1)
         base = compose([ov for ov in overrides if not ov.startswith(key + "=")])
-        known = [k for k, _ in _leaves(base) if not k.startswith("hydra.")]
+        known = [k for k, _ in config_leaves(base) if not k.startswith("hydra.")]
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(close)}?" if close else \
             "check the spelling (alignrl train --cfg job prints every key)"

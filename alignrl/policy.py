@@ -67,7 +67,7 @@ def run_source(cfg: DictConfig, checkpoint: str | None, overrides: list[str], ke
     """The run's saved config with the command line's overrides on top (values as the command composed them).
 
     A group choice on the command line (``reward=pickscore``) replaces the run's whole group; a key
-    (``backbone.dtype=bf16``) replaces that key. ``recipe=`` cannot be combined with a checkpoint.
+    (``backbone.dtype=bf16``) replaces that key; ``recipe=`` is ignored (with a note): the run's config is used.
     """
     if not checkpoint:
         return RunSource(cfg, None)
@@ -105,23 +105,18 @@ def _check_keys(run_cfg: DictConfig, keys: list[str], saved: Path) -> None:
     closest keys instead of being added silently."""
     import difflib
 
+    from alignrl.config import config_leaves
+
+    replaced = {k for k in keys if k in GROUPS}  # keys of a group chosen anew are checked by Hydra, not here
     for k in keys:
-        if "." not in k or k.split(".")[0] in ("eval", "sample", "export", "check", "serve"):
+        if "." not in k or k.split(".")[0] in ("eval", "sample", "export", "check", "serve", *replaced):
             continue
         if OmegaConf.select(run_cfg, k, default="__missing__") != "__missing__":
             continue
-        known = _leaf_keys(run_cfg)
+        known = [name for name, _ in config_leaves(run_cfg)]
         close = difflib.get_close_matches(k, known, n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(close)}?" if close else "check the spelling (alignrl eval --cfg job lists them)"
         raise ConfigError(f"'{k}' is not a key of this run's config ({saved}); {hint}")
-
-
-def _leaf_keys(node, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in (node.items() if isinstance(node, DictConfig) else []):
-        key = f"{prefix}{k}"
-        out += _leaf_keys(v, key + ".") if isinstance(v, DictConfig) else [key]
-    return out
 
 
 def _resolved(cfg: DictConfig, key: str):

@@ -308,16 +308,16 @@ def test_mixgrpo_window_survives_resume_exactly(tmp_path):
     """The sliding window is part of the checkpoint: stop after 3 iterations, resume to 6, same weights."""
     from safetensors.torch import load_file
 
-    from conftest import FAST, run_cli
+    from conftest import FAST, run_inprocess
 
     args = ["recipe=tiny_mixgrpo", *FAST, "sampler.num_steps=6", "sampler.window_size=2", "sampler.shift_interval=1",
             "trainer.max_steps=6"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_cli("train", f"run_dir={straight}", *args).returncode == 0
-    assert run_cli("train", f"run_dir={split}", *args, "trainer.max_steps=3").returncode == 0
+    assert run_inprocess("train", f"run_dir={straight}", *args).returncode == 0
+    assert run_inprocess("train", f"run_dir={split}", *args, "trainer.max_steps=3").returncode == 0
     state = __import__("json").loads((split / "checkpoints" / "step_000003" / "state.json").read_text())
     assert state["planner"]["start"] == 2  # moved at iterations 1 and 2
-    proc = run_cli("train", f"run_dir={split}", *args, "resume=auto")
+    proc = run_inprocess("train", f"run_dir={split}", *args, "resume=auto")
     assert proc.returncode == 0, proc.stderr[-2000:]
     a = load_file(str(straight / "checkpoints" / "step_000006" / "trainable.safetensors"))
     b = load_file(str(split / "checkpoints" / "step_000006" / "trainable.safetensors"))

@@ -11,7 +11,7 @@ from PIL import Image
 from alignrl.eval.evaluate import EvalResult, write_report
 from alignrl.eval.report import image_grid, wrap_text
 from alignrl.plots import Curves, _figure, _panel, read_metrics, write_run_plots
-from conftest import run_cli
+from conftest import run_inprocess
 
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's first two line colours (C0, C1)
 
@@ -119,16 +119,16 @@ def test_runs_plot_compares_two_runs(tmp_path):
         (run / "status.json").write_text(json.dumps({"state": "finished", "step": 40, "max_steps": 40}))
         write_rows(run / "metrics.jsonl", synthetic_rows(40, seed=seed, eval_every=10))
     out = tmp_path / "compare.png"
-    proc = run_cli("runs", "--plot", str(out), "outputs", cwd=tmp_path, timeout=120)
+    proc = run_inprocess("runs", "--plot", str(out), "outputs", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "run_a" in proc.stdout and "run_b" in proc.stdout  # the table is printed too
     assert f"wrote {out}" in proc.stdout
     assert colour_pixels(out, BLUE) > 300 and colour_pixels(out, ORANGE) > 300  # one line per run
-    bad = run_cli("runs", "--plot=chart.svg", "outputs", cwd=tmp_path, timeout=60)
+    bad = run_inprocess("runs", "--plot=chart.svg", "outputs", cwd=tmp_path)
     assert bad.returncode == 2 and "ending in .png" in bad.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
-    none = run_cli("runs", "--plot", "x.png", str(empty), cwd=tmp_path, timeout=60)
+    none = run_inprocess("runs", "--plot", "x.png", str(empty), cwd=tmp_path)
     assert none.returncode == 1 and not (tmp_path / "x.png").exists()
 
 

@@ -114,7 +114,7 @@ def test_flowgrpo_raises_the_judge_reward_on_a_small_prompt_set(tmp_path):
     for red objects. The shipped model draws the right shapes in random colours (~0.35 partial credit);
     eight Flow-GRPO iterations (about a minute on 2 cores) must lift the judge's reward on those prompts
     by a clear margin (measured: 0.375 -> 0.67)."""
-    from conftest import run_cli
+    from conftest import run_inprocess
 
     prompts = tmp_path / "red.jsonl"
     rows = [{"prompt": f"a red {s}", "tag": "colors", "objects": [{"shape": s, "color": "red", "count": None}],
@@ -123,13 +123,13 @@ def test_flowgrpo_raises_the_judge_reward_on_a_small_prompt_set(tmp_path):
                  "objects": [{"shape": "circle", "color": "red", "count": 2}], "relation": None})
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run_dir = tmp_path / "run"
-    res = run_cli(
+    res = run_inprocess(
         "train", "recipe=shapes_flowgrpo", f"data.train={prompts}", f"data.eval={prompts}",
         "data.groups_per_iteration=4", "trainer.rollout_batch_size=32", "trainer.train_batch_size=16",
         "trainer.max_steps=8", "trainer.eval_every=8", "trainer.eval_at_start=true",
         "sampler.eval_num_steps=8", "sampler.eval_guidance_scale=1.0", "eval.images_per_prompt=8",
         "eval.batch_size=32", "trainer.log_images_every=0", "trainer.checkpoint_every=0",
-        "logger.progress_bar=false", f"run_dir={run_dir}", timeout=600,
+        "logger.progress_bar=false", f"run_dir={run_dir}",
     )
     assert res.returncode == 0, res.stderr[-3000:]
     evals = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())

@@ -83,7 +83,7 @@ def test_resume_is_exact_and_sigterm_checkpoints(tmp_path):
     # SIGTERM mid-run: checkpoint at the end of the current step, clean exit, resume to the same weights
     pre = tmp_path / "preempted"
     assert "signal SIGTERM" in _sigterm_after_first_step(pre, args, tmp_path)
-    proc = run_cli("train", f"run_dir={pre}", *args, "resume=auto", cwd=tmp_path)
+    proc = run_inprocess("train", f"run_dir={pre}", *args, "resume=auto", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     c = _weights(pre, 5)
     assert all(torch.equal(a[k], c[k]) for k in a)
@@ -97,7 +97,7 @@ def test_two_processes_match_one(tmp_path):
     # one thread each, as the launcher gives each of the 2 processes, so matmuls reduce in the same order
     assert run_cli("train", f"run_dir={one}", *args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}).returncode == 0
     two = tmp_path / "two"
-    proc = run_cli("train", f"run_dir={two}", *args, "launcher.nproc_per_node=2", cwd=tmp_path)
+    proc = run_inprocess("train", f"run_dir={two}", *args, "launcher.nproc_per_node=2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "starting 2 processes" in proc.stderr
     m1, m2 = _metrics(one), _metrics(two)
@@ -198,7 +198,7 @@ def test_two_process_run_stops_on_launcher_sigterm_and_resumes(tmp_path):
     run = tmp_path / "run"
     # to the launcher, as a scheduler or a user would; it becomes a STOP file the workers see
     assert "STOP file" in _sigterm_after_first_step(run, args, tmp_path)
-    proc = run_cli("train", f"run_dir={run}", *args, "resume=auto", cwd=tmp_path)
+    proc = run_inprocess("train", f"run_dir={run}", *args, "resume=auto", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 9))
