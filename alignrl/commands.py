@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from alignrl.components import as_dict, build_backbone, build_planner
+from alignrl.components import as_dict, build_planner
 from alignrl.config import validate_batch_arithmetic
 from alignrl.data import PromptSet
 from alignrl.errors import CheckpointError, ConfigError

@@ -1,7 +1,6 @@
 """Bad values stop `alignrl train` with one line naming the problem and the fix, before any model loads, and
 leave nothing behind (no run directory, no rewritten config.yaml). Driven through the real CLI entry point."""
 
-from pathlib import Path
 
 import pytest
 

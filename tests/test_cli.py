@@ -3,8 +3,6 @@ config printing, and one-line errors on bad input."""
 
 import json
 
-import pytest
-
 from conftest import FAST, run_cli, run_inprocess
 
 

@@ -1,7 +1,6 @@
 """The GRPO-family plans, kernels and losses: evaluation counts, trained edges, tree advantages, ratios."""
 
 import math
-import os
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """End-to-end training on the tiny models: learning, exact resume, preemption, export, eval, 2 processes."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -63,9 +63,9 @@ class Evaluator:
         chunks = [slots[i:i + self.batch_size] for i in range(0, len(slots), self.batch_size)]
         bar = None
         if self.progress:
-            from tqdm.auto import tqdm
+            from alignrl.training.logging import console_progress
 
-            bar = tqdm(total=len(slots), desc="eval", unit="img", dynamic_ncols=True)
+            bar = console_progress(len(slots), "eval", "img")
         for chunk in chunks:
             pidx = [s // self.images_per_prompt for s in chunk]
             prompts = [self.prompts[i] for i in pidx]

@@ -107,12 +107,12 @@ def load_image(path: Path) -> torch.Tensor:
 def reward_check(reward, files: list[Path], prompts: list[str], metadata: list[dict], batch_size: int = 16,
                  progress: bool = True) -> dict:
     """Score every image; returns {"rows": [...], "summary": {reward: stats}} (NaN kept as None)."""
-    from tqdm.auto import tqdm
+    from alignrl.training.logging import console_progress
 
     names = list(reward.rewards)
     rows = []
     t0 = time.perf_counter()
-    bar = tqdm(total=len(files), desc="scoring", unit="img", disable=not progress, file=sys.stderr)
+    bar = console_progress(len(files), "scoring", "img", enabled=progress)
     i = 0
     while i < len(files):
         # one batch holds consecutive images of one size (rewards take a (B, 3, H, W) tensor)

@@ -53,6 +53,41 @@ def _is_tty(stream) -> bool:
         return False
 
 
+class _PlainProgress:
+    """A progress counter for a stream that is not a terminal: plain lines (``eval: 8/16 img (50%) | 3.1 img/s |
+    ETA 0:00:03``), at most one per ``every_s`` seconds, and the last one at close; tqdm's update/close API."""
+
+    def __init__(self, total: int, desc: str, unit: str, stream, every_s: float):
+        self.total, self.desc, self.unit, self.stream, self.every_s = int(total), desc, unit, stream, every_s
+        self.n, self.start, self.last, self.printed = 0, time.monotonic(), None, 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if self.last is None or now - self.last >= self.every_s:
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        self.last, self.printed = now, self.n
+        rate = self.n / max(now - self.start, 1e-9)
+        eta = f" | ETA {timedelta(seconds=round((self.total - self.n) / rate))}" if rate > 0 and self.n < self.total \
+            else ""
+        pct = f" ({100 * self.n // self.total}%)" if self.total else ""
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit}{pct} | {rate:.3g} {self.unit}/s{eta}",
+              file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.n != self.printed:  # the final count, unless its line is out already
+            self._line(time.monotonic())
+
+
+def console_progress(total: int, desc: str, unit: str, enabled: bool = True, every_s: float = 10.0):
+    """A tqdm bar with ETA on a terminal; plain lines off one (Slurm, CI, ``| tee``); nothing when disabled."""
+    if enabled and not _is_tty(sys.stderr):
+        return _PlainProgress(total, desc, unit, sys.stderr, every_s)
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, disable=not enabled)
+
+
 def _seconds(cfg: dict, key: str, default: float) -> float:
     value = cfg.get(key, default)
     try:
