@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignrl.components import as_dict, build_planner
 from alignrl.config import validate_batch_arithmetic
-from alignrl.data import PromptSet
 from alignrl.errors import CheckpointError, ConfigError
 from alignrl.training import checkpoint as ckpt
 
@@ -210,14 +209,20 @@ def _device(cfg: DictConfig):
 
 
 def evaluate(cfg: DictConfig) -> int:
+    """Every eval set of the run (``data.eval``: one file, or named sets such as ``held_out``/``in_dist``, each
+    reported in its own folder)."""
+    from alignrl.data import eval_prefix, load_eval_sets
     from alignrl.eval.evaluate import Evaluator, write_report
+    from alignrl.eval.report import markdown_table
     from alignrl.policy import load_policy
     from alignrl.rewards.base import WeightedReward
 
     source = _source(cfg, cfg.eval.get("checkpoint"), "eval.checkpoint")
     cfg = source.cfg
     weights = str(cfg.eval.get("weights", "ema"))
-    prompts = PromptSet.load(cfg.data.get("eval"), "data.eval")
+    sets = load_eval_sets(cfg.data.get("eval"))
+    if not sets:
+        raise ConfigError("data.eval is not set; pass data.eval=<prompt file (.txt or .jsonl)>")
     reward = WeightedReward.from_config(as_dict(cfg.reward))
     planner = build_planner(cfg)
     device = _device(cfg)
@@ -225,22 +230,29 @@ def evaluate(cfg: DictConfig) -> int:
     torch.manual_seed(int(cfg.seed))
     backbone, model = load_policy(source, device, weights)
     plan = planner.eval_plan()
-    evaluator = Evaluator(backbone, plan, prompts, reward, seed=int(cfg.seed),
-                          batch_size=int(cfg.eval.batch_size), num_prompts=cfg.eval.get("num_prompts"),
-                          images_per_prompt=int(cfg.eval.get("images_per_prompt", 1)), progress=True)
-    result = evaluator.run()
-    details = {"model": model, "backbone": backbone.describe(), "prompts": prompts.source, "ode_steps": plan.num_steps,
-               "guidance_scale": plan.guidance_scale, "reward": ", ".join(cfg.reward.keys())}
-    paths = write_report(out_dir, result, "alignrl eval", details, grid_size=int(cfg.eval.get("grid_size", 16)))
-    if result.table:
-        from alignrl.eval.report import markdown_table
-
-        cols = ["tag"] + [k for k in next(iter(result.table.values())) if k != "n"] + ["n"]
-        print(markdown_table([{"tag": t, **row} for t, row in result.table.items()], cols))
-    for k, v in result.metrics.items():
-        if not k.startswith("eval/tag/"):
-            print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
-    print(f"alignrl: wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    written = []
+    for name, prompts in sets.items():
+        evaluator = Evaluator(backbone, plan, prompts, reward, seed=int(cfg.seed),
+                              batch_size=int(cfg.eval.batch_size), num_prompts=cfg.eval.get("num_prompts"),
+                              images_per_prompt=int(cfg.eval.get("images_per_prompt", 1)), progress=True,
+                              prefix=eval_prefix(name))
+        result = evaluator.run()
+        details = {"model": model, "backbone": backbone.describe(), "prompts": prompts.source,
+                   "ode_steps": plan.num_steps, "guidance_scale": plan.guidance_scale,
+                   "reward": ", ".join(cfg.reward.keys())}
+        title = "alignrl eval" + (f": {name}" if name else "")
+        paths = write_report(out_dir / name if name else out_dir, result, title, details,
+                             grid_size=int(cfg.eval.get("grid_size", 16)))
+        written += list(paths.values())
+        if name:
+            print(f"## {name} ({prompts.source})")
+        if result.table:
+            cols = ["tag"] + [k for k in next(iter(result.table.values())) if k != "n"] + ["n"]
+            print(markdown_table([{"tag": t, **row} for t, row in result.table.items()], cols))
+        for k, v in result.metrics.items():
+            if "/tag/" not in k:
+                print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    print(f"alignrl: wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0
 
 
@@ -263,7 +275,12 @@ def sample(cfg: DictConfig) -> int:
     prompts = list(cfg.sample.get("prompts") or [])
     metadata = [{} for _ in prompts]
     if not prompts:
-        eval_set = PromptSet.load(cfg.data.get("eval"), "data.eval")
+        from alignrl.data import load_eval_sets
+
+        sets = load_eval_sets(cfg.data.get("eval"))
+        if not sets:
+            raise ConfigError("sample.prompts is empty and data.eval is not set; pass 'sample.prompts=[a red cat]'")
+        eval_set = next(iter(sets.values()))  # the first eval set
         prompts, metadata = eval_set.prompts[:8], eval_set.metadata[:8]
     num = int(cfg.sample.get("num_images", 4))
     if num < 1:

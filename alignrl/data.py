@@ -74,3 +74,27 @@ class PromptSet:
         if not prompts:
             raise ConfigError(f"{what}: '{source}' holds no prompts")
         return cls(prompts, metadata, source)
+
+
+def load_eval_sets(spec, what: str = "data.eval") -> dict[str, PromptSet]:
+    """``data.eval`` as named prompt sets: one file (``{"": set}``, metrics under ``eval/``) or a mapping
+    ``{held_out: ..., in_dist: ...}`` (metrics under ``eval/<name>/``). Empty: no evaluation."""
+    from omegaconf import DictConfig
+
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return {}
+    if isinstance(spec, (dict, DictConfig)):
+        sets = {}
+        for name, sub in spec.items():
+            if not str(name).isidentifier():
+                raise ConfigError(f"{what}.{name}: eval set names must be plain words (letters, digits, _)")
+            if sub is not None:
+                sets[str(name)] = PromptSet.load(sub, f"{what}.{name}")
+        return sets
+    return {"": PromptSet.load(spec, what)}
+
+
+def eval_prefix(name: str) -> str:
+    """Where an eval set's metrics go: ``eval`` for the only set, ``eval/<name>`` for a named one."""
+    return f"eval/{name}" if name else "eval"
+

@@ -152,11 +152,15 @@ def load_policy(source: RunSource, device, weights: str = "ema"):
     backbone = build_backbone(cfg, device)
     if path is None:
         return backbone, "base model"
-    names = setup_trainable(backbone, finetune, as_dict(cfg.trainer.get("lora")))
-    load_trainable_file(backbone.transformer, names, file)
+    text_mode = str(state.get("text_encoder", cfg.trainer.get("text_encoder", "frozen")))
+    names = setup_trainable(backbone, finetune, as_dict(cfg.trainer.get("lora")), text_mode)
+    load_trainable_file(backbone, names, file)
     backbone.transformer.requires_grad_(False).eval()
     if finetune == "full":
         _to_backbone_dtype(backbone)  # training kept fp32 master weights; inference needs none
+    if text_mode != "frozen":  # trained with the denoiser: inference needs neither its gradients nor fp32 copies
+        text = backbone.text_encoder_module()
+        text.requires_grad_(False).eval().to(backbone.dtype)
     return backbone, f"{path} ({note})"
 
 

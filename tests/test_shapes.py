@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from alignrl.shapes.judge import check, detect, per_tag_table
-from alignrl.shapes.world import (HELD_OUT_COLOR_SHAPE, TAGS, all_prompts, is_held_out, prompt_split,
-                                  render_batch)
+from alignrl.shapes.world import (EVAL_PER_TAG, HELD_OUT_COLOR_SHAPE, RELATIONS, TAGS, all_prompts, eval_set,
+                                  held_out_reasons, is_held_out, prompt_split, render_batch, sample_metadata)
 
 
 def _sample_metas(n, seed=0):
@@ -58,19 +58,43 @@ def test_judge_partial_credit_and_wrong_answers():
 
 
 def test_split_holds_out_compositions():
-    train, ev = prompt_split("train"), prompt_split("eval")
-    shared = {m["prompt"] for m in train} & {m["prompt"] for m in ev}
+    train, in_dist, held_out = (prompt_split(s) for s in ("train", "in_dist", "held_out"))
+    assert not any(is_held_out(m) for m in train + in_dist)
+    shared = {m["prompt"] for m in train} & {m["prompt"] for m in held_out}
     assert shared == {"a circle", "a square", "a triangle"}  # single objects: nothing to hold out
-    assert not any(is_held_out(m) for m in train)
-    assert all(is_held_out(m) for m in ev if m["tag"] != "single_object")
-    assert {t for t in TAGS} == {m["tag"] for m in ev} == {m["tag"] for m in train}
+    assert all(held_out_reasons(m) for m in held_out if m["tag"] != "single_object")
+    assert set(TAGS) == {m["tag"] for m in in_dist} == {m["tag"] for m in held_out} == {m["tag"] for m in train}
     for m in train:
         for o in m["objects"]:
             assert (o["color"], o["shape"]) not in HELD_OUT_COLOR_SHAPE
-    # the shipped prompt files are exactly these sets
-    for split, rows in (("train", train), ("eval", ev)):
+    # no tag of the held-out set is one unseen composition: each spreads over several
+    for tag in TAGS[1:]:
+        reasons = {held_out_reasons(m)[0] for m in held_out if m["tag"] == tag}
+        assert len(reasons) >= 3, (tag, reasons)
+    # the shipped prompt files are exactly these sets (evaluation files: 40 rows per tag)
+    files = {"train": train, "in_dist": eval_set("in_dist", fill=True), "held_out": eval_set("held_out", fill=True)}
+    for split, rows in files.items():
         text = (resources.files("alignrl.prompts") / f"shapes_{split}.jsonl").read_text()
         assert [json.loads(x) for x in text.splitlines()] == rows
+        if split != "train":
+            assert all(sum(r["tag"] == t for r in rows) == EVAL_PER_TAG for t in TAGS)
+
+
+def test_pretraining_draws_fresh_training_compositions():
+    """The pretraining sampler never draws a held-out composition, covers every tag, relation and count, and puts
+    colour words on most objects."""
+    rng = random.Random(0)
+    metas = [sample_metadata(rng) for _ in range(6000)]
+    assert not any(is_held_out(m) for m in metas)
+    tags = {t: sum(m["tag"] == t for m in metas) for t in TAGS}
+    assert min(tags.values()) > 800, tags  # uniform over tags: 1000 each
+    assert {m["relation"]["type"] for m in metas if m["relation"]} == set(RELATIONS)
+    assert {o["count"] for m in metas for o in m["objects"] if o["count"]} == {2, 3, 4}
+    objs = [o for m in metas if m["tag"] != "single_object" for o in m["objects"]]
+    assert sum(o["color"] is not None for o in objs) / len(objs) > 0.6
+    assert len({m["prompt"] for m in metas}) > 400  # fresh compositions, not a fixed list
+    drawn = [sample_metadata(rng, held_out=True) for _ in range(50)]  # the held-out side of the sampler
+    assert all(is_held_out(m) or m["tag"] == "single_object" for m in drawn)
 
 
 def test_shapes_reward_through_the_registry():
@@ -99,7 +123,8 @@ def test_shipped_model_loads_and_draws_the_world():
     assert backbone.transformer.dtype == torch.float32 and backbone.vae is None
     # prompts whose objects carry no colour: the shipped model draws these well (colour binding is what
     # RL has to teach it, see docs/benchmarks.md)
-    metas = [m for m in prompt_split("train") if m["tag"] in ("single_object", "two_object", "counting")]
+    metas = [m for m in prompt_split("train") if m["tag"] in ("single_object", "two_object", "counting")
+             and not any(o["color"] for o in m["objects"])]
     metas = (metas * 2)[:24]
     images = backbone.pipe([m["prompt"] for m in metas], num_inference_steps=20, guidance_scale=3.0,
                            generator=torch.Generator().manual_seed(0))

@@ -134,6 +134,7 @@ class Backbone:
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype)
         self.cache = PromptCache() if cache_prompts else None
+        self.text_trainable = False  # set by train_text_encoder(): no cache, gradients reach the text encoder
         self._negative: Conditioning | None = None
         self._schedules: dict[int, Schedule] = {}
         multiple = self.latent_multiple()
@@ -173,25 +174,44 @@ class Backbone:
     def _encode_uncached(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """Embeddings of ``prompts``. Each distinct prompt is encoded on its own (batch 1), so its
         embedding is a pure function of the text: it does not depend on which prompts it happened to be
         batched with, which keeps resumed and multi-process runs bit-identical to single runs. With the
-        cache that costs one text-encoder pass per distinct prompt per run."""
+        cache that costs one text-encoder pass per distinct prompt per run. While the text encoder trains
+        (``train_text_encoder``) nothing is cached and gradients follow the caller's mode."""
         prompts = list(prompts)
-        if self.cache is None:
+        if self.text_trainable:
             return Conditioning.cat(self._encode_uncached([p]) for p in prompts)
-        for p in self.cache.split(prompts):
-            self.cache.put([p], self._encode_uncached([p]))
-        return self.cache.get(prompts)
+        with torch.no_grad():
+            if self.cache is None:
+                return Conditioning.cat(self._encode_uncached([p]) for p in prompts)
+            for p in self.cache.split(prompts):
+                self.cache.put([p], self._encode_uncached([p]))
+            return self.cache.get(prompts)
 
     def negative_conditioning(self) -> Conditioning:
         """The empty-prompt conditioning used as the CFG negative (batch 1)."""
+        if self.text_trainable:
+            return self._encode_uncached([""])
         if self._negative is None:
             with torch.no_grad():
                 self._negative = self._encode_uncached([""])
         return self._negative
+
+    def text_encoder_module(self, required: bool = True) -> torch.nn.Module | None:
+        """The text encoder that ``trainer.text_encoder=full`` trains (families with one text encoder)."""
+        if required:
+            raise ConfigError(f"trainer.text_encoder=full is not available for {self.family} (it has several text "
+                              f"encoders); use trainer.text_encoder=frozen")
+        return None
+
+    def train_text_encoder(self) -> torch.nn.Module:
+        """Let the text encoder train: prompts are no longer cached and their embeddings keep gradients."""
+        module = self.text_encoder_module()
+        self.text_trainable = True
+        self.cache, self._negative = None, None
+        return module
 
     # ----- latents and schedule --------------------------------------------------------------------
     def latent_shape(self) -> tuple[int, ...]:

@@ -35,8 +35,10 @@ class EvalResult:
 class Evaluator:
     def __init__(self, backbone, plan: RolloutPlan, prompts: PromptSet, reward, *, seed: int,
                  batch_size: int, num_prompts: int | None = None, images_per_prompt: int = 1,
-                 rank: int = 0, world_size: int = 1, gather=None, autocast=None, progress: bool = False):
+                 rank: int = 0, world_size: int = 1, gather=None, autocast=None, progress: bool = False,
+                 prefix: str = "eval"):
         self.backbone, self.plan, self.reward = backbone, plan, reward
+        self.prefix = prefix  # metrics are named <prefix>/...: eval/..., or eval/<set>/... for a named eval set
         n = len(prompts) if not num_prompts else min(int(num_prompts), len(prompts))
         self.prompts = prompts.prompts[:n]
         self.metadata = prompts.metadata[:n]
@@ -94,18 +96,27 @@ class Evaluator:
             bar.close()
         gathered = {k: self._gather(np.concatenate(v) if v else np.zeros(0), per_rank) for k, v in columns.items()}
         rewards = gathered["reward"]
-        metrics = _summary("eval/reward", rewards)
+        pre = self.prefix
+        metrics = _summary(f"{pre}/reward", rewards)
         for name in getattr(self.reward, "rewards", {}):  # every rank gathers every reward, even with no images
             mine_r = np.concatenate(per_reward[name]) if name in per_reward else np.zeros(0)
-            metrics.update(_summary(f"eval/{name}", self._gather(mine_r, per_rank)))
+            metrics.update(_summary(f"{pre}/{name}", self._gather(mine_r, per_rank)))
         for k in extra_keys:
-            metrics[f"eval/{k}_mean"] = float(np.nanmean(gathered[k])) if gathered[k].size else float("nan")
-        metrics["eval/num_images"] = int(rewards.size)
+            metrics[f"{pre}/{k}_mean"] = float(np.nanmean(gathered[k])) if gathered[k].size else float("nan")
+        metrics[f"{pre}/num_images"] = int(rewards.size)
         table = self._tag_table(gathered)
         for tag, row in table.items():
             for k, v in row.items():
                 if k != "n":
-                    metrics[f"eval/tag/{tag}/{k}"] = v
+                    metrics[f"{pre}/tag/{tag}/{k}"] = v
+        if table:  # image-weighted verdicts with a bootstrap interval over prompts (a tag mean weighs tags alike)
+            prompt_of = [self.prompts[s // self.images_per_prompt] for s in range(rewards.size)]
+            metrics[f"{pre}/num_prompts"] = len(set(prompt_of))
+            for k in [k for k in gathered if k != "reward"] or ["reward"]:
+                name = k.split("/")[-1]
+                mean, lo, hi = bootstrap_mean(gathered[k], prompt_of)
+                metrics.update({f"{pre}/images/{name}": mean, f"{pre}/images/{name}_ci_lo": lo,
+                                f"{pre}/images/{name}_ci_hi": hi})
         return EvalResult(metrics, torch.cat(images) if images else None, captions, rewards, table)
 
     def _tag_table(self, gathered: dict[str, np.ndarray]) -> dict:
@@ -135,6 +146,27 @@ class Evaluator:
         both = torch.from_numpy(np.stack([padded, valid], axis=1))
         out = self.gather(both.to(self.backbone.device)).cpu().numpy()
         return out[out[:, 1] > 0, 0]
+
+
+def bootstrap_mean(values: np.ndarray, groups: list, resamples: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float, float]:
+    """The mean of ``values`` (images) and a percentile bootstrap interval that resamples whole groups (the
+    prompts the images came from, with their images), so several images of one prompt do not narrow it."""
+    values = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(values)
+    if not ok.any():
+        return float("nan"), float("nan"), float("nan")
+    keys = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+    index = np.array([keys[g] for g in groups])[ok]
+    sums = np.bincount(index, weights=values[ok], minlength=len(keys))
+    counts = np.bincount(index, minlength=len(keys)).astype(np.float64)
+    present = counts > 0
+    sums, counts = sums[present], counts[present]
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(sums), size=(resamples, len(sums)))
+    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(sums.sum() / counts.sum()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
 def _summary(prefix: str, values: np.ndarray) -> dict:
@@ -182,7 +214,7 @@ def write_report(out_dir: Path, result: EvalResult, title: str, details: dict, g
                   markdown_table([{"tag": t, **row} for t, row in result.table.items()], cols), ""]
         if chart is not None:
             lines += ["![per tag](chart.png)", ""]
-    rows = [{"metric": k, "value": v} for k, v in result.metrics.items() if not k.startswith("eval/tag/")]
+    rows = [{"metric": k, "value": v} for k, v in result.metrics.items() if "/tag/" not in k]
     lines += [markdown_table(rows, ["metric", "value"]), ""]
     if chart is not None and not result.table:
         lines += ["![per reward](chart.png)", ""]

@@ -29,27 +29,43 @@ def vocabulary() -> list[str]:
     words |= set(COUNT_WORDS.values())
     for rel in RELATIONS:
         words |= set(rel.split())
-    return ["[PAD]", "[UNK]"] + sorted(words)
+    return ["[PAD]", "[UNK]", "[CLS]"] + sorted(words)
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """Word-level, offline; ``[CLS]`` first, so even the empty prompt has one token to attend to."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", vocab["[CLS]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
                                    model_max_length=MAX_TOKENS)
 
 
-def build_text_encoder(hidden: int = 128, layers: int = 2):
-    from transformers import CLIPTextConfig, CLIPTextModel
+TEXT_ENCODERS = ("bert", "clip")
 
-    cfg = CLIPTextConfig(vocab_size=len(vocabulary()), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
-                         projection_dim=hidden, pad_token_id=0, bos_token_id=0, eos_token_id=1)
-    return CLIPTextModel(cfg)
+
+def build_text_encoder(kind: str = "bert", hidden: int = 128, layers: int = 2):
+    """``bert``: bidirectional attention with the padding mask (the shipped design). ``clip``: the first version's
+    causal CLIP text encoder without a mask (kept for the ablation in docs/shapes.md)."""
+    if kind == "clip":
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        cfg = CLIPTextConfig(vocab_size=len(vocabulary()), hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
+                             projection_dim=hidden, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+        return CLIPTextModel(cfg)
+    if kind != "bert":
+        raise ValueError(f"text encoder '{kind}' is not known; use one of {', '.join(TEXT_ENCODERS)}")
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=len(vocabulary()), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=2 * hidden, max_position_embeddings=MAX_TOKENS, type_vocab_size=1,
+                     pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertModel(cfg)
 
 
 def build_unet(channels: Sequence[int] = (32, 64, 128), cross_dim: int = 128) -> UNet2DConditionModel:
@@ -63,9 +79,11 @@ def build_unet(channels: Sequence[int] = (32, 64, 128), cross_dim: int = 128) ->
     )
 
 
-def build_pipeline(seed: int = 0, channels: Sequence[int] = (32, 64, 128), text_hidden: int = 128) -> ShapesPipeline:
+def build_pipeline(seed: int = 0, channels: Sequence[int] = (32, 64, 128), text_hidden: int = 128,
+                   text_encoder: str = "bert") -> ShapesPipeline:
     torch.manual_seed(seed)
-    return ShapesPipeline(unet=build_unet(channels, text_hidden), text_encoder=build_text_encoder(text_hidden),
+    return ShapesPipeline(unet=build_unet(channels, text_hidden),
+                          text_encoder=build_text_encoder(text_encoder, text_hidden),
                           tokenizer=build_tokenizer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
 
 
@@ -105,14 +123,18 @@ class ShapesBackbone(Backbone):
     def vae(self):
         return None
 
-    def frozen_modules(self):
-        return [self.pipe.text_encoder]
-
     def latent_multiple(self) -> int:
         return 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
 
+    def text_encoder_module(self, required: bool = True) -> torch.nn.Module:
+        return self.pipe.text_encoder
+
+    def frozen_modules(self):
+        return [self.pipe.text_encoder]
+
     def _encode_uncached(self, prompts: list[str]) -> Conditioning:
-        return Conditioning({"prompt_embeds": self.pipe.encode_prompt(prompts, self.device)})
+        embeds, mask = self.pipe.text_embeddings(*self.pipe.tokenize(prompts, self.device))  # grad: the caller's
+        return Conditioning({"prompt_embeds": embeds} if mask is None else {"prompt_embeds": embeds, "mask": mask})
 
     def latent_shape(self) -> tuple[int, ...]:
         return (3, self.resolution, self.resolution)
@@ -126,7 +148,8 @@ class ShapesBackbone(Backbone):
         dtype = self.compute_dtype(unet)
 
         def call(x_in, t, c):
-            return unet(x_in.to(dtype), t, encoder_hidden_states=c.tensors["prompt_embeds"].to(dtype)).sample
+            return unet(x_in.to(dtype), t, encoder_hidden_states=c.tensors["prompt_embeds"].to(dtype),
+                        encoder_attention_mask=c.tensors.get("mask")).sample
 
         return self.guided(call, x, timestep, cond, guidance_scale)
 

@@ -3,6 +3,10 @@
 This file imports only torch and diffusers: ``alignrl export`` copies it into an exported pipeline directory
 as ``pipeline.py``, so ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` loads a ShapeWorld
 model on a machine without alignrl.
+
+The text encoder is bidirectional (a BERT encoder) and its padding mask reaches the UNet's cross-attention, so
+the prompt's words, colour words included, are what the image attends to; a first-version model with a causal
+CLIP text encoder (no mask) still loads and samples as it was trained.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-MAX_TOKENS = 10  # prompts are padded or cut to this many word tokens
+MAX_TOKENS = 10  # prompts are padded or cut to this many word tokens (a [CLS] token first)
 
 
 class ShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -21,11 +25,26 @@ class ShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
+    @property
+    def masked_text(self) -> bool:
+        """Whether the text encoder takes a padding mask (and the UNet's cross-attention gets it)."""
+        return getattr(self.text_encoder.config, "model_type", "") != "clip_text_model"
+
+    def tokenize(self, prompts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                             return_tensors="pt")
+        device = device or self.text_encoder.device
+        return tok.input_ids.to(device), tok.attention_mask.to(device)
+
+    def text_embeddings(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token states and the mask the UNet should use (None: attend to every position); with gradients."""
+        if self.masked_text:
+            return self.text_encoder(ids, attention_mask=mask)[0], mask
+        return self.text_encoder(ids)[0], None
+
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], device=None) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                             return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(device or self.text_encoder.device))[0]
+    def encode_prompt(self, prompts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.text_embeddings(*self.tokenize(prompts, device))
 
     @torch.no_grad()
     def __call__(self, prompt: list[str] | str, num_inference_steps: int = 20, guidance_scale: float = 3.0,
@@ -37,8 +56,8 @@ class ShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         device = self.unet.device
-        cond = self.encode_prompt(prompts, device)
-        uncond = self.encode_prompt([""] * len(prompts), device)
+        cond, cond_mask = self.encode_prompt(prompts, device)
+        uncond, uncond_mask = self.encode_prompt([""] * len(prompts), device)
         side = self.unet.config.sample_size
         if latents is None:
             if isinstance(generator, (list, tuple)):
@@ -50,9 +69,11 @@ class ShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         x = latents.to(device).float()
         dtype = self.unet.dtype
         embeds = torch.cat([uncond, cond]).to(dtype)
+        mask = torch.cat([uncond_mask, cond_mask]) if cond_mask is not None else None
         self.scheduler.set_timesteps(num_inference_steps)
         for i, t in enumerate(self.scheduler.timesteps):
-            out = self.unet(torch.cat([x, x]).to(dtype), t.expand(2 * len(prompts)), encoder_hidden_states=embeds).sample
+            out = self.unet(torch.cat([x, x]).to(dtype), t.expand(2 * len(prompts)), encoder_hidden_states=embeds,
+                            encoder_attention_mask=mask).sample
             u, c = out.float().chunk(2)
             v = u + guidance_scale * (c - u)
             x = x + (self.scheduler.sigmas[i + 1] - self.scheduler.sigmas[i]) * v

@@ -7,9 +7,19 @@ Shapes circle/square/triangle in red/green/blue/yellow, counts 1-4, relations le
      "objects": [{"shape": "square", "color": "red", "count": null}, {"shape": "circle", "color": "blue", ...}],
      "relation": null}                       # or {"type": "left of", "a": 0, "b": 1} for tag "position"
 
-The train and eval prompt sets are disjoint compositions: colour-shape pairs in HELD_OUT_COLOR_SHAPE,
-shape pairs in HELD_OUT_SHAPE_PAIRS and counts in HELD_OUT_COUNTS appear only in eval prompts. The three
-single-object prompts are the one exception (there is nothing to hold out) and appear in both.
+Colour words may appear on the objects of every tag but ``single_object`` (``two red circles``, ``a yellow
+square left of a circle``), so every other tag has compositions that can be held out:
+
+- colour-shape pairs (``HELD_OUT_COLOR_SHAPE``): never seen in training, in any tag;
+- pairings (``HELD_OUT_PAIRINGS``): two coloured objects each seen in training, never together;
+- coloured counts (``HELD_OUT_COUNTS``): a colour-shape pair and a count, each seen, never together.
+
+``sample_metadata`` draws fresh training metadata from the whole world minus those (pretraining sees a new
+composition at every step); ``eval_set("in_dist")`` and ``eval_set("held_out")`` are the two evaluation sets:
+up to ``EVAL_PER_TAG`` prompts per tag each, held-out prompts spread over the held-out compositions (no tag is one
+unseen pair). ``single_object`` prompts (``a circle``) have nothing to hold out and appear in both sets; where the
+world holds fewer prompts of a tag than ``EVAL_PER_TAG`` (``colors`` holds 12 in all, 3 of them held out), every one
+is used and the reports give the counts.
 
 The renderer draws a random image that satisfies a prompt (pretraining data): shapes of 7-11 px, at
 least 2 px apart, uncoloured objects in random colours, relations with a clear margin.
@@ -32,8 +42,12 @@ RELATIONS = ("left of", "right of", "above", "below")
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 HELD_OUT_COLOR_SHAPE = {("red", "triangle"), ("green", "circle"), ("blue", "square")}
-HELD_OUT_SHAPE_PAIRS = {frozenset(("square", "triangle"))}
-HELD_OUT_COUNTS = {("circle", 3), ("square", 4), ("triangle", 2)}
+HELD_OUT_PAIRINGS = {frozenset({("yellow", "circle"), ("red", "square")}),
+                     frozenset({("green", "triangle"), ("yellow", "square")}),
+                     frozenset({("blue", "circle"), ("green", "square")})}
+HELD_OUT_COUNTS = {("yellow", "circle", 3), ("green", "triangle", 4), ("red", "square", 2), ("blue", "triangle", 3)}
+EVAL_PER_TAG = 40
+SPLITS = ("train", "in_dist", "held_out")
 
 MIN_SIDE, MAX_SIDE, GAP = 7, 11, 2
 
@@ -55,58 +69,142 @@ def describe(obj: dict) -> str:
     return f"{_article(words[0])} {' '.join(words)}"
 
 
+def _counted(obj: dict) -> str:
+    words = [COUNT_WORDS[obj["count"]]] + ([obj["color"]] if obj["color"] else []) + [plural(obj["shape"], obj["count"])]
+    return " ".join(words)
+
+
+def make_prompt(tag: str, objects: list[dict], relation: dict | None = None) -> dict:
+    """The prompt text and metadata of a composition (the one grammar of the world)."""
+    if tag == "single_object" or tag == "colors":
+        text = describe(objects[0])
+    elif tag == "counting":
+        text = _counted(objects[0])
+    elif tag == "position":
+        text = f"{describe(objects[0])} {relation['type']} {describe(objects[1])}"
+    else:  # two_object, color_attr
+        text = f"{describe(objects[0])} and {describe(objects[1])}"
+    return {"prompt": text, "tag": tag, "objects": objects, "relation": relation}
+
+
+COLOR_OPTIONS = (None, *COLORS)
+
+
 def all_prompts() -> list[dict]:
     """Every prompt of the world with its metadata (``{"prompt": ..., "tag": ..., ...}``)."""
     out = []
-
-    def add(tag, objects, text, relation=None):
-        out.append({"prompt": text, "tag": tag, "objects": objects, "relation": relation})
-
     for s in SHAPES:
-        add("single_object", [_obj(s)], f"a {s}")
+        out.append(make_prompt("single_object", [_obj(s)]))
     for a, b in itertools.permutations(SHAPES, 2):
-        add("two_object", [_obj(a), _obj(b)], f"a {a} and a {b}")
+        for ca, cb in itertools.product(COLOR_OPTIONS, repeat=2):
+            out.append(make_prompt("two_object", [_obj(a, ca), _obj(b, cb)]))
     for s in SHAPES:
         for n in range(2, 5):
-            add("counting", [_obj(s, count=n)], f"{COUNT_WORDS[n]} {plural(s, n)}")
+            for c in COLOR_OPTIONS:
+                out.append(make_prompt("counting", [_obj(s, c, n)]))
     for c in COLORS:
         for s in SHAPES:
-            add("colors", [_obj(s, c)], f"a {c} {s}")
+            out.append(make_prompt("colors", [_obj(s, c)]))
     for a, b in itertools.permutations(SHAPES, 2):
         for rel in RELATIONS:
-            add("position", [_obj(a), _obj(b)], f"a {a} {rel} a {b}", {"type": rel, "a": 0, "b": 1})
+            for ca, cb in itertools.product(COLOR_OPTIONS, repeat=2):
+                out.append(make_prompt("position", [_obj(a, ca), _obj(b, cb)], {"type": rel, "a": 0, "b": 1}))
     for (c1, s1), (c2, s2) in itertools.permutations(itertools.product(COLORS, SHAPES), 2):
-        if s1 == s2:
-            continue
-        add("color_attr", [_obj(s1, c1), _obj(s2, c2)], f"a {c1} {s1} and a {c2} {s2}")
+        if s1 != s2:
+            out.append(make_prompt("color_attr", [_obj(s1, c1), _obj(s2, c2)]))
     return out
 
 
-def is_held_out(meta: dict) -> bool:
+def held_out_reasons(meta: dict) -> list[str]:
+    """Which held-out compositions a prompt contains (empty: it is a training composition)."""
     objs = meta["objects"]
-    if any((o["color"], o["shape"]) in HELD_OUT_COLOR_SHAPE for o in objs if o["color"]):
-        return True
-    if len(objs) == 2 and frozenset(o["shape"] for o in objs) in HELD_OUT_SHAPE_PAIRS:
-        return True
-    return any((o["shape"], o["count"]) in HELD_OUT_COUNTS for o in objs if o["count"])
+    reasons = [f"pair:{o['color']} {o['shape']}" for o in objs if (o["color"], o["shape"]) in HELD_OUT_COLOR_SHAPE]
+    if len(objs) == 2 and all(o["color"] for o in objs):
+        pairing = frozenset((o["color"], o["shape"]) for o in objs)
+        if pairing in HELD_OUT_PAIRINGS:
+            reasons.append("pairing:" + " + ".join(sorted(f"{c} {s}" for c, s in pairing)))
+    reasons += [f"count:{o['count']} {o['color']} {o['shape']}" for o in objs
+                if o["count"] and (o["color"], o["shape"], o["count"]) in HELD_OUT_COUNTS]
+    return reasons
+
+
+def is_held_out(meta: dict) -> bool:
+    return bool(held_out_reasons(meta))
+
+
+def sample_metadata(rng: random.Random, color_prob: float = 2 / 3, held_out: bool = False) -> dict:
+    """A fresh composition of the world (a tag drawn uniformly, colour words on each object with ``color_prob``),
+    drawn until it is a training composition (or, with ``held_out``, a held-out one)."""
+    tag = rng.choice(TAGS)  # first, so rejected draws do not tilt the tag mix
+    while True:
+        color = lambda: rng.choice(list(COLORS)) if rng.random() < color_prob else None  # noqa: E731
+        if tag == "single_object":
+            meta = make_prompt(tag, [_obj(rng.choice(SHAPES))])
+        elif tag == "colors":
+            meta = make_prompt(tag, [_obj(rng.choice(SHAPES), rng.choice(list(COLORS)))])
+        elif tag == "counting":
+            meta = make_prompt(tag, [_obj(rng.choice(SHAPES), color(), rng.randint(2, 4))])
+        else:
+            a, b = rng.sample(SHAPES, 2)
+            if tag == "color_attr":
+                objects = [_obj(a, rng.choice(list(COLORS))), _obj(b, rng.choice(list(COLORS)))]
+            else:
+                objects = [_obj(a, color()), _obj(b, color())]
+            rel = {"type": rng.choice(RELATIONS), "a": 0, "b": 1} if tag == "position" else None
+            meta = make_prompt(tag, objects, rel)
+        if tag == "single_object" or is_held_out(meta) == held_out:
+            return meta
+
+
+def _spread(rows: list[dict], k: int, rng: random.Random) -> list[dict]:
+    """Up to ``k`` rows, drawn round-robin over the held-out compositions they contain (so one unseen pair or
+    pairing never makes up a tag), shuffled within each."""
+    buckets: dict[str, list[dict]] = {}
+    for r in rows:
+        buckets.setdefault(held_out_reasons(r)[0] if held_out_reasons(r) else "", []).append(r)
+    for b in buckets.values():
+        rng.shuffle(b)
+    order = sorted(buckets)
+    out = []
+    while len(out) < k and any(buckets[b] for b in order):
+        for b in order:
+            if buckets[b] and len(out) < k:
+                out.append(buckets[b].pop())
+    return out
+
+
+def eval_set(split: str, per_tag: int = EVAL_PER_TAG, seed: int = 0, fill: bool = False) -> list[dict]:
+    """The ``in_dist`` (training compositions) or ``held_out`` evaluation prompts: up to ``per_tag`` per tag,
+    seeded; held-out ones spread over the held-out compositions. ``single_object`` prompts are in both.
+
+    ``fill``: a tag with fewer prompts repeats them (in turn) to ``per_tag`` rows, so every tag is scored on as
+    many images (each row gets its own noise); its distinct prompts stay fewer, and confidence intervals
+    resample prompts, not rows."""
+    if split not in ("in_dist", "held_out"):
+        raise ValueError(f"split must be in_dist or held_out, got {split!r}")
+    rng = random.Random(seed)
+    rows = []
+    for tag in TAGS:
+        group = [m for m in all_prompts() if m["tag"] == tag and
+                 (tag == "single_object" or is_held_out(m) == (split == "held_out"))]
+        picked = _spread(group, per_tag, rng)
+        rows += [picked[i % len(picked)] for i in range(per_tag)] if fill and picked else picked
+    return rows
 
 
 def prompt_split(split: str, per_tag: int | None = None, seed: int = 0) -> list[dict]:
-    """The train or eval prompts (held-out compositions only in eval; single-object prompts in both).
-
-    ``per_tag`` caps the prompts per tag (a seeded, reproducible subset).
-    """
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be train or eval, got {split!r}")
-    rows = [m for m in all_prompts()
-            if m["tag"] == "single_object" or is_held_out(m) == (split == "eval")]
+    """Prompts of a split: ``train`` (every training composition), ``in_dist`` or ``held_out`` (the evaluation
+    sets, ``per_tag`` prompts per tag, default ``EVAL_PER_TAG``); ``eval`` means ``held_out``."""
+    if split == "eval":
+        split = "held_out"
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split != "train":
+        return eval_set(split, per_tag or EVAL_PER_TAG, seed)
+    rows = [m for m in all_prompts() if m["tag"] == "single_object" or not is_held_out(m)]
     if per_tag:
         rng = random.Random(seed)
-        capped = []
-        for tag in TAGS:
-            group = [m for m in rows if m["tag"] == tag]
-            capped += group if len(group) <= per_tag else rng.sample(group, per_tag)
-        rows = capped
+        rows = [r for tag in TAGS for r in _spread([m for m in rows if m["tag"] == tag], per_tag, rng)]
     return rows
 
 

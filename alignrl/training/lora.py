@@ -10,8 +10,15 @@ from safetensors.torch import load_file
 from alignrl.errors import CheckpointError, ConfigError
 
 
-def setup_trainable(backbone, finetune: str, lora_cfg: dict) -> list[str]:
-    """Make the denoiser trainable as configured; returns the names of the trainable parameters."""
+TEXT_PREFIX = "text_encoder."  # names of text-encoder parameters among the trainable ones
+TEXT_MODES = ("frozen", "full")
+
+
+def setup_trainable(backbone, finetune: str, lora_cfg: dict, text_encoder: str = "frozen") -> list[str]:
+    """Make the denoiser trainable as configured (and the text encoder with ``text_encoder=full``); returns the
+    names of the trainable parameters (text-encoder ones prefixed ``text_encoder.``)."""
+    if text_encoder not in TEXT_MODES:
+        raise ConfigError(f"trainer.text_encoder='{text_encoder}' is not known; use {' or '.join(TEXT_MODES)}")
     transformer = backbone.transformer
     transformer.requires_grad_(False)
     if finetune == "lora":
@@ -39,11 +46,30 @@ def setup_trainable(backbone, finetune: str, lora_cfg: dict) -> list[str]:
             names.append(name)
     if not names:
         raise ConfigError("no trainable parameters: check trainer.lora.target_modules")
+    if text_encoder == "full":
+        module = backbone.train_text_encoder()  # the backbone stops caching prompts and lets gradients through
+        module.requires_grad_(True)
+        for name, p in module.named_parameters():
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+            names.append(TEXT_PREFIX + name)
     return names
 
 
-def named_trainable(transformer: torch.nn.Module, names: list[str]) -> list[torch.nn.Parameter]:
-    params = dict(transformer.named_parameters())
+def _parameters(target) -> dict[str, torch.nn.Parameter]:
+    """Parameters by trainable name: a denoiser module's own, or a backbone's denoiser and (prefixed) text encoder."""
+    if isinstance(target, torch.nn.Module):
+        return dict(target.named_parameters())
+    params = dict(target.transformer.named_parameters())
+    text = target.text_encoder_module(required=False)
+    if text is not None:
+        params.update({TEXT_PREFIX + n: p for n, p in text.named_parameters()})
+    return params
+
+
+def named_trainable(target, names: list[str]) -> list[torch.nn.Parameter]:
+    """The parameters named ``names`` in ``target`` (a denoiser module, or a backbone when the text encoder trains)."""
+    params = _parameters(target)
     return [params[n] for n in names]
 
 
@@ -75,7 +101,8 @@ def lora_export(transformer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], 
     return state, meta
 
 
-def load_trainable_file(transformer: torch.nn.Module, names: list[str], path) -> None:
+def load_trainable_file(target, names: list[str], path) -> None:
+    """Copy the tensors of ``path`` into ``target``'s parameters ``names`` (a denoiser module or a backbone)."""
     tensors = load_file(str(path))
     missing = [n for n in names if n not in tensors]
     if missing:
@@ -83,7 +110,7 @@ def load_trainable_file(transformer: torch.nn.Module, names: list[str], path) ->
             f"{path} lacks {len(missing)} trainable tensors (e.g. {missing[0]}); "
             f"was it written with another trainer.finetune or LoRA config?"
         )
-    params = dict(transformer.named_parameters())
+    params = _parameters(target)
     with torch.no_grad():
         for n in names:
             if params[n].shape != tensors[n].shape:

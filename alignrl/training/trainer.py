@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from alignrl.components import as_dict, build_algorithm, build_backbone, build_planner
 from alignrl.config import validate_batch_arithmetic
-from alignrl.data import PromptSet
+from alignrl.data import PromptSet, eval_prefix, load_eval_sets
 from alignrl.errors import AlignError, CheckpointError, ConfigError
 from alignrl.eval.evaluate import Evaluator
 from alignrl.eval.report import save_grid
@@ -169,7 +169,7 @@ class Trainer:
         # ---- everything that can be checked without a model ----
         self.seed = int(cfg.seed)
         self.train_prompts = PromptSet.load(cfg.data.train, "data.train")
-        self.eval_prompts = PromptSet.load(cfg.data.eval, "data.eval") if cfg.data.get("eval") else None
+        self.eval_sets = load_eval_sets(cfg.data.get("eval"))  # {"": set} or {held_out: ..., in_dist: ...}
         self.algorithm = build_algorithm(cfg)
         self.planner = build_planner(cfg)
         self.layout = validate_batch_arithmetic(cfg, self.world, num_prompts=len(self.train_prompts))
@@ -191,8 +191,13 @@ class Trainer:
         self.backbone = build_backbone(cfg, self.device)
         self.transformer = self.backbone.transformer
         self.finetune = str(tcfg.finetune)
-        self.trainable_names = setup_trainable(self.backbone, self.finetune, as_dict(tcfg.get("lora")))
-        self.params = named_trainable(self.transformer, self.trainable_names)
+        text_mode = str(tcfg.get("text_encoder", "frozen"))
+        if text_mode != "frozen" and self.algorithm.needs_reference:
+            raise ConfigError(f"trainer.text_encoder={text_mode} with a KL or reference term (algorithm "
+                              f"{self.algorithm.name}) would need a frozen copy of the text encoder as reference; "
+                              f"set algorithm.beta=0 or trainer.text_encoder=frozen")
+        self.trainable_names = setup_trainable(self.backbone, self.finetune, as_dict(tcfg.get("lora")), text_mode)
+        self.params = named_trainable(self.backbone, self.trainable_names)
         if tcfg.get("gradient_checkpointing"):
             self.transformer.enable_gradient_checkpointing()
         self.ref_transformer = None
@@ -728,7 +733,7 @@ class Trainer:
             resolved = OmegaConf.to_container(self.cfg, resolve=True)
             self.logger = MetricsLogger(self.run_dir, as_dict(self.cfg.logger), resolved, self.is_main,
                                         self.max_steps, self.iteration, self.run_dir.name)
-            self.evaluator = self._make_evaluator()
+            self.evaluators = self._make_evaluator()
             if self.is_main and self.stop_file.exists() and "TORCHELASTIC_RUN_ID" not in os.environ:
                 # a stop request of an earlier (now resumed) process; under torchrun the launcher removes a
                 # stale one before it starts the workers, and a STOP present now is a fresh request
@@ -743,7 +748,7 @@ class Trainer:
                     f"{self.world} process(es); run dir {self.run_dir}"
                     + (f"; resumed from {self.resume_from}" if self.resume_from else "")
                 )
-            if self.evaluator and tcfg.get("eval_at_start") and self.iteration == 0:
+            if self.evaluators and tcfg.get("eval_at_start") and self.iteration == 0:
                 self.logger.log(0, {"train_seconds": 0.0, **self.evaluate(0)})
                 last_eval_step = 0
             while self.iteration < self.max_steps and not (budget_s and self.train_seconds >= budget_s):
@@ -761,11 +766,10 @@ class Trainer:
                     if self.is_main and every("log_images_every") and step % every("log_images_every") == 0:
                         images["rollouts"] = self._save_rollout_grid(step)
                     timed_eval = eval_every_s and int(self.train_seconds // eval_every_s) > int(before // eval_every_s)
-                    if self.evaluator and ((every("eval_every") and step % every("eval_every") == 0) or timed_eval):
+                    if self.evaluators and ((every("eval_every") and step % every("eval_every") == 0) or timed_eval):
                         metrics.update(self.evaluate(step))
                         last_eval_step = step
-                        if self.is_main:
-                            images["eval"] = self.run_dir / "eval" / f"step_{step:06d}.png"
+                        images.update(self.eval_grids)
                     self.logger.log(step, metrics, images)
                     self.logger.progress(step, metrics)
                     self._write_status("running")  # a killed run still shows where it stopped
@@ -779,7 +783,7 @@ class Trainer:
                     state = "preempted"
                     break
             if state == "finished":
-                if self.evaluator and (every("eval_every") or eval_every_s) and last_eval_step != self.iteration:
+                if self.evaluators and (every("eval_every") or eval_every_s) and last_eval_step != self.iteration:
                     self.logger.log(self.iteration, {"train_seconds": self.train_seconds,
                                                      **self.evaluate(self.iteration)})
                 if self._last_saved_step != self.iteration:
@@ -857,27 +861,36 @@ class Trainer:
         return save_grid(self.run_dir / "samples" / f"step_{step:06d}.png", imgs, caps[: len(imgs)])
 
     # ------------------------------------------------------------------ eval
-    def _make_evaluator(self):
-        if self.eval_prompts is None:
-            return None
+    def _make_evaluator(self) -> dict[str, Evaluator]:
+        """One evaluator per eval set (none without ``data.eval``)."""
         ecfg = as_dict(self.cfg.get("eval"))
-        return Evaluator(
-            self.backbone, self.planner.eval_plan(), self.eval_prompts, self.reward, seed=self.seed,
+        return {name: Evaluator(
+            self.backbone, self.planner.eval_plan(), prompts, self.reward, seed=self.seed,
             batch_size=int(ecfg.get("batch_size", self.layout["rollout_batch_size"])),
             num_prompts=ecfg.get("num_prompts"), images_per_prompt=int(ecfg.get("images_per_prompt", 1)),
             rank=self.rank, world_size=self.world, gather=self._gather, autocast=self.autocast,
-        )
+            prefix=eval_prefix(name),
+        ) for name, prompts in self.eval_sets.items()}
 
     def evaluate(self, step: int) -> dict:
+        """Every eval set with the EMA weights; grids ``eval/step_N[_<set>].png`` (kept in ``eval_grids``) and
+        the metrics ``eval/step_N.json``."""
         self.transformer.eval()
+        metrics, self.eval_grids = {}, {}
         ctx = self.ema.swapped() if self.ema is not None else nullcontext()
         with ctx:
-            result = self.evaluator.run()
-        if self.is_main and result.images is not None:
-            k = min(16, len(result.images))
-            save_grid(self.run_dir / "eval" / f"step_{step:06d}.png", result.images[:k], result.captions[:k])
-            (self.run_dir / "eval" / f"step_{step:06d}.json").write_text(json.dumps(result.metrics, indent=2))
-        return result.metrics
+            results = {name: evaluator.run() for name, evaluator in self.evaluators.items()}
+        for name, result in results.items():
+            metrics.update(result.metrics)
+            if self.is_main and result.images is not None:
+                k = min(16, len(result.images))
+                path = self.run_dir / "eval" / (f"step_{step:06d}" + (f"_{name}" if name else "") + ".png")
+                self.eval_grids["eval" + (f"_{name}" if name else "")] = path
+                save_grid(path, result.images[:k], result.captions[:k])
+        if self.is_main and results:
+            (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "eval" / f"step_{step:06d}.json").write_text(json.dumps(metrics, indent=2))
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -904,6 +917,7 @@ class Trainer:
                 "iteration": step, "optimizer_steps": self.optimizer_steps, "world_size": self.world,
                 "train_seconds": self.train_seconds,
                 "finetune": self.finetune, "trainable": len(self.trainable_names),
+                "text_encoder": str(self.cfg.trainer.get("text_encoder", "frozen")),
                 "sampler": self.sampler.state_dict(), "planner": self.planner.state_dict(),
                 "algorithm": self.algorithm.state_dict(),
                 "ema": self.ema.counters() if self.ema is not None else None,
@@ -1029,7 +1043,7 @@ class Trainer:
         loaded["lr_scheduler"] = read("lr_scheduler.pt", ckpt.torch_load_trusted)
         rng_name = f"rng/rank_{self.rank}.pt"
         loaded["rng"] = read(rng_name, ckpt.torch_load_trusted) if (path / rng_name).is_file() else None
-        read("trainable.safetensors", lambda f: load_trainable_file(self.transformer, self.trainable_names, f))
+        read("trainable.safetensors", lambda f: load_trainable_file(self.backbone, self.trainable_names, f))
         if not self._params_finite():
             raise CheckpointError(f"{path / 'trainable.safetensors'} holds NaN/inf weights: resume from an earlier "
                                   f"checkpoint (resume=<run>/checkpoints/step_N)")
