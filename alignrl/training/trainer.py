@@ -788,6 +788,8 @@ class Trainer:
                                                      **self.evaluate(self.iteration)})
                 if self._last_saved_step != self.iteration:
                     self.save_checkpoint()
+                if self.is_main:
+                    self._eval_summary()
         except BaseException as e:
             state = "failed"
             self._failure = _one_line(e)
@@ -872,6 +874,20 @@ class Trainer:
             prefix=eval_prefix(name),
         ) for name, prompts in self.eval_sets.items()}
 
+    def _eval_summary(self) -> None:
+        """The headline eval numbers of this process's first and last evaluation: ``before -> after (+gain)``."""
+        evals = getattr(self, "_evals", [])
+        if len(evals) < 2:
+            return
+        (s0, first), (s1, last) = evals[0], evals[-1]
+        keys = [k for k in last if k.endswith(("/images/strict", "/tag/overall/strict")) or k == "eval/reward_mean"]
+        for k in keys or [k for k in last if k.endswith("reward_mean")]:
+            if k in first and isinstance(first[k], float) and isinstance(last[k], float):
+                ci = [last.get(k + "_ci_lo"), last.get(k + "_ci_hi")]
+                band = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if None not in ci else ""
+                self.logger.write(f"alignrl: {k}: {first[k]:.3f} at step {s0} -> {last[k]:.3f} at step {s1} "
+                                  f"({last[k] - first[k]:+.3f}){band}")
+
     def evaluate(self, step: int) -> dict:
         """Every eval set with the EMA weights; grids ``eval/step_N[_<set>].png`` (kept in ``eval_grids``) and
         the metrics ``eval/step_N.json``."""
@@ -890,6 +906,7 @@ class Trainer:
         if self.is_main and results:
             (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "eval" / f"step_{step:06d}.json").write_text(json.dumps(metrics, indent=2))
+        self._evals = [*getattr(self, "_evals", [])[:1], (step, metrics)]  # the first and the latest
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
