@@ -815,9 +815,16 @@ def test_connections_stuck_in_their_body_fill_the_cap_then_time_out(hostile):
     time.sleep(0.2)
     t0 = time.monotonic()
     r = httpx.get(hostile.url + "/health", timeout=10)
-    took, now_fds = time.monotonic() - t0, hostile.open_fds()
+    took = time.monotonic() - t0
     assert r.status_code == 503 and "serve.max_connections=16" in r.json()["error"] and r.headers["retry-after"]
-    assert took < 1.0 and now_fds <= fds + 16, (took, fds, now_fds)
+    assert took < 1.0, took
+    # The refused client's socket is accepted to answer it, so for a moment the server holds cap + 1; it is closed
+    # right after the 503 is flushed (on a loaded machine that can lag the client's read by a few ms).
+    deadline, now_fds = time.monotonic() + 2.0, hostile.open_fds()
+    while now_fds > fds + 16 and time.monotonic() < deadline:
+        time.sleep(0.02)
+        now_fds = hostile.open_fds()
+    assert now_fds <= fds + 16, (fds, now_fds)
     for sock in stuck:
         assert _until_closed(sock)[0].startswith(b"HTTP/1.1 408")
         sock.close()
