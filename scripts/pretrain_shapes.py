@@ -88,7 +88,7 @@ def colour_swap_cosine(pipe, text) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=2800, help="optimizer steps (a --minutes budget may stop earlier)")
+    p.add_argument("--steps", type=int, default=2500, help="optimizer steps (a --minutes budget may stop earlier)")
     p.add_argument("--minutes", type=float, default=None, help="stop after this much training wall-clock")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=8e-4)
@@ -106,6 +106,8 @@ def main():
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--snapshots", default=None,
+                   help="also save the EMA model at every evaluation to <dir>/step_N (to pick a checkpoint later)")
     p.add_argument("--out", default=str(REPO / "alignrl" / "shapes" / "pretrained"))
     args = p.parse_args()
     if args.threads:
@@ -147,9 +149,29 @@ def main():
                "colour_swap_cosine": round(colour_swap_cosine(pipe, ema_text), 4)}
         for name, metas in sets.items():
             row[name] = evaluate(pipe, ema, ema_text, metas, args.eval_steps, args.guidance, args.seed)
-        eval_seconds += time.time() - t0
         log.append(row)
         print("eval", json.dumps(row), flush=True)
+        if args.snapshots:
+            save(Path(args.snapshots) / f"step_{step}", step)
+        eval_seconds += time.time() - t0
+
+    def save(out, step):
+        """The EMA weights in fp16 as a diffusers pipeline directory, with how they were made."""
+        out.mkdir(parents=True, exist_ok=True)
+        live = pipe.unet, pipe.text_encoder
+        pipe.unet, pipe.text_encoder = copy.deepcopy(ema).half(), copy.deepcopy(ema_text).half()
+        try:
+            pipe.save_pretrained(str(out), safe_serialization=True)
+        finally:
+            pipe.unet, pipe.text_encoder = live
+        info = {"args": vars(args), "steps": step,
+                "train_minutes": round((time.time() - t_start - eval_seconds) / 60, 2),
+                "torch_threads": torch.get_num_threads(), "eval": log,
+                "note": f"EMA weights, fp16; strict accuracy on the in_dist and held_out sets ({args.eval_per_tag} "
+                        f"rows per tag, 1 image each, {args.eval_steps}-step ODE, CFG {args.guidance}); ci: 95% "
+                        f"bootstrap over prompts"}
+        (out / "training_info.json").write_text(json.dumps(info, indent=2))
+        return info
 
     step = 0
     while step < args.steps:
@@ -186,16 +208,7 @@ def main():
         run_eval(step)
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.unet, pipe.text_encoder = ema, ema_text
-    pipe.to(torch.float16)
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    info = {"args": vars(args), "steps": step, "train_minutes": round((time.time() - t_start - eval_seconds) / 60, 2),
-            "torch_threads": torch.get_num_threads(), "eval": log,
-            "note": f"EMA weights, fp16; strict accuracy on the in_dist and held_out sets ({args.eval_per_tag} rows "
-                    f"per tag, 1 image each, {args.eval_steps}-step ODE, CFG {args.guidance}); ci: 95% bootstrap over "
-                    f"prompts"}
-    (out / "training_info.json").write_text(json.dumps(info, indent=2))
+    info = save(out, step)
     print(f"saved to {out} ({info['train_minutes']:.1f} train-min, {step} steps)", flush=True)
 
 
