@@ -37,6 +37,9 @@ TINY = dict(backbone="tiny_sd3", finetune="full", lora=8, groups=4, reward=["jpe
 FG = {"timestep_fraction": 0.99}  # Flow-GRPO's sampler: steps 0..T-2 trained
 DANCE = {"sde_type": "dance", "timestep_fraction": 0.6}
 PPO = {"adv_clip_max": 5.0}
+SHAPES = dict(backbone="shapes", finetune="full", lora=32, groups=8, batches=(32, 32, 2), reward=["shapes_geneval"])
+SHAPES_CFG = 3.0                      # every shapes_* recipe: one guidance for rollout, loss and eval
+SAME_G = {"eval_guidance_scale": None}
 
 # One row per recipe in recipes/recipe/. Method values (beta, std convention, clip, noise, guidance,
 # steps, sampler kind and its window/branching) follow each recipe's comments and
@@ -156,12 +159,48 @@ EXPECTED = {
                     T=6, noise=0.0, cfg=3.5, eval_T=40,
                     algorithm_keys={"nft_beta": 1.0, "old_policy": "ema", "num_train_timesteps": 6, **PPO},
                     groups=48, batches=(9, 9, 2), **FLUX),
-    # ShapeWorld on CPU: no CFG in rollouts (CFG 3 in the 20-step eval), 3 of 8 steps trained, lr 1e-4.
+    # ShapeWorld on CPU (recipes/base/shapes.yaml): 8 rollout steps, the same guidance in rollouts, loss and the
+    # 20-step eval (eval_guidance_scale null), K=8 x 8 prompts (8 trees for the branching methods), lr 1e-4.
     "shapes_flowgrpo": row("flowgrpo", beta=0.0, global_std=False, clip=1e-3, std_eps=1e-4, K=8, lr=1e-4,
-                           sampler="FlowGRPOPlanner", T=8, noise=0.7, cfg=1.0, eval_T=20,
-                           sampler_keys={"timestep_fraction": 0.4, "eval_guidance_scale": 3.0},
-                           algorithm_keys=PPO, backbone="shapes", finetune="full", lora=32, groups=8,
-                           batches=(64, 32, 2), reward=["shapes_geneval"]),
+                           sampler="FlowGRPOPlanner", T=8, noise=0.7, cfg=SHAPES_CFG, eval_T=20,
+                           sampler_keys={"timestep_fraction": 0.4, **SAME_G}, algorithm_keys=PPO, **SHAPES),
+    "shapes_flowgrpo_fast": row("flowgrpo", beta=0.0, global_std=False, clip=1e-3, std_eps=1e-4, K=8, lr=1e-4,
+                                sampler="FastPlanner", T=8, noise=0.7, cfg=SHAPES_CFG, eval_T=20,
+                                sampler_keys={"window_size": 2, "branched": False, **SAME_G}, algorithm_keys=PPO,
+                                **SHAPES),
+    "shapes_mixgrpo": row("flowgrpo", beta=0.0, global_std=False, clip=1e-3, std_eps=1e-4, K=8, lr=1e-4,
+                          sampler="MixGRPOPlanner", T=8, noise=0.7, cfg=SHAPES_CFG, eval_T=20,
+                          sampler_keys={"window_size": 2, "strategy": "progressive", "shift_interval": 10,
+                                        "ode_after": "ode", **SAME_G},
+                          algorithm_keys=PPO, **SHAPES),
+    "shapes_branchgrpo": row("flowgrpo", beta=0.0, global_std=False, clip=1e-3, std_eps=1e-4, K=1, lr=1e-4,
+                             sampler="BranchPlanner", T=8, noise=0.7, cfg=SHAPES_CFG, eval_T=20,
+                             sampler_keys={"split_points": [0, 2, 4], "branch_factor": 2, **SAME_G},
+                             algorithm_keys=PPO, **{**SHAPES, "batches": (8, 4, 2)}),
+    "shapes_tempflow": row("flowgrpo", beta=0.0, global_std=False, clip=1e-3, std_eps=1e-4, K=1, lr=1e-4,
+                           sampler="SideBranchPlanner", T=8, noise=0.7, cfg=SHAPES_CFG, eval_T=20,
+                           sampler_keys={"method": "tempflow", "branch_steps": [0, 2, 4], "children": 4,
+                                         "noise_aware_weight": True, **SAME_G},
+                           algorithm_keys=PPO, **{**SHAPES, "batches": (8, 4, 2)}),
+    "shapes_g2rpo": row("flowgrpo", beta=0.0, global_std=False, clip=1e-3, std_eps=1e-4, K=1, lr=1e-4,
+                        sampler="SideBranchPlanner", T=8, noise=0.7, cfg=SHAPES_CFG, eval_T=20,
+                        sampler_keys={"method": "g2rpo", "branch_steps": [0, 2, 4], "children": 4,
+                                      "granularities": [1, 2], **SAME_G},
+                        algorithm_keys=PPO, **{**SHAPES, "batches": (8, 4, 2)}),
+    "shapes_dancegrpo": row("dancegrpo", beta=0.0, global_std=False, clip=1e-3, std_eps=1e-8, K=8, lr=1e-4,
+                            sampler="DancePlanner", T=8, noise=0.7, cfg=SHAPES_CFG, eval_T=20,
+                            sampler_keys={**DANCE, **SAME_G}, algorithm_keys={**PPO, "advantage_aggr": "advantage"},
+                            **SHAPES),
+    "shapes_grpo_guard": row("grpo_guard", beta=0.0, global_std=False, clip=1e-3, std_eps=1e-4, K=8, lr=1e-4,
+                             sampler="FlowGRPOPlanner", T=8, noise=0.7, cfg=SHAPES_CFG, eval_T=20,
+                             sampler_keys={"timestep_fraction": 0.4, **SAME_G}, algorithm_keys=PPO, **SHAPES),
+    "shapes_awm": row("awm", beta=0.0, global_std=False, clip=None, std_eps=1e-4, K=8, lr=1e-4, sampler="ODEPlanner",
+                      T=8, noise=0.0, cfg=SHAPES_CFG, eval_T=20, sampler_keys=SAME_G,
+                      algorithm_keys={"num_train_timesteps": 3, **PPO}, **SHAPES),
+    "shapes_nft": row("nft", beta=0.0, global_std=False, clip=None, std_eps=1e-4, K=8, lr=1e-4, sampler="ODEPlanner",
+                      T=8, noise=0.0, cfg=SHAPES_CFG, eval_T=20, sampler_keys=SAME_G,
+                      algorithm_keys={"nft_beta": 1.0, "old_policy": "sampling", "num_train_timesteps": 3,
+                                      "adv_clip_max": 1.0}, **SHAPES),
     # The tiny CPU recipes (recipes/base/tiny.yaml): 6 steps, CFG 4.5 (SD3) or guidance 3.5 (FLUX).
     "tiny_flowgrpo": row("flowgrpo", beta=0.0, global_std=True, clip=1e-2, std_eps=1e-4, K=8, lr=1e-2,
                          sampler="FlowGRPOPlanner", T=6, noise=0.7, cfg=4.5, eval_T=6, sampler_keys=FG,
