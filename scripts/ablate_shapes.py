@@ -29,9 +29,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from alignrl.eval.report import markdown_table, write_doc_section  # noqa: E402
-from alignrl.shapes.model import ShapesPipeline  # noqa: E402
+from alignrl.shapes.model import ShapesPipeline, colour_swap_cosine  # noqa: E402
 from alignrl.shapes.world import eval_set  # noqa: E402
-from pretrain_shapes import colour_swap_cosine, evaluate  # noqa: E402
+from pretrain_shapes import evaluate  # noqa: E402
 
 BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 VARIANTS = {  # name: (what differs from the shipped design, pretrain_shapes.py arguments)

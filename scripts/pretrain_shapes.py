@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 
 from alignrl.eval.evaluate import bootstrap_mean  # noqa: E402
 from alignrl.shapes.judge import check, per_tag_table  # noqa: E402
-from alignrl.shapes.model import TEXT_ENCODERS, build_pipeline  # noqa: E402
-from alignrl.shapes.world import COLORS, SHAPES, eval_set, render_batch, sample_metadata  # noqa: E402
+from alignrl.shapes.model import TEXT_ENCODERS, build_pipeline, colour_swap_cosine  # noqa: E402
+from alignrl.shapes.world import eval_set, render_batch, sample_metadata  # noqa: E402
 
 
 @torch.no_grad()
@@ -62,28 +62,6 @@ def evaluate(pipe, unet, text, metas, steps, guidance, seed, images_per_prompt=1
     strict, lo, hi = bootstrap_mean(np.array([r["strict"] for r in results]), [m["prompt"] for m in metas])
     return {"strict_images": strict, "ci": [lo, hi], "tags": {k: round(v["strict"], 4) for k, v in table.items()},
             "partial_tags": {k: round(v["partial"], 4) for k, v in table.items()}}
-
-
-@torch.no_grad()
-def colour_swap_cosine(pipe, text) -> float:
-    """Mean cosine similarity of the text encoder's token states for prompts that differ only in their colour word
-    (``a red circle`` vs ``a blue circle``): near 1, the UNet cannot tell the colours apart."""
-    saved = pipe.text_encoder
-    pipe.text_encoder = text
-    try:
-        sims = []
-        for shape in SHAPES:
-            prompts = [f"a {c} {shape}" for c in COLORS]
-            states, mask = pipe.encode_prompt(prompts)
-            keep = mask if mask is not None else torch.ones(states.shape[:2])
-            flat = (states * keep.unsqueeze(-1)).flatten(1)
-            flat = torch.nn.functional.normalize(flat, dim=1)
-            cos = flat @ flat.T
-            n = len(prompts)
-            sims.append(float((cos.sum() - n) / (n * (n - 1))))
-    finally:
-        pipe.text_encoder = saved
-    return float(np.mean(sims))
 
 
 def main():

@@ -87,6 +87,31 @@ def build_pipeline(seed: int = 0, channels: Sequence[int] = (32, 64, 128), text_
                           tokenizer=build_tokenizer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
 
 
+@torch.no_grad()
+def colour_swap_cosine(pipe, text_encoder=None) -> float:
+    """How alike the text encoder makes prompts that differ only in their colour word.
+
+    The mean cosine similarity of the (padding-masked, flattened) token states of ``a <colour> <shape>`` over
+    every pair of colours and every shape. Near 1, the UNet receives the same conditioning whatever the colour
+    word (the first shipped model: 0.97-0.99). ``text_encoder`` replaces the pipeline's for the measurement.
+    """
+    saved = pipe.text_encoder
+    if text_encoder is not None:
+        pipe.text_encoder = text_encoder
+    try:
+        sims = []
+        for shape in SHAPES:
+            prompts = [f"a {c} {shape}" for c in COLORS]
+            states, mask = pipe.encode_prompt(prompts)
+            keep = mask if mask is not None else torch.ones(states.shape[:2], device=states.device)
+            flat = torch.nn.functional.normalize((states.float() * keep.unsqueeze(-1)).flatten(1), dim=1)
+            n = len(prompts)
+            sims.append(float(((flat @ flat.T).sum() - n) / (n * (n - 1))))
+    finally:
+        pipe.text_encoder = saved
+    return sum(sims) / len(sims)
+
+
 def pretrained_dir() -> Path:
     return Path(str(resources.files("alignrl.shapes") / "pretrained"))
 
