@@ -80,6 +80,23 @@ def test_split_holds_out_compositions():
             assert all(sum(r["tag"] == t for r in rows) == EVAL_PER_TAG for t in TAGS)
 
 
+def test_an_eval_subset_spreads_over_every_tag():
+    """eval.num_prompts=N keeps N prompts round-robin over the tags: the eval files list tags in blocks, and the
+    first 30 rows of the held-out set would be single objects only."""
+    from alignrl.data import PromptSet
+    from alignrl.eval.evaluate import Evaluator, spread_subset
+
+    held_out = PromptSet.load("builtin:shapes_held_out", "data.eval.held_out")
+    assert {m["tag"] for m in held_out.metadata[:30]} == {"single_object"}
+    keep = spread_subset(held_out.metadata, 30)
+    assert len(keep) == 30 and keep == sorted(set(keep))
+    assert all(sum(held_out.metadata[i]["tag"] == t for i in keep) == 5 for t in TAGS)
+    ev = Evaluator(None, None, held_out, None, seed=0, batch_size=8, num_prompts=13)
+    assert {m["tag"] for m in ev.metadata} == set(TAGS) and len(ev.prompts) == 13
+    assert ev.prompts == [held_out.prompts[i] for i in spread_subset(held_out.metadata, 13)]
+    assert spread_subset([{}] * 10, 4) == [0, 3, 6, 9] and spread_subset([{}] * 3, 5) == [0, 1, 2]
+
+
 def test_pretraining_draws_fresh_training_compositions():
     """The pretraining sampler never draws a held-out composition, covers every tag, relation and count, and puts
     colour words on most objects."""

@@ -23,6 +23,27 @@ from alignrl.sampling.plans import RolloutPlan
 EVAL_STREAM = 1_000_000_007  # noise stream for evaluation, distinct from every training iteration
 
 
+def spread_subset(metadata: list[dict], n: int | None) -> list[int]:
+    """Indices of ``n`` prompts (all when ``n`` is falsy or too large) spread over the whole set: round-robin over
+    the tags when the rows carry a ``tag`` (eval files list their tags in blocks, so the first ``n`` rows would
+    cover only the first tags), evenly spaced otherwise. In file order."""
+    total = len(metadata)
+    if not n or int(n) >= total:
+        return list(range(total))
+    n = max(1, int(n))
+    tags: dict = {}
+    for i, m in enumerate(metadata):
+        tags.setdefault((m or {}).get("tag"), []).append(i)
+    if len(tags) > 1:
+        queues, chosen = [list(v) for v in tags.values()], []
+        while len(chosen) < n:
+            for q in queues:
+                if q and len(chosen) < n:
+                    chosen.append(q.pop(0))
+        return sorted(chosen)
+    return sorted({int(round(k * (total - 1) / max(1, n - 1))) for k in range(n)}) if n > 1 else [0]
+
+
 @dataclass
 class EvalResult:
     metrics: dict
@@ -39,9 +60,9 @@ class Evaluator:
                  prefix: str = "eval"):
         self.backbone, self.plan, self.reward = backbone, plan, reward
         self.prefix = prefix  # metrics are named <prefix>/...: eval/..., or eval/<set>/... for a named eval set
-        n = len(prompts) if not num_prompts else min(int(num_prompts), len(prompts))
-        self.prompts = prompts.prompts[:n]
-        self.metadata = prompts.metadata[:n]
+        keep = spread_subset(prompts.metadata, num_prompts)
+        self.prompts = [prompts.prompts[i] for i in keep]
+        self.metadata = [prompts.metadata[i] for i in keep]
         self.seed, self.batch_size = seed, max(1, int(batch_size))
         self.images_per_prompt = max(1, int(images_per_prompt))
         self.rank, self.world = rank, world_size
