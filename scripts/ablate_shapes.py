@@ -39,8 +39,6 @@ VARIANTS = {  # name: (what differs from the shipped design, pretrain_shapes.py 
     "clip_encoder": ("causal CLIP text encoder, no padding mask", ["--text-encoder", "clip"]),
     "colourless_data": ("colour words only in the colour tags", ["--data", "colourless"]),
     "cosine_schedule": ("cosine learning-rate decay to 10%", ["--schedule", "cosine"]),
-    "v1_design": ("all three (the first model's design)",
-                  ["--text-encoder", "clip", "--data", "colourless", "--schedule", "cosine"]),
 }
 
 

@@ -138,17 +138,47 @@ def test_shipped_model_loads_and_draws_the_world():
     assert not list(pretrained_dir().rglob("*.bin")) and not list(pretrained_dir().rglob("*.pt"))
     backbone = ShapesBackbone.pretrained()
     assert backbone.transformer.dtype == torch.float32 and backbone.vae is None
-    # prompts whose objects carry no colour: the shipped model draws these well (colour binding is what
-    # RL has to teach it, see docs/benchmarks.md)
-    metas = [m for m in prompt_split("train") if m["tag"] in ("single_object", "two_object", "counting")
-             and not any(o["color"] for o in m["objects"])]
-    metas = (metas * 2)[:24]
+    metas = [m for m in prompt_split("in_dist") if m["tag"] in ("single_object", "two_object", "counting")]
+    metas = random.Random(0).sample(metas, 24)
     images = backbone.pipe([m["prompt"] for m in metas], num_inference_steps=20, guidance_scale=3.0,
                            generator=torch.Generator().manual_seed(0))
     assert images.shape == (24, 3, 32, 32) and torch.isfinite(images).all()
     arr = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     strict = np.mean([check(a, m)["strict"] for a, m in zip(arr, metas)])
-    assert strict >= 0.6, strict  # measured 0.75-0.9; a random-init model scores 0
+    assert strict >= SHIPPED_MIN["shapes"], strict
+
+
+# Measured on the shipped weights (training_info.json in the package holds the pretraining evaluation):
+# thresholds well below the measurements, far above what a colour-blind or random model reaches.
+SHIPPED_MIN = {"shapes": 0.5, "colors": 0.7}
+SHIPPED_MAX_COLOUR_SWAP_COS = 0.9  # the first, colour-blind text encoder: 0.94 (its token states barely moved)
+
+
+def test_shipped_text_encoder_separates_colour_words_and_the_model_draws_them():
+    """The model reads its conditioning: prompts that differ only in their colour word get distinct text states
+    (colour-swap cosine), and the UNet draws the colour asked for: the colors tag on in-distribution prompts,
+    and the drawn colour changes with the word for one fixed noise."""
+    from alignrl.shapes.judge import detect
+    from alignrl.shapes.model import ShapesBackbone, colour_swap_cosine
+
+    backbone = ShapesBackbone.pretrained()
+    assert colour_swap_cosine(backbone.pipe) < SHIPPED_MAX_COLOUR_SWAP_COS
+    metas = [m for m in prompt_split("in_dist") if m["tag"] == "colors"]
+    metas = (metas * 4)[:32]
+    images = backbone.pipe([m["prompt"] for m in metas], num_inference_steps=20, guidance_scale=3.0,
+                           generator=torch.Generator().manual_seed(1))
+    arr = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    colours = np.mean([check(a, m)["strict"] for a, m in zip(arr, metas)])
+    assert colours >= SHIPPED_MIN["colors"], colours
+    # one noise, three colour words: the detected colours follow the word
+    words = ["red", "green", "blue"]
+    noise = torch.randn((1, 3, 32, 32), generator=torch.Generator().manual_seed(5)).repeat(6, 1, 1, 1)
+    prompts = [f"a {c} circle" for c in words] + [f"a {c} triangle" for c in ("green", "blue", "red")]
+    imgs = backbone.pipe(prompts, num_inference_steps=20, guidance_scale=3.0, latents=noise)
+    arr = (imgs * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    drawn = [{o.color for o in detect(a)} for a in arr]
+    hits = sum(want in got for want, got in zip(words + ["green", "blue", "red"], drawn))
+    assert hits >= 4, list(zip(prompts, drawn))
 
 
 def test_flowgrpo_raises_the_judge_reward_on_a_small_prompt_set(tmp_path):
