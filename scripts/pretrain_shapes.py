@@ -66,7 +66,7 @@ def evaluate(pipe, unet, text, metas, steps, guidance, seed, images_per_prompt=1
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=2500, help="optimizer steps (a --minutes budget may stop earlier)")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (a --minutes budget may stop earlier)")
     p.add_argument("--minutes", type=float, default=None, help="stop after this much training wall-clock")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=8e-4)
@@ -129,9 +129,11 @@ def main():
             row[name] = evaluate(pipe, ema, ema_text, metas, args.eval_steps, args.guidance, args.seed)
         log.append(row)
         print("eval", json.dumps(row), flush=True)
-        if args.snapshots:
-            save(Path(args.snapshots) / f"step_{step}", step)
         eval_seconds += time.time() - t0
+        if args.snapshots:
+            t1 = time.time()
+            save(Path(args.snapshots) / f"step_{step}", step)
+            eval_seconds += time.time() - t1
 
     def save(out, step):
         """The EMA weights in fp16 as a diffusers pipeline directory, with how they were made."""
