@@ -163,9 +163,10 @@ def test_shipped_model_loads_and_draws_the_world():
     assert strict >= SHIPPED_MIN["shapes"], strict
 
 
-# Measured on the shipped weights (training_info.json in the package holds the pretraining evaluation):
-# thresholds well below the measurements, far above what a colour-blind or random model reaches.
-SHIPPED_MIN = {"shapes": 0.5, "colors": 0.7}
+# Measured on the shipped weights with these calls for seeds 0-2 (training_info.json in the package holds the
+# pretraining evaluation): shapes 0.33-0.54, colors 0.94-1.0, colour follows the word 5-6 of 6. Thresholds sit
+# below the measurements and far above a random model (0) or the colour-blind first model (colors 0.28).
+SHIPPED_MIN = {"shapes": 0.2, "colors": 0.75}
 SHIPPED_MAX_COLOUR_SWAP_COS = 0.9  # the first, colour-blind text encoder: 0.94 (its token states barely moved)
 
 
