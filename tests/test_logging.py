@@ -111,6 +111,11 @@ def test_progress_line_format():
                                   "lr": 0.01, "eval/reward_mean": float("nan")}, 2.1)
     assert line == "step 12/40 (30%) | 2.10 s/it | ETA 0:00:59 | reward 0.412 kl 0.001 clip 0.02 lr 0.01"
     assert progress_line(1, 40, {"approx_kl": 0.5}, None) == "step 1/40 (2%) | approx_kl 0.5"
+    # a training-time budget (trainer.max_minutes=3, max_steps huge): time against the budget, and its ETA
+    line = progress_line(12, 1_000_000, {"train_seconds": 84.4, "reward_mean": 0.5}, 9.0, budget_s=180)
+    assert line == "step 12 | train 0:01:24/0:03:00 (47%) | 9.00 s/it | ETA 0:01:36 | reward 0.5"
+    # the sooner end wins: 2 steps left at 9 s/it before 96 s of budget
+    assert "ETA 0:00:18" in progress_line(38, 40, {"train_seconds": 84.4}, 9.0, budget_s=180)
 
 
 def test_bad_logger_settings_are_config_errors(tmp_path, monkeypatch):

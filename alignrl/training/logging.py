@@ -99,13 +99,26 @@ def _seconds(cfg: dict, key: str, default: float) -> float:
     return value
 
 
-def progress_line(step: int, total: int, metrics: dict, seconds_per_it: float | None) -> str:
-    """``step 12/40 (30%) | 2.1 s/it | ETA 0:00:58 | reward 0.412 kl 0.001 clip 0.02 lr 0.01``."""
-    parts = [f"step {step}/{total} ({100 * step / total:.0f}%)" if total else f"step {step}"]
+def progress_line(step: int, total: int, metrics: dict, seconds_per_it: float | None,
+                  budget_s: float = 0.0) -> str:
+    """``step 12/40 (30%) | 2.1 s/it | ETA 0:00:58 | reward 0.412 kl 0.001 clip 0.02 lr 0.01``.
+
+    With a training-time budget (``trainer.max_minutes``) the line counts training time against it
+    (``step 12 | train 0:01:24/0:03:00 (47%)``) and the ETA is the sooner of the two ends (evaluation excluded)."""
+    trained = _finite(metrics.get("train_seconds"))
+    by_time = bool(budget_s) and trained is not None
+    if by_time:
+        parts = [f"step {step} | train {timedelta(seconds=round(trained))}/{timedelta(seconds=round(budget_s))} "
+                 f"({min(100.0, 100 * trained / budget_s):.0f}%)"]
+    else:
+        parts = [f"step {step}/{total} ({100 * step / total:.0f}%)" if total else f"step {step}"]
     if seconds_per_it is not None:
         parts.append(f"{seconds_per_it:.2f} s/it" if seconds_per_it < 10 else f"{seconds_per_it:.0f} s/it")
-        if total:
-            parts.append(f"ETA {timedelta(seconds=round(max(0, total - step) * seconds_per_it))}")
+        if total or by_time:
+            left = [max(0, total - step) * seconds_per_it] if total else []
+            if by_time:
+                left.append(max(0.0, budget_s - trained))
+            parts.append(f"ETA {timedelta(seconds=round(min(left)))}")
     values = _progress_values(metrics)
     if values:
         parts.append(" ".join(f"{label} {v:.3g}" for label, v in values))
@@ -127,8 +140,9 @@ class MetricsLogger:
     process built with ``enabled=True`` (the main one) writes anything."""
 
     def __init__(self, run_dir: Path, cfg_logger: dict, resolved_config: dict, enabled: bool, total_steps: int,
-                 start_step: int, run_name: str):
+                 start_step: int, run_name: str, budget_s: float = 0.0):
         self.enabled = enabled
+        self.budget_s = float(budget_s or 0.0)  # trainer.max_minutes in seconds: progress counts training time
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.log_path: Path | None = self.run_dir / "alignrl.log"
@@ -157,8 +171,14 @@ class MetricsLogger:
             self._init_wandb(self.run_dir, cfg_logger, resolved_config, run_name)
         if cfg_logger.get("progress_bar", True) is not False:
             if _is_tty(sys.stderr):
-                self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="it", dynamic_ncols=True,
-                                file=sys.stderr, mininterval=1.0)
+                if self.budget_s:  # the bar fills with training time; its postfix names the step
+                    self.bar = tqdm(total=round(self.budget_s), initial=0, desc="train", unit="s",
+                                    dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
+                                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s "
+                                               "[{elapsed}<{remaining}{postfix}]")
+                else:
+                    self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="it",
+                                    dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
             else:
                 self.plain = True
 
@@ -258,12 +278,19 @@ class MetricsLogger:
     def progress(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
+        trained = _finite(metrics.get("train_seconds"))
         if self.bar is not None:
-            self.bar.set_postfix({label: f"{v:.3g}" for label, v in _progress_values(metrics)}, refresh=False)
-            self.bar.update(step - self.bar.n)
+            values = {label: f"{v:.3g}" for label, v in _progress_values(metrics)}
+            if self.budget_s and trained is not None:
+                self.bar.set_postfix({"step": step, **values}, refresh=False)
+                self.bar.update(min(round(self.budget_s), round(trained)) - self.bar.n)
+            else:
+                self.bar.set_postfix(values, refresh=False)
+                self.bar.update(step - self.bar.n)
         now = time.monotonic()
         done = step - self.start_step
-        line = progress_line(step, self.total, metrics, (now - self._t0) / done if done > 0 else None)
+        line = progress_line(step, self.total, metrics, (now - self._t0) / done if done > 0 else None,
+                             self.budget_s)
         evaluated = _finite(metrics.get("eval/reward_mean")) is not None  # an eval result is always shown
         due = self._last_line_at is None or now - self._last_line_at >= self.log_every_s
         if due or step >= self.total or evaluated:

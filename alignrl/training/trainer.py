@@ -732,7 +732,7 @@ class Trainer:
                 ckpt.remove_stale_temp_files(self.run_dir)
             resolved = OmegaConf.to_container(self.cfg, resolve=True)
             self.logger = MetricsLogger(self.run_dir, as_dict(self.cfg.logger), resolved, self.is_main,
-                                        self.max_steps, self.iteration, self.run_dir.name)
+                                        self.max_steps, self.iteration, self.run_dir.name, budget_s)
             self.evaluators = self._make_evaluator()
             if self.is_main and self.stop_file.exists() and "TORCHELASTIC_RUN_ID" not in os.environ:
                 # a stop request of an earlier (now resumed) process; under torchrun the launcher removes a
