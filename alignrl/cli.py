@@ -13,8 +13,8 @@ from pathlib import Path
 USAGE = """usage: alignrl <command> [overrides...] [hydra flags]
 
 commands:
-  train     run a recipe (default: shapes_quick, 3 CPU minutes that raise ShapeWorld's held-out accuracy;
-            tiny_flowgrpo: a tiny random SD3, seconds)
+  train     run a recipe (default: tiny_flowgrpo, CPU, under 2 minutes; ALIGNRL_DEFAULT_RECIPE=<name>
+            sets another)
   eval      evaluate a checkpoint (eval.checkpoint=<dir>) or the base model; writes metrics, grid, summary
   sample    generate images from a checkpoint or the base model (sample.prompts=[...])
   export    write a diffusers pipeline (weights merged) and the LoRA adapter: checkpoint=<run|ckpt> out=<dir>
@@ -32,8 +32,8 @@ examples:
   alignrl train recipe=tiny_flowgrpo_flux trainer.max_steps=10
   alignrl train recipe=flowgrpo_sd35_geneval launcher.nproc_per_node=8
   alignrl train run_dir=outputs/my_run resume=auto
-  alignrl eval eval.checkpoint=outputs/shapes_quick/<run>
-  alignrl export checkpoint=outputs/shapes_quick/<run> out=exported/my_model
+  alignrl eval eval.checkpoint=outputs/tiny_flowgrpo/<run>
+  alignrl export checkpoint=outputs/tiny_flowgrpo/<run> out=exported/my_model
   alignrl train recipe=flowgrpo_sd35 --cfg job        # print the resolved config
   alignrl train launcher=slurm launcher.nodes=2 launcher.gpus_per_node=8 launcher.time=240  # submit to Slurm
   alignrl train -m launcher=slurm algorithm.lr=1e-5,3e-5  # one Slurm job per point

@@ -56,8 +56,8 @@ DEFAULT_RECIPE_ENV = "ALIGNRL_DEFAULT_RECIPE"
 
 
 def with_default_recipe(overrides: list[str]) -> list[str]:
-    """The recipe a run uses when none is given: ``recipes/config.yaml``'s (``shapes_quick``), or the one named by
-    the environment variable ``ALIGNRL_DEFAULT_RECIPE`` (a lab's own default; the test suite's tiny one)."""
+    """The recipe a run uses when none is given: ``recipes/config.yaml``'s (``tiny_flowgrpo``), or the one named by
+    the environment variable ``ALIGNRL_DEFAULT_RECIPE`` (a lab's own default; the test suite pins the tiny one)."""
     name = os.environ.get(DEFAULT_RECIPE_ENV, "").strip()
     if not name or any(o.lstrip("+").startswith("recipe=") for o in overrides):
         return list(overrides)

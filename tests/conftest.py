@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw, ImageFont
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub id that is not cached fails at once (in-process runs too)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Runs that name no recipe use the tiny random SD3 one here (seconds), not the user's default (shapes_quick, three
-# training minutes); tests of the default itself remove this (tests/test_shapes.py).
+# Runs that name no recipe use the tiny random SD3 one (seconds) even where a user's environment names another
+# default; tests of the default itself remove this (tests/test_shapes.py).
 os.environ["ALIGNRL_DEFAULT_RECIPE"] = "tiny_flowgrpo"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -129,19 +129,22 @@ def test_shapes_reward_through_the_registry():
         reward(images[:1], ["a circle"], [{}])
 
 
-def test_the_default_recipe_is_shapes_quick(monkeypatch):
-    """`alignrl train` with no recipe runs shapes_quick (the suite sets ALIGNRL_DEFAULT_RECIPE to the tiny one);
-    the variable names another default, and an explicit recipe= wins over both."""
+def test_the_default_recipe_and_the_variable_that_changes_it(monkeypatch):
+    """`alignrl train` with no recipe runs tiny_flowgrpo (shapes_quick does not yet show a held-out gain in three
+    minutes: docs/shapes.md); ALIGNRL_DEFAULT_RECIPE names another default, and an explicit recipe= wins."""
     from alignrl.config import compose
 
     monkeypatch.delenv("ALIGNRL_DEFAULT_RECIPE", raising=False)
-    cfg = compose(["run_dir=/tmp/alignrl-default"])
-    assert cfg.backbone.name == "shapes" and cfg.trainer.max_minutes == 3 and cfg.description.startswith("The default")
-    assert set(cfg.data.eval) == {"held_out", "in_dist"} and cfg.data.eval.in_dist is None
-    assert cfg.sampler.guidance_scale == 3.0 and cfg.sampler.eval_guidance_scale is None  # one policy
-    monkeypatch.setenv("ALIGNRL_DEFAULT_RECIPE", "tiny_flowgrpo")
     assert compose(["run_dir=/tmp/alignrl-default"]).backbone.name == "tiny_sd3"
-    assert compose(["recipe=shapes_flowgrpo", "run_dir=/tmp/alignrl-default"]).backbone.name == "shapes"
+    monkeypatch.setenv("ALIGNRL_DEFAULT_RECIPE", "shapes_quick")
+    cfg = compose(["run_dir=/tmp/alignrl-default"])
+    assert cfg.backbone.name == "shapes" and cfg.trainer.max_minutes == 3
+    assert cfg.sampler.guidance_scale == 3.0 and cfg.sampler.eval_guidance_scale is None  # one policy
+    assert compose(["recipe=tiny_flowgrpo_flux", "run_dir=/tmp/alignrl-default"]).backbone.name == "tiny_flux"
+    from conftest import run_inprocess  # the command line takes the same path
+
+    res = run_inprocess("train", "--cfg", "job", env={"ALIGNRL_DEFAULT_RECIPE": "shapes_quick"})
+    assert res.returncode == 0 and "name: shapes\n" in res.stdout and "max_minutes: 3" in res.stdout, res.stderr
 
 
 def test_shipped_model_loads_and_draws_the_world():
