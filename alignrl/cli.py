@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     elif command in ("eval", "sample") and _names_checkpoint(rest, "eval.checkpoint"):
         rest = QUIET + _on_run_config(rest)  # the outputs go into the checkpoint's run directory: no new one
     if not (_names_checkpoint(rest, "eval.checkpoint") or _names_checkpoint(rest, "export.checkpoint")):
-        from alignrl.config import with_default_recipe
-
-        rest = with_default_recipe(rest)
+        rest = _with_default_recipe(rest)
 
     if "--cfg" in rest and "--resolve" not in rest:
         rest.append("--resolve")  # print values, not ${...} interpolations
@@ -155,6 +153,26 @@ def _remove_failed_start(run_dir: Path) -> None:
         except OSError:
             break
         parent = parent.parent
+
+
+# Hydra's flags that take a value (``--cfg job``); the others (``-m``, ``--resolve``) stand alone
+_HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                      "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+
+
+def _with_default_recipe(args: list[str]) -> list[str]:
+    """``ALIGNRL_DEFAULT_RECIPE``'s recipe (when set and no recipe= is given), placed next to the other overrides:
+    Hydra's parser takes the overrides as one run of arguments, so ``-m seed=1,2`` or ``x=1 --cfg job`` must not
+    be split by it."""
+    from alignrl.config import with_default_recipe
+
+    added = with_default_recipe([a for a in args if "=" in a and not a.startswith("-")])
+    if not added or not added[0].startswith("recipe=") or any(a.startswith("recipe=") for a in args):
+        return args
+    positions = [i for i, a in enumerate(args)
+                 if not a.startswith("-") and not (i and args[i - 1] in _HYDRA_VALUE_FLAGS)]
+    at = positions[0] if positions else len(args)
+    return [*args[:at], added[0], *args[at:]]
 
 
 def _names_checkpoint(overrides: list[str], key: str) -> bool:

@@ -145,6 +145,16 @@ def test_the_default_recipe_and_the_variable_that_changes_it(monkeypatch):
 
     res = run_inprocess("train", "--cfg", "job", env={"ALIGNRL_DEFAULT_RECIPE": "shapes_quick"})
     assert res.returncode == 0 and "name: shapes\n" in res.stdout and "max_minutes: 3" in res.stdout, res.stderr
+    # placed with the other overrides, so Hydra's flags keep working around it
+    from alignrl.cli import _with_default_recipe
+
+    assert _with_default_recipe(["-m", "seed=1,2", "x=1"]) == ["-m", "recipe=shapes_quick", "seed=1,2", "x=1"]
+    assert _with_default_recipe(["--cfg", "job", "x=1"]) == ["--cfg", "job", "recipe=shapes_quick", "x=1"]
+    assert _with_default_recipe(["x=1", "--cfg", "job"]) == ["recipe=shapes_quick", "x=1", "--cfg", "job"]
+    assert _with_default_recipe(["--cfg", "job"]) == ["--cfg", "job", "recipe=shapes_quick"]
+    assert _with_default_recipe(["recipe=tiny_flowgrpo", "-m"]) == ["recipe=tiny_flowgrpo", "-m"]
+    monkeypatch.delenv("ALIGNRL_DEFAULT_RECIPE")
+    assert _with_default_recipe(["-m", "seed=1,2"]) == ["-m", "seed=1,2"]
 
 
 def test_shipped_model_loads_and_draws_the_world():
