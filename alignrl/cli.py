@@ -164,15 +164,15 @@ def _with_default_recipe(args: list[str]) -> list[str]:
     """``ALIGNRL_DEFAULT_RECIPE``'s recipe (when set and no recipe= is given), placed next to the other overrides:
     Hydra's parser takes the overrides as one run of arguments, so ``-m seed=1,2`` or ``x=1 --cfg job`` must not
     be split by it."""
-    from alignrl.config import with_default_recipe
+    from alignrl.config import default_recipe_override
 
-    added = with_default_recipe([a for a in args if "=" in a and not a.startswith("-")])
-    if not added or not added[0].startswith("recipe=") or any(a.startswith("recipe=") for a in args):
+    default = default_recipe_override(args)
+    if default is None:
         return args
     positions = [i for i, a in enumerate(args)
                  if not a.startswith("-") and not (i and args[i - 1] in _HYDRA_VALUE_FLAGS)]
     at = positions[0] if positions else len(args)
-    return [*args[:at], added[0], *args[at:]]
+    return [*args[:at], default, *args[at:]]
 
 
 def _names_checkpoint(overrides: list[str], key: str) -> bool:

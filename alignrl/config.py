@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 from importlib import resources
 from pathlib import Path
 
@@ -55,13 +54,13 @@ def recipe_descriptions() -> list[tuple[str, str]]:
 DEFAULT_RECIPE_ENV = "ALIGNRL_DEFAULT_RECIPE"
 
 
-def with_default_recipe(overrides: list[str]) -> list[str]:
-    """The recipe a run uses when none is given: ``recipes/config.yaml``'s (``tiny_flowgrpo``), or the one named by
-    the environment variable ``ALIGNRL_DEFAULT_RECIPE`` (a lab's own default; the test suite pins the tiny one)."""
+def default_recipe_override(overrides: list[str]) -> str | None:
+    """``recipe=<name>`` for the environment variable ``ALIGNRL_DEFAULT_RECIPE`` (a lab's own default; the test suite
+    pins the tiny one) when the overrides name no recipe; None keeps ``recipes/config.yaml``'s (``tiny_flowgrpo``)."""
     name = os.environ.get(DEFAULT_RECIPE_ENV, "").strip()
     if not name or any(o.lstrip("+").startswith("recipe=") for o in overrides):
-        return list(overrides)
-    return [f"recipe={name}", *overrides]
+        return None
+    return f"recipe={name}"
 
 
 def expand_reward_weights(overrides: list[str]) -> list[str]:
@@ -178,7 +177,9 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     """
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    overrides = expand_reward_weights(with_default_recipe(list(overrides or [])))
+    overrides = list(overrides or [])
+    default = default_recipe_override(overrides)
+    overrides = expand_reward_weights([default] * (default is not None) + overrides)
     check_group_overrides(overrides)
     with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
         return hydra_compose(config_name=config_name, overrides=overrides)

@@ -30,7 +30,7 @@ def spread_subset(metadata: list[dict], n: int | None) -> list[int]:
     total = len(metadata)
     if not n or int(n) >= total:
         return list(range(total))
-    n = max(1, int(n))
+    n = max(1, int(n))  # a negative count keeps one prompt
     tags: dict = {}
     for i, m in enumerate(metadata):
         tags.setdefault((m or {}).get("tag"), []).append(i)
