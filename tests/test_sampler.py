@@ -58,3 +58,41 @@ def test_resume_check_rejects_changed_sampler():
     KRepeatPromptSampler(num_prompts=20, groups_per_iteration=4, group_size=4, seed=1).load_state_dict(state)
     with pytest.raises(ConfigError, match="group_size"):
         KRepeatPromptSampler(num_prompts=20, groups_per_iteration=4, group_size=2, seed=1).load_state_dict(state)
+
+
+def test_balance_spreads_groups_over_labels_not_prompts():
+    """ShapeWorld's training set: 360 position prompts, 3 single-object ones. Uniform over prompts trains
+    position two thirds of the time; balanced by tag, every tag gets the same share of the groups."""
+    from alignrl.data import PromptSet
+    from alignrl.shapes.world import TAGS
+    from alignrl.training.sampler import balance_strata
+
+    train = PromptSet.load("builtin:shapes_train", "data.train")
+    strata = balance_strata(train, "tag")
+    plain = KRepeatPromptSampler(num_prompts=len(train), groups_per_iteration=4, group_size=8, seed=0)
+    samplers = _all_ranks(2, num_prompts=len(train), groups_per_iteration=4, group_size=8, seed=0, strata=strata)
+    tags, plain_tags = Counter(), Counter()
+    for it in range(300):
+        slots = samplers[0].rank_slots(it) + samplers[1].rank_slots(it)
+        counts = Counter(s.prompt_id for s in slots)
+        assert len(counts) == 4 and set(counts.values()) == {8}  # complete groups of distinct prompts
+        tags.update(strata[p] for p in counts)
+        plain_tags.update(strata[s.prompt_id] for s in plain.rank_slots(it)[::8])
+        assert len({strata[p] for p in counts}) == 4  # 4 groups, 4 different tags in one iteration
+    assert set(tags) == set(TAGS) and max(tags.values()) - min(tags.values()) <= 0.25 * 200
+    assert plain_tags["position"] > 0.5 * sum(plain_tags.values())  # what balancing corrects
+    one = KRepeatPromptSampler(num_prompts=len(train), groups_per_iteration=4, group_size=8, seed=0, strata=strata)
+    assert one.rank_slots(5) == samplers[0].rank_slots(5) + samplers[1].rank_slots(5)
+
+
+def test_balance_errors_name_the_fix():
+    from alignrl.data import PromptSet
+    from alignrl.training.sampler import balance_strata
+
+    with pytest.raises(ConfigError, match="single_object has 3"):
+        KRepeatPromptSampler(num_prompts=9, groups_per_iteration=8, group_size=2,
+                             strata=("single_object",) * 3 + ("position",) * 6)
+    tiny = PromptSet.load("builtin:tiny_train", "data.train")
+    with pytest.raises(ConfigError, match="have no 'tag'"):
+        balance_strata(tiny, "tag")
+    assert balance_strata(tiny, None) is None

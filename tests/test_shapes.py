@@ -97,6 +97,26 @@ def test_an_eval_subset_spreads_over_every_tag():
     assert spread_subset([{}] * 10, 4) == [0, 3, 6, 9] and spread_subset([{}] * 3, 5) == [0, 1, 2]
 
 
+def test_a_gain_is_bootstrapped_paired_over_prompts():
+    from alignrl.eval.evaluate import bootstrap_gain, bootstrap_mean
+
+    rng = np.random.default_rng(0)
+    groups = [f"p{i // 4}" for i in range(240)]  # 60 prompts x 4 images
+    ease = np.repeat(rng.uniform(0, 1, 60), 4)  # prompts differ a lot in difficulty
+    before = (rng.uniform(0, 1, 240) < ease).astype(float)
+    after = before.copy()
+    flip = np.flatnonzero(before == 0)[:24]  # 24 failures become passes: +0.1
+    after[flip] = 1.0
+    gain, lo, hi = bootstrap_gain(before, after, groups)
+    assert gain == pytest.approx(0.1) and 0 < lo < gain < hi
+    _, b_lo, b_hi = bootstrap_mean(before, groups)
+    _, a_lo, a_hi = bootstrap_mean(after, groups)
+    assert a_lo < b_hi  # the two intervals of the means overlap: only the paired interval shows the gain
+    assert bootstrap_gain(before, before, groups) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same images"):
+        bootstrap_gain(before, after[:200], groups)
+
+
 def test_pretraining_draws_fresh_training_compositions():
     """The pretraining sampler never draws a held-out composition, covers every tag, relation and count, and puts
     colour words on most objects."""
@@ -239,6 +259,10 @@ def test_flowgrpo_raises_the_judge_reward_on_a_small_prompt_set(tmp_path):
     assert [m["step"] for m in evals] == [0, 8]
     before, after = (m["eval/shapes_geneval/partial_mean"] for m in evals)
     assert after >= before + 0.15, (before, after)
+    log = (run_dir / "alignrl.log").read_text().splitlines()
+    line = next(ln for ln in log if ln.startswith("alignrl: eval/images/strict:"))
+    lo = float(line.split("gain 95% CI ")[1].split(" to ")[0])  # the paired interval of the gain
+    assert lo > 0, line
     its = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "time/rollout" in m]
     assert len(its) == 8 and all(m["time/update"] > 0 for m in its)
 

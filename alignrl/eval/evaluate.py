@@ -51,6 +51,8 @@ class EvalResult:
     captions: list[str]
     rewards: np.ndarray  # all ranks' rewards, in prompt order
     table: dict = field(default_factory=dict)  # per-tag rows (when the prompts carry a "tag")
+    verdicts: dict = field(default_factory=dict)  # name ("strict", "partial", ...) -> per-image values, all ranks
+    groups: list = field(default_factory=list)  # the prompt of each image (the bootstrap's resampling unit)
 
 
 class Evaluator:
@@ -130,15 +132,18 @@ class Evaluator:
             for k, v in row.items():
                 if k != "n":
                     metrics[f"{pre}/tag/{tag}/{k}"] = v
+        verdicts, prompt_of = {}, []
         if table:  # image-weighted verdicts with a bootstrap interval over prompts (a tag mean weighs tags alike)
             prompt_of = [self.prompts[s // self.images_per_prompt] for s in range(rewards.size)]
             metrics[f"{pre}/num_prompts"] = len(set(prompt_of))
             for k in [k for k in gathered if k != "reward"] or ["reward"]:
                 name = k.split("/")[-1]
+                verdicts[name] = gathered[k]
                 mean, lo, hi = bootstrap_mean(gathered[k], prompt_of)
                 metrics.update({f"{pre}/images/{name}": mean, f"{pre}/images/{name}_ci_lo": lo,
                                 f"{pre}/images/{name}_ci_hi": hi})
-        return EvalResult(metrics, torch.cat(images) if images else None, captions, rewards, table)
+        return EvalResult(metrics, torch.cat(images) if images else None, captions, rewards, table, verdicts,
+                          prompt_of)
 
     def _tag_table(self, gathered: dict[str, np.ndarray]) -> dict:
         """Per-tag means (prompt metadata ``tag``, as GenEval's) and ``overall`` = the mean over tags."""
@@ -188,6 +193,18 @@ def bootstrap_mean(values: np.ndarray, groups: list, resamples: int = 1000, seed
     means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
     tail = (1 - level) / 2 * 100
     return float(sums.sum() / counts.sum()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def bootstrap_gain(before: np.ndarray, after: np.ndarray, groups: list, resamples: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float, float]:
+    """``mean(after) - mean(before)`` over the same images (same prompts, same noise seeds) and a paired
+    percentile bootstrap interval that resamples whole prompts: the eval's own noise on a gain, which is far
+    narrower than the two intervals of the means, since a prompt's difficulty cancels in the difference."""
+    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if before.shape != after.shape or len(groups) != before.size:
+        raise ValueError(f"a paired gain needs the same images before and after: {before.size} before, "
+                         f"{after.size} after, {len(groups)} prompts")
+    return bootstrap_mean(after - before, groups, resamples=resamples, seed=seed, level=level)
 
 
 def _summary(prefix: str, values: np.ndarray) -> dict:

@@ -10,6 +10,12 @@ the same generator, and gives rank r the r-th contiguous slice. So:
   cannot lag behind (the failure of prefetching samplers with ``set_epoch``);
 - a sample's *global index* (its position in the shuffled list) does not depend on the world size,
   and keys its noise generator, so N processes sample what one process would.
+
+With ``strata`` (a label per prompt, e.g. its GenEval ``tag``: ``data.balance: tag``) the groups are spread
+over the labels instead of over the prompts: each iteration deals its groups to the labels in a freshly
+shuffled order (so over iterations every label gets the same share, whatever its number of prompts) and draws
+distinct prompts within each label. A prompt set with 360 position prompts and 3 single-object ones then
+trains every tag as often as an eval that weighs tags alike scores it.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class KRepeatPromptSampler:
     world_size: int = 1
     rank: int = 0
     seed: int = 0
+    strata: tuple | None = None  # a label per prompt: groups are spread over the labels (data.balance)
 
     def __post_init__(self):
         if self.groups_per_iteration > self.num_prompts:
@@ -42,6 +49,23 @@ class KRepeatPromptSampler:
                 f"data.groups_per_iteration={self.groups_per_iteration} exceeds the {self.num_prompts} prompts "
                 f"of the training set; lower it or use a larger prompt set"
             )
+        self._members: list[list[int]] = []
+        if self.strata is not None:
+            if len(self.strata) != self.num_prompts:
+                raise ValueError(f"strata has {len(self.strata)} labels for {self.num_prompts} prompts")
+            by_label: dict = {}
+            for i, label in enumerate(self.strata):
+                by_label.setdefault(label, []).append(i)
+            self._members = [by_label[k] for k in sorted(by_label, key=str)]
+            per_label = -(-self.groups_per_iteration // len(self._members))
+            small = {str(k): len(v) for k, v in zip(sorted(by_label, key=str), self._members) if len(v) < per_label}
+            if small:
+                raise ConfigError(
+                    f"data.balance: data.groups_per_iteration={self.groups_per_iteration} over "
+                    f"{len(self._members)} labels needs {per_label} distinct prompts per label in one iteration, "
+                    f"but {', '.join(f'{k} has {n}' for k, n in small.items())}; lower groups_per_iteration or "
+                    f"set data.balance: null"
+                )
         if self.samples_per_iteration % self.world_size:
             raise ConfigError(
                 f"groups_per_iteration x group_size = {self.samples_per_iteration} samples do not split over "
@@ -58,7 +82,19 @@ class KRepeatPromptSampler:
 
     def global_assignment(self, iteration: int) -> list[Slot]:
         g = torch.Generator().manual_seed(int(self.seed) * 7_919 + int(iteration) * 104_729 + 17)
-        chosen = torch.randperm(self.num_prompts, generator=g)[: self.groups_per_iteration]
+        if self._members:
+            labels = torch.randperm(len(self._members), generator=g).tolist()
+            dealt = [labels[k % len(labels)] for k in range(self.groups_per_iteration)]
+            picks = {lab: torch.randperm(len(self._members[lab]), generator=g).tolist() for lab in sorted(set(dealt))}
+            taken: dict[int, int] = {}
+            chosen_ids = []
+            for lab in dealt:
+                j = taken.get(lab, 0)
+                taken[lab] = j + 1
+                chosen_ids.append(self._members[lab][picks[lab][j]])
+            chosen = torch.tensor(chosen_ids, dtype=torch.long)
+        else:
+            chosen = torch.randperm(self.num_prompts, generator=g)[: self.groups_per_iteration]
         repeated = chosen.repeat_interleave(self.group_size)
         order = torch.randperm(repeated.numel(), generator=g)
         return [Slot(i, int(pid)) for i, pid in enumerate(repeated[order].tolist())]
@@ -69,7 +105,8 @@ class KRepeatPromptSampler:
 
     def state_dict(self) -> dict:
         return {"num_prompts": self.num_prompts, "groups_per_iteration": self.groups_per_iteration,
-                "group_size": self.group_size, "seed": self.seed}
+                "group_size": self.group_size, "seed": self.seed,
+                "balanced_labels": len(self._members)}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
@@ -78,3 +115,17 @@ class KRepeatPromptSampler:
             detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
             raise ConfigError(f"the checkpoint's prompt sampler differs from this config ({detail}); "
                               f"resume with the original settings")
+
+
+def balance_strata(prompts, key) -> tuple | None:
+    """The labels ``data.balance: <key>`` spreads the groups over: each training prompt's metadata ``key``
+    (``tag`` for GenEval-style sets); None when ``key`` is null."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"data.balance={key!r}: give a metadata key of the training prompts (e.g. tag) or null")
+    missing = [p for p, m in zip(prompts.prompts, prompts.metadata) if m.get(key) is None]
+    if missing:
+        raise ConfigError(f"data.balance: {key}: {len(missing)} of {len(prompts)} training prompts have no "
+                          f"'{key}' (first: {missing[0]!r}); add it to their metadata or set data.balance: null")
+    return tuple(m[key] for m in prompts.metadata)

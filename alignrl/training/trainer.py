@@ -28,7 +28,7 @@ from alignrl.components import as_dict, build_algorithm, build_backbone, build_p
 from alignrl.config import validate_batch_arithmetic
 from alignrl.data import PromptSet, eval_prefix, load_eval_sets
 from alignrl.errors import AlignError, CheckpointError, ConfigError
-from alignrl.eval.evaluate import Evaluator
+from alignrl.eval.evaluate import Evaluator, bootstrap_gain
 from alignrl.eval.report import save_grid
 from alignrl.rewards.base import WeightedReward
 from alignrl.rewards.runner import AsyncRewardRunner
@@ -39,7 +39,7 @@ from alignrl.training.ema import EMA
 from alignrl.training.logging import MetricsLogger
 from alignrl.training.lora import (load_trainable_file, lora_export, named_trainable, reference_context,
                                    setup_trainable)
-from alignrl.training.sampler import KRepeatPromptSampler
+from alignrl.training.sampler import KRepeatPromptSampler, balance_strata
 
 
 class _StopNow(Exception):
@@ -176,6 +176,7 @@ class Trainer:
         self.sampler = KRepeatPromptSampler(
             num_prompts=len(self.train_prompts), groups_per_iteration=int(cfg.data.groups_per_iteration),
             group_size=int(self.algorithm.group_size), world_size=self.world, rank=self.rank, seed=self.seed,
+            strata=balance_strata(self.train_prompts, cfg.data.get("balance")),
         )
         self.reward = WeightedReward.from_config(as_dict(cfg.reward))
         schedules = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -879,14 +880,27 @@ class Trainer:
         evals = getattr(self, "_evals", [])
         if len(evals) < 2:
             return
-        (s0, first), (s1, last) = evals[0], evals[-1]
+        (s0, first, first_res), (s1, last, last_res) = evals[0], evals[-1]
         keys = [k for k in last if k.endswith(("/images/strict", "/tag/overall/strict")) or k == "eval/reward_mean"]
         for k in keys or [k for k in last if k.endswith("reward_mean")]:
             if k in first and isinstance(first[k], float) and isinstance(last[k], float):
                 ci = [last.get(k + "_ci_lo"), last.get(k + "_ci_hi")]
                 band = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if None not in ci else ""
                 self.logger.write(f"alignrl: {k}: {first[k]:.3f} at step {s0} -> {last[k]:.3f} at step {s1} "
-                                  f"({last[k] - first[k]:+.3f}){band}")
+                                  f"({last[k] - first[k]:+.3f}){band}{self._gain_band(k, first_res, last_res)}")
+
+    @staticmethod
+    def _gain_band(key: str, first: dict, last: dict) -> str:
+        """For an image-weighted verdict (``.../images/strict``): the paired 95% interval of the gain, the same
+        images before and after resampled by prompt (the eval's noise on the difference)."""
+        if "/images/" not in key:
+            return ""
+        prefix, name = key.split("/images/")
+        a, b = first.get(prefix), last.get(prefix)
+        if a is None or b is None or name not in a.verdicts or name not in b.verdicts or a.groups != b.groups:
+            return ""
+        _, lo, hi = bootstrap_gain(a.verdicts[name], b.verdicts[name], a.groups)
+        return f"; gain 95% CI {lo:+.3f} to {hi:+.3f} (paired over prompts)"
 
     def evaluate(self, step: int) -> dict:
         """Every eval set with the EMA weights; grids ``eval/step_N[_<set>].png`` (kept in ``eval_grids``) and
@@ -906,7 +920,8 @@ class Trainer:
         if self.is_main and results:
             (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "eval" / f"step_{step:06d}.json").write_text(json.dumps(metrics, indent=2))
-        self._evals = [*getattr(self, "_evals", [])[:1], (step, metrics)]  # the first and the latest
+        by_prefix = {eval_prefix(name): r for name, r in results.items()}
+        self._evals = [*getattr(self, "_evals", [])[:1], (step, metrics, by_prefix)]  # the first and the latest
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
