@@ -246,8 +246,8 @@ def test_flowgrpo_raises_the_judge_reward_on_a_small_prompt_set(tmp_path):
     run_dir = tmp_path / "run"
     res = run_inprocess(
         "train", "recipe=shapes_flowgrpo", f"data.train={prompts}", f"data.eval={prompts}",
-        "data.groups_per_iteration=4", "trainer.rollout_batch_size=32", "trainer.train_batch_size=16",
-        "trainer.max_steps=8", "trainer.eval_every=8", "trainer.eval_at_start=true",
+        "data.groups_per_iteration=4", "data.balance=null", "trainer.rollout_batch_size=32",
+        "trainer.train_batch_size=16", "trainer.max_steps=8", "trainer.eval_every=8", "trainer.eval_at_start=true",
         "sampler.guidance_scale=1.0", "sampler.eval_num_steps=8", "eval.images_per_prompt=8",
         "eval.batch_size=32", "eval.num_prompts=null", "trainer.log_images_every=0", "trainer.checkpoint_every=0",
         "trainer.max_minutes=null", "trainer.eval_every_minutes=null", "logger.plots=false",
