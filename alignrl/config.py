@@ -179,7 +179,7 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
 
     overrides = list(overrides or [])
     default = default_recipe_override(overrides)
-    overrides = expand_reward_weights([default] * (default is not None) + overrides)
+    overrides = expand_reward_weights(([default] if default else []) + overrides)
     check_group_overrides(overrides)
     with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
         return hydra_compose(config_name=config_name, overrides=overrides)

@@ -88,8 +88,8 @@ def main():
     section = "\n".join([
         BEGIN, "", f"Each variant pretrained for {args.steps} steps (batch 32, two runs at a time, one thread each; "
         f"measured {time.strftime('%Y-%m-%d')}), then evaluated alike: {args.per_tag} rows per tag, "
-        f"{args.images} image{"s" if args.images != 1 else ""} per row, 20-step ODE, CFG 3, the exact judge; strict is image-weighted with a 95% "
-        f"bootstrap interval over prompts; colors and color_attr are those tags' strict accuracy.", "",
+        f"{args.images} image{'s' if args.images != 1 else ''} per row, 20-step ODE, CFG 3, the exact judge; "
+        f"strict is image-weighted with a 95% bootstrap interval over prompts; colors and color_attr are those tags' strict accuracy.", "",
         markdown_table(rows, list(rows[0])), "", END])
     write_doc_section(Path(args.doc), BEGIN, END, "Ablation: why the first model could not read colours", section)
     print(section)

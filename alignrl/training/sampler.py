@@ -56,9 +56,10 @@ class KRepeatPromptSampler:
             by_label: dict = {}
             for i, label in enumerate(self.strata):
                 by_label.setdefault(label, []).append(i)
-            self._members = [by_label[k] for k in sorted(by_label, key=str)]
-            per_label = -(-self.groups_per_iteration // len(self._members))
-            small = {str(k): len(v) for k, v in zip(sorted(by_label, key=str), self._members) if len(v) < per_label}
+            labels = sorted(by_label, key=str)
+            self._members = [by_label[k] for k in labels]
+            per_label = -(-self.groups_per_iteration // len(labels))
+            small = {str(k): len(by_label[k]) for k in labels if len(by_label[k]) < per_label}
             if small:
                 raise ConfigError(
                     f"data.balance: data.groups_per_iteration={self.groups_per_iteration} over "
@@ -85,14 +86,10 @@ class KRepeatPromptSampler:
         if self._members:
             labels = torch.randperm(len(self._members), generator=g).tolist()
             dealt = [labels[k % len(labels)] for k in range(self.groups_per_iteration)]
-            picks = {lab: torch.randperm(len(self._members[lab]), generator=g).tolist() for lab in sorted(set(dealt))}
-            taken: dict[int, int] = {}
-            chosen_ids = []
-            for lab in dealt:
-                j = taken.get(lab, 0)
-                taken[lab] = j + 1
-                chosen_ids.append(self._members[lab][picks[lab][j]])
-            chosen = torch.tensor(chosen_ids, dtype=torch.long)
+            # each label's prompts in a random order, taken in turn: distinct prompts within a label
+            picks = {lab: iter(torch.randperm(len(self._members[lab]), generator=g).tolist())
+                     for lab in sorted(set(dealt))}
+            chosen = torch.tensor([self._members[lab][next(picks[lab])] for lab in dealt], dtype=torch.long)
         else:
             chosen = torch.randperm(self.num_prompts, generator=g)[: self.groups_per_iteration]
         repeated = chosen.repeat_interleave(self.group_size)
