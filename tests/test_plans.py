@@ -227,7 +227,8 @@ def test_tree_advantages_match_a_hand_computed_example(tmp_path):
     t.reward_runner.close()
     assert len(batch.leaf_root) == 8 and batch.leaf_root.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     batch.rewards = np.array([1.0, 2.0, 3.0, 5.0, 0.0, 0.0, 4.0, 4.0])
-    _, _, adv, keep, stats = t.advantages(batch)
+    result = t.advantages(batch)
+    adv, keep, stats = result.transition, result.transition_keep, result.stats
     # tree 0: depth-1 nodes fuse {1, 2} -> 1.5 and {3, 5} -> 4: mean 2.75, std 1.25 -> -1, +1;
     # depth-2 nodes are the leaves: (r - 2.75) / std([1, 2, 3, 5])
     leaf_std = np.std([1.0, 2.0, 3.0, 5.0])
@@ -253,7 +254,8 @@ def test_width_pruning_keeps_best_and_worst_edges(tmp_path):
     batch = t.collect()
     t.reward_runner.close()
     batch.rewards = np.array([1.0, 2.0, 3.0, 5.0, 0.0, 1.0, 4.0, 6.0])
-    _, _, adv, keep, _ = t.advantages(batch)
+    result = t.advantages(batch)
+    adv, keep = result.transition, result.transition_keep
     last = {int(lo): bool(k) for s, lo, k in zip(batch.t_from, batch.t_leaf_lo, keep) if int(s) == 2}
     assert last == {0: True, 1: False, 2: False, 3: True, 4: True, 5: False, 6: False, 7: True}
     assert all(k for s, k in zip(batch.t_from, keep) if int(s) < 2)  # pruning only after the last split
@@ -268,7 +270,8 @@ def test_g2rpo_advantage_sums_granularities(tmp_path):
     t.reward_runner.close()
     # per root: child 0 (g1, g2), child 1 (g1, g2)
     batch.rewards = np.array([1.0, 0.0, 3.0, 2.0, 5.0, 5.0, 5.0, 1.0])
-    _, _, adv, keep, _ = t.advantages(batch)
+    result = t.advantages(batch)
+    adv, keep = result.transition, result.transition_keep
     by_leaf = {int(lo): a for lo, a in zip(batch.t_leaf_lo, adv)}
     # root 0: g1 rewards {1, 3} -> -1, +1; g2 {0, 2} -> -1, +1: children -2 and +2
     assert by_leaf[0] == pytest.approx(-2.0) and by_leaf[2] == pytest.approx(2.0)

@@ -28,8 +28,7 @@ def test_ratio_is_exactly_one_before_the_first_update(tmp_path):
     t = _trainer(tmp_path, "trainer.updates_per_iteration=1")
     t.timing = {}
     batch = t.collect()
-    _, _, adv, keep, _ = t.advantages(batch)
-    out = t.update(batch, adv, keep)
+    out = t.algorithm.train_step(batch, t.advantages(batch), t.step_context())
     assert out["ratio_dev_before_update"] == 0.0
     assert out["optimizer_steps"] == 1
     t.reward_runner.close()
@@ -87,14 +86,12 @@ def test_kl_reference_is_the_base_model(tmp_path):
                      "trainer.updates_per_iteration=1")
         t.timing = {}
         batch = t.collect()
-        _, _, adv, keep, _ = t.advantages(batch)
-        out = t.update(batch, adv, keep)
+        out = t.algorithm.train_step(batch, t.advantages(batch), t.step_context())
         assert "kl" in out and out["kl"] >= 0
         # after one update the policy moved away from the base, so the KL of the next step is positive
         t.iteration += 1
         batch = t.collect()
-        _, _, adv, keep, _ = t.advantages(batch)
-        assert t.update(batch, adv, keep)["kl"] > 0
+        assert t.algorithm.train_step(batch, t.advantages(batch), t.step_context())["kl"] > 0
         t.reward_runner.close()
 
 

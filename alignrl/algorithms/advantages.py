@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -113,3 +114,82 @@ def best_of_n_mask(rewards: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
         keep[order[:half]] = True
         keep[order[-half:]] = True
     return keep
+
+
+def batch_advantages(batch, normalise) -> "Advantages":
+    """Per-leaf and per-transition advantages of one rank's batch (a ``RolloutBatch``).
+
+    ``normalise(values, keys, ids, per_reward)`` group-normalises values over all ranks (the loop gathers
+    them; ``ids`` are global, so the result does not depend on the number of ranks) and returns this rank's
+    rows. Linear plans normalise leaf rewards per prompt (GRPO). Trees and side branches score each child
+    node (its leaves' rewards fused), normalised over the nodes of the same prompt and depth (or side
+    branch); with several continuation granularities (G2RPO) the leaves are normalised per granularity and
+    a node's advantage is their sum.
+    """
+    from alignrl.algorithms.base import Advantages
+
+    if batch.plan.is_linear:
+        leaves = np.arange(len(batch.leaf_root))
+        keys = batch.prompt_ids[batch.leaf_root.numpy()]
+        res = normalise(np.asarray(batch.rewards, dtype=np.float64), keys, batch.leaf_ids(leaves), batch.per_reward)
+        t_leaf = batch.t_leaf_lo.numpy()
+        return Advantages(res.advantages, res.keep, res.advantages[t_leaf], res.keep[t_leaf], res.stats)
+    adv, keep, stats = node_advantages(batch, normalise)
+    return Advantages(None, None, adv, keep, stats)
+
+
+def node_advantages(batch, normalise):
+    """Per-transition advantages and keep flags for trees and side branches (see ``batch_advantages``)."""
+    rewards = torch.as_tensor(batch.rewards, dtype=torch.float64)
+    lo, cnt = batch.t_leaf_lo.numpy(), batch.t_leaf_count.numpy()
+    # one row per distinct child node (a node spans the steps between two splits)
+    node_of, uniq = np.unique(np.stack([batch.t_key.numpy(), lo]), axis=1, return_inverse=True)
+    node_key, node_lo = node_of
+    uniq = uniq.reshape(-1)
+    node_cnt = np.zeros(len(node_lo), dtype=np.int64)
+    node_cnt[uniq] = cnt
+    prompt = batch.prompt_ids[batch.leaf_root.numpy()[node_lo]]
+    plan = batch.plan
+    multi = plan.side_branches and max(len(b.granularities) for b in plan.side_branches) > 1
+    if multi:  # G2RPO: normalise each granularity's leaves, sum over a node's granularities
+        leaf_node = np.concatenate([np.full(c, i) for i, c in enumerate(node_cnt)])
+        leaf_ids = np.concatenate([np.arange(l0, l0 + c) for l0, c in zip(node_lo, node_cnt)])
+        values = rewards.numpy()[leaf_ids]
+        keys = (prompt[leaf_node] * 1000 + node_key[leaf_node]) * 16 + batch.leaf_tag.numpy()[leaf_ids]
+        res = normalise(values, keys, batch.leaf_ids(leaf_ids), None)
+        adv = np.zeros(len(node_lo))
+        keep = np.zeros(len(node_lo), dtype=bool)
+        np.add.at(adv, leaf_node, res.advantages)
+        np.logical_or.at(keep, leaf_node, res.keep)
+        stats = res.stats
+    else:
+        values = np.array([fuse_leaf_rewards(rewards, batch.leaf_path_logp, int(l0), int(c), plan)
+                           for l0, c in zip(node_lo, node_cnt)])
+        keys = prompt * 1000 + node_key
+        res = normalise(values, keys, batch.leaf_ids(node_lo), None)
+        adv, keep = res.advantages, res.keep.copy()
+        stats = res.stats
+        if plan.width_prune_ratio > 0:  # keep the best and worst edges after the last split only
+            deepest = node_key == node_key.max()
+            for k in np.unique(keys[deepest]):
+                members = np.nonzero((keys == k) & keep)[0]
+                n_drop = int(round(len(members) * plan.width_prune_ratio))
+                if n_drop:
+                    order = members[np.argsort(values[members], kind="stable")]
+                    lo_keep = (len(members) - n_drop) // 2
+                    keep[order[lo_keep:lo_keep + n_drop]] = False
+    stats["nodes"] = int(len(node_lo))
+    return adv[uniq], keep[uniq], stats
+
+
+def fuse_leaf_rewards(rewards: torch.Tensor, path_logp: torch.Tensor, lo: int, count: int, plan) -> float:
+    """A node's value from its leaves' finite rewards: their mean, or (``fusion: logp_softmax``, BranchGRPO)
+    weighted by the softmax of the leaves' path log-probs."""
+    r = rewards[lo:lo + count]
+    ok = torch.isfinite(r)
+    if not ok.any():
+        return float("nan")
+    if plan.fusion == "logp_softmax":
+        w = torch.softmax(plan.fusion_alpha * path_logp[lo:lo + count].double()[ok], dim=0)
+        return float((w * r[ok]).sum())
+    return float(r[ok].mean())

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from alignrl.algorithms.advantages import AdvantageResult, GroupStatTracker, best_of_n_mask, per_reward_advantages
+from alignrl.algorithms.base import Advantages, GroupRelative, RolloutBatch, StepContext
+from alignrl.algorithms.policy_gradient import train_on_transitions
 from alignrl.errors import ConfigError
 from alignrl.sampling.kernels import StepResult, mean_over_dims
 
@@ -41,20 +43,18 @@ def ppo_clip(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip
 
 
 @dataclass
-class FlowGRPO:
+class FlowGRPO(GroupRelative):
     name: str = "flowgrpo"
-    group_size: int = 24  # K images per prompt (read by the prompt sampler)
-    lr: float = 3e-4  # learning rate (read by the optimizer; lives here because methods differ)
+    group_size: int = 24
+    lr: float = 3e-4
     clip_range: float = 1e-4
     beta: float = 0.04
-    adv_clip_max: float = 5.0
     global_std: bool = True
-    std_eps: float = 1e-4
     kl_include_dt: bool = False
-    stat_buffer_size: int = 0
-    stat_min_count: int = 0
     advantage_aggr: str = "reward"  # reward: normalise the weighted reward sum; advantage: sum of per-reward advantages
     best_of_n: int = 0  # DanceGRPO: train only the n/2 best and n/2 worst samples of each group (0: all)
+
+    batch_kind = "transitions"
 
     def __post_init__(self):
         if self.advantage_aggr not in ("reward", "advantage"):
@@ -63,18 +63,7 @@ class FlowGRPO:
             raise ConfigError(f"algorithm.best_of_n must be 0 (off) or in [2, group_size), got {self.best_of_n}")
         if self.clip_range <= 0:
             raise ConfigError(f"algorithm.clip_range must be > 0, got {self.clip_range}")
-        if self.beta < 0:
-            raise ConfigError(f"algorithm.beta must be >= 0, got {self.beta}")
-        if self.lr <= 0:
-            raise ConfigError(f"algorithm.lr must be > 0, got {self.lr}")
-        self.tracker = GroupStatTracker(
-            global_std=self.global_std, std_eps=self.std_eps, adv_clip_max=self.adv_clip_max,
-            buffer_size=self.stat_buffer_size, min_count=self.stat_min_count,
-        )
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.beta > 0
+        super().__post_init__()
 
     @property
     def diagnostics(self) -> tuple[str, ...]:
@@ -109,8 +98,5 @@ class FlowGRPO:
             diag["kl"] = kl.detach()
         return loss, diag
 
-    def state_dict(self) -> dict:
-        return {"tracker": self.tracker.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.tracker.load_state_dict(state.get("tracker", {}))
+    def train_step(self, batch: RolloutBatch, adv: Advantages, ctx: StepContext) -> dict:
+        return train_on_transitions(self, batch, adv, ctx)

@@ -28,60 +28,103 @@ of the iteration: no EMA needed, and ``v_old`` is exactly the policy that drew t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from alignrl.algorithms.advantages import AdvantageResult, GroupStatTracker
+from alignrl.algorithms.base import Advantages, GroupRelative, RolloutBatch, StepContext
 from alignrl.errors import ConfigError
+from alignrl.sampling.engine import sample_generators
 from alignrl.sampling.kernels import mean_over_dims
 
 
 @dataclass
-class _MatchingBase:
+class _MatchingBase(GroupRelative):
     name: str = "awm"
     group_size: int = 8
     lr: float = 3e-4
-    beta: float = 0.0
-    adv_clip_max: float = 5.0
-    global_std: bool = False
-    std_eps: float = 1e-4
     num_train_timesteps: int = 6
-    stat_buffer_size: int = 0
-    stat_min_count: int = 0
 
-    needs_final_latents = True
+    batch_kind = "final_latents"
+    needs_old_policy = False  # the loss compares with the velocities of the weights that drew the rollouts
+    _diag_keys: ClassVar[tuple] = ("policy_loss",)  # a class constant, not a field: subclasses set their own
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ConfigError(f"algorithm.lr must be > 0, got {self.lr}")
-        if self.beta < 0:
-            raise ConfigError(f"algorithm.beta must be >= 0, got {self.beta}")
+        super().__post_init__()
         if self.num_train_timesteps < 1:
             raise ConfigError(f"algorithm.num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
-        self.tracker = GroupStatTracker(global_std=self.global_std, std_eps=self.std_eps,
-                                        adv_clip_max=self.adv_clip_max, buffer_size=self.stat_buffer_size,
-                                        min_count=self.stat_min_count)
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.beta > 0
-
-    needs_old_policy = False
-    _diag_keys: tuple = ("policy_loss",)
 
     @property
     def diagnostics(self) -> tuple[str, ...]:
         return self._diag_keys + (("kl",) if self.beta > 0 else ())
 
-    def advantages(self, rewards: np.ndarray, keys: np.ndarray) -> AdvantageResult:
-        return self.tracker.compute(rewards, keys)
+    def train_step(self, batch: RolloutBatch, adv: Advantages, ctx: StepContext) -> dict:
+        """Optimizer steps on the final samples: no log-probs, no CFG.
 
-    def state_dict(self) -> dict:
-        return {"tracker": self.tracker.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.tracker.load_state_dict(state.get("tracker", {}))
+        Per sample, ``num_train_timesteps`` schedule indices are drawn stratified over 1..T-1 (pure noise and
+        the clean end excluded) with fresh noise, from a generator keyed by (seed, iteration, sample), so the
+        draw does not depend on batching or ranks. The old policy's velocities (NFT) are computed for every
+        (sample, time) before the first optimizer step, i.e. under the sampling weights.
+        """
+        if not batch.plan.is_linear or adv.leaf is None:
+            raise ConfigError(f"algorithm '{self.name}' trains on final images: use a linear sampler plan")
+        backbone = ctx.backbone
+        schedule = backbone.make_schedule(batch.plan.base_steps)
+        T = batch.plan.base_steps
+        n_t = int(self.num_train_timesteps)
+        x0 = batch.leaf_x0.float()
+        idx = torch.empty((len(x0), n_t), dtype=torch.long)
+        eps = torch.empty((len(x0), n_t, *x0.shape[1:]))
+        inner = list(range(1, T)) or [0]
+        strata = np.array_split(np.array(inner), min(n_t, len(inner)))
+        for i, g in enumerate(sample_generators(ctx.seed * 11 + 5, ctx.iteration, batch.global_index.tolist())):
+            for k in range(n_t):
+                s_ = strata[k % len(strata)]
+                idx[i, k] = int(s_[int(torch.randint(len(s_), (1,), generator=g))])
+                eps[i, k] = torch.randn(x0.shape[1:], generator=g)
+        eps = eps.to(ctx.device)
+        sig = schedule.sigmas[idx.to(ctx.device)]  # (B, n_t)
+        shape = (-1, n_t, *([1] * (x0.ndim - 1)))
+        x_t = (1 - sig.view(shape)) * x0.unsqueeze(1) + sig.view(shape) * eps
+        v_old = None
+        if self.needs_old_policy:
+            v_old = torch.empty_like(x_t)
+            ctx.denoiser.eval()
+            with torch.no_grad(), ctx.autocast(), ctx.old_policy_weights():
+                for k in range(n_t):
+                    for m in torch.arange(len(x0)).split(ctx.train_batch_size):
+                        cond = backbone.encode_prompts([batch.prompts[int(r)] for r in m])
+                        v_old[m, k] = backbone.predict(x_t[m, k], schedule.timesteps[idx[m, k].to(ctx.device)],
+                                                       cond, 1.0)
+        ctx.denoiser.train()
+        adv_t = torch.as_tensor(adv.leaf, dtype=torch.float32, device=ctx.device)
+        keep_t = torch.as_tensor(adv.leaf_keep, dtype=torch.bool)
+        sums = {k: 0.0 for k in self.diagnostics}
+        count, grad_norms = 0, []
+        for epoch in range(ctx.inner_epochs):
+            for chunk in ctx.update_chunks(batch.global_index, epoch):
+                kept = chunk[keep_t[chunk]]
+                total = int(ctx.all_reduce_sum(torch.tensor([len(kept)], device=ctx.device)).item()) * n_t
+                if total == 0:
+                    continue
+                for mb in kept.split(ctx.train_batch_size):
+                    cond = backbone.encode_prompts([batch.prompts[int(r)] for r in mb])
+                    for k in range(n_t):
+                        t_idx = idx[mb, k].to(ctx.device)
+                        with ctx.autocast():
+                            v = backbone.predict(x_t[mb, k], schedule.timesteps[t_idx], cond, 1.0)
+                        v_ref = ctx.predict_reference(x_t[mb, k], schedule.timesteps[t_idx], cond, 1.0) \
+                            if self.needs_reference else None
+                        loss_vec, diag = self.matching_loss(
+                            v, v_old[mb, k] if v_old is not None else None, v_ref, x_t[mb, k], x0[mb],
+                            eps[mb, k], sig[mb, k], adv_t[mb])
+                        ctx.backward(loss_vec.sum() / total)
+                        for key in self.diagnostics:
+                            sums[key] += float(diag[key].float().sum())
+                        count += len(mb)
+                grad_norms.append(ctx.optimizer_step())
+        return ctx.summarise(sums, count, 0.0, grad_norms)
 
     def scaled_advantage(self, adv: torch.Tensor) -> torch.Tensor:
         return adv.clamp(-self.adv_clip_max, self.adv_clip_max) / self.adv_clip_max
@@ -125,6 +168,10 @@ class DiffusionNFT(_MatchingBase):
 
     needs_old_policy = True
     _diag_keys = ("positive_weight", "policy_loss")
+
+    @property
+    def rollout_weights(self) -> str:
+        return "ema" if self.old_policy == "ema" else "live"
 
     def __post_init__(self):
         super().__post_init__()

@@ -16,7 +16,6 @@ import signal
 import socket
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from alignrl.algorithms.advantages import batch_advantages
+from alignrl.algorithms.base import Advantages, RolloutBatch, StepContext
 from alignrl.components import as_dict, build_algorithm, build_backbone, build_planner
 from alignrl.config import validate_batch_arithmetic
 from alignrl.data import PromptSet, eval_prefix, load_eval_sets
@@ -33,7 +34,7 @@ from alignrl.eval.report import save_grid
 from alignrl.rewards.base import WeightedReward
 from alignrl.rewards.runner import AsyncRewardRunner
 from alignrl.runs import read_json
-from alignrl.sampling.engine import apply_step, rollout, sample_generators
+from alignrl.sampling.engine import rollout, sample_generators
 from alignrl.training import checkpoint as ckpt
 from alignrl.training.ema import EMA
 from alignrl.training.logging import MetricsLogger
@@ -53,46 +54,6 @@ def record_early_stop_signal(signum, frame) -> None:
     """Signal handler for launch wrappers (the Slurm job): a stop signal that arrives before the trainer
     installs its own handlers is kept, and the trainer stops at its first check."""
     _early_stop_signals.append(signum)
-
-
-@dataclass
-class IterationBatch:
-    """One rank's rollouts of one iteration, ready for the update.
-
-    Roots are the sampled trajectories (one per prompt slot); leaves are the images that get rewards (one per
-    root for linear plans, several for trees and side branches); transitions are the trained steps, flat
-    over roots, steps and tree nodes, each pointing at its root and at the leaves of its child node.
-    """
-
-    prompts: list[str]  # per root
-    prompt_ids: np.ndarray  # per root
-    global_index: np.ndarray  # per root
-    plan: object
-    leaf_root: torch.Tensor  # (L,) local root of each leaf
-    leaves_per_root: int
-    leaf_x0: torch.Tensor | None  # (L, ...) final latents (kept for losses that need no log-probs)
-    leaf_path_logp: torch.Tensor | None
-    leaf_tag: torch.Tensor | None
-    x: torch.Tensor  # (N, ...) latents before each trained transition
-    next_x: torch.Tensor  # (N, ...)
-    logp_old: torch.Tensor  # (N,)
-    mean_old: torch.Tensor  # (N, ...)
-    t_from: torch.Tensor  # (N,) schedule index the transition starts at
-    t_to: torch.Tensor  # (N,)
-    t_spec: list  # (N,) StepSpec of each transition
-    t_root: torch.Tensor  # (N,) local root
-    t_leaf_lo: torch.Tensor  # (N,) first local leaf of the child node
-    t_leaf_count: torch.Tensor  # (N,)
-    t_key: torch.Tensor  # (N,) node key (tree depth / side-branch index)
-    t_weight: torch.Tensor  # (N,) loss weight
-    rewards: np.ndarray = field(default=None)  # per leaf
-    per_reward: dict = field(default_factory=dict)
-    reward_info: dict = field(default_factory=dict)
-    preview: torch.Tensor | None = None  # decoded images of the first rollout batch (for grids)
-
-    @property
-    def leaf_prompts(self) -> list[str]:
-        return [self.prompts[int(r)] for r in self.leaf_root]
 
 
 def _device_for(cfg_trainer) -> str:
@@ -223,7 +184,7 @@ class Trainer:
         ema_cfg = as_dict(tcfg.get("ema"))
         self.ema = EMA(self.params, float(ema_cfg.get("decay", 0.9)), int(ema_cfg.get("update_every", 8))) \
             if ema_cfg.get("enabled", True) else None
-        if getattr(self.algorithm, "old_policy", None) == "ema" and self.ema is None:
+        if self.algorithm.rollout_weights == "ema" and self.ema is None:
             raise ConfigError(f"algorithm.old_policy=ema ({self.algorithm.name}) needs the EMA: set "
                               "trainer.ema.enabled=true, or algorithm.old_policy=sampling")
 
@@ -265,12 +226,12 @@ class Trainer:
     # ------------------------------------------------------------------ rollout
     def _old_policy_weights(self):
         """The EMA weights swapped in where the algorithm's old policy is the EMA (DiffusionNFT), else nothing."""
-        if getattr(self.algorithm, "old_policy", None) == "ema":
+        if self.algorithm.rollout_weights == "ema":
             return self.ema.swapped()
         return nullcontext()
 
     @torch.no_grad()
-    def collect(self) -> IterationBatch:
+    def collect(self) -> RolloutBatch:
         slots = self.sampler.rank_slots(self.iteration)
         bs = self.layout["rollout_batch_size"]
         plan_gen = self._iteration_generator(1)  # same on every rank: plans agree across ranks
@@ -278,7 +239,7 @@ class Trainer:
         self.transformer.eval()
         parts, futures = [], []
         plan0 = None
-        keep_x0 = getattr(self.algorithm, "needs_final_latents", False)
+        keep_x0 = self.algorithm.batch_kind == "final_latents"
         for start in range(0, len(slots), bs):
             chunk = slots[start:start + bs]
             prompts = [self.train_prompts.prompts[s.prompt_id] for s in chunk]
@@ -316,7 +277,7 @@ class Trainer:
                     batch.reward_info.setdefault(k, []).append(float(v))
         return batch
 
-    def _flatten(self, parts, slots, plan, keep_x0: bool) -> IterationBatch:
+    def _flatten(self, parts, slots, plan, keep_x0: bool) -> RolloutBatch:
         """Concatenate the rollout batches into flat roots, leaves and transitions (local indices)."""
         per_root = plan.leaves_per_root
         cols = {k: [] for k in ("x", "next_x", "logp_old", "mean_old", "t_from", "t_to", "t_root", "t_leaf_lo",
@@ -354,7 +315,7 @@ class Trainer:
             cat = {k: (v[keep] if v is not None else None) for k, v in cat.items()}
             specs = [specs[i] for i in torch.nonzero(keep).flatten().tolist()]
         empty = torch.zeros(0, dtype=torch.long)
-        return IterationBatch(
+        return RolloutBatch(
             prompts=[self.train_prompts.prompts[s.prompt_id] for s in slots],
             prompt_ids=np.array([s.prompt_id for s in slots]),
             global_index=np.array([s.global_index for s in slots]),
@@ -386,110 +347,46 @@ class Trainer:
         return keep
 
     # ------------------------------------------------------------------ advantages
-    def advantages(self, batch: IterationBatch):
-        """Per-transition advantages and keep flags (this rank's), plus logged statistics.
-
-        Leaf rewards are gathered from all ranks. Linear plans normalise leaf rewards per prompt (GRPO).
-        Trees and side branches score each child node (its leaves' rewards fused), normalised over the nodes
-        of the same prompt and depth (or side branch); with several continuation granularities (G2RPO) the
-        leaves are normalised per granularity and a node's advantage is their sum.
-        """
-        n_leaf = len(batch.leaf_root)
-        leaf_prompt = batch.prompt_ids[batch.leaf_root.numpy()]
-        leaf_global = batch.global_index[batch.leaf_root.numpy()] * batch.leaves_per_root + \
-            (np.arange(n_leaf) % batch.leaves_per_root)
-        local = torch.tensor(np.stack([batch.rewards, leaf_prompt, leaf_global], axis=1), dtype=torch.float64,
-                             device=self.device)
-        full = self._gather(local).cpu().numpy()
-        mine = slice(self.rank * n_leaf, (self.rank + 1) * n_leaf)
-        assert np.array_equal(full[mine, 2], leaf_global), "gathered order must follow rank order"
-        finite = full[np.isfinite(full[:, 0]), 0]
+    def advantages(self, batch: RolloutBatch) -> Advantages:
+        """This rank's advantages (the algorithm's estimator over the rewards of all ranks) and the reward
+        statistics of the whole batch for logging."""
+        local = torch.as_tensor(np.asarray(batch.rewards, dtype=np.float64), device=self.device)
+        full = self._gather_uneven(local, self._gather_sizes(len(local))).cpu().numpy()
+        finite = full[np.isfinite(full)]
         self._finite_rewards = int(finite.size)  # over all ranks: the same on each
         stats = {"reward_mean": float(finite.mean()) if finite.size else float("nan"),
                  "reward_std": float(finite.std()) if finite.size else float("nan")}
-        per_reward = {}
         for name, arr in batch.per_reward.items():
-            arr = per_reward[name] = self._gather(torch.from_numpy(arr).to(self.device)).cpu().numpy()
+            arr = self._gather_uneven(torch.from_numpy(arr).to(self.device), self._gather_sizes(len(arr))).cpu().numpy()
             ok = arr[np.isfinite(arr)]
             stats[f"reward/{name}_mean"] = float(ok.mean()) if ok.size else float("nan")
             stats[f"reward/{name}_std"] = float(ok.std()) if ok.size else float("nan")
-        if batch.plan.is_linear:
-            extra = {"per_reward": per_reward, "weights": self.reward.weights} \
-                if getattr(self.algorithm, "advantage_aggr", "reward") == "advantage" else {}
-            result = self.algorithm.advantages(full[:, 0], full[:, 1].astype(np.int64), **extra)
-            stats.update(result.stats)
-            leaf_adv, leaf_keep = result.advantages[mine], result.keep[mine]
-            t_leaf = batch.t_leaf_lo.numpy()
-            return leaf_adv, leaf_keep, leaf_adv[t_leaf], leaf_keep[t_leaf], stats
-        node_adv, node_keep, node_stats = self._node_advantages(batch)
-        stats.update(node_stats)
-        return None, None, node_adv, node_keep, stats
+        result = batch_advantages(batch, self._normalise)
+        result.stats = {**stats, **result.stats}
+        return result
 
-    def _node_advantages(self, batch: IterationBatch):
-        rewards = torch.as_tensor(batch.rewards, dtype=torch.float64)
-        lo, cnt = batch.t_leaf_lo.numpy(), batch.t_leaf_count.numpy()
-        # one row per distinct child node (a node spans the steps between two splits)
-        node_of, uniq = np.unique(np.stack([batch.t_key.numpy(), lo]), axis=1, return_inverse=True)
-        node_key, node_lo = node_of
-        uniq = uniq.reshape(-1)
-        node_cnt = np.zeros(len(node_lo), dtype=np.int64)
-        node_cnt[uniq] = cnt
-        prompt = batch.prompt_ids[batch.leaf_root.numpy()[node_lo]]
-        plan = batch.plan
-        multi = plan.side_branches and max(len(b.granularities) for b in plan.side_branches) > 1
-        if multi:  # G2RPO: normalise each granularity's leaves, sum over a node's granularities
-            leaf_node = np.concatenate([np.full(c, i) for i, c in enumerate(node_cnt)])
-            leaf_ids = np.concatenate([np.arange(l0, l0 + c) for l0, c in zip(node_lo, node_cnt)])
-            values = rewards.numpy()[leaf_ids]
-            keys = (prompt[leaf_node] * 1000 + node_key[leaf_node]) * 16 + batch.leaf_tag.numpy()[leaf_ids]
-            res = self._normalise(values, keys, batch, leaf_ids)
-            adv = np.zeros(len(node_lo))
-            keep = np.zeros(len(node_lo), dtype=bool)
-            np.add.at(adv, leaf_node, res.advantages)
-            np.logical_or.at(keep, leaf_node, res.keep)
-            stats = res.stats
-        else:
-            values = np.array([self._fuse(rewards, batch.leaf_path_logp, int(l0), int(c), plan)
-                               for l0, c in zip(node_lo, node_cnt)])
-            keys = prompt * 1000 + node_key
-            res = self._normalise(values, keys, batch, node_lo)
-            adv, keep = res.advantages, res.keep.copy()
-            stats = res.stats
-            if plan.width_prune_ratio > 0:  # keep the best and worst edges after the last split only
-                deepest = node_key == node_key.max()
-                for k in np.unique(keys[deepest]):
-                    members = np.nonzero((keys == k) & keep)[0]
-                    n_drop = int(round(len(members) * plan.width_prune_ratio))
-                    if n_drop:
-                        order = members[np.argsort(values[members], kind="stable")]
-                        lo_keep = (len(members) - n_drop) // 2
-                        keep[order[lo_keep:lo_keep + n_drop]] = False
-        stats["nodes"] = int(len(node_lo))
-        return adv[uniq], keep[uniq], stats
-
-    @staticmethod
-    def _fuse(rewards: torch.Tensor, path_logp: torch.Tensor, lo: int, count: int, plan) -> float:
-        r = rewards[lo:lo + count]
-        ok = torch.isfinite(r)
-        if not ok.any():
-            return float("nan")
-        if plan.fusion == "logp_softmax":
-            w = torch.softmax(plan.fusion_alpha * path_logp[lo:lo + count].double()[ok], dim=0)
-            return float((w * r[ok]).sum())
-        return float(r[ok].mean())
-
-    def _normalise(self, values: np.ndarray, keys: np.ndarray, batch: IterationBatch, first_leaf: np.ndarray):
-        """Group-normalise node values over all ranks; returns this rank's part."""
-        ids = batch.global_index[batch.leaf_root.numpy()[first_leaf]] * batch.leaves_per_root + \
-            (first_leaf % batch.leaves_per_root)
+    def _normalise(self, values: np.ndarray, keys: np.ndarray, ids: np.ndarray, per_reward: dict | None):
+        """The algorithm's group normalisation over all ranks' values (rows in rank order, checked by their
+        global ids); returns this rank's rows."""
         local = torch.tensor(np.stack([values, keys, ids], axis=1), dtype=torch.float64, device=self.device)
-        sizes = self._gather(torch.tensor([len(values)], device=self.device)).cpu().tolist()
+        sizes = self._gather_sizes(len(values))
         full = self._gather_uneven(local, sizes).cpu().numpy()
-        res = self.algorithm.advantages(full[:, 0], full[:, 1].astype(np.int64))
         start = sum(sizes[:self.rank])
         sl = slice(start, start + len(values))
+        assert np.array_equal(full[sl, 2], ids), "gathered order must follow rank order"
+        gathered = None
+        if per_reward:
+            gathered = {n: self._gather_uneven(torch.from_numpy(np.asarray(a, dtype=np.float64)).to(self.device),
+                                               sizes).cpu().numpy() for n, a in per_reward.items()}
+        res = self.algorithm.advantages(full[:, 0], full[:, 1].astype(np.int64), per_reward=gathered,
+                                        weights=self.reward.weights)
         res.advantages, res.keep = res.advantages[sl], res.keep[sl]
         return res
+
+    def _gather_sizes(self, n: int) -> list[int]:
+        if self.world == 1:
+            return [n]
+        return self._gather(torch.tensor([n], device=self.device)).cpu().tolist()
 
     def _gather_uneven(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         if self.world == 1:
@@ -500,150 +397,29 @@ class Trainer:
         return torch.cat([full[i * max(sizes): i * max(sizes) + n] for i, n in enumerate(sizes)])
 
     # ------------------------------------------------------------------ update
-    def update(self, batch: IterationBatch, adv: np.ndarray, keep: np.ndarray) -> dict:
-        """Optimizer steps over this iteration's trained transitions (``adv``/``keep`` are per transition).
-
-        Each optimizer step takes the transitions of one chunk of roots (the chunks split the global batch
-        the same way on any number of ranks). Within a minibatch of roots the transitions are scored one
-        schedule step at a time, so a linear plan's step k of a minibatch is one forward pass, as sampled.
-        """
+    def step_context(self) -> StepContext:
+        """The loop's services for the algorithm's ``train_step`` (this iteration's)."""
         tcfg = self.cfg.trainer
-        self.transformer.train()
-        schedule = self.backbone.make_schedule(batch.plan.base_steps)
-        adv_t = torch.as_tensor(adv, dtype=torch.float32, device=self.device)
-        keep_all = torch.as_tensor(keep, dtype=torch.bool)
-        weight = batch.t_weight
-        by_root: dict[int, list[int]] = {}
-        for i, r in enumerate(batch.t_root.tolist()):
-            by_root.setdefault(r, []).append(i)
-        mb_size = self.layout["train_batch_size"]
-        updates = self.layout["updates_per_iteration"]
-        sums = {k: 0.0 for k in self.algorithm.diagnostics}
-        count = 0
-        grad_norms = []
-        ratio_dev_before_update = 0.0  # on-policy check: the first update's ratios must all be 1
-        for epoch in range(int(tcfg.get("inner_epochs", 1))):
-            for chunk_index, chunk in enumerate(self._update_chunks(batch.global_index, updates, epoch)):
-                first_update = epoch == 0 and chunk_index == 0
-                rows = [i for r in chunk.tolist() for i in by_root.get(r, ()) if keep_all[i]]
-                local_w = float(weight[rows].sum()) if rows else 0.0
-                global_w = float(self._all_reduce_sum(torch.tensor([local_w], dtype=torch.float64,
-                                                                   device=self.device)).item())
-                if global_w == 0:
-                    continue  # every rank agrees: nothing to learn from this chunk
-                kept_roots = [r for r in chunk.tolist() if any(keep_all[i] for i in by_root.get(r, ()))]
-                for m in range(0, len(kept_roots), mb_size):
-                    mb_roots = kept_roots[m:m + mb_size]
-                    mb_rows = torch.tensor([i for r in mb_roots for i in by_root[r] if keep_all[i]], dtype=torch.long)
-                    for group in self._step_groups(batch, mb_rows):
-                        spec = batch.t_spec[int(group[0])]
-                        j, j_to = int(batch.t_from[group[0]]), int(batch.t_to[group[0]])
-                        g_dev = group.to(self.device)
-                        x = batch.x[g_dev]
-                        cond = self.backbone.encode_prompts([batch.prompts[int(r)] for r in batch.t_root[group]])
-                        with self.autocast():
-                            v = self.backbone.predict(x, schedule.timesteps[j], cond, batch.plan.guidance_scale)
-                        policy = apply_step(self.backbone, spec, schedule, j, x, v, next_x=batch.next_x[g_dev], i_to=j_to)
-                        reference = None
-                        if self.algorithm.needs_reference:
-                            reference = self._reference_step(spec, schedule, j, j_to, x, cond, batch, g_dev)
-                        loss_vec, diag = self.algorithm.step_loss(
-                            policy, batch.logp_old[g_dev], adv_t[g_dev], reference,
-                            dt=schedule.sigmas[j_to] - schedule.sigmas[j], mean_old=batch.mean_old[g_dev],
-                        )
-                        w = weight[group].to(self.device)
-                        self.accelerator.backward((loss_vec * w).sum() / global_w)
-                        if first_update and "ratio" in diag:
-                            ratio_dev_before_update = max(ratio_dev_before_update, float((diag["ratio"] - 1).abs().max()))
-                        for key in self.algorithm.diagnostics:
-                            sums[key] += float(diag[key].float().sum())
-                        count += len(group)
-                grad_norms.append(self._optimizer_step(float(tcfg.get("max_grad_norm", 1.0))))
-        return self._update_summary(sums, count, ratio_dev_before_update, grad_norms)
+        max_norm = float(tcfg.get("max_grad_norm", 1.0))
+        return StepContext(
+            backbone=self.backbone, denoiser=self.transformer, device=self.device, seed=self.seed,
+            iteration=self.iteration, train_batch_size=self.layout["train_batch_size"],
+            updates_per_iteration=self.layout["updates_per_iteration"], inner_epochs=int(tcfg.get("inner_epochs", 1)),
+            autocast=self.autocast, backward=self.accelerator.backward,
+            optimizer_step=lambda: self._optimizer_step(max_norm), all_reduce_sum=self._all_reduce_sum,
+            update_chunks=lambda global_index, epoch: self._update_chunks(
+                global_index, self.layout["updates_per_iteration"], epoch),
+            predict_reference=self._predict_reference, old_policy_weights=self._old_policy_weights,
+            summarise=self._update_summary,
+        )
 
-    def update_matching(self, batch: IterationBatch, adv: np.ndarray, keep: np.ndarray) -> dict:
-        """Optimizer steps for losses on final samples (AWM, DiffusionNFT): no log-probs, no CFG.
-
-        Per sample, ``num_train_timesteps`` schedule indices are drawn stratified over 1..T-1 (pure noise and
-        the clean end excluded) with fresh noise, from a generator keyed by (seed, iteration, sample), so the
-        draw does not depend on batching or ranks. The old policy's velocities (NFT) are computed for every
-        (sample, time) before the first optimizer step, i.e. under the sampling weights.
-        """
-        if not batch.plan.is_linear or adv is None:
-            raise ConfigError(f"algorithm '{self.algorithm.name}' trains on final images: use a linear sampler plan")
-        tcfg = self.cfg.trainer
-        algo = self.algorithm
-        schedule = self.backbone.make_schedule(batch.plan.base_steps)
-        T = batch.plan.base_steps
-        n_t = int(algo.num_train_timesteps)
-        x0 = batch.leaf_x0.float()
-        idx = torch.empty((len(x0), n_t), dtype=torch.long)
-        eps = torch.empty((len(x0), n_t, *x0.shape[1:]))
-        inner = list(range(1, T)) or [0]
-        strata = np.array_split(np.array(inner), min(n_t, len(inner)))
-        for i, g in enumerate(sample_generators(self.seed * 11 + 5, self.iteration, batch.global_index.tolist())):
-            for k in range(n_t):
-                s_ = strata[k % len(strata)]
-                idx[i, k] = int(s_[int(torch.randint(len(s_), (1,), generator=g))])
-                eps[i, k] = torch.randn(x0.shape[1:], generator=g)
-        eps = eps.to(self.device)
-        sig = schedule.sigmas[idx.to(self.device)]  # (B, n_t)
-        shape = (-1, n_t, *([1] * (x0.ndim - 1)))
-        x_t = (1 - sig.view(shape)) * x0.unsqueeze(1) + sig.view(shape) * eps
-        v_old = None
-        if algo.needs_old_policy:
-            v_old = torch.empty_like(x_t)
-            self.transformer.eval()
-            with torch.no_grad(), self.autocast(), self._old_policy_weights():
-                for k in range(n_t):
-                    for m in torch.arange(len(x0)).split(self.layout["train_batch_size"]):
-                        cond = self.backbone.encode_prompts([batch.prompts[int(r)] for r in m])
-                        v_old[m, k] = self.backbone.predict(x_t[m, k], schedule.timesteps[idx[m, k].to(self.device)],
-                                                            cond, 1.0)
-            self.transformer.train()
-        adv_t = torch.as_tensor(adv, dtype=torch.float32, device=self.device)
-        keep_t = torch.as_tensor(keep, dtype=torch.bool)
-        sums = {k: 0.0 for k in algo.diagnostics}
-        count, grad_norms = 0, []
-        for epoch in range(int(tcfg.get("inner_epochs", 1))):
-            for chunk in self._update_chunks(batch.global_index, self.layout["updates_per_iteration"], epoch):
-                kept = chunk[keep_t[chunk]]
-                total = int(self._all_reduce_sum(torch.tensor([len(kept)], device=self.device)).item()) * n_t
-                if total == 0:
-                    continue
-                for mb in kept.split(self.layout["train_batch_size"]):
-                    cond = self.backbone.encode_prompts([batch.prompts[int(r)] for r in mb])
-                    for k in range(n_t):
-                        t_idx = idx[mb, k].to(self.device)
-                        with self.autocast():
-                            v = self.backbone.predict(x_t[mb, k], schedule.timesteps[t_idx], cond, 1.0)
-                        v_ref = None
-                        if algo.needs_reference:
-                            with torch.no_grad():
-                                ctx = reference_context(self.transformer, self.finetune) \
-                                    if self.ref_transformer is None else nullcontext()
-                                with ctx, self.autocast():
-                                    v_ref = self.backbone.predict(x_t[mb, k], schedule.timesteps[t_idx], cond, 1.0,
-                                                                  transformer=self.ref_transformer)
-                        loss_vec, diag = algo.matching_loss(
-                            v, v_old[mb, k] if v_old is not None else None, v_ref, x_t[mb, k], x0[mb],
-                            eps[mb, k], sig[mb, k], adv_t[mb])
-                        self.accelerator.backward(loss_vec.sum() / total)
-                        for key in algo.diagnostics:
-                            sums[key] += float(diag[key].float().sum())
-                        count += len(mb)
-                grad_norms.append(self._optimizer_step(float(tcfg.get("max_grad_norm", 1.0))))
-        return self._update_summary(sums, count, 0.0, grad_norms)
-
-    @staticmethod
-    def _step_groups(batch: IterationBatch, rows: torch.Tensor) -> list[torch.Tensor]:
-        """``rows`` split by (start index, end index, kernel), in schedule order, each in ``rows``' order."""
-        groups: dict[tuple, list[int]] = {}
-        for i in rows.tolist():
-            spec = batch.t_spec[i]
-            key = (int(batch.t_from[i]), int(batch.t_to[i]), spec.kind, spec.noise_level)
-            groups.setdefault(key, []).append(i)
-        return [torch.tensor(groups[k], dtype=torch.long) for k in sorted(groups)]
+    @torch.no_grad()
+    def _predict_reference(self, x, timestep, cond, guidance_scale):
+        """The frozen reference's prediction: the base (adapter disabled, for LoRA) or a frozen copy."""
+        ref_model = self.ref_transformer
+        ctx = reference_context(self.transformer, self.finetune) if ref_model is None else nullcontext()
+        with ctx, self.autocast():
+            return self.backbone.predict(x, timestep, cond, guidance_scale, transformer=ref_model)
 
     def _update_summary(self, sums: dict, count: int, ratio_dev: float, grad_norms: list) -> dict:
         keys = list(self.algorithm.diagnostics)  # the same keys on every rank, even one with no samples
@@ -679,15 +455,6 @@ class Trainer:
             local = torch.nonzero(chunk_of == c).flatten()
             chunks.append(local[torch.argsort(mine[local])])  # in shuffled order
         return chunks
-
-    @torch.no_grad()
-    def _reference_step(self, spec, schedule, j, j_to, x, cond, batch, rows):
-        ref_model = self.ref_transformer
-        ctx = reference_context(self.transformer, self.finetune) if ref_model is None else nullcontext()
-        with ctx, self.autocast():
-            v_ref = self.backbone.predict(x, schedule.timesteps[j], cond, batch.plan.guidance_scale,
-                                          transformer=ref_model)
-        return apply_step(self.backbone, spec, schedule, j, x, v_ref, next_x=batch.next_x[rows], i_to=j_to)
 
     def _optimizer_step(self, max_norm: float) -> float:
         if self.world > 1:  # sum of per-rank partial sums = the global mean over the chunk
@@ -820,18 +587,15 @@ class Trainer:
             raise _StopNow
         self._sync()
         t1 = time.perf_counter()
-        leaf_adv, leaf_keep, adv, keep, stats = self.advantages(batch)
+        adv = self.advantages(batch)
         self._check_rewards_finite(batch)
         t2 = time.perf_counter()
         self._last_batch = batch
-        if getattr(self.algorithm, "needs_final_latents", False):
-            upd = self.update_matching(batch, leaf_adv, leaf_keep)
-        else:
-            upd = self.update(batch, adv, keep)
+        upd = self.algorithm.train_step(batch, adv, self.step_context())
         self._sync()
         t3 = time.perf_counter()
         reward_wait = self.timing.get("reward_wait", 0.0)
-        metrics = {**stats, **upd}
+        metrics = {**adv.stats, **upd}
         for k, v in batch.reward_info.items():
             metrics[f"reward/{k}"] = float(np.mean(v))
         metrics.update({
@@ -842,7 +606,7 @@ class Trainer:
         self._last_rewards = batch.rewards
         return metrics
 
-    def _check_rewards_finite(self, batch: IterationBatch) -> None:
+    def _check_rewards_finite(self, batch: RolloutBatch) -> None:
         """Stop when every reward of ``trainer.max_nonfinite_iterations`` iterations in a row was NaN/inf: such
         iterations drop every sample, so the run would otherwise 'finish' without a single update."""
         if self._finite_rewards:

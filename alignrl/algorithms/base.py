@@ -1,0 +1,191 @@
+"""The algorithm protocol: what a method needs from the loop, and its training step.
+
+The loop (``alignrl/training/trainer.py``) collects what the algorithm asks for (``batch_kind``), scores it,
+asks ``advantages`` for the group statistics and hands the batch to ``train_step`` with a ``StepContext``: the
+services of the loop (the backbone, autocast, backward, the optimizer step, the distributed reductions, the
+reference and old-policy weights). The algorithm owns everything in between, so it can be tested with a
+hand-made batch and context, without a Trainer.
+
+Batch kinds:
+
+- ``transitions``: rollouts with each trained step's latents and log-probs (the GRPO family);
+- ``final_latents``: the final latents of each image and their rewards (AWM, DiffusionNFT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from alignrl.algorithms.advantages import AdvantageResult, GroupStatTracker
+from alignrl.errors import ConfigError
+
+BATCH_KINDS = ("transitions", "final_latents")
+
+
+@dataclass
+class RolloutBatch:
+    """One rank's rollouts of one iteration, ready for the update.
+
+    Roots are the sampled trajectories (one per prompt slot); leaves are the images that get rewards (one per
+    root for linear plans, several for trees and side branches); transitions are the trained steps, flat
+    over roots, steps and tree nodes, each pointing at its root and at the leaves of its child node.
+    """
+
+    prompts: list[str]  # per root
+    prompt_ids: np.ndarray  # per root
+    global_index: np.ndarray  # per root
+    plan: object
+    leaf_root: torch.Tensor  # (L,) local root of each leaf
+    leaves_per_root: int
+    leaf_x0: torch.Tensor | None  # (L, ...) final latents (kept for batch_kind final_latents)
+    leaf_path_logp: torch.Tensor | None
+    leaf_tag: torch.Tensor | None
+    x: torch.Tensor  # (N, ...) latents before each trained transition
+    next_x: torch.Tensor  # (N, ...)
+    logp_old: torch.Tensor  # (N,)
+    mean_old: torch.Tensor  # (N, ...)
+    t_from: torch.Tensor  # (N,) schedule index the transition starts at
+    t_to: torch.Tensor  # (N,)
+    t_spec: list  # (N,) StepSpec of each transition
+    t_root: torch.Tensor  # (N,) local root
+    t_leaf_lo: torch.Tensor  # (N,) first local leaf of the child node
+    t_leaf_count: torch.Tensor  # (N,)
+    t_key: torch.Tensor  # (N,) node key (tree depth / side-branch index)
+    t_weight: torch.Tensor  # (N,) loss weight
+    rewards: np.ndarray = field(default=None)  # per leaf
+    per_reward: dict = field(default_factory=dict)
+    reward_info: dict = field(default_factory=dict)
+    preview: torch.Tensor | None = None  # decoded images of the first rollout batch (for grids)
+
+    @property
+    def leaf_prompts(self) -> list[str]:
+        return [self.prompts[int(r)] for r in self.leaf_root]
+
+    def leaf_ids(self, leaves: np.ndarray) -> np.ndarray:
+        """Global ids of local leaves (the same on any number of ranks): root's global index x leaves per root
+        + the leaf's position under its root."""
+        leaves = np.asarray(leaves)
+        return self.global_index[self.leaf_root.numpy()[leaves]] * self.leaves_per_root + \
+            (leaves % self.leaves_per_root)
+
+
+@dataclass
+class Advantages:
+    """This rank's advantages: per leaf (linear plans; None for trees) and per trained transition."""
+
+    leaf: np.ndarray | None
+    leaf_keep: np.ndarray | None
+    transition: np.ndarray
+    transition_keep: np.ndarray
+    stats: dict
+
+
+# normalise(values, keys, ids, per_reward) -> this rank's rows of the group-normalised result over all ranks
+Normaliser = Callable[[np.ndarray, np.ndarray, np.ndarray, "dict | None"], AdvantageResult]
+
+
+@dataclass
+class StepContext:
+    """What the loop lends an algorithm's ``train_step``.
+
+    Losses are summed into gradients with ``backward`` (already divided by the global normaliser the
+    algorithm computes with ``all_reduce_sum``); ``optimizer_step`` reduces gradients over ranks, clips,
+    steps the optimizer and schedule and the EMA, and returns the gradient norm; ``summarise`` averages the
+    diagnostics over ranks for logging.
+    """
+
+    backbone: Any
+    denoiser: torch.nn.Module  # the trained network (a transformer or a UNet)
+    device: torch.device
+    seed: int
+    iteration: int
+    train_batch_size: int
+    updates_per_iteration: int
+    inner_epochs: int
+    autocast: Callable[[], ContextManager]
+    backward: Callable[[torch.Tensor], None]
+    optimizer_step: Callable[[], float]
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+    update_chunks: Callable[[np.ndarray, int], list]  # (global_index, epoch) -> this rank's samples per step
+    predict_reference: Callable[..., torch.Tensor]  # like backbone.predict, with the frozen reference, no grad
+    old_policy_weights: Callable[[], ContextManager]  # the weights that drew the rollouts (EMA for NFT)
+    summarise: Callable[[dict, int, float, list], dict]
+
+
+@runtime_checkable
+class Algorithm(Protocol):
+    """An alignment method as the loop sees it (``alignrl/algorithms/*.py`` implement it)."""
+
+    name: str
+    group_size: int  # K images per prompt (the prompt sampler deals groups of this size)
+    lr: float  # read by the optimizer
+
+    @property
+    def batch_kind(self) -> str: ...  # one of BATCH_KINDS: what the loop must collect
+
+    @property
+    def needs_reference(self) -> bool: ...  # a frozen reference model enters the loss
+
+    @property
+    def rollout_weights(self) -> str: ...  # "live" or "ema": whose weights draw the rollouts
+
+    @property
+    def diagnostics(self) -> tuple[str, ...]: ...  # per-sample values train_step averages for logging
+
+    def advantages(self, rewards: np.ndarray, keys: np.ndarray, per_reward: dict | None = None,
+                   weights: dict | None = None) -> AdvantageResult: ...
+
+    def train_step(self, batch: RolloutBatch, adv: Advantages, ctx: StepContext) -> dict: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class GroupRelative:
+    """Shared by the methods that normalise rewards within each prompt's group (GRPO family, AWM, NFT):
+    the hyperparameters every one of them has, validation, and the per-prompt statistics tracker."""
+
+    name: str = ""
+    group_size: int = 8  # K images per prompt (read by the prompt sampler)
+    lr: float = 3e-4  # learning rate (read by the optimizer; lives here because methods differ)
+    beta: float = 0.0  # weight of the KL / reference term (0: no reference model)
+    adv_clip_max: float = 5.0
+    global_std: bool = False
+    std_eps: float = 1e-4
+    stat_buffer_size: int = 0
+    stat_min_count: int = 0
+
+    batch_kind = "transitions"
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"algorithm.lr must be > 0, got {self.lr}")
+        if self.beta < 0:
+            raise ConfigError(f"algorithm.beta must be >= 0, got {self.beta}")
+        self.tracker = GroupStatTracker(global_std=self.global_std, std_eps=self.std_eps,
+                                        adv_clip_max=self.adv_clip_max, buffer_size=self.stat_buffer_size,
+                                        min_count=self.stat_min_count)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.beta > 0
+
+    @property
+    def rollout_weights(self) -> str:
+        return "live"
+
+    def advantages(self, rewards: np.ndarray, keys: np.ndarray, per_reward: dict | None = None,
+                   weights: dict | None = None) -> AdvantageResult:
+        return self.tracker.compute(rewards, keys)
+
+    def state_dict(self) -> dict:
+        return {"tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tracker.load_state_dict(state.get("tracker", {}))

@@ -1,0 +1,83 @@
+"""The training step of the methods that learn from per-step log-probs (the GRPO family).
+
+Each optimizer step takes the transitions of one chunk of roots (the chunks split the global batch the same
+way on any number of ranks). Within a minibatch of roots the transitions are scored one schedule step at a
+time, so a linear plan's step k of a minibatch is one forward pass, as sampled. The per-sample loss is the
+algorithm's ``step_loss``; transitions are weighted by the plan's loss weights and normalised by their sum
+over all ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignrl.algorithms.base import Advantages, RolloutBatch, StepContext
+from alignrl.sampling.engine import apply_step
+
+
+def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepContext) -> dict:
+    """Optimizer steps over this iteration's trained transitions; returns the logged summary."""
+    ctx.denoiser.train()
+    backbone = ctx.backbone
+    schedule = backbone.make_schedule(batch.plan.base_steps)
+    adv_t = torch.as_tensor(adv.transition, dtype=torch.float32, device=ctx.device)
+    keep_all = torch.as_tensor(adv.transition_keep, dtype=torch.bool)
+    weight = batch.t_weight
+    by_root: dict[int, list[int]] = {}
+    for i, r in enumerate(batch.t_root.tolist()):
+        by_root.setdefault(r, []).append(i)
+    sums = {k: 0.0 for k in algo.diagnostics}
+    count = 0
+    grad_norms = []
+    ratio_dev_before_update = 0.0  # on-policy check: the first update's ratios must all be 1
+    for epoch in range(ctx.inner_epochs):
+        for chunk_index, chunk in enumerate(ctx.update_chunks(batch.global_index, epoch)):
+            first_update = epoch == 0 and chunk_index == 0
+            rows = [i for r in chunk.tolist() for i in by_root.get(r, ()) if keep_all[i]]
+            local_w = float(weight[rows].sum()) if rows else 0.0
+            global_w = float(ctx.all_reduce_sum(torch.tensor([local_w], dtype=torch.float64,
+                                                             device=ctx.device)).item())
+            if global_w == 0:
+                continue  # every rank agrees: nothing to learn from this chunk
+            kept_roots = [r for r in chunk.tolist() if any(keep_all[i] for i in by_root.get(r, ()))]
+            for m in range(0, len(kept_roots), ctx.train_batch_size):
+                mb_roots = kept_roots[m:m + ctx.train_batch_size]
+                mb_rows = torch.tensor([i for r in mb_roots for i in by_root[r] if keep_all[i]], dtype=torch.long)
+                for group in step_groups(batch, mb_rows):
+                    spec = batch.t_spec[int(group[0])]
+                    j, j_to = int(batch.t_from[group[0]]), int(batch.t_to[group[0]])
+                    g_dev = group.to(ctx.device)
+                    x = batch.x[g_dev]
+                    cond = backbone.encode_prompts([batch.prompts[int(r)] for r in batch.t_root[group]])
+                    with ctx.autocast():
+                        v = backbone.predict(x, schedule.timesteps[j], cond, batch.plan.guidance_scale)
+                    policy = apply_step(backbone, spec, schedule, j, x, v, next_x=batch.next_x[g_dev], i_to=j_to)
+                    reference = None
+                    if algo.needs_reference:
+                        v_ref = ctx.predict_reference(x, schedule.timesteps[j], cond, batch.plan.guidance_scale)
+                        with torch.no_grad():
+                            reference = apply_step(backbone, spec, schedule, j, x, v_ref, next_x=batch.next_x[g_dev],
+                                                   i_to=j_to)
+                    loss_vec, diag = algo.step_loss(
+                        policy, batch.logp_old[g_dev], adv_t[g_dev], reference,
+                        dt=schedule.sigmas[j_to] - schedule.sigmas[j], mean_old=batch.mean_old[g_dev],
+                    )
+                    w = weight[group].to(ctx.device)
+                    ctx.backward((loss_vec * w).sum() / global_w)
+                    if first_update and "ratio" in diag:
+                        ratio_dev_before_update = max(ratio_dev_before_update, float((diag["ratio"] - 1).abs().max()))
+                    for key in algo.diagnostics:
+                        sums[key] += float(diag[key].float().sum())
+                    count += len(group)
+            grad_norms.append(ctx.optimizer_step())
+    return ctx.summarise(sums, count, ratio_dev_before_update, grad_norms)
+
+
+def step_groups(batch: RolloutBatch, rows: torch.Tensor) -> list[torch.Tensor]:
+    """``rows`` split by (start index, end index, kernel), in schedule order, each in ``rows``' order."""
+    groups: dict[tuple, list[int]] = {}
+    for i in rows.tolist():
+        spec = batch.t_spec[i]
+        key = (int(batch.t_from[i]), int(batch.t_to[i]), spec.kind, spec.noise_level)
+        groups.setdefault(key, []).append(i)
+    return [torch.tensor(groups[k], dtype=torch.long) for k in sorted(groups)]

@@ -1,0 +1,318 @@
+"""Algorithms behind their protocol, tested with hand-made batches and a plain context: no Trainer, no model.
+
+The denoiser is one scalar weight (v = w * x); the context's services are plain functions over a torch
+optimizer, as the loop would provide them on one rank.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from alignrl.algorithms.advantages import AdvantageResult, batch_advantages
+from alignrl.algorithms.base import Advantages, Algorithm, RolloutBatch, StepContext
+from alignrl.backbones.base import Schedule
+from alignrl.components import ALGORITHMS, _import
+from alignrl.sampling.engine import apply_step
+from alignrl.sampling.plans import StepSpec
+
+
+class ScalarDenoiser(torch.nn.Module):
+    def __init__(self, w: float = 0.5):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w))
+
+
+class FakeBackbone:
+    """Velocity v = w * x on a linear sigma grid; conditioning is ignored."""
+
+    def __init__(self, w: float = 0.5):
+        self.denoiser = ScalarDenoiser(w)
+
+    def make_schedule(self, num_steps: int) -> Schedule:
+        sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
+        return Schedule(sigmas, sigmas[:-1] * 1000)
+
+    def encode_prompts(self, prompts):
+        return list(prompts)
+
+    def predict(self, x, timestep, cond, guidance_scale, transformer=None):
+        return (transformer or self.denoiser).w * x
+
+
+def make_context(backbone, *, updates=1, epochs=1, lr=0.1, reference_w=None, reduce_factor=1.0):
+    params = list(backbone.denoiser.parameters())
+    opt = torch.optim.SGD(params, lr=lr)
+    steps = []
+
+    def optimizer_step():
+        norm = float(torch.nn.utils.clip_grad_norm_(params, 1e9))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps.append(norm)
+        return norm
+
+    def chunks(global_index, epoch):
+        return [torch.as_tensor(c, dtype=torch.long) for c in np.array_split(np.arange(len(global_index)), updates)]
+
+    ref = ScalarDenoiser(reference_w) if reference_w is not None else None
+
+    @torch.no_grad()
+    def predict_reference(x, t, cond, g):
+        return backbone.predict(x, t, cond, g, transformer=ref)
+
+    def summarise(sums, count, ratio_dev, grad_norms):
+        out = {k: v / max(count, 1) for k, v in sums.items()}
+        return {**out, "ratio_dev_before_update": ratio_dev, "optimizer_steps": len(steps), "grad_norms": grad_norms}
+
+    ctx = StepContext(
+        backbone=backbone, denoiser=backbone.denoiser, device=torch.device("cpu"), seed=0, iteration=0,
+        train_batch_size=4, updates_per_iteration=updates, inner_epochs=epochs, autocast=nullcontext,
+        backward=lambda loss: loss.backward(), optimizer_step=optimizer_step,
+        all_reduce_sum=lambda t: t * reduce_factor, update_chunks=chunks, predict_reference=predict_reference,
+        old_policy_weights=nullcontext, summarise=summarise,
+    )
+    return ctx, steps
+
+
+def transitions_batch(backbone, n=2, steps=3, trained=(0, 1), seed=0):
+    """Linear SDE rollouts of ``n`` roots under ``backbone``, recording the ``trained`` steps."""
+    g = torch.Generator().manual_seed(seed)
+    schedule = backbone.make_schedule(steps)
+    spec = StepSpec(kind="sde", noise_level=0.7, trained=True)
+    x = torch.randn(n, 2, 4, 4, generator=g)
+    cols = {k: [] for k in ("x", "next_x", "logp_old", "mean_old", "t_from", "t_root")}
+    with torch.no_grad():
+        for j in range(steps):
+            v = backbone.predict(x, schedule.timesteps[j], None, 1.0)
+            noise = torch.randn(x.shape, generator=g)
+            out = apply_step(backbone, spec, schedule, j, x, v, noise=noise)
+            if j in trained:
+                cols["x"].append(x)
+                cols["next_x"].append(out.next_x)
+                cols["logp_old"].append(out.logp_mean_per_dim)
+                cols["mean_old"].append(out.mean)
+                cols["t_from"].append(torch.full((n,), j))
+                cols["t_root"].append(torch.arange(n))
+            x = out.next_x
+    cat = {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for k, v in cols.items()}
+    t_from = cat["t_from"]
+    m = len(t_from)
+    plan = SimpleNamespace(base_steps=steps, guidance_scale=1.0, is_linear=True)
+    return RolloutBatch(
+        prompts=[f"p{i}" for i in range(n)], prompt_ids=np.zeros(n, dtype=np.int64), global_index=np.arange(n),
+        plan=plan, leaf_root=torch.arange(n), leaves_per_root=1, leaf_x0=x.clone(), leaf_path_logp=None,
+        leaf_tag=None, x=cat["x"], next_x=cat["next_x"], logp_old=cat["logp_old"], mean_old=cat["mean_old"],
+        t_from=t_from, t_to=t_from + 1, t_spec=[spec] * m, t_root=cat["t_root"], t_leaf_lo=cat["t_root"], t_leaf_count=torch.ones(m, dtype=torch.long),
+        t_key=torch.zeros(m, dtype=torch.long), t_weight=torch.ones(m),
+    )
+
+
+def leaf_advantages(batch, values, keep=None):
+    values = np.asarray(values, dtype=np.float64)
+    keep = np.ones(len(values), dtype=bool) if keep is None else np.asarray(keep)
+    t_leaf = batch.t_leaf_lo.numpy()
+    return Advantages(values, keep, values[t_leaf], keep[t_leaf], {})
+
+
+def logp_now(backbone, batch):
+    schedule = backbone.make_schedule(batch.plan.base_steps)
+    with torch.no_grad():
+        out = []
+        for i in range(len(batch.t_from)):
+            j = int(batch.t_from[i])
+            x = batch.x[i:i + 1]
+            v = backbone.predict(x, schedule.timesteps[j], None, 1.0)
+            out.append(apply_step(backbone, batch.t_spec[i], schedule, j, x, v, next_x=batch.next_x[i:i + 1],
+                                  i_to=j + 1).logp_mean_per_dim)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_registered_algorithm_implements_the_protocol(name):
+    algo = _import(ALGORITHMS[name])(name=name, group_size=4)
+    assert isinstance(algo, Algorithm)
+    assert algo.batch_kind in ("transitions", "final_latents")
+    assert algo.rollout_weights in ("live", "ema")
+
+
+def test_flowgrpo_step_starts_on_policy_and_ascends_the_advantage_weighted_log_prob():
+    from alignrl.algorithms.flowgrpo import FlowGRPO
+
+    backbone = FakeBackbone()
+    batch = transitions_batch(backbone)
+    algo = FlowGRPO(group_size=2, clip_range=10.0, beta=0.0)
+    before = logp_now(backbone, batch)
+    ctx, steps = make_context(backbone, updates=2, epochs=2, lr=0.05)
+    out = algo.train_step(batch, leaf_advantages(batch, [1.0, -1.0]), ctx)
+    assert out["ratio_dev_before_update"] == 0.0  # the rollout's own weights: every ratio is exactly 1
+    assert len(steps) == 4  # updates per iteration x inner epochs optimizer steps
+    gain = logp_now(backbone, batch) - before
+    adv = torch.tensor([1.0, -1.0])[batch.t_root]
+    assert float((adv * gain).sum()) > 0  # ascent on the surrogate sum A * log p (one shared weight)
+
+
+def test_transition_loss_is_normalised_by_the_global_weight():
+    """Another rank with the same weight total halves this rank's gradient (the all-reduced sum divides)."""
+    from alignrl.algorithms.flowgrpo import FlowGRPO
+
+    grads = []
+    for factor in (1.0, 2.0):
+        backbone = FakeBackbone()
+        batch = transitions_batch(backbone)
+        ctx, steps = make_context(backbone, reduce_factor=factor)
+        FlowGRPO(group_size=2, clip_range=10.0, beta=0.0).train_step(batch, leaf_advantages(batch, [1.0, -0.5]), ctx)
+        grads.append(steps[0])
+    assert grads[1] == pytest.approx(grads[0] / 2, rel=1e-6)
+
+
+def test_dropped_samples_do_not_train_and_an_all_dropped_chunk_skips_its_step():
+    from alignrl.algorithms.flowgrpo import FlowGRPO
+
+    backbone = FakeBackbone()
+    batch = transitions_batch(backbone)
+    ctx, steps = make_context(backbone, updates=2)  # chunk 0 holds root 0, chunk 1 root 1
+    w0 = backbone.denoiser.w.item()
+    FlowGRPO(group_size=2, beta=0.0).train_step(batch, leaf_advantages(batch, [0.0, 0.0], keep=[False, False]), ctx)
+    assert steps == [] and backbone.denoiser.w.item() == w0
+    FlowGRPO(group_size=2, beta=0.0).train_step(batch, leaf_advantages(batch, [1.0, 0.0], keep=[True, False]), ctx)
+    assert len(steps) == 1  # only the chunk with a kept sample steps
+
+
+def test_kl_term_uses_the_reference_and_is_zero_at_it():
+    from alignrl.algorithms.flowgrpo import FlowGRPO
+
+    backbone = FakeBackbone(0.5)
+    batch = transitions_batch(backbone)
+    algo = FlowGRPO(group_size=2, beta=0.5)
+    ctx, _ = make_context(backbone, reference_w=0.5)
+    assert algo.train_step(batch, leaf_advantages(batch, [1.0, -1.0]), ctx)["kl"] == 0.0  # first step: policy == ref
+    ctx, _ = make_context(FakeBackbone(0.5), reference_w=0.0)
+    backbone2 = ctx.backbone
+    assert algo.train_step(transitions_batch(backbone2), leaf_advantages(batch, [1.0, -1.0]), ctx)["kl"] > 0
+
+
+def test_awm_step_lowers_the_matching_error_of_good_samples_and_raises_it_for_bad_ones():
+    from alignrl.algorithms.matching import AWM
+
+    def mse_after(adv: float) -> tuple[float, float]:
+        backbone = FakeBackbone(0.2)
+        batch = transitions_batch(backbone, n=1, trained=())
+        algo = AWM(group_size=1, num_train_timesteps=2, adv_clip_max=1.0)
+        schedule = backbone.make_schedule(batch.plan.base_steps)
+        torch.manual_seed(0)
+        x0, eps = batch.leaf_x0, torch.randn_like(batch.leaf_x0)
+        sig = schedule.sigmas[1]
+        x_t = (1 - sig) * x0 + sig * eps
+
+        def mse():
+            with torch.no_grad():
+                return float(((backbone.predict(x_t, None, None, 1.0) - (eps - x0)) ** 2).mean())
+
+        before = mse()
+        ctx, steps = make_context(backbone, lr=0.05)
+        out = algo.train_step(batch, Advantages(np.array([adv]), np.array([True]), np.zeros(0), np.zeros(0, bool), {}),
+                              ctx)
+        assert len(steps) == 1 and out["matching_mse"] > 0
+        return before, mse()
+
+    before, after = mse_after(1.0)
+    assert after < before
+    before, after = mse_after(-1.0)
+    assert after > before
+
+
+def test_matching_methods_refuse_trees():
+    from alignrl.algorithms.matching import DiffusionNFT
+    from alignrl.errors import ConfigError
+
+    backbone = FakeBackbone()
+    batch = transitions_batch(backbone)
+    batch.plan.is_linear = False
+    ctx, _ = make_context(backbone)
+    with pytest.raises(ConfigError, match="linear sampler plan"):
+        DiffusionNFT(group_size=2).train_step(batch, Advantages(None, None, np.zeros(0), np.zeros(0, bool), {}), ctx)
+
+
+def tree_batch(rewards):
+    """Two roots of a depth-2 binary tree over 3 steps (4 leaves each): steps 0-1 train the two depth-1 edges of
+    each root (child node = leaves lo..lo+1), step 2 trains the leaf edges."""
+    rows = []  # (root, step, leaf_lo, leaf_count, key)
+    for root in range(2):
+        base = 4 * root
+        for step in (0, 1):
+            rows += [(root, step, base, 2, 1), (root, step, base + 2, 2, 1)]
+        rows += [(root, 2, base + k, 1, 2) for k in range(4)]
+    arr = np.array(rows)
+    m = len(arr)
+    plan = SimpleNamespace(is_linear=False, side_branches=(), fusion="mean", fusion_alpha=1.0, width_prune_ratio=0.0)
+    z = torch.zeros(m, 1)
+    return RolloutBatch(
+        prompts=["a", "b"], prompt_ids=np.array([0, 1]), global_index=np.array([0, 1]), plan=plan,
+        leaf_root=torch.tensor([0] * 4 + [1] * 4), leaves_per_root=4, leaf_x0=None,
+        leaf_path_logp=torch.zeros(8), leaf_tag=torch.zeros(8, dtype=torch.long), x=z, next_x=z,
+        logp_old=torch.zeros(m), mean_old=z, t_from=torch.as_tensor(arr[:, 1]), t_to=torch.as_tensor(arr[:, 1] + 1),
+        t_spec=[None] * m, t_root=torch.as_tensor(arr[:, 0]), t_leaf_lo=torch.as_tensor(arr[:, 2]),
+        t_leaf_count=torch.as_tensor(arr[:, 3]), t_key=torch.as_tensor(arr[:, 4]), t_weight=torch.ones(m),
+        rewards=np.asarray(rewards, dtype=np.float64),
+    )
+
+
+def plain_normaliser(values, keys, ids, per_reward):
+    """One rank's group normalisation (population std, no eps): what the loop's gather reduces to."""
+    adv, keep = np.zeros(len(values)), np.zeros(len(values), dtype=bool)
+    for k in np.unique(keys):
+        m = keys == k
+        std = values[m].std()
+        if std > 0:
+            adv[m], keep[m] = (values[m] - values[m].mean()) / std, True
+    return AdvantageResult(adv, keep, {})
+
+
+def test_tree_advantages_from_plain_arrays():
+    batch = tree_batch([1.0, 2.0, 3.0, 5.0, 0.0, 0.0, 4.0, 4.0])
+    adv = batch_advantages(batch, plain_normaliser)
+    got = {(int(r), int(s), int(lo)): a for r, s, lo, a in
+           zip(batch.t_root, batch.t_from, batch.t_leaf_lo, adv.transition)}
+    # root 0: depth-1 nodes fuse {1, 2} -> 1.5 and {3, 5} -> 4: normalised -1, +1 at both steps
+    assert got[(0, 0, 0)] == pytest.approx(-1) and got[(0, 1, 2)] == pytest.approx(1)
+    leaf_std = np.std([1.0, 2.0, 3.0, 5.0])
+    for k, r in enumerate([1.0, 2.0, 3.0, 5.0]):
+        assert got[(0, 2, k)] == pytest.approx((r - 2.75) / leaf_std)
+    # root 1: {0, 0} -> 0 and {4, 4} -> 4: -1, +1; the leaves 0, 0, 4, 4 -> -1, -1, +1, +1
+    assert got[(1, 0, 4)] == pytest.approx(-1) and got[(1, 0, 6)] == pytest.approx(1)
+    assert [got[(1, 2, 4 + k)] for k in range(4)] == pytest.approx([-1, -1, 1, 1])
+    assert adv.leaf is None and adv.stats["nodes"] == 12
+    assert adv.transition_keep.all()
+
+
+def test_tree_fusion_by_log_prob_softmax_weights_leaves():
+    batch = tree_batch([0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    batch.plan.fusion = "logp_softmax"
+    batch.leaf_path_logp = torch.tensor([0.0, np.log(3.0)] * 4)  # leaf 1 of each pair 3x as likely
+    seen = {}
+
+    def spy(values, keys, ids, per_reward):
+        seen[tuple(keys.tolist())] = values
+        return plain_normaliser(values, keys, ids, per_reward)
+
+    batch_advantages(batch, spy)
+    values = np.concatenate(list(seen.values()))
+    assert 0.75 in np.round(values, 6)  # node {0, 1} of rewards (0, 1) weighted (1/4, 3/4)
+
+
+@pytest.mark.parametrize("adv, r", [(1.0, 1.0), (-1.0, 0.0), (0.5, 0.75)])
+def test_nft_logs_its_positive_weight(adv, r):
+    """r = clamp(clip(A) / adv_clip_max / 2 + 1/2, 0, 1), logged as positive_weight (a diagnostic of its own)."""
+    from alignrl.algorithms.matching import DiffusionNFT
+
+    backbone = FakeBackbone(0.2)
+    batch = transitions_batch(backbone, n=1, trained=())
+    ctx, steps = make_context(backbone)
+    algo = DiffusionNFT(group_size=1, num_train_timesteps=2, adv_clip_max=1.0, old_policy="sampling")
+    out = algo.train_step(batch, Advantages(np.array([adv]), np.array([True]), np.zeros(0), np.zeros(0, bool), {}), ctx)
+    assert out["positive_weight"] == pytest.approx(r) and np.isfinite(out["policy_loss"]) and len(steps) == 1
