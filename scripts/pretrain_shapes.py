@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from alignrl.eval.evaluate import bootstrap_mean  # noqa: E402
+from alignrl.sampling.parameterisation import FLOW  # noqa: E402
 from alignrl.shapes.judge import check, per_tag_table  # noqa: E402
 from alignrl.shapes.model import TEXT_ENCODERS, build_pipeline, colour_swap_cosine  # noqa: E402
 from alignrl.shapes.world import eval_set, render_batch, sample_metadata  # noqa: E402
@@ -164,9 +165,9 @@ def main():
         states, mask = pipe.text_embeddings(*pipe.tokenize(prompts, device))
         t = torch.sigmoid(torch.randn(args.batch, device=device))  # logit-normal
         eps = torch.randn_like(x0)
-        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+        xt = FLOW.add_noise(x0, eps, t)
         v = unet(xt, t * 1000, encoder_hidden_states=states, encoder_attention_mask=mask).sample
-        loss = ((v - (eps - x0)) ** 2).mean()
+        loss = ((v - FLOW.target(x0, eps, t)) ** 2).mean()
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)

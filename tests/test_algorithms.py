@@ -18,6 +18,7 @@ from alignrl.algorithms.base import Advantages, Algorithm, RolloutBatch, StepCon
 from alignrl.backbones.base import Schedule
 from alignrl.components import ALGORITHMS, _import
 from alignrl.sampling.engine import apply_step
+from alignrl.sampling.parameterisation import FLOW
 from alignrl.sampling.plans import StepSpec
 
 
@@ -29,6 +30,8 @@ class ScalarDenoiser(torch.nn.Module):
 
 class FakeBackbone:
     """Velocity v = w * x on a linear sigma grid; conditioning is ignored."""
+
+    parameterisation = FLOW
 
     def __init__(self, w: float = 0.5):
         self.denoiser = ScalarDenoiser(w)

@@ -1,9 +1,11 @@
 """Losses on the final samples, with no log-probs: AWM and DiffusionNFT.
 
 Rollouts may use any sampler (ODE included); only each image's clean latent ``x0`` and its advantage are
-kept. The trainer draws, per sample, ``num_train_timesteps`` stratified times from the rollout grid
-(pure noise excluded) and fresh noise ``eps``, builds ``x_t = (1 - t) x0 + t eps`` and asks the loss for
-the velocity at ``x_t`` without CFG.
+kept. ``train_step`` draws, per sample, ``num_train_timesteps`` stratified times from the rollout grid
+(pure noise excluded) and fresh noise ``eps``, noises ``x0`` to ``x_t`` with the backbone's parameterisation
+(flow matching: ``x_t = (1 - t) x0 + t eps``, target ``v = eps - x0``) and asks the loss for the prediction
+at ``x_t`` without CFG. The formulas below are written for flow matching; the code goes through
+``param.target`` and ``param.to_x0``.
 
 AWM (advantage-weighted matching)::
 
@@ -37,6 +39,7 @@ from alignrl.algorithms.base import Advantages, GroupRelative, RolloutBatch, Ste
 from alignrl.errors import ConfigError
 from alignrl.sampling.engine import sample_generators
 from alignrl.sampling.kernels import mean_over_dims
+from alignrl.sampling.parameterisation import FLOW, Parameterisation
 
 
 @dataclass
@@ -86,7 +89,8 @@ class _MatchingBase(GroupRelative):
         eps = eps.to(ctx.device)
         sig = schedule.sigmas[idx.to(ctx.device)]  # (B, n_t)
         shape = (-1, n_t, *([1] * (x0.ndim - 1)))
-        x_t = (1 - sig.view(shape)) * x0.unsqueeze(1) + sig.view(shape) * eps
+        param = backbone.parameterisation
+        x_t = param.add_noise(x0.unsqueeze(1), eps, sig.view(shape))
         v_old = None
         if self.needs_old_policy:
             v_old = torch.empty_like(x_t)
@@ -118,7 +122,7 @@ class _MatchingBase(GroupRelative):
                             if self.needs_reference else None
                         loss_vec, diag = self.matching_loss(
                             v, v_old[mb, k] if v_old is not None else None, v_ref, x_t[mb, k], x0[mb],
-                            eps[mb, k], sig[mb, k], adv_t[mb])
+                            eps[mb, k], sig[mb, k], adv_t[mb], param)
                         ctx.backward(loss_vec.sum() / total)
                         for key in self.diagnostics:
                             sums[key] += float(diag[key].float().sum())
@@ -143,8 +147,8 @@ class AWM(_MatchingBase):
         if self.weighting not in ("mse", "huber"):
             raise ConfigError(f"algorithm.weighting='{self.weighting}' is not known; use mse or huber")
 
-    def matching_loss(self, v, v_old, v_ref, x_t, x0, eps, t, adv):
-        mse = mean_over_dims((v - (eps - x0)) ** 2)
+    def matching_loss(self, v, v_old, v_ref, x_t, x0, eps, t, adv, param: Parameterisation = FLOW):
+        mse = mean_over_dims((v - param.target(x0, eps, t)) ** 2)
         if self.weighting == "huber":
             p = self.huber_p
             weighted = t * ((mse + 1e-10) ** p - 1e-10**p) / p
@@ -180,13 +184,12 @@ class DiffusionNFT(_MatchingBase):
         if self.old_policy not in ("ema", "sampling"):
             raise ConfigError(f"algorithm.old_policy='{self.old_policy}' is not known; use ema or sampling")
 
-    def matching_loss(self, v, v_old, v_ref, x_t, x0, eps, t, adv):
+    def matching_loss(self, v, v_old, v_ref, x_t, x0, eps, t, adv, param: Parameterisation = FLOW):
         b = self.nft_beta
         r = (self.scaled_advantage(adv) / 2 + 0.5).clamp(0, 1)
-        t_ = t.view(-1, *([1] * (x_t.ndim - 1)))
         v_plus = b * v + (1 - b) * v_old
         v_minus = (1 + b) * v_old - b * v
-        x0_plus, x0_minus = x_t - t_ * v_plus, x_t - t_ * v_minus
+        x0_plus, x0_minus = param.to_x0(x_t, v_plus, t), param.to_x0(x_t, v_minus, t)
         w_plus = mean_over_dims((x0_plus.detach() - x0).abs()).clamp(min=self.weight_floor)
         w_minus = mean_over_dims((x0_minus.detach() - x0).abs()).clamp(min=self.weight_floor)
         loss = (r * mean_over_dims((x0_plus - x0) ** 2) / w_plus

@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 import torch
 
 from alignrl.errors import ConfigError
+from alignrl.sampling.parameterisation import FLOW, Parameterisation
 
 DTYPES = {
     "fp32": torch.float32,
@@ -124,6 +125,7 @@ class Backbone:
 
     family: str = "base"
     uses_cfg: bool = True
+    parameterisation: Parameterisation = FLOW  # what the network predicts (alignrl/sampling/parameterisation.py)
     default_lora_targets: tuple[str, ...] = ()
 
     def __init__(self, pipe, *, resolution: int, max_sequence_length: int, device="cpu",

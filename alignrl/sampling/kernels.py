@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from alignrl.sampling.parameterisation import FLOW
+
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -95,8 +97,8 @@ def cps_step(x, v, sigma, sigma_next, *, noise_level: float, noise=None, next_x=
     s = _per_sample(sigma, x)
     s_next = _per_sample(sigma_next, x)
     std = s_next * math.sin(noise_level * math.pi / 2)
-    x0_hat = x - s * v
-    x1_hat = x + (1 - s) * v
+    x0_hat = FLOW.to_x0(x, v, s)
+    x1_hat = FLOW.to_eps(x, v, s)
     mean = (1 - s_next) * x0_hat + torch.sqrt(torch.clamp(s_next**2 - std**2, min=0)) * x1_hat
     if next_x is None:
         if noise is None:
@@ -115,7 +117,7 @@ def dance_sde_step(x, v, sigma, sigma_next, *, noise_level: float, noise=None, n
     x, v = x.float(), v.float()
     s = _per_sample(sigma, x)
     dt = _per_sample(sigma_next, x) - s
-    x0_hat = x - s * v
+    x0_hat = FLOW.to_x0(x, v, s)
     score = -(x - x0_hat * (1 - s)) / s**2
     mean = x + dt * v - 0.5 * noise_level**2 * score * dt
     std = noise_level * torch.sqrt(-dt)
@@ -139,7 +141,7 @@ def dpm_solver_2m_step(x, v, sigma, sigma_next, prev: tuple[torch.Tensor, float,
     """
     x, v = x.float(), v.float()
     s, s_next = float(sigma), float(sigma_next)
-    data = x - s * v
+    data = FLOW.to_x0(x, v, s)
     lam = _lambda(s)
     lam_next = _lambda(s_next)
     use = data
