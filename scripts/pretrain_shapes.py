@@ -79,7 +79,7 @@ def main():
     p.add_argument("--data", choices=("fresh", "colourless"), default="fresh",
                    help="fresh: colour words on 2/3 of objects in every tag; colourless: only in the colour tags")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=700)
+    p.add_argument("--eval-every", type=int, default=700, help="steps between evaluations (0: only at the end)")
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--eval-per-tag", type=int, default=40)
     p.add_argument("--guidance", type=float, default=3.0)
@@ -183,7 +183,7 @@ def main():
         if step % 50 == 0:
             print(f"step {step} loss {loss.item():.4f} lr {lr_at(step):.2e} "
                   f"{(time.time() - t_start - eval_seconds) / 60:.1f} train-min", flush=True)
-        if step % args.eval_every == 0:
+        if args.eval_every and step % args.eval_every == 0:
             run_eval(step)
     if not log or log[-1]["step"] != step:
         run_eval(step)
