@@ -1,10 +1,17 @@
-"""Build the recipe's components from the composed config (shared by train, eval and sample)."""
+"""Build the recipe's components from the composed config (shared by train, eval and sample).
+
+Every component is named by ``_target_`` (a dotted import path, ``package.module.Class`` or
+``package.module:Class``), so a method, reward or backbone that lives in the user's own package needs no
+edit here: its YAML names it. The shipped algorithms also answer to their ``name`` (the table below), so an
+older config without ``_target_`` still builds.
+"""
 
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
 from alignrl.errors import ConfigError
+from alignrl.locate import locate
 
 ALGORITHMS = {
     "flowgrpo": "alignrl.algorithms.flowgrpo:FlowGRPO",
@@ -14,12 +21,6 @@ ALGORITHMS = {
     "nft": "alignrl.algorithms.matching:DiffusionNFT",
 }
 
-
-def _import(path: str):
-    import importlib
-
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def as_dict(node) -> dict:
@@ -61,15 +62,32 @@ def build_planner(cfg: DictConfig):
 
 
 def build_algorithm(cfg: DictConfig):
+    """The recipe's algorithm: ``algorithm._target_`` with the other keys as arguments (or a shipped method by
+    ``algorithm.name``). It must satisfy the protocol in ``alignrl/algorithms/base.py``."""
+    from alignrl.algorithms.base import BATCH_KINDS, Algorithm
+
     spec = as_dict(cfg.algorithm)
+    target = spec.pop("_target_", None)
     name = spec.get("name")
-    if name not in ALGORITHMS:
-        raise ConfigError(f"unknown algorithm '{name}'; available: {', '.join(sorted(ALGORITHMS))}")
-    cls = _import(ALGORITHMS[name])
+    if target is None:
+        if name not in ALGORITHMS:
+            raise ConfigError(f"unknown algorithm '{name}'; available: {', '.join(sorted(ALGORITHMS))} "
+                              f"(or name your own class with algorithm._target_=package.module.Class)")
+        target = ALGORITHMS[name]
+    cls = locate(str(target), "algorithm._target_")
     try:
-        return cls(**spec)
+        algo = cls(**spec)
     except TypeError as e:
-        raise ConfigError(f"algorithm '{name}': {e}") from None
+        raise ConfigError(f"algorithm '{name or target}': {e}") from None
+    missing = [m for m in ("batch_kind", "needs_reference", "rollout_weights", "diagnostics", "advantages",
+                           "train_step", "state_dict", "load_state_dict", "group_size", "lr") if not hasattr(algo, m)]
+    if missing or not isinstance(algo, Algorithm):
+        raise ConfigError(f"algorithm '{name or target}' ({target}) lacks {', '.join(missing) or 'a name'} of the "
+                          f"algorithm protocol (alignrl/algorithms/base.py); subclass GroupRelative or add them")
+    if algo.batch_kind not in BATCH_KINDS:
+        raise ConfigError(f"algorithm '{algo.name}' asks for batch_kind '{algo.batch_kind}'; the loop collects "
+                          f"{', '.join(BATCH_KINDS)}")
+    return algo
 
 
 def _unwrap(e: Exception, group: str) -> Exception:

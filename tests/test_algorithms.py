@@ -16,7 +16,8 @@ import torch
 from alignrl.algorithms.advantages import AdvantageResult, batch_advantages
 from alignrl.algorithms.base import Advantages, Algorithm, RolloutBatch, StepContext
 from alignrl.backbones.base import Schedule
-from alignrl.components import ALGORITHMS, _import
+from alignrl.components import ALGORITHMS, build_algorithm
+from alignrl.locate import locate
 from alignrl.sampling.engine import apply_step
 from alignrl.sampling.parameterisation import FLOW
 from alignrl.sampling.plans import StepSpec
@@ -137,7 +138,7 @@ def logp_now(backbone, batch):
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_every_registered_algorithm_implements_the_protocol(name):
-    algo = _import(ALGORITHMS[name])(name=name, group_size=4)
+    algo = locate(ALGORITHMS[name])(name=name, group_size=4)
     assert isinstance(algo, Algorithm)
     assert algo.batch_kind in ("transitions", "final_latents")
     assert algo.rollout_weights in ("live", "ema")
@@ -319,3 +320,48 @@ def test_nft_logs_its_positive_weight(adv, r):
     algo = DiffusionNFT(group_size=1, num_train_timesteps=2, adv_clip_max=1.0, old_policy="sampling")
     out = algo.train_step(batch, Advantages(np.array([adv]), np.array([True]), np.zeros(0), np.zeros(0, bool), {}), ctx)
     assert out["positive_weight"] == pytest.approx(r) and np.isfinite(out["policy_loss"]) and len(steps) == 1
+
+
+class ThirdPartyMethod:
+    """A method defined outside alignrl (here: in a test module), reached only through its ``_target_``."""
+
+    batch_kind = "transitions"
+    needs_reference = False
+    rollout_weights = "live"
+    diagnostics = ("policy_loss",)
+
+    def __init__(self, name="mine", group_size=4, lr=1e-3, scale=1.0):
+        self.name, self.group_size, self.lr, self.scale = name, group_size, lr, scale
+
+    def advantages(self, rewards, keys, per_reward=None, weights=None):
+        return AdvantageResult(np.asarray(rewards) * self.scale, np.ones(len(rewards), bool), {})
+
+    def train_step(self, batch, adv, ctx):
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_an_algorithm_of_ones_own_is_built_from_its_target():
+    from omegaconf import OmegaConf
+
+    from alignrl.errors import ConfigError
+
+    cfg = OmegaConf.create({"algorithm": {"_target_": f"{__name__}.ThirdPartyMethod", "name": "mine", "scale": 2.0}})
+    algo = build_algorithm(cfg)
+    assert isinstance(algo, ThirdPartyMethod) and algo.scale == 2.0 and isinstance(algo, Algorithm)
+    cfg.algorithm._target_ = f"{__name__}.NoSuchClass"
+    with pytest.raises(ConfigError, match="algorithm._target_=.*has no 'NoSuchClass'"):
+        build_algorithm(cfg)
+    cfg.algorithm._target_ = "no_such_package.Method"
+    with pytest.raises(ConfigError, match="cannot import module 'no_such_package'"):
+        build_algorithm(cfg)
+    cfg.algorithm._target_ = f"{__name__}.FakeBackbone"  # not an algorithm
+    cfg.algorithm.pop("scale")
+    cfg.algorithm.pop("name")
+    with pytest.raises(ConfigError, match="lacks .*algorithm protocol"):
+        build_algorithm(cfg)

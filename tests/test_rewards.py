@@ -86,3 +86,30 @@ def test_async_runner_overlaps_and_returns_in_order():
     assert [r.tolist() for r in results] == [[0, 1], [1, 2], [2, 3]]
     assert all(n.startswith("reward") for n in thread_names)
     runner.close()
+
+
+class BrightnessReward:
+    """A reward of the user's own package, reached through ``_target_``: mean brightness times ``scale``."""
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def __call__(self, images, prompts, metadata):
+        return (images.float().mean(dim=(1, 2, 3)) * self.scale).numpy(), {}
+
+
+def test_a_reward_of_ones_own_is_built_from_its_target():
+    import torch
+
+    from alignrl.errors import ConfigError
+    from alignrl.rewards.base import WeightedReward
+
+    spec = {"bright": {"_target_": f"{__name__}.BrightnessReward", "scale": 2.0, "weight": 0.5}}
+    reward = WeightedReward.from_config(spec)
+    images = torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)])
+    total, info = reward(images, ["a", "b"], [{}, {}])
+    assert total.tolist() == [0.0, 1.0] and info["per_reward"]["bright"].tolist() == [0.0, 2.0]
+    with pytest.raises(ConfigError, match=r"reward 'bright' .* got bad options \['colour'\]"):
+        WeightedReward.from_config({"bright": {"_target_": f"{__name__}.BrightnessReward", "colour": 1}})
+    with pytest.raises(ConfigError, match=r"reward.bright._target_=.*has no 'Nope'"):
+        WeightedReward.from_config({"bright": {"_target_": f"{__name__}.Nope"}})

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from alignrl.errors import AlignError, ConfigError, RewardError
+from alignrl.locate import locate
 
 REWARDS: dict[str, type] = {}
 
@@ -67,6 +68,18 @@ def build_reward(name: str, **options) -> Reward:
         raise ConfigError(f"reward '{name}' got bad options {sorted(options)}: {e}") from None
 
 
+def _build_target(target: str, name: str, options: dict):
+    cls = locate(str(target), f"reward.{name}._target_")
+    try:
+        reward = cls(**options)
+    except TypeError as e:
+        raise ConfigError(f"reward '{name}' ({target}) got bad options {sorted(options)}: {e}") from None
+    if not callable(reward):
+        raise ConfigError(f"reward '{name}' ({target}) is not callable: a reward maps (images, prompts, metadata) "
+                          f"to (scores, info)")
+    return reward
+
+
 @dataclass
 class WeightedReward:
     """Several rewards with weights; the training reward is the weighted sum (``reward_aggr``).
@@ -80,7 +93,8 @@ class WeightedReward:
 
     @classmethod
     def from_config(cls, spec: Mapping[str, Any]) -> "WeightedReward":
-        """``spec`` maps reward name -> weight, or -> {weight: w, type: <registered reward>, **options}.
+        """``spec`` maps reward name -> weight, or -> {weight: w, type: <registered reward>, **options}, or
+        -> {weight: w, _target_: package.module.Class, **options} for a reward of the user's own package.
 
         ``type`` (default: the name itself) lets one reward class appear under several names, e.g. two
         ``remote`` servers, or ``geneval`` as a ``remote`` reward; the name is what gets logged.
@@ -95,9 +109,10 @@ class WeightedReward:
                 weight = float(raw)
             except (TypeError, ValueError):
                 raise ConfigError(f"reward '{name}' has weight {raw!r}; give a number (reward.{name}.weight=1.0)") from None
+            target = options.pop("_target_", None)
             kind = str(options.pop("type", name))
             try:
-                rewards[name] = build_reward(kind, **options)
+                rewards[name] = _build_target(target, name, options) if target else build_reward(kind, **options)
             except AlignError as e:
                 if kind == name:
                     raise
