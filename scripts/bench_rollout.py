@@ -88,8 +88,8 @@ def bench_iteration(args) -> dict:
             sync()
             clock["forward"] += time.perf_counter() - starts["f"]
 
-        trainer.transformer.register_forward_pre_hook(pre)
-        trainer.transformer.register_forward_hook(post)
+        trainer.denoiser.register_forward_pre_hook(pre)
+        trainer.denoiser.register_forward_hook(post)
         backward, decode = trainer.accelerator.backward, trainer.backbone.decode
 
         def timed_backward(loss):

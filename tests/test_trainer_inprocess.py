@@ -118,7 +118,7 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path):
     weights = []
     for flag in ("false", "true"):
         t = _trainer(tmp_path / flag, f"trainer.gradient_checkpointing={flag}", "trainer.finetune=lora")
-        assert t.transformer.is_gradient_checkpointing == (flag == "true")
+        assert t.denoiser.is_gradient_checkpointing == (flag == "true")
         t.timing = {}
         t.run_iteration()
         weights.append([p.detach().clone() for p in t.params])

@@ -134,7 +134,7 @@ class Trainer:
         self.algorithm = build_algorithm(cfg)
         self.planner = build_planner(cfg)
         self.layout = validate_batch_arithmetic(cfg, self.world, num_prompts=len(self.train_prompts))
-        self.sampler = KRepeatPromptSampler(
+        self.prompt_sampler = KRepeatPromptSampler(
             num_prompts=len(self.train_prompts), groups_per_iteration=int(cfg.data.groups_per_iteration),
             group_size=int(self.algorithm.group_size), world_size=self.world, rank=self.rank, seed=self.seed,
             strata=balance_strata(self.train_prompts, cfg.data.get("balance")),
@@ -151,7 +151,7 @@ class Trainer:
         # ---- models ----
         torch.manual_seed(self.seed)
         self.backbone = build_backbone(cfg, self.device)
-        self.transformer = self.backbone.transformer
+        self.denoiser = self.backbone.transformer
         self.finetune = str(tcfg.finetune)
         text_mode = str(tcfg.get("text_encoder", "frozen"))
         if text_mode != "frozen" and self.algorithm.needs_reference:
@@ -161,12 +161,12 @@ class Trainer:
         self.trainable_names = setup_trainable(self.backbone, self.finetune, as_dict(tcfg.get("lora")), text_mode)
         self.params = named_trainable(self.backbone, self.trainable_names)
         if tcfg.get("gradient_checkpointing"):
-            self.transformer.enable_gradient_checkpointing()
-        self.ref_transformer = None
+            self.denoiser.enable_gradient_checkpointing()
+        self.reference_denoiser = None
         if self.algorithm.needs_reference and self.finetune == "full":
             import copy
 
-            self.ref_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+            self.reference_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
 
         opt = as_dict(tcfg.optimizer)
         self.optimizer = torch.optim.AdamW(
@@ -232,11 +232,11 @@ class Trainer:
 
     @torch.no_grad()
     def collect(self) -> RolloutBatch:
-        slots = self.sampler.rank_slots(self.iteration)
+        slots = self.prompt_sampler.rank_slots(self.iteration)
         bs = self.layout["rollout_batch_size"]
         plan_gen = self._iteration_generator(1)  # same on every rank: plans agree across ranks
         self.planner.begin_iteration(self.iteration, plan_gen)
-        self.transformer.eval()
+        self.denoiser.eval()
         parts, futures = [], []
         plan0 = None
         keep_x0 = self.algorithm.batch_kind == "final_latents"
@@ -402,7 +402,7 @@ class Trainer:
         tcfg = self.cfg.trainer
         max_norm = float(tcfg.get("max_grad_norm", 1.0))
         return StepContext(
-            backbone=self.backbone, denoiser=self.transformer, device=self.device, seed=self.seed,
+            backbone=self.backbone, denoiser=self.denoiser, device=self.device, seed=self.seed,
             iteration=self.iteration, train_batch_size=self.layout["train_batch_size"],
             updates_per_iteration=self.layout["updates_per_iteration"], inner_epochs=int(tcfg.get("inner_epochs", 1)),
             autocast=self.autocast, backward=self.accelerator.backward,
@@ -416,8 +416,8 @@ class Trainer:
     @torch.no_grad()
     def _predict_reference(self, x, timestep, cond, guidance_scale):
         """The frozen reference's prediction: the base (adapter disabled, for LoRA) or a frozen copy."""
-        ref_model = self.ref_transformer
-        ctx = reference_context(self.transformer, self.finetune) if ref_model is None else nullcontext()
+        ref_model = self.reference_denoiser
+        ctx = reference_context(self.denoiser, self.finetune) if ref_model is None else nullcontext()
         with ctx, self.autocast():
             return self.backbone.predict(x, timestep, cond, guidance_scale, transformer=ref_model)
 
@@ -444,7 +444,7 @@ class Trainer:
         The split is made over the iteration's *global* batch with a generator every rank shares, so
         each optimizer step sees the same samples whatever the number of processes.
         """
-        total = self.sampler.samples_per_iteration
+        total = self.prompt_sampler.samples_per_iteration
         order = torch.randperm(total, generator=self._iteration_generator(2, epoch))
         position = torch.empty(total, dtype=torch.long)
         position[order] = torch.arange(total)
@@ -669,7 +669,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         """Every eval set with the EMA weights; grids ``eval/step_N[_<set>].png`` (kept in ``eval_grids``) and
         the metrics ``eval/step_N.json``."""
-        self.transformer.eval()
+        self.denoiser.eval()
         metrics, self.eval_grids = {}, {}
         ctx = self.ema.swapped() if self.ema is not None else nullcontext()
         with ctx:
@@ -714,7 +714,7 @@ class Trainer:
                 "train_seconds": self.train_seconds,
                 "finetune": self.finetune, "trainable": len(self.trainable_names),
                 "text_encoder": str(self.cfg.trainer.get("text_encoder", "frozen")),
-                "sampler": self.sampler.state_dict(), "planner": self.planner.state_dict(),
+                "prompt_sampler": self.prompt_sampler.state_dict(), "planner": self.planner.state_dict(),
                 "algorithm": self.algorithm.state_dict(),
                 "ema": self.ema.counters() if self.ema is not None else None,
                 "backbone": self.backbone.family, "seed": self.seed,
@@ -728,7 +728,7 @@ class Trainer:
         """Write the adapter (EMA weights when EMA is on) in diffusers' LoRA format."""
         ctx = self.ema.swapped() if self.ema is not None else nullcontext()
         with ctx:
-            state, meta = lora_export(self.transformer)
+            state, meta = lora_export(self.denoiser)
         self.backbone.save_lora(str(directory), state, meta)
 
     def _agreed_first_usable(self, start: int) -> int | None:
@@ -853,7 +853,7 @@ class Trainer:
         inner = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
         inner.load_state_dict(loaded["optimizer"])
         self.lr_scheduler.load_state_dict(loaded["lr_scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
+        self.prompt_sampler.load_state_dict(state.get("prompt_sampler", state.get("sampler")))  # "sampler" before 12-2026
         self.planner.load_state_dict(state.get("planner", {}))
         self.algorithm.load_state_dict(state.get("algorithm", {}))
         if loaded["rng"] is not None:
