@@ -383,3 +383,33 @@ def test_bases_hold_no_method_values_and_are_not_recipes():
         for spelling in (b, f"base/{b}", f"/base/{b}"):
             with pytest.raises(ConfigError, match="unknown recipe"):
                 compose([f"recipe={spelling}", "run_dir=/tmp/alignrl-test-recipes"])
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (recipes_dir() / "recipe").glob("*.yaml")))
+def test_every_recipe_has_valid_typed_trainer_settings(recipe):
+    from alignrl.training.trainer_config import TrainerConfig
+
+    settings = TrainerConfig.from_config(compose([f"recipe={recipe}"]).trainer)
+    assert settings.max_steps >= 1 and settings.optimizer_steps_per_iteration >= 1
+
+
+def test_trainer_settings_name_the_bad_key():
+    from alignrl.errors import ConfigError
+    from alignrl.training.trainer_config import TrainerConfig
+
+    base = compose(["recipe=tiny_flowgrpo"]).trainer
+    with pytest.raises(ConfigError, match=r"trainer.max_step is not a setting; did you mean trainer.max_steps\?"):
+        TrainerConfig.from_config({**base, "max_step": 3})
+    with pytest.raises(ConfigError, match=r"trainer.ema.decay=1.5 must be in \[0, 1\)"):
+        TrainerConfig.from_config({**base, "ema": {"decay": 1.5}})
+    with pytest.raises(ConfigError, match=r"trainer.max_steps='ten' must be an int"):
+        TrainerConfig.from_config({**base, "max_steps": "ten"})
+    with pytest.raises(ConfigError, match=r"trainer.eval_at_start=3 must be a bool"):
+        TrainerConfig.from_config({**base, "eval_at_start": 3})
+    with pytest.raises(ConfigError, match="trainer.lr_schedule='cosin' is not known"):
+        TrainerConfig.from_config({**base, "lr_schedule": "cosin"})
+    # an older run's config without a newer key gets the packaged default
+    old = {k: v for k, v in base.items() if k != "max_nonfinite_iterations"}
+    assert TrainerConfig.from_config(old).max_nonfinite_iterations == 3
+    # a partial nested mapping keeps the other nested defaults
+    assert TrainerConfig.from_config({**base, "ema": {"decay": 0.5}}).ema.update_every == 8

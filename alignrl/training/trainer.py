@@ -10,6 +10,7 @@ and N processes give the result one process would with the same global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -41,6 +42,7 @@ from alignrl.training.logging import MetricsLogger
 from alignrl.training.lora import (load_trainable_file, lora_export, named_trainable, reference_context,
                                    setup_trainable)
 from alignrl.training.sampler import KRepeatPromptSampler, balance_strata
+from alignrl.training.trainer_config import TrainerConfig
 
 
 class _StopNow(Exception):
@@ -57,7 +59,7 @@ def record_early_stop_signal(signum, frame) -> None:
 
 
 def _device_for(cfg_trainer) -> str:
-    want = str(cfg_trainer.get("device", "auto"))
+    want = str(cfg_trainer if isinstance(cfg_trainer, str) else cfg_trainer.get("device", "auto"))
     if want == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if want.startswith("cuda") and not torch.cuda.is_available():
@@ -82,7 +84,8 @@ class Trainer:
         self.is_main = int(os.environ.get("RANK", "0")) == 0  # until the accelerator says
         self.iteration = 0
         self.train_seconds = 0.0  # wall-clock of training iterations (evaluation and saving excluded)
-        self.max_steps = int(cfg.trainer.max_steps)
+        self.settings = TrainerConfig.from_config(cfg.trainer)  # typed and checked before anything loads
+        self.max_steps = self.settings.max_steps
         self.stop_signal: int | None = None
         self.resume_from: Path | None = None
         self._owns_status = False  # set once this process may write the run's status.json
@@ -103,11 +106,9 @@ class Trainer:
         from accelerate import Accelerator
 
         cfg = self.cfg
-        tcfg = cfg.trainer
-        device = _device_for(tcfg)
-        mp = str(tcfg.get("mixed_precision", "no"))
-        if mp not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"trainer.mixed_precision='{mp}' is not known; use no, bf16 or fp16")
+        tcfg = self.settings
+        device = _device_for(tcfg.device)
+        mp = tcfg.mixed_precision
         if mp == "fp16" and device == "cpu":
             raise ConfigError("fp16 mixed precision needs a GPU; use trainer.mixed_precision=bf16 or no on CPU")
         self.accelerator = Accelerator(mixed_precision=mp, cpu=device == "cpu")
@@ -140,27 +141,22 @@ class Trainer:
             strata=balance_strata(self.train_prompts, cfg.data.get("balance")),
         )
         self.reward = WeightedReward.from_config(as_dict(cfg.reward))
-        schedules = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-        if str(tcfg.get("lr_schedule", "constant")) not in schedules:
-            raise ConfigError(f"trainer.lr_schedule='{tcfg.lr_schedule}' is not known; use one of {', '.join(schedules)}")
-        self._max_nonfinite = int(tcfg.get("max_nonfinite_iterations", 3) or 0)
-        if self._max_nonfinite < 0:
-            raise ConfigError(f"trainer.max_nonfinite_iterations={self._max_nonfinite} must be >= 0 (0: never stop)")
+        self._max_nonfinite = tcfg.max_nonfinite_iterations
         self._resume_index = self._agreed_first_usable(0)  # checksums and headers, before the models load
 
         # ---- models ----
         torch.manual_seed(self.seed)
         self.backbone = build_backbone(cfg, self.device)
         self.denoiser = self.backbone.transformer
-        self.finetune = str(tcfg.finetune)
-        text_mode = str(tcfg.get("text_encoder", "frozen"))
+        self.finetune = tcfg.finetune
+        text_mode = tcfg.text_encoder
         if text_mode != "frozen" and self.algorithm.needs_reference:
             raise ConfigError(f"trainer.text_encoder={text_mode} with a KL or reference term (algorithm "
                               f"{self.algorithm.name}) would need a frozen copy of the text encoder as reference; "
                               f"set algorithm.beta=0 or trainer.text_encoder=frozen")
-        self.trainable_names = setup_trainable(self.backbone, self.finetune, as_dict(tcfg.get("lora")), text_mode)
+        self.trainable_names = setup_trainable(self.backbone, self.finetune, dataclasses.asdict(tcfg.lora), text_mode)
         self.params = named_trainable(self.backbone, self.trainable_names)
-        if tcfg.get("gradient_checkpointing"):
+        if tcfg.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
         self.reference_denoiser = None
         if self.algorithm.needs_reference and self.finetune == "full":
@@ -168,27 +164,22 @@ class Trainer:
 
             self.reference_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
 
-        opt = as_dict(tcfg.optimizer)
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=float(self.algorithm.lr), betas=tuple(opt.get("betas", (0.9, 0.999))),
-            weight_decay=float(opt.get("weight_decay", 1e-4)), eps=float(opt.get("eps", 1e-8)),
-        )
+        opt = tcfg.optimizer
+        self.optimizer = torch.optim.AdamW(self.params, lr=float(self.algorithm.lr), betas=tuple(opt.betas),
+                                           weight_decay=opt.weight_decay, eps=opt.eps)
         from diffusers.optimization import get_scheduler
 
-        updates = self.layout["updates_per_iteration"] * int(tcfg.get("inner_epochs", 1))
-        self.lr_scheduler = get_scheduler(
-            str(tcfg.get("lr_schedule", "constant")), optimizer=self.optimizer,
-            num_warmup_steps=int(tcfg.get("warmup_steps", 0)), num_training_steps=self.max_steps * updates,
+        self.lr_scheduler = get_scheduler(  # advances once per optimizer step
+            tcfg.lr_schedule, optimizer=self.optimizer, num_warmup_steps=tcfg.warmup_steps,
+            num_training_steps=self.max_steps * tcfg.optimizer_steps_per_iteration,
         )
         self.optimizer = acc.prepare_optimizer(self.optimizer)  # fp16 loss scaling when asked
-        ema_cfg = as_dict(tcfg.get("ema"))
-        self.ema = EMA(self.params, float(ema_cfg.get("decay", 0.9)), int(ema_cfg.get("update_every", 8))) \
-            if ema_cfg.get("enabled", True) else None
+        self.ema = EMA(self.params, tcfg.ema.decay, tcfg.ema.update_every) if tcfg.ema.enabled else None
         if self.algorithm.rollout_weights == "ema" and self.ema is None:
             raise ConfigError(f"algorithm.old_policy=ema ({self.algorithm.name}) needs the EMA: set "
                               "trainer.ema.enabled=true, or algorithm.old_policy=sampling")
 
-        self.reward_runner = AsyncRewardRunner(self.reward, int(tcfg.get("reward_workers", 1)))
+        self.reward_runner = AsyncRewardRunner(self.reward, tcfg.reward_workers)
         self.optimizer_steps = 0
         try:
             self._resume()
@@ -399,14 +390,13 @@ class Trainer:
     # ------------------------------------------------------------------ update
     def step_context(self) -> StepContext:
         """The loop's services for the algorithm's ``train_step`` (this iteration's)."""
-        tcfg = self.cfg.trainer
-        max_norm = float(tcfg.get("max_grad_norm", 1.0))
+        tcfg = self.settings
         return StepContext(
             backbone=self.backbone, denoiser=self.denoiser, device=self.device, seed=self.seed,
             iteration=self.iteration, train_batch_size=self.layout["train_batch_size"],
-            updates_per_iteration=self.layout["updates_per_iteration"], inner_epochs=int(tcfg.get("inner_epochs", 1)),
+            updates_per_iteration=self.layout["updates_per_iteration"], inner_epochs=tcfg.inner_epochs,
             autocast=self.autocast, backward=self.accelerator.backward,
-            optimizer_step=lambda: self._optimizer_step(max_norm), all_reduce_sum=self._all_reduce_sum,
+            optimizer_step=lambda: self._optimizer_step(tcfg.max_grad_norm), all_reduce_sum=self._all_reduce_sum,
             update_chunks=lambda global_index, epoch: self._update_chunks(
                 global_index, self.layout["updates_per_iteration"], epoch),
             predict_reference=self._predict_reference, old_policy_weights=self._old_policy_weights,
@@ -485,10 +475,10 @@ class Trainer:
         """Run to ``trainer.max_steps`` iterations. Returns 'finished' or 'preempted'.
 
         Any exception ends the run with status ``failed`` and its one-line message in status.json."""
-        tcfg = self.cfg.trainer
-        every = lambda key: int(tcfg.get(key, 0) or 0)  # noqa: E731
-        budget_s = 60 * float(tcfg.get("max_minutes") or 0)  # training wall-clock, evaluation excluded
-        eval_every_s = 60 * float(tcfg.get("eval_every_minutes") or 0)
+        tcfg = self.settings
+        every = lambda key: getattr(tcfg, key)  # noqa: E731  (iteration intervals; 0: off)
+        budget_s = 60 * (tcfg.max_minutes or 0)  # training wall-clock, evaluation excluded
+        eval_every_s = 60 * (tcfg.eval_every_minutes or 0)
         state = "finished"
         last_eval_step = -1
         previous_handlers = {}
@@ -516,7 +506,7 @@ class Trainer:
                     f"{self.world} process(es); run dir {self.run_dir}"
                     + (f"; resumed from {self.resume_from}" if self.resume_from else "")
                 )
-            if self.evaluators and tcfg.get("eval_at_start") and self.iteration == 0:
+            if self.evaluators and tcfg.eval_at_start and self.iteration == 0:
                 self.logger.log(0, {"train_seconds": 0.0, **self.evaluate(0)})
                 last_eval_step = 0
             while self.iteration < self.max_steps and not (budget_s and self.train_seconds >= budget_s):
@@ -690,7 +680,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        writer = ckpt.CheckpointWriter(self.run_dir, int(self.cfg.trainer.get("keep_checkpoints", 3)))
+        writer = ckpt.CheckpointWriter(self.run_dir, self.settings.keep_checkpoints)
         step = self.iteration
         if self.is_main:
             writer.begin(step)
@@ -713,7 +703,7 @@ class Trainer:
                 "iteration": step, "optimizer_steps": self.optimizer_steps, "world_size": self.world,
                 "train_seconds": self.train_seconds,
                 "finetune": self.finetune, "trainable": len(self.trainable_names),
-                "text_encoder": str(self.cfg.trainer.get("text_encoder", "frozen")),
+                "text_encoder": self.settings.text_encoder,
                 "prompt_sampler": self.prompt_sampler.state_dict(), "planner": self.planner.state_dict(),
                 "algorithm": self.algorithm.state_dict(),
                 "ema": self.ema.counters() if self.ema is not None else None,
