@@ -224,7 +224,9 @@ def _run_hydra(command: str, overrides: list[str]) -> None:
     def _task(cfg):
         _dispatch(command, cfg)
 
-    sys.argv = [f"alignrl-{command}", *overrides]
+    from alignrl.config import searchpath_override
+
+    sys.argv = [f"alignrl-{command}", *searchpath_override(), *overrides]
     _task()
 
 

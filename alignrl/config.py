@@ -28,11 +28,50 @@ def recipes_dir() -> Path:
         raise
 
 
+CONFIG_PATH_ENV = "ALIGNRL_CONFIG_PATH"
+
+
+def user_config_dirs() -> list[Path]:
+    """Config directories of the user's own (``ALIGNRL_CONFIG_PATH``, separated by ``os.pathsep``), laid out like
+    ``recipes/`` (``algorithm/``, ``recipe/``, ``reward/`` ...): their files join the shipped options, so a method,
+    reward or recipe of one's own needs no edit inside the package. A shipped file of the same name wins."""
+    dirs = []
+    for part in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep):
+        if not part.strip():
+            continue
+        d = Path(part.strip()).expanduser().resolve()
+        if not d.is_dir():
+            raise ConfigError(f"{CONFIG_PATH_ENV} names '{part}', which is not a directory; fix or unset it")
+        dirs.append(d)
+    return dirs
+
+
+def config_dirs() -> list[Path]:
+    """Where config options are found, in Hydra's search order: the shipped recipes, then the user's."""
+    return [recipes_dir(), *user_config_dirs()]
+
+
+def searchpath_override() -> list[str]:
+    """The Hydra override that adds the user's config directories (none when ``ALIGNRL_CONFIG_PATH`` is unset)."""
+    dirs = user_config_dirs()
+    return [f"hydra.searchpath=[{','.join('file://' + str(d) for d in dirs)}]"] if dirs else []
+
+
+def option_file(group: str, option: str) -> Path | None:
+    """The YAML file of ``group=option`` (the first in search order), or None."""
+    for d in config_dirs():
+        f = d / group / f"{option}.yaml"
+        if f.is_file():
+            return f
+    return None
+
+
 def group_options(group: str) -> list[str]:
-    d = recipes_dir() / group
-    if not d.is_dir():
-        return []
-    return sorted(p.stem for p in d.glob("*.yaml"))
+    names = set()
+    for d in config_dirs():
+        if (d / group).is_dir():
+            names.update(p.stem for p in (d / group).glob("*.yaml"))
+    return sorted(names)
 
 
 def recipe_descriptions() -> list[tuple[str, str]]:
@@ -41,7 +80,7 @@ def recipe_descriptions() -> list[tuple[str, str]]:
 
     out = []
     for name in group_options("recipe"):
-        text = (recipes_dir() / "recipe" / f"{name}.yaml").read_text(encoding="utf-8")
+        text = option_file("recipe", name).read_text(encoding="utf-8")
         desc = ""
         try:
             desc = str((yaml.safe_load(text) or {}).get("description", ""))
@@ -182,7 +221,7 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     overrides = expand_reward_weights(([default] if default else []) + overrides)
     check_group_overrides(overrides)
     with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
-        return hydra_compose(config_name=config_name, overrides=overrides)
+        return hydra_compose(config_name=config_name, overrides=searchpath_override() + overrides)
 
 
 # ---------------------------------------------------------------------------------------- values

@@ -365,3 +365,45 @@ def test_an_algorithm_of_ones_own_is_built_from_its_target():
     cfg.algorithm.pop("name")
     with pytest.raises(ConfigError, match="lacks .*algorithm protocol"):
         build_algorithm(cfg)
+
+
+def _readme_block(first_line: str) -> str:
+    """The fenced code block of README.md whose first line is ``first_line``."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for block in re.findall(r"```(?:python|yaml)\n(.*?)```", text, flags=re.S):
+        if first_line in block.splitlines()[:2] or any(ln.startswith(first_line + " ") for ln in block.splitlines()[:2]):
+            return block
+    raise AssertionError(f"README.md has no code block starting with {first_line!r}")
+
+
+def test_the_readme_walk_through_adds_a_method_outside_the_package(tmp_path, monkeypatch):
+    """README "Add a method": the file, its YAML and a recipe in a config directory of one's own train as written."""
+    import json
+
+    from conftest import run_inprocess
+
+    for rel in ("mypkg/rwr.py", "myconfigs/algorithm/rollout_rwr.yaml", "myconfigs/recipe/tiny_rollout_rwr.yaml"):
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_readme_block(f"# {rel}"), encoding="utf-8")
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = {"ALIGNRL_CONFIG_PATH": str(tmp_path / "myconfigs")}
+    listed = run_inprocess("recipes", env=env)
+    assert "tiny_rollout_rwr" in listed.stdout and "rollout_rwr" in listed.stdout
+    run = tmp_path / "run"
+    proc = run_inprocess("train", "recipe=tiny_rollout_rwr", f"run_dir={run}", "trainer.max_steps=3",
+                         "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.log_images_every=0",
+                         "logger.progress_bar=false", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["policy_loss"]) and r["grad_norm"] > 0 for r in rows)
+    assert rows[-1]["optimizer_steps"] == 3
+    assert (run / "config.yaml").read_text().count("mypkg.rwr.RolloutRWR") == 1
+    # without the config directory the recipe is unknown, in one line
+    proc = run_inprocess("train", "recipe=tiny_rollout_rwr", f"run_dir={tmp_path / 'other'}")
+    assert proc.returncode != 0 and "unknown recipe 'tiny_rollout_rwr'" in proc.stderr
