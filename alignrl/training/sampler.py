@@ -126,3 +126,65 @@ def balance_strata(prompts, key) -> tuple | None:
         raise ConfigError(f"data.balance: {key}: {len(missing)} of {len(prompts)} training prompts have no "
                           f"'{key}' (first: {missing[0]!r}); add it to their metadata or set data.balance: null")
     return tuple(m[key] for m in prompts.metadata)
+
+
+@dataclass
+class DatasetSampler:
+    """Rows of an offline dataset for each iteration: epochs of a shuffled order, read in turn.
+
+    Epoch e's order is a permutation drawn from (seed, e); the rows are a stream of these epochs and iteration
+    ``it`` takes the ``rows_per_iteration`` rows after the previous iteration's, rank r a contiguous slice.
+    The rows of an iteration are a pure function of (seed, iteration): a run resumed mid-epoch reads the same
+    rows as one that never stopped, and a row's global index (its position in the iteration) keys its noise
+    whatever the number of processes.
+    """
+
+    num_rows: int
+    rows_per_iteration: int
+    world_size: int = 1
+    rank: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_rows < 1:
+            raise ConfigError("the offline dataset has no rows")
+        if self.rows_per_iteration < 1:
+            raise ConfigError(f"rows per iteration must be >= 1, got {self.rows_per_iteration}")
+        if self.rows_per_iteration % self.world_size:
+            raise ConfigError(f"{self.rows_per_iteration} dataset rows per iteration do not split over "
+                              f"{self.world_size} processes; make data.offline.rows_per_iteration a multiple of it")
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(int(self.seed) * 6_151 + int(epoch) * 49_157 + 29)
+        return torch.randperm(self.num_rows, generator=g).tolist()
+
+    def global_rows(self, iteration: int) -> list[int]:
+        """The row ids of iteration ``iteration`` (all ranks), in order."""
+        start = iteration * self.rows_per_iteration
+        out, epoch, offset = [], start // self.num_rows, start % self.num_rows
+        while len(out) < self.rows_per_iteration:
+            order = self._epoch_order(epoch)
+            out.extend(order[offset:offset + self.rows_per_iteration - len(out)])
+            epoch, offset = epoch + 1, 0
+        return out
+
+    def rank_rows(self, iteration: int) -> list[Slot]:
+        """This rank's rows as slots (global index within the iteration, row id)."""
+        n = self.rows_per_iteration // self.world_size
+        rows = self.global_rows(iteration)
+        return [Slot(i, rows[i]) for i in range(self.rank * n, (self.rank + 1) * n)]
+
+    def epoch(self, iteration: int) -> float:
+        """Epochs completed by the end of ``iteration`` (for logging)."""
+        return (iteration + 1) * self.rows_per_iteration / self.num_rows
+
+    def state_dict(self) -> dict:
+        return {"num_rows": self.num_rows, "rows_per_iteration": self.rows_per_iteration, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        changed = {k: (state[k], mine[k]) for k in mine if k in state and state[k] != mine[k]}
+        if changed:
+            detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            raise ConfigError(f"the checkpoint's dataset sampler differs from this config ({detail}); resume with the "
+                              f"original dataset and settings")

@@ -1,0 +1,216 @@
+"""Image datasets beside prompt sets: preference pairs, ranked lists, labelled images, image-caption sets.
+
+The offline methods (Diffusion-DPO, KTO, SmPO, RankDPO, DRO's experts, DDO's data, SFT) train on images rather
+than rollouts. A dataset is a JSON-lines file, one row per line, with image paths relative to the file's folder
+(or ``root``). ``alignrl data`` writes these files from a reward; a user's own data needs only the fields below.
+
+========  ============================================================================================
+kind      fields of a row
+========  ============================================================================================
+pairs     ``prompt``, ``winner``, ``loser`` (image paths); or the Pick-a-Pic layout ``caption``,
+          ``image_0``, ``image_1``, ``label_0`` (1: image_0 preferred, 0: image_1, 0.5: a tie, dropped
+          when ``drop_ties``); optional ``score_0``/``score_1`` or ``winner_score``/``loser_score``
+          (reward scores, for SmPO's soft labels)
+lists     ``prompt``, ``images`` (two or more paths), ``scores`` (one finite number per image, higher
+          is better)
+labels    ``prompt``, ``image``, ``label`` (1 or true: desirable, 0 or false: undesirable)
+captions  ``prompt`` (or ``caption``), ``image``
+========  ============================================================================================
+
+``validate()`` reads every row and every image header before training starts; bad data (a missing or
+unreadable image, a label out of range, a missing prompt) is a one-line ``ConfigError`` naming the file, the line
+and the fix. Pairs are stored winner first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignrl.errors import ConfigError
+
+KINDS = ("pairs", "lists", "labels", "captions")
+
+
+@dataclass
+class ImageRow:
+    prompt: str
+    images: list[Path]  # pairs: [winner, loser]; lists: k images; labels and captions: one
+    scores: list[float] | None = None  # lists: label scores; pairs: reward scores when given (winner first)
+    label: float | None = None  # labels: 1.0 desirable, 0.0 undesirable
+    where: str = ""  # "<file>:<line>" for messages
+
+
+@dataclass
+class ImageDataset:
+    kind: str
+    rows: list[ImageRow]
+    source: str
+    dropped_ties: int = 0
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [r.prompt for r in self.rows]
+
+    @classmethod
+    def load(cls, path, kind: str, *, root=None, drop_ties: bool = True, what: str = "data.offline"
+             ) -> "ImageDataset":
+        """Parse a JSON-lines dataset of ``kind`` (rows only; ``validate`` opens the images)."""
+        if kind not in KINDS:
+            raise ConfigError(f"{what}.kind='{kind}' is not known; use one of {', '.join(KINDS)}")
+        if path is None or not str(path).strip():
+            raise ConfigError(f"{what}.path is not set; give a .jsonl file (see alignrl/imagedata.py for the fields)")
+        file = Path(str(path)).expanduser()
+        if not file.is_file():
+            raise ConfigError(f"{what}.path='{path}' is not a file; give the .jsonl a dataset was written to "
+                              f"(`alignrl data` writes one)")
+        base = Path(str(root)).expanduser() if root else file.parent
+        rows, ties = [], 0
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ConfigError(f"{file} is not UTF-8 text; save the dataset as UTF-8 JSON lines") from None
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{file}:{lineno}"
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{where}: a row must be a JSON object with the {kind} fields")
+            row = _parse_row(raw, kind, base, where, drop_ties)
+            if row is None:
+                ties += 1
+                continue
+            rows.append(row)
+        if not rows:
+            raise ConfigError(f"{what}: '{file}' holds no usable {kind} rows" + (f" ({ties} ties dropped)" if ties else ""))
+        return cls(kind, rows, str(file), ties)
+
+    def validate(self) -> dict:
+        """Open every image's header (size, mode); a one-line error at the first bad one. Returns counts."""
+        from PIL import Image, UnidentifiedImageError
+
+        sizes: dict[tuple, int] = {}
+        for row in self.rows:
+            for img in row.images:
+                if not img.is_file():
+                    raise ConfigError(f"{row.where}: image '{img}' does not exist (paths are relative to the "
+                                      f"dataset file's folder, or to data.offline.root)")
+                try:
+                    with Image.open(img) as im:
+                        im.verify()
+                        sizes[im.size] = sizes.get(im.size, 0) + 1
+                except (UnidentifiedImageError, OSError, SyntaxError) as e:
+                    raise ConfigError(f"{row.where}: image '{img}' cannot be read as an image ({e}); replace or "
+                                      f"remove the row") from None
+        self.stats = {"rows": len(self.rows), "images": sum(sizes.values()), "dropped_ties": self.dropped_ties,
+                      "sizes": {f"{w}x{h}": n for (w, h), n in sorted(sizes.items())}}
+        if self.kind == "labels":
+            self.stats["desirable"] = sum(1 for r in self.rows if r.label == 1.0)
+        return self.stats
+
+
+def load_image_tensor(path: Path, resolution: int):
+    """An image as a (3, resolution, resolution) float tensor in [-1, 1]: resized on its short side and
+    centre-cropped (the VAE's input range)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = resolution / min(w, h)
+        im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.Resampling.BICUBIC)
+        w, h = im.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _text(raw: dict, keys: tuple[str, ...], where: str, what: str) -> str:
+    for k in keys:
+        if k in raw:
+            value = raw[k]
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{where}: \"{k}\" must be a non-empty string, got {value!r}")
+            return value
+    raise ConfigError(f"{where}: the row has no {what} (a \"{keys[0]}\" field)")
+
+
+def _path(raw: dict, key: str, base: Path, where: str) -> Path:
+    if key not in raw:
+        raise ConfigError(f"{where}: the row has no \"{key}\" image path")
+    value = raw[key]
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: \"{key}\" must be an image path, got {value!r}")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _number(value, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ConfigError(f"{where}: \"{key}\" must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _parse_row(raw: dict, kind: str, base: Path, where: str, drop_ties: bool) -> ImageRow | None:
+    if kind == "pairs":
+        if "winner" in raw or "loser" in raw:
+            prompt = _text(raw, ("prompt", "caption"), where, "prompt")
+            images = [_path(raw, "winner", base, where), _path(raw, "loser", base, where)]
+            scores = None
+            if "winner_score" in raw or "loser_score" in raw:
+                scores = [_number(raw.get("winner_score"), "winner_score", where),
+                          _number(raw.get("loser_score"), "loser_score", where)]
+            return ImageRow(prompt, images, scores, where=where)
+        prompt = _text(raw, ("caption", "prompt"), where, "caption")
+        if "label_0" not in raw:
+            raise ConfigError(f"{where}: a pair needs \"winner\"/\"loser\" or \"image_0\"/\"image_1\" with \"label_0\"")
+        label = _number(raw["label_0"], "label_0", where)
+        if label not in (0.0, 0.5, 1.0):
+            raise ConfigError(f"{where}: \"label_0\" must be 1 (image_0 preferred), 0 (image_1) or 0.5 (a tie), "
+                              f"got {raw['label_0']!r}")
+        images = [_path(raw, "image_0", base, where), _path(raw, "image_1", base, where)]
+        scores = None
+        if "score_0" in raw or "score_1" in raw:
+            scores = [_number(raw.get("score_0"), "score_0", where), _number(raw.get("score_1"), "score_1", where)]
+        if label == 0.5:
+            if drop_ties:
+                return None
+            raise ConfigError(f"{where}: a tie (label_0 0.5) in a pair dataset with drop_ties=false; a pair "
+                              f"needs a winner")
+        if label == 0.0:
+            images.reverse()
+            scores = scores[::-1] if scores else None
+        return ImageRow(prompt, images, scores, where=where)
+    if kind == "lists":
+        prompt = _text(raw, ("prompt", "caption"), where, "prompt")
+        files, scores = raw.get("images"), raw.get("scores")
+        if not isinstance(files, list) or len(files) < 2:
+            raise ConfigError(f"{where}: \"images\" must list two or more image paths")
+        if not isinstance(scores, list) or len(scores) != len(files):
+            raise ConfigError(f"{where}: \"scores\" must hold one number per image ({len(files)})")
+        images = [_path({"image": f}, "image", base, where) for f in files]
+        return ImageRow(prompt, images, [_number(s, "scores", where) for s in scores], where=where)
+    if kind == "labels":
+        prompt = _text(raw, ("prompt", "caption"), where, "prompt")
+        if "label" not in raw:
+            raise ConfigError(f"{where}: the row has no \"label\" (1 desirable, 0 undesirable)")
+        value = raw["label"]
+        label = float(value) if isinstance(value, bool) else _number(value, "label", where)
+        if label not in (0.0, 1.0):
+            raise ConfigError(f"{where}: \"label\" must be 1 (desirable) or 0 (undesirable), got {value!r}")
+        return ImageRow(prompt, [_path(raw, "image", base, where)], label=label, where=where)
+    prompt = _text(raw, ("prompt", "caption"), where, "prompt")  # captions
+    return ImageRow(prompt, [_path(raw, "image", base, where)], where=where)

@@ -1,0 +1,116 @@
+"""Offline image datasets (pairs, ranked lists, labels, captions) and the dataset sampler."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alignrl.errors import ConfigError
+from alignrl.imagedata import ImageDataset, load_image_tensor
+from alignrl.training.sampler import DatasetSampler
+
+
+def _png(path, colour=(255, 0, 0), size=(8, 6)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path.name
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_pairs_in_both_layouts_winner_first_ties_dropped(tmp_path):
+    a, b = _png(tmp_path / "a.png"), _png(tmp_path / "b.png", (0, 0, 255))
+    f = _jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "a red square", "winner": a, "loser": b, "winner_score": 0.9, "loser_score": 0.1},
+        {"caption": "a blue square", "image_0": a, "image_1": b, "label_0": 0, "score_0": 0.2, "score_1": 0.7},
+        {"caption": "a tie", "image_0": a, "image_1": b, "label_0": 0.5},
+    ])
+    ds = ImageDataset.load(f, "pairs")
+    assert len(ds) == 2 and ds.dropped_ties == 1
+    assert [p.name for p in ds.rows[0].images] == ["a.png", "b.png"] and ds.rows[0].scores == [0.9, 0.1]
+    assert [p.name for p in ds.rows[1].images] == ["b.png", "a.png"] and ds.rows[1].scores == [0.7, 0.2]
+    stats = ds.validate()
+    assert stats == {"rows": 2, "images": 4, "dropped_ties": 1, "sizes": {"8x6": 4}}
+    with pytest.raises(ConfigError, match=r"pairs.jsonl:3: a tie .* drop_ties=false"):
+        ImageDataset.load(f, "pairs", drop_ties=False)
+
+
+def test_lists_labels_captions(tmp_path):
+    names = [_png(tmp_path / f"{i}.png") for i in range(3)]
+    lists = ImageDataset.load(_jsonl(tmp_path / "l.jsonl", [{"prompt": "p", "images": names, "scores": [1, 3, 2]}]),
+                              "lists")
+    assert lists.rows[0].scores == [1.0, 3.0, 2.0] and len(lists.rows[0].images) == 3
+    labels = ImageDataset.load(_jsonl(tmp_path / "b.jsonl", [{"prompt": "p", "image": names[0], "label": True},
+                                                             {"prompt": "q", "image": names[1], "label": 0}]), "labels")
+    assert [r.label for r in labels.rows] == [1.0, 0.0] and labels.validate()["desirable"] == 1
+    caps = ImageDataset.load(_jsonl(tmp_path / "c.jsonl", [{"caption": "c", "image": names[2]}]), "captions")
+    assert caps.prompts == ["c"]
+
+
+@pytest.mark.parametrize("kind, row, message", [
+    ("pairs", {"winner": "a.png", "loser": "a.png"}, r":1: the row has no prompt"),
+    ("pairs", {"caption": "c", "image_0": "a.png", "image_1": "a.png", "label_0": 2}, r"\"label_0\" must be 1"),
+    ("pairs", {"caption": "c", "image_0": "a.png"}, r"needs \"winner\"/\"loser\" or \"image_0\""),
+    ("lists", {"prompt": "p", "images": ["a.png"], "scores": [1]}, r"two or more image paths"),
+    ("lists", {"prompt": "p", "images": ["a.png", "a.png"], "scores": [1]}, r"one number per image \(2\)"),
+    ("lists", {"prompt": "p", "images": ["a.png", "a.png"], "scores": [1, "x"]}, r"\"scores\" must be a finite"),
+    ("labels", {"prompt": "p", "image": "a.png", "label": 0.5}, r"\"label\" must be 1 \(desirable\) or 0"),
+    ("labels", {"prompt": "p", "image": "a.png"}, r"no \"label\""),
+    ("captions", {"prompt": "", "image": "a.png"}, r"\"prompt\" must be a non-empty string"),
+    ("captions", {"prompt": "p"}, r"no \"image\" image path"),
+])
+def test_bad_rows_are_one_line_errors_naming_the_line(tmp_path, kind, row, message):
+    _png(tmp_path / "a.png")
+    f = _jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(ConfigError, match=message) as e:
+        ImageDataset.load(f, kind)
+    assert "\n" not in str(e.value) and "d.jsonl:1" in str(e.value)
+
+
+def test_validation_finds_missing_and_unreadable_images(tmp_path):
+    _png(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    f = _jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "image": "ok.png"}, {"prompt": "q", "image": "gone.png"}])
+    ds = ImageDataset.load(f, "captions")  # rows parse; images are opened by validate()
+    with pytest.raises(ConfigError, match=r"d.jsonl:2: image '.*gone.png' does not exist"):
+        ds.validate()
+    f = _jsonl(tmp_path / "e.jsonl", [{"prompt": "p", "image": "broken.png"}])
+    with pytest.raises(ConfigError, match=r"e.jsonl:1: image '.*broken.png' cannot be read as an image"):
+        ImageDataset.load(f, "captions").validate()
+    with pytest.raises(ConfigError, match=r"data.offline.kind='triples' is not known"):
+        ImageDataset.load(f, "triples")
+    with pytest.raises(ConfigError, match=r"data.offline.path='.*nope.jsonl' is not a file"):
+        ImageDataset.load(tmp_path / "nope.jsonl", "captions")
+
+
+def test_images_load_resized_cropped_in_the_vae_range(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (34, 0, 40, 20))  # a blue band on the right, cropped away at 16 px
+    img.save(tmp_path / "x.png")
+    x = load_image_tensor(tmp_path / "x.png", 16)
+    assert x.shape == (3, 16, 16) and float(x.min()) >= -1 and float(x.max()) <= 1
+    assert np.allclose(x[0].numpy(), 1.0, atol=0.05) and np.allclose(x[2].numpy(), -1.0, atol=0.05)
+
+
+def test_dataset_sampler_covers_each_epoch_and_is_a_function_of_the_iteration():
+    s = DatasetSampler(num_rows=10, rows_per_iteration=4, seed=3)
+    stream = [r for it in range(5) for r in s.global_rows(it)]  # 20 rows = 2 epochs
+    assert Counter(stream[:10]) == Counter(range(10)) and Counter(stream[10:]) == Counter(range(10))
+    assert stream[:10] != stream[10:]  # each epoch has its own order
+    again = DatasetSampler(num_rows=10, rows_per_iteration=4, seed=3)
+    assert again.global_rows(3) == s.global_rows(3)  # resume mid-epoch: the same rows, no state needed
+    two = [DatasetSampler(10, 4, world_size=2, rank=r, seed=3) for r in (0, 1)]
+    joined = [slot.prompt_id for r in two for slot in r.rank_rows(2)]
+    assert joined == s.global_rows(2) and [x.global_index for x in two[1].rank_rows(2)] == [2, 3]
+    assert s.epoch(4) == 2.0
+    with pytest.raises(ConfigError, match="do not split over 3 processes"):
+        DatasetSampler(10, 4, world_size=3)
+    with pytest.raises(ConfigError, match="dataset sampler differs"):
+        s.load_state_dict({"num_rows": 11, "rows_per_iteration": 4, "seed": 3})
