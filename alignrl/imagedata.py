@@ -214,3 +214,72 @@ def _parse_row(raw: dict, kind: str, base: Path, where: str, drop_ties: bool) ->
         return ImageRow(prompt, [_path(raw, "image", base, where)], label=label, where=where)
     prompt = _text(raw, ("prompt", "caption"), where, "prompt")  # captions
     return ImageRow(prompt, [_path(raw, "image", base, where)], where=where)
+
+
+class LatentCache:
+    """Latents of dataset images, encoded once and kept on disk (``<directory>/<key>.safetensors``).
+
+    A latent's key hashes the image file (resolved path, size, modification time), the resolution and the
+    backbone's VAE fingerprint (family, VAE config, a checksum of its weights): an edited image, another
+    resolution or another VAE encodes again instead of reusing a stale latent. Files are written atomically.
+    """
+
+    def __init__(self, directory, backbone):
+        self.directory = Path(directory).expanduser()
+        self.backbone = backbone
+        self.fingerprint = vae_fingerprint(backbone)
+        self.hits = self.misses = 0
+
+    def key(self, path: Path) -> str:
+        import hashlib
+
+        st = Path(path).stat()
+        text = f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.backbone.resolution}|{self.fingerprint}"
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def latents(self, paths: list[Path], batch_size: int = 8):
+        """(N, *latent_shape) float32 latents of the images at ``paths``, encoding the ones not cached yet."""
+        import os
+
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        keys = [self.key(p) for p in paths]
+        out: list = [None] * len(paths)
+        todo = []
+        for i, k in enumerate(keys):
+            f = self.directory / f"{k}.safetensors"
+            if f.is_file():
+                out[i] = load_file(str(f))["latent"]
+                self.hits += 1
+            else:
+                todo.append(i)
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start:start + batch_size]
+            images = torch.stack([load_image_tensor(paths[i], self.backbone.resolution) for i in idx]) / 2 + 0.5
+            z = self.backbone.encode(images).float().cpu()
+            for j, i in enumerate(idx):
+                f = self.directory / f"{keys[i]}.safetensors"
+                tmp = f.with_suffix(f".tmp{os.getpid()}")
+                save_file({"latent": z[j].contiguous()}, str(tmp))
+                os.replace(tmp, f)
+                out[i] = z[j]
+            self.misses += len(idx)
+        return torch.stack(out)
+
+
+def vae_fingerprint(backbone) -> str:
+    """Family, VAE config and a checksum of the VAE's weights (pixel-space backbones: family and resolution)."""
+    import hashlib
+
+    import torch
+
+    vae = backbone.vae
+    if vae is None:
+        return f"{backbone.family}-pixels"
+    h = hashlib.sha256(f"{backbone.family}|{json.dumps(dict(vae.config), sort_keys=True, default=str)}".encode())
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            h.update(f"{name}:{tuple(p.shape)}:{float(p.double().sum()):.12e}".encode())
+    return h.hexdigest()[:16]

@@ -114,3 +114,38 @@ def test_dataset_sampler_covers_each_epoch_and_is_a_function_of_the_iteration():
         DatasetSampler(10, 4, world_size=3)
     with pytest.raises(ConfigError, match="dataset sampler differs"):
         s.load_state_dict({"num_rows": 11, "rows_per_iteration": 4, "seed": 3})
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "shapes"])
+def test_encode_gives_latents_of_the_sampling_shape_and_the_cache_reuses_them(tmp_path, family):
+    import torch
+
+    from alignrl.backbones.flux import FluxBackbone
+    from alignrl.backbones.sd3 import SD3Backbone
+    from alignrl.imagedata import LatentCache
+    from alignrl.shapes.model import ShapesBackbone
+
+    build = {"sd3": lambda: SD3Backbone.tiny(resolution=32, max_sequence_length=8),
+             "flux": lambda: FluxBackbone.tiny(resolution=32, max_sequence_length=8),
+             "shapes": lambda: ShapesBackbone.pretrained(resolution=32)}[family]
+    backbone = build()
+    images = torch.rand(2, 3, 32, 32)
+    z = backbone.encode(images)
+    assert z.shape == (2, *backbone.latent_shape())
+    assert torch.equal(z, backbone.encode(images))  # the posterior mean: deterministic
+    assert backbone.decode(z).shape == images.shape
+    if family == "shapes":
+        torch.testing.assert_close(backbone.decode(z), images)  # pixel space: exact inverse
+    with pytest.raises(ValueError, match="resize them first|samples at 32px"):
+        backbone.encode(torch.rand(1, 3, 16, 16))
+    paths = [tmp_path / _png(tmp_path / f"{i}.png", (60 * i, 0, 0), size=(32, 32)) for i in range(3)]
+    cache = LatentCache(tmp_path / "cache", backbone)
+    first = cache.latents(paths)
+    again = LatentCache(tmp_path / "cache", backbone)
+    assert torch.equal(again.latents(paths), first) and (again.hits, again.misses) == (3, 0)
+    _png(paths[0], (0, 255, 0), size=(32, 32))  # the image changed: encoded again
+    import os
+    os.utime(paths[0], ns=(1, 1))
+    third = LatentCache(tmp_path / "cache", backbone)
+    fresh = third.latents(paths)
+    assert (third.hits, third.misses) == (2, 1) and not torch.equal(fresh[0], first[0])

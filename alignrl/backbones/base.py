@@ -272,6 +272,25 @@ class Backbone:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents of images (B, 3, H, W) in [0, 1] (what ``decode`` returns), at ``latent_shape()``: the VAE's
+        posterior mean (deterministic, so a cache of it is reproducible), shifted and scaled as ``decode``
+        undoes it. Offline methods (DPO, KTO, SFT) train on these."""
+        vae = self.vae
+        if images.shape[-2:] != (self.resolution, self.resolution):
+            raise ValueError(f"images are {tuple(images.shape[-2:])}, the backbone samples at {self.resolution}px; "
+                             f"resize them first (alignrl.imagedata.load_image_tensor)")
+        x = images.to(self.device, vae.dtype) * 2 - 1
+        z = vae.encode(x, return_dict=False)[0].mode()
+        shift = vae.config.get("shift_factor") or 0.0
+        z = (z.float() - shift) * vae.config.scaling_factor
+        return self.pack_latents(z)
+
+    def pack_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents (B, C, h, w) in the layout the denoiser takes (FLUX packs 2x2 patches)."""
+        return z
+
     # ----- export ----------------------------------------------------------------------------------
     def save_lora(self, directory: str, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
         type(self.pipe).save_lora_weights(

@@ -116,6 +116,10 @@ class FluxBackbone(Backbone):
         )[0]
         return out.float()
 
+    def pack_latents(self, z: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = z.shape
+        return self.pipe._pack_latents(z, b, c, h, w)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.vae

@@ -182,6 +182,13 @@ class ShapesBackbone(Backbone):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixel space: the latent is the image in [-1, 1] (the inverse of ``decode`` inside [0, 1])."""
+        if images.shape[-2:] != (self.resolution, self.resolution):
+            raise ValueError(f"images are {tuple(images.shape[-2:])}, the backbone samples at {self.resolution}px")
+        return images.to(self.device).float() * 2 - 1
+
     def save_pipeline(self, directory: str) -> None:
         """diffusers' layout plus the pipeline's code (``pipeline.py``): load it with
         ``DiffusionPipeline.from_pretrained(directory, trust_remote_code=True)``, no alignrl needed."""
