@@ -19,6 +19,11 @@ ALGORITHMS = {
     "grpo_guard": "alignrl.algorithms.guard:GRPOGuard",
     "awm": "alignrl.algorithms.matching:AWM",
     "nft": "alignrl.algorithms.matching:DiffusionNFT",
+    "diffusion_dpo": "alignrl.algorithms.preference:DiffusionDPO",
+    "flow_dpo": "alignrl.algorithms.preference:FlowDPO",
+    "diffusion_kto": "alignrl.algorithms.preference:DiffusionKTO",
+    "rankdpo": "alignrl.algorithms.preference:RankDPO",
+    "sft": "alignrl.algorithms.preference:SFT",
 }
 
 
@@ -61,20 +66,28 @@ def build_planner(cfg: DictConfig):
         raise _unwrap(e, "sampler") from None
 
 
+def algorithm_class(cfg: DictConfig):
+    """The class ``algorithm._target_`` (or the shipped ``algorithm.name``) names, imported, not built."""
+    spec = cfg.get("algorithm") or {}
+    target = spec.get("_target_")
+    if target is None:
+        name = spec.get("name")
+        if name not in ALGORITHMS:
+            raise ConfigError(f"unknown algorithm '{name}'; available: {', '.join(sorted(ALGORITHMS))} "
+                              f"(or name your own class with algorithm._target_=package.module.Class)")
+        target = ALGORITHMS[name]
+    return locate(str(target), "algorithm._target_")
+
+
 def build_algorithm(cfg: DictConfig):
     """The recipe's algorithm: ``algorithm._target_`` with the other keys as arguments (or a shipped method by
     ``algorithm.name``). It must satisfy the protocol in ``alignrl/algorithms/base.py``."""
     from alignrl.algorithms.base import BATCH_KINDS, Algorithm
 
     spec = as_dict(cfg.algorithm)
-    target = spec.pop("_target_", None)
+    target = spec.pop("_target_", None) or ALGORITHMS.get(spec.get("name"))
     name = spec.get("name")
-    if target is None:
-        if name not in ALGORITHMS:
-            raise ConfigError(f"unknown algorithm '{name}'; available: {', '.join(sorted(ALGORITHMS))} "
-                              f"(or name your own class with algorithm._target_=package.module.Class)")
-        target = ALGORITHMS[name]
-    cls = locate(str(target), "algorithm._target_")
+    cls = algorithm_class(cfg)
     try:
         algo = cls(**spec)
     except TypeError as e:

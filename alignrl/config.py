@@ -171,8 +171,38 @@ def _branching_sampler(cfg: DictConfig) -> bool:
     return bool(sampler.get("branch_factor") or sampler.get("children") or sampler.get("branched"))
 
 
+def offline_algorithm(cfg: DictConfig) -> bool:
+    """Whether the recipe's algorithm trains on an offline dataset (``data.offline``) rather than rollouts."""
+    from alignrl.algorithms.base import OFFLINE_KINDS
+    from alignrl.components import algorithm_class
+
+    return getattr(algorithm_class(cfg), "batch_kind", None) in OFFLINE_KINDS
+
+
+def _offline_layout(cfg: DictConfig, world_size: int) -> dict:
+    offline = cfg.data.get("offline") or {}
+    rows = _positive_int(offline.get("rows_per_iteration"), "data.offline.rows_per_iteration")
+    world = _positive_int(world_size, "world size")
+    rollout_bs = _positive_int(cfg.trainer.rollout_batch_size, "trainer.rollout_batch_size")
+    train_bs = _positive_int(cfg.trainer.train_batch_size, "trainer.train_batch_size")
+    updates = _positive_int(cfg.trainer.updates_per_iteration, "trainer.updates_per_iteration")
+    _positive_int(cfg.trainer.max_steps, "trainer.max_steps")
+    if rows % world:
+        raise ConfigError(f"data.offline.rows_per_iteration={rows} does not split over {world} processes; make it a "
+                          f"multiple of {world}")
+    per_rank = rows // world
+    if per_rank % (updates * train_bs):
+        raise ConfigError(f"each process trains on {per_rank} dataset rows per iteration, not a multiple of "
+                          f"trainer.updates_per_iteration x trainer.train_batch_size = {updates} x {train_bs}; "
+                          f"choose them so their product divides {per_rank}")
+    return {"samples_per_rank": per_rank, "rollout_batch_size": rollout_bs, "train_batch_size": train_bs,
+            "updates_per_iteration": updates, "world_size": world}
+
+
 def validate_batch_arithmetic(cfg: DictConfig, world_size: int, num_prompts: int | None = None) -> dict:
     """Check that groups, ranks and batches divide; return the per-rank layout."""
+    if offline_algorithm(cfg):
+        return _offline_layout(cfg, world_size)
     groups = _positive_int(cfg.data.groups_per_iteration, "data.groups_per_iteration")
     k = _positive_int(cfg.algorithm.group_size, "algorithm.group_size")
     if k < 2 and not _branching_sampler(cfg):

@@ -93,6 +93,12 @@ class ImageDataset:
             rows.append(row)
         if not rows:
             raise ConfigError(f"{what}: '{file}' holds no usable {kind} rows" + (f" ({ties} ties dropped)" if ties else ""))
+        if kind == "lists":
+            k = len(rows[0].images)
+            other = next((r for r in rows if len(r.images) != k), None)
+            if other is not None:
+                raise ConfigError(f"{other.where}: {len(other.images)} images where the first row has {k}; every "
+                                  f"list of a dataset must have the same length")
         return cls(kind, rows, str(file), ties)
 
     def validate(self) -> dict:

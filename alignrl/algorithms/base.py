@@ -9,7 +9,9 @@ hand-made batch and context, without a Trainer.
 Batch kinds:
 
 - ``transitions``: rollouts with each trained step's latents and log-probs (the GRPO family);
-- ``final_latents``: the final latents of each image and their rewards (AWM, DiffusionNFT).
+- ``final_latents``: the final latents of each image and their rewards (AWM, DiffusionNFT);
+- ``pairs``, ``lists``, ``labels``, ``captions``: rows of an offline image dataset (``data.offline``,
+  ``alignrl/imagedata.py``) as latents, in an ``OfflineBatch`` (the preference family, SFT).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import torch
 from alignrl.algorithms.advantages import AdvantageResult, GroupStatTracker
 from alignrl.errors import ConfigError
 
-BATCH_KINDS = ("transitions", "final_latents")
+ROLLOUT_KINDS = ("transitions", "final_latents")
+OFFLINE_KINDS = ("pairs", "lists", "labels", "captions")
+BATCH_KINDS = ROLLOUT_KINDS + OFFLINE_KINDS
 
 
 @dataclass
@@ -71,6 +75,22 @@ class RolloutBatch:
         leaves = np.asarray(leaves)
         return self.global_index[self.leaf_root.numpy()[leaves]] * self.leaves_per_root + \
             (leaves % self.leaves_per_root)
+
+
+@dataclass
+class OfflineBatch:
+    """One rank's rows of an offline dataset for one iteration, encoded to latents."""
+
+    kind: str  # pairs | lists | labels | captions
+    prompts: list[str]  # per row
+    latents: torch.Tensor  # (R, k, *latent_shape): pairs k = 2 (winner first), lists k images, else k = 1
+    global_index: np.ndarray  # (R,) position in the iteration's rows (the same on any number of ranks)
+    row_ids: np.ndarray  # (R,) rows of the dataset
+    scores: torch.Tensor | None = None  # (R, k): lists' label scores; pairs' reward scores when the data has them
+    labels: torch.Tensor | None = None  # (R,): labels' 1 desirable / 0 undesirable
+
+    def __len__(self) -> int:
+        return len(self.prompts)
 
 
 @dataclass
@@ -139,7 +159,7 @@ class Algorithm(Protocol):
     def advantages(self, rewards: np.ndarray, keys: np.ndarray, per_reward: dict | None = None,
                    weights: dict | None = None) -> AdvantageResult: ...
 
-    def train_step(self, batch: RolloutBatch, adv: Advantages, ctx: StepContext) -> dict: ...
+    def train_step(self, batch: RolloutBatch | OfflineBatch, adv: Advantages | None, ctx: StepContext) -> dict: ...
 
     def state_dict(self) -> dict: ...
 

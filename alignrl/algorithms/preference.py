@@ -20,16 +20,24 @@ code; where the field has two conventions the function names the one it uses.
 - ``dro_loss``: Diffusion-DRO's hinge between an expert image and a policy sample.
 - ``ddo_loss``: DDO's implicit discriminator d = -(e_th - e_ref) between data and reference samples.
 - ``rwr_weights``: Flow-RWR's per-sample weights exp(r / beta), normalised over the batch.
+
+The methods below the functions (``OfflineMethod`` and its subclasses) train on rows of an offline dataset
+(``data.offline``): Diffusion-DPO and Flow-DPO on pairs, Diffusion-KTO on labelled images, RankDPO on ranked
+lists, SFT on image-caption sets.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from alignrl.errors import ConfigError
+from alignrl.sampling.kernels import mean_over_dims
+from alignrl.sampling.parameterisation import TIME_SAMPLINGS, sample_t
 
 # SmPO's PickScore cosine range over Pick-a-Pic v2 (its preprocessing's fixed min and max)
 SMPO_SCORE_MIN = 0.11544
@@ -147,3 +155,244 @@ def rwr_weights(rewards: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 LOG2 = math.log(2.0)
+
+
+# ------------------------------------------------------------------------------------------------ methods
+@dataclass
+class OfflineMethod:
+    """The training step shared by the methods that learn from an offline image dataset.
+
+    Per row and iteration, ``draws_per_row`` (time, noise) pairs are drawn from a generator keyed by (seed,
+    iteration, row position), so the draw does not depend on batching or ranks; the images of one row (a pair's
+    winner and loser, a list's images) share them, as Diffusion-DPO and RankDPO require. Times are indices into
+    the backbone's own 1000-step training schedule (its shift included): ``uniform`` (Diffusion-DPO's
+    t ~ U{0..999}) or ``logit_normal`` (Flow-DPO's idx = int(1000 u), u ~ logit-normal(0, 1)). Each row's
+    images are noised with the backbone's parameterisation and scored by their denoising error against its
+    target (no CFG; ``prompt_dropout`` replaces that share of prompts by "" as the references do so CFG still
+    works). ``row_losses`` turns the policy's and the reference's errors into one loss per row.
+    """
+
+    name: str = "offline"
+    group_size: int = 1  # offline rows are not groups; kept for the protocol
+    lr: float = 1e-5
+    beta: float = 5000.0
+    time_sampling: str = "uniform"
+    draws_per_row: int = 1
+    prompt_dropout: float = 0.0
+
+    batch_kind: ClassVar[str] = "pairs"
+    uses_reference: ClassVar[bool] = True
+    _diag_keys: ClassVar[tuple] = ("policy_loss",)
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"algorithm.lr must be > 0, got {self.lr}")
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise ConfigError(f"algorithm.time_sampling='{self.time_sampling}' is not known; use "
+                              f"{' or '.join(TIME_SAMPLINGS)}")
+        if self.draws_per_row < 1:
+            raise ConfigError(f"algorithm.draws_per_row must be >= 1, got {self.draws_per_row}")
+        if not 0 <= self.prompt_dropout < 1:
+            raise ConfigError(f"algorithm.prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.uses_reference
+
+    @property
+    def rollout_weights(self) -> str:
+        return "live"
+
+    @property
+    def diagnostics(self) -> tuple[str, ...]:
+        return self._diag_keys
+
+    def advantages(self, rewards, keys, per_reward=None, weights=None):
+        raise ConfigError(f"algorithm '{self.name}' trains on an offline dataset and has no advantages")
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+    # -- the shared step ---------------------------------------------------------------------------------
+    def draws(self, ctx, batch):
+        """(R, n) schedule indices into the 1000-step schedule, (R, n, *latent) noise and (R,) prompt drops."""
+        from alignrl.sampling.engine import sample_generators
+
+        shape = tuple(batch.latents.shape[2:])
+        n = self.draws_per_row
+        idx = torch.empty((len(batch), n), dtype=torch.long)
+        eps = torch.empty((len(batch), n, *shape))
+        drop = torch.zeros(len(batch), dtype=torch.bool)
+        for r, g in enumerate(sample_generators(ctx.seed * 13 + 7, ctx.iteration, batch.global_index.tolist())):
+            u = sample_t(n, g, kind=self.time_sampling)
+            idx[r] = torch.clamp((u * 1000).long(), 0, 999)
+            eps[r] = torch.randn((n, *shape), generator=g)
+            drop[r] = bool(torch.rand((), generator=g) < self.prompt_dropout)
+        return idx, eps, drop
+
+    def errors(self, ctx, schedule, x0, prompts, idx, eps, reference: bool):
+        """Per-image denoising errors e_th (with gradient) and, with ``reference``, e_ref."""
+        backbone = ctx.backbone
+        param = backbone.parameterisation
+        sigma = schedule.sigmas[idx.to(ctx.device)]
+        timestep = schedule.timesteps[idx.to(ctx.device)]
+        x_t = param.add_noise(x0, eps, sigma)
+        target = param.target(x0, eps, sigma)
+        cond = backbone.encode_prompts(prompts)
+        with ctx.autocast():
+            pred = backbone.predict(x_t, timestep, cond, 1.0)
+        e_th = mean_over_dims((pred.float() - target) ** 2)
+        e_ref = None
+        if reference:
+            with torch.no_grad():
+                e_ref = mean_over_dims((ctx.predict_reference(x_t, timestep, cond, 1.0).float() - target) ** 2)
+        return e_th, e_ref
+
+    def prepare_chunk(self, ctx, schedule, batch, rows, idx, eps, prompts) -> dict:
+        """Per optimizer step, before its losses (KTO's reference point); nothing by default."""
+        return {}
+
+    def row_losses(self, batch, rows, e_th, e_ref, extra: dict):
+        """(len(rows),) losses and per-row diagnostics from (len(rows), k) errors."""
+        raise NotImplementedError
+
+    def train_step(self, batch, adv, ctx) -> dict:
+        schedule = ctx.backbone.make_schedule(1000)  # training times: the scheduler's own grid
+        idx, eps, drop = self.draws(ctx, batch)
+        eps = eps.to(ctx.device)
+        prompts = ["" if d else p for p, d in zip(batch.prompts, drop.tolist())]
+        k = batch.latents.shape[1]
+        ctx.denoiser.train()
+        sums = {key: 0.0 for key in self.diagnostics}
+        count, grad_norms = 0, []
+        for epoch in range(ctx.inner_epochs):
+            for chunk in ctx.update_chunks(batch.global_index, epoch):
+                total = float(ctx.all_reduce_sum(torch.tensor([float(len(chunk) * self.draws_per_row)],
+                                                               dtype=torch.float64, device=ctx.device)).item())
+                if total == 0:
+                    continue
+                extra = self.prepare_chunk(ctx, schedule, batch, chunk, idx, eps, prompts)
+                for mb in chunk.split(ctx.train_batch_size):
+                    x0 = batch.latents[mb].to(ctx.device).float().flatten(0, 1)  # (B k, ...)
+                    rows_prompts = [prompts[int(r)] for r in mb for _ in range(k)]
+                    for d in range(self.draws_per_row):
+                        i_d = idx[mb, d].repeat_interleave(k)
+                        e_d = eps[mb.to(ctx.device), d].repeat_interleave(k, dim=0)  # shared by a row's images
+                        e_th, e_ref = self.errors(ctx, schedule, x0, rows_prompts, i_d, e_d, self.needs_reference)
+                        e_th = e_th.view(len(mb), k)
+                        e_ref = e_ref.view(len(mb), k) if e_ref is not None else None
+                        loss, diag = self.row_losses(batch, mb, e_th, e_ref, extra)
+                        ctx.backward(loss.sum() / total)
+                        diag["policy_loss"] = loss.detach()
+                        for key in self.diagnostics:
+                            sums[key] += float(diag[key].float().sum())
+                        count += len(mb)
+                grad_norms.append(ctx.optimizer_step())
+        return ctx.summarise(sums, count, 0.0, grad_norms)
+
+
+@dataclass
+class DiffusionDPO(OfflineMethod):
+    """Diffusion-DPO (pairs, winner first): ``dpo_loss`` with the official -(beta/2) scaling."""
+
+    name: str = "diffusion_dpo"
+    lr: float = 2.048e-5  # the paper's effective rate: 1e-8 x 2048 pairs (--scale_lr)
+    beta: float = 5000.0
+    prompt_dropout: float = 0.2
+
+    batch_kind: ClassVar[str] = "pairs"
+    _diag_keys: ClassVar[tuple] = ("policy_loss", "implicit_acc", "mse_winner", "mse_loser")
+
+    def row_losses(self, batch, rows, e_th, e_ref, extra):
+        return dpo_loss(e_th[:, 0], e_th[:, 1], e_ref[:, 0], e_ref[:, 1], self.beta)
+
+
+@dataclass
+class FlowDPO(DiffusionDPO):
+    """Flow-DPO: the same loss on a flow model, times from the logit-normal density (flow_grpo's DPO script)."""
+
+    name: str = "flow_dpo"
+    lr: float = 3e-4  # LoRA r32 (the reference's SD3.5 setting)
+    beta: float = 100.0
+    time_sampling: str = "logit_normal"
+    prompt_dropout: float = 0.0
+
+
+@dataclass
+class DiffusionKTO(OfflineMethod):
+    """Diffusion-KTO (labels): g = e_ref - e_th against the reference point z = max(0, mean g) of the
+    optimizer step's rows over all ranks (computed without gradient before the step's losses)."""
+
+    name: str = "diffusion_kto"
+    lr: float = 1e-7
+    beta: float = 1000.0
+    prompt_dropout: float = 0.2
+    lambda_desirable: float = 1.0
+    lambda_undesirable: float = 1.0
+
+    batch_kind: ClassVar[str] = "labels"
+    _diag_keys: ClassVar[tuple] = ("policy_loss", "implicit_acc", "reward_margin")
+
+    def prepare_chunk(self, ctx, schedule, batch, rows, idx, eps, prompts):
+        g_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        with torch.no_grad():
+            for mb in rows.split(ctx.train_batch_size):
+                x0 = batch.latents[mb, 0].to(ctx.device).float()
+                for d in range(self.draws_per_row):
+                    e_th, e_ref = self.errors(ctx, schedule, x0, [prompts[int(r)] for r in mb], idx[mb, d],
+                                              eps[mb.to(ctx.device), d], True)
+                    g_sum += (e_ref - e_th).double().sum()
+        n = ctx.all_reduce_sum(torch.tensor([float(len(rows) * self.draws_per_row)], dtype=torch.float64,
+                                            device=ctx.device))
+        g_total = ctx.all_reduce_sum(g_sum.reshape(1))
+        return {"z": kto_reference_point(g_total, n.clamp(min=1.0)).float().reshape(())}
+
+    def row_losses(self, batch, rows, e_th, e_ref, extra):
+        return kto_loss(e_th[:, 0], e_ref[:, 0], batch.labels[rows].to(e_th.device), self.beta, extra["z"],
+                        self.lambda_desirable, self.lambda_undesirable)
+
+
+@dataclass
+class RankDPO(OfflineMethod):
+    """RankDPO (lists with label scores): ``rankdpo_loss`` per list, all images of a list sharing (t, eps)."""
+
+    name: str = "rankdpo"
+    lr: float = 2.048e-5
+    beta: float = 5000.0
+    weighting: str = "lambda"
+
+    batch_kind: ClassVar[str] = "lists"
+    _diag_keys: ClassVar[tuple] = ("policy_loss", "pair_acc")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.weighting not in ("lambda", "none"):
+            raise ConfigError(f"algorithm.weighting='{self.weighting}' is not known; use lambda or none")
+
+    def row_losses(self, batch, rows, e_th, e_ref, extra):
+        labels = batch.scores[rows].to(e_th.device)
+        losses, accs = [], []
+        for r in range(len(rows)):
+            loss, diag = rankdpo_loss(e_th[r] - e_ref[r], labels[r], self.beta, self.weighting)
+            losses.append(loss)
+            accs.append(diag["pair_acc"])
+        return torch.stack(losses), {"pair_acc": torch.stack(accs)}
+
+
+@dataclass
+class SFT(OfflineMethod):
+    """Supervised fine-tuning: the plain denoising loss on an image-caption set (no reference)."""
+
+    name: str = "sft"
+    lr: float = 1e-5
+    beta: float = 0.0
+    time_sampling: str = "logit_normal"
+
+    batch_kind: ClassVar[str] = "captions"
+    uses_reference: ClassVar[bool] = False
+
+    def row_losses(self, batch, rows, e_th, e_ref, extra):
+        return e_th[:, 0], {}

@@ -154,6 +154,10 @@ class DatasetSampler:
             raise ConfigError(f"{self.rows_per_iteration} dataset rows per iteration do not split over "
                               f"{self.world_size} processes; make data.offline.rows_per_iteration a multiple of it")
 
+    @property
+    def samples_per_iteration(self) -> int:
+        return self.rows_per_iteration
+
     def _epoch_order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(int(self.seed) * 6_151 + int(epoch) * 49_157 + 29)
         return torch.randperm(self.num_rows, generator=g).tolist()

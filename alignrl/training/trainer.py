@@ -25,13 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from alignrl.algorithms.advantages import batch_advantages
-from alignrl.algorithms.base import Advantages, RolloutBatch, StepContext
+from alignrl.algorithms.base import OFFLINE_KINDS, Advantages, OfflineBatch, RolloutBatch, StepContext
 from alignrl.components import as_dict, build_algorithm, build_backbone, build_planner
 from alignrl.config import validate_batch_arithmetic
 from alignrl.data import PromptSet, eval_prefix, load_eval_sets
 from alignrl.errors import AlignError, CheckpointError, ConfigError
 from alignrl.eval.evaluate import Evaluator, bootstrap_gain
 from alignrl.eval.report import save_grid
+from alignrl.imagedata import ImageDataset, LatentCache
 from alignrl.rewards.base import WeightedReward
 from alignrl.rewards.runner import AsyncRewardRunner
 from alignrl.runs import read_json
@@ -41,7 +42,7 @@ from alignrl.training.ema import EMA
 from alignrl.training.logging import MetricsLogger
 from alignrl.training.lora import (load_trainable_file, lora_export, named_trainable, reference_context,
                                    setup_trainable)
-from alignrl.training.sampler import KRepeatPromptSampler, balance_strata
+from alignrl.training.sampler import DatasetSampler, KRepeatPromptSampler, balance_strata
 from alignrl.training.trainer_config import TrainerConfig
 
 
@@ -130,16 +131,27 @@ class Trainer:
 
         # ---- everything that can be checked without a model ----
         self.seed = int(cfg.seed)
-        self.train_prompts = PromptSet.load(cfg.data.train, "data.train")
         self.eval_sets = load_eval_sets(cfg.data.get("eval"))  # {"": set} or {held_out: ..., in_dist: ...}
         self.algorithm = build_algorithm(cfg)
-        self.planner = build_planner(cfg)
-        self.layout = validate_batch_arithmetic(cfg, self.world, num_prompts=len(self.train_prompts))
-        self.prompt_sampler = KRepeatPromptSampler(
-            num_prompts=len(self.train_prompts), groups_per_iteration=int(cfg.data.groups_per_iteration),
-            group_size=int(self.algorithm.group_size), world_size=self.world, rank=self.rank, seed=self.seed,
-            strata=balance_strata(self.train_prompts, cfg.data.get("balance")),
-        )
+        self.offline = self.algorithm.batch_kind in OFFLINE_KINDS
+        self.planner = build_planner(cfg)  # rollouts, and the evaluation's sampling for offline methods
+        if self.offline:  # rows of an image dataset, every image opened once before anything loads
+            self.layout = validate_batch_arithmetic(cfg, self.world)
+            spec = as_dict(cfg.data.get("offline"))
+            self.dataset = ImageDataset.load(spec.get("path"), self.algorithm.batch_kind, root=spec.get("root"),
+                                             drop_ties=bool(spec.get("drop_ties", True)))
+            self.dataset.validate()
+            self.batch_sampler = DatasetSampler(len(self.dataset), self.layout["samples_per_rank"] * self.world,
+                                                world_size=self.world, rank=self.rank, seed=self.seed)
+            self._latent_dir = Path(spec.get("latent_cache") or self.run_dir / "latent_cache")
+        else:
+            self.train_prompts = PromptSet.load(cfg.data.train, "data.train")
+            self.layout = validate_batch_arithmetic(cfg, self.world, num_prompts=len(self.train_prompts))
+            self.batch_sampler = KRepeatPromptSampler(
+                num_prompts=len(self.train_prompts), groups_per_iteration=int(cfg.data.groups_per_iteration),
+                group_size=int(self.algorithm.group_size), world_size=self.world, rank=self.rank, seed=self.seed,
+                strata=balance_strata(self.train_prompts, cfg.data.get("balance")),
+            )
         self.reward = WeightedReward.from_config(as_dict(cfg.reward))
         self._max_nonfinite = tcfg.max_nonfinite_iterations
         self._resume_index = self._agreed_first_usable(0)  # checksums and headers, before the models load
@@ -223,7 +235,7 @@ class Trainer:
 
     @torch.no_grad()
     def collect(self) -> RolloutBatch:
-        slots = self.prompt_sampler.rank_slots(self.iteration)
+        slots = self.batch_sampler.rank_slots(self.iteration)
         bs = self.layout["rollout_batch_size"]
         plan_gen = self._iteration_generator(1)  # same on every rank: plans agree across ranks
         self.planner.begin_iteration(self.iteration, plan_gen)
@@ -267,6 +279,23 @@ class Trainer:
                 if k != "per_reward" and isinstance(v, (int, float)):
                     batch.reward_info.setdefault(k, []).append(float(v))
         return batch
+
+    @torch.no_grad()
+    def collect_offline(self) -> OfflineBatch:
+        """This rank's dataset rows of the iteration as latents (encoded once, then read from the cache)."""
+        if getattr(self, "_latent_cache", None) is None:
+            self._latent_cache = LatentCache(self._latent_dir, self.backbone)
+        slots = self.batch_sampler.rank_rows(self.iteration)
+        rows = [self.dataset.rows[s.prompt_id] for s in slots]
+        k = len(rows[0].images)
+        latents = self._latent_cache.latents([p for r in rows for p in r.images], self.layout["rollout_batch_size"])
+        scores = torch.tensor([r.scores for r in rows], dtype=torch.float32) \
+            if all(r.scores is not None for r in rows) else None
+        labels = torch.tensor([r.label for r in rows], dtype=torch.float32) if self.dataset.kind == "labels" else None
+        return OfflineBatch(kind=self.dataset.kind, prompts=[r.prompt for r in rows],
+                            latents=latents.view(len(rows), k, *latents.shape[1:]),
+                            global_index=np.array([s.global_index for s in slots]),
+                            row_ids=np.array([s.prompt_id for s in slots]), scores=scores, labels=labels)
 
     def _flatten(self, parts, slots, plan, keep_x0: bool) -> RolloutBatch:
         """Concatenate the rollout batches into flat roots, leaves and transitions (local indices)."""
@@ -434,7 +463,7 @@ class Trainer:
         The split is made over the iteration's *global* batch with a generator every rank shares, so
         each optimizer step sees the same samples whatever the number of processes.
         """
-        total = self.prompt_sampler.samples_per_iteration
+        total = self.batch_sampler.samples_per_iteration
         order = torch.randperm(total, generator=self._iteration_generator(2, epoch))
         position = torch.empty(total, dtype=torch.long)
         position[order] = torch.arange(total)
@@ -521,7 +550,8 @@ class Trainer:
                     self.iteration += 1
                     step = self.iteration
                     images = {}
-                    if self.is_main and every("log_images_every") and step % every("log_images_every") == 0:
+                    if self.is_main and not self.offline and every("log_images_every") and \
+                            step % every("log_images_every") == 0:
                         images["rollouts"] = self._save_rollout_grid(step)
                     timed_eval = eval_every_s and int(self.train_seconds // eval_every_s) > int(before // eval_every_s)
                     if self.evaluators and ((every("eval_every") and step % every("eval_every") == 0) or timed_eval):
@@ -565,6 +595,8 @@ class Trainer:
         """One rollout + update round. Raises ``_StopNow`` (before any update) when a stop is requested."""
         self.timing = {}
         t0 = time.perf_counter()
+        if self.offline:
+            return self._run_offline_iteration(t0)
         failure = None
         try:
             batch = self.collect()
@@ -595,6 +627,22 @@ class Trainer:
         })
         self._last_rewards = batch.rewards
         return metrics
+
+    def _run_offline_iteration(self, t0: float) -> dict:
+        failure = None
+        try:
+            batch = self.collect_offline()
+        except Exception as e:  # noqa: BLE001  every rank must learn of it (the others would wait in a reduce)
+            failure = e
+        self._raise_if_any_failed(failure)
+        if self._stop_agreed():
+            raise _StopNow
+        t1 = time.perf_counter()
+        upd = self.algorithm.train_step(batch, None, self.step_context())
+        self._sync()
+        t2 = time.perf_counter()
+        return {**upd, "epoch": self.batch_sampler.epoch(self.iteration), "time/data": t1 - t0,
+                "time/update": t2 - t1, "time/iteration": t2 - t0, "iteration": self.iteration}
 
     def _check_rewards_finite(self, batch: RolloutBatch) -> None:
         """Stop when every reward of ``trainer.max_nonfinite_iterations`` iterations in a row was NaN/inf: such
@@ -704,7 +752,7 @@ class Trainer:
                 "train_seconds": self.train_seconds,
                 "finetune": self.finetune, "trainable": len(self.trainable_names),
                 "text_encoder": self.settings.text_encoder,
-                "prompt_sampler": self.prompt_sampler.state_dict(), "planner": self.planner.state_dict(),
+                "prompt_sampler": self.batch_sampler.state_dict(), "planner": self.planner.state_dict(),
                 "algorithm": self.algorithm.state_dict(),
                 "ema": self.ema.counters() if self.ema is not None else None,
                 "backbone": self.backbone.family, "seed": self.seed,
@@ -843,7 +891,7 @@ class Trainer:
         inner = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
         inner.load_state_dict(loaded["optimizer"])
         self.lr_scheduler.load_state_dict(loaded["lr_scheduler"])
-        self.prompt_sampler.load_state_dict(state.get("prompt_sampler", state.get("sampler")))  # "sampler" before 12-2026
+        self.batch_sampler.load_state_dict(state.get("prompt_sampler", state.get("sampler")))  # "sampler" before 12-2026
         self.planner.load_state_dict(state.get("planner", {}))
         self.algorithm.load_state_dict(state.get("algorithm", {}))
         if loaded["rng"] is not None:
