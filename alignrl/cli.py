@@ -22,6 +22,8 @@ commands:
   serve-reward  serve a reward over HTTP for reward=remote clients (port=8000 host=127.0.0.1 token_file=...;
             another host needs a token, or --insecure)
   reward-check  score a folder of images with a reward before a run (images=<dir|glob> prompts=<file|text>)
+  data      a dataset for the offline methods from a model and a reward: out=<dir> kind=pairs|lists|labels|
+            captions [samples_per_prompt=8 checkpoint=<run|ckpt> pairing=best_worst|all margin=0 num_prompts=N]
   recipes   list the recipes with a one-line description, and every config group's options
   runs      list the runs under outputs/ and multirun/ (or the given dirs): step, last reward and eval,
             state (running, finished, preempted, failed, stale, ...), Slurm job and its state;
@@ -41,15 +43,18 @@ examples:
   alignrl runs --plot runs.png outputs                # reward curves of the runs on one chart
   alignrl serve-reward reward=shapes_geneval port=8000 # a reward server; clients use reward=remote
   alignrl reward-check reward=ocr images=samples/ prompts='a sign that says "HELLO"'
+  alignrl data recipe=shapes_flowgrpo out=data/shapes_pairs kind=pairs samples_per_prompt=8
 
 `alignrl <command> --help` lists the config groups and their options.
 """
 
-COMMANDS = ("train", "eval", "sample", "export", "serve-reward", "reward-check")
+COMMANDS = ("train", "eval", "sample", "export", "serve-reward", "reward-check", "data")
 # bare keys `alignrl serve-reward` accepts for serve.<key>, and `alignrl reward-check` for check.<key>
 SERVE_SHORTHANDS = ("port", "host", "token", "token_file")
 CHECK_SHORTHANDS = ("images", "prompts", "out", "batch_size")
 EXPORT_SHORTHANDS = ("checkpoint", "out", "weights", "device")
+DATA_SHORTHANDS = ("out", "kind", "checkpoint", "weights", "samples_per_prompt", "pairing", "margin", "label_fraction",
+                   "prompts", "num_prompts", "batch_size", "progress")
 # commands that write no run directory or Hydra log file
 QUIET = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(list_runs(rest))
     if command not in COMMANDS:
         _fail(f"unknown command '{command}'; use one of train, eval, sample, export, serve-reward, reward-check, "
-              "recipes, runs")
+              "data, recipes, runs")
     if command == "serve-reward":
         rest = ["serve.insecure=true" if a == "--insecure" else a for a in rest]
         rest = QUIET + _shorthands(rest, SERVE_SHORTHANDS, "serve")
@@ -83,9 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "export":
         rest = _shorthands(rest, EXPORT_SHORTHANDS, "export", quote=("checkpoint", "out"))
         rest = QUIET + (_on_run_config(rest) if _names_checkpoint(rest, "export.checkpoint") else rest)
+    elif command == "data":
+        rest = _shorthands(rest, DATA_SHORTHANDS, "datagen", quote=("checkpoint", "out", "prompts"))
+        rest = QUIET + (_on_run_config(rest) if _names_checkpoint(rest, "datagen.checkpoint") else rest)
     elif command in ("eval", "sample") and _names_checkpoint(rest, "eval.checkpoint"):
         rest = QUIET + _on_run_config(rest)  # the outputs go into the checkpoint's run directory: no new one
-    if not (_names_checkpoint(rest, "eval.checkpoint") or _names_checkpoint(rest, "export.checkpoint")):
+    if not any(_names_checkpoint(rest, k) for k in ("eval.checkpoint", "export.checkpoint", "datagen.checkpoint")):
         rest = _with_default_recipe(rest)
 
     if "--cfg" in rest and "--resolve" not in rest:
@@ -180,7 +188,7 @@ def _names_checkpoint(overrides: list[str], key: str) -> bool:
 
 
 # sections whose keys belong to the command, not to the run a checkpoint comes from
-COMMAND_SECTIONS = ("eval.", "sample.", "export.", "check.", "serve.", "hydra.", "hydra/")
+COMMAND_SECTIONS = ("eval.", "sample.", "export.", "check.", "serve.", "datagen.", "hydra.", "hydra/")
 
 
 def _on_run_config(overrides: list[str]) -> list[str]:
@@ -260,6 +268,10 @@ def _dispatch(command: str, cfg) -> None:
             from alignrl.export import export
 
             code = export(cfg)
+        elif command == "data":
+            from alignrl.datagen import make_dataset
+
+            code = make_dataset(cfg)
         else:
             from alignrl.commands import sample
 

@@ -109,7 +109,7 @@ def _check_keys(run_cfg: DictConfig, keys: list[str], saved: Path) -> None:
 
     replaced = {k for k in keys if k in GROUPS}  # keys of a group chosen anew are checked by Hydra, not here
     for k in keys:
-        if "." not in k or k.split(".")[0] in ("eval", "sample", "export", "check", "serve", *replaced):
+        if "." not in k or k.split(".")[0] in ("eval", "sample", "export", "check", "serve", "datagen", *replaced):
             continue
         if OmegaConf.select(run_cfg, k, default="__missing__") != "__missing__":
             continue

@@ -1,0 +1,75 @@
+"""`alignrl data`: datasets for the offline methods from a model and a reward."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from alignrl.datagen import rows_for_prompt
+from alignrl.imagedata import ImageDataset
+
+NAMES = ["a.png", "b.png", "c.png", "d.png"]
+
+
+def test_pairs_best_and_worst_or_all_above_the_margin():
+    s = np.array([0.2, 0.9, 0.5, 0.2])
+    rows = rows_for_prompt("pairs", "p", NAMES, s)
+    assert [(r["winner"], r["loser"]) for r in rows] == [("b.png", "d.png")]  # worst tie: the later one
+    every = rows_for_prompt("pairs", "p", NAMES, s, pairing="all", margin=0.35)
+    assert {(r["winner"], r["loser"]) for r in every} == {("b.png", "a.png"), ("b.png", "d.png"), ("b.png", "c.png")}
+    assert all(r["winner_score"] - r["loser_score"] >= 0.35 for r in every)
+    assert rows_for_prompt("pairs", "p", NAMES, np.full(4, 0.5)) == []  # all tied: no pair
+    assert rows_for_prompt("pairs", "p", NAMES, s, margin=0.8) == []
+
+
+def test_lists_labels_captions_and_non_finite_scores():
+    s = np.array([0.1, float("nan"), 0.7, 0.4])
+    lists = rows_for_prompt("lists", "p", NAMES, s, meta={"tag": "x"})
+    assert lists == [{"prompt": "p", "images": ["a.png", "c.png", "d.png"], "scores": [0.1, 0.7, 0.4], "tag": "x"}]
+    labels = rows_for_prompt("labels", "p", NAMES, np.array([0.1, 0.9, 0.7, 0.4]))
+    assert {r["image"]: r["label"] for r in labels} == {"b.png": 1, "c.png": 1, "a.png": 0, "d.png": 0}
+    quarter = rows_for_prompt("labels", "p", NAMES, np.array([0.1, 0.9, 0.7, 0.4]), label_fraction=0.25)
+    assert {r["image"]: r["label"] for r in quarter} == {"b.png": 1, "a.png": 0}
+    assert rows_for_prompt("labels", "p", NAMES, np.full(4, 0.3)) == []  # no gap between the halves
+    assert rows_for_prompt("captions", "p", NAMES, s) == [{"prompt": "p", "image": "c.png", "score": 0.7}]
+    assert rows_for_prompt("captions", "p", NAMES, np.full(4, np.nan)) == []  # all NaN
+
+
+def _data(tmp_path, out, *args):
+    from conftest import run_inprocess
+
+    return run_inprocess("data", "recipe=tiny_flowgrpo", f"out={out}", "samples_per_prompt=4", "progress=false",
+                         "backbone.resolution=32", *args, cwd=tmp_path)
+
+
+def test_data_command_writes_a_valid_dataset_and_resumes_to_the_same_rows(tmp_path):
+    whole = tmp_path / "whole"
+    proc = _data(tmp_path, whole, "num_prompts=4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ds = ImageDataset.load(whole / "pairs.jsonl", "pairs")
+    assert ds.validate()["images"] == 2 * len(ds) and 1 <= len(ds) <= 4
+    assert all(r.scores[0] > r.scores[1] for r in ds.rows)  # winner first, by the reward
+    assert len(list((whole / "images").glob("*.png"))) == 16
+    # an interrupted run (2 prompts) continued to 4 ends with the rows of the uninterrupted one
+    part = tmp_path / "part"
+    assert _data(tmp_path, part, "num_prompts=2").returncode == 0
+    assert _data(tmp_path, part, "num_prompts=4").returncode == 0
+    assert (part / "pairs.jsonl").read_text() == (whole / "pairs.jsonl").read_text()
+    assert json.loads((part / "progress.json").read_text())["prompts_done"] == 4
+    # the same directory with another setting is refused, in one line
+    proc = _data(tmp_path, part, "num_prompts=4", "kind=lists")
+    assert proc.returncode != 0 and "written with other settings (kind)" in proc.stderr
+    proc = _data(tmp_path, tmp_path / "x", "kind=triples")
+    assert proc.returncode != 0 and "kind='triples' is not known" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["lists", "labels", "captions"])
+def test_data_command_writes_every_kind(tmp_path, kind):
+    out = tmp_path / kind
+    proc = _data(tmp_path, out, "num_prompts=2", f"kind={kind}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ds = ImageDataset.load(out / f"{kind}.jsonl", kind)
+    ds.validate()
+    assert len(ds) >= 1
