@@ -407,3 +407,63 @@ def test_the_readme_walk_through_adds_a_method_outside_the_package(tmp_path, mon
     # without the config directory the recipe is unknown, in one line
     proc = run_inprocess("train", "recipe=tiny_rollout_rwr", f"run_dir={tmp_path / 'other'}")
     assert proc.returncode != 0 and "unknown recipe 'tiny_rollout_rwr'" in proc.stderr
+
+
+def test_layers_import_downward_only():
+    """algorithms sit below training (the loop calls them, never the other way); sampling and backbones below
+    both. A module of a lower layer importing a higher one fails here, naming the import."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "alignrl"
+    forbidden = {
+        "sampling": ("alignrl.algorithms", "alignrl.training", "alignrl.commands", "alignrl.cli", "alignrl.eval"),
+        "algorithms": ("alignrl.training", "alignrl.commands", "alignrl.cli", "alignrl.eval", "alignrl.policy"),
+        "backbones": ("alignrl.algorithms", "alignrl.training", "alignrl.commands", "alignrl.cli"),
+    }
+    bad = []
+    for layer, banned in forbidden.items():
+        for f in sorted((root / layer).glob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                bad += [f"{layer}/{f.name} imports {n}" for n in names if n.startswith(banned)]
+    assert not bad, bad
+
+
+def test_online_dpo_gradient_equals_the_pair_loss_gradient():
+    """The two-pass step (errors summed into a per-prompt table, then coefficient-weighted errors) has the
+    gradient of the DPO loss of each group's best and worst image computed directly."""
+    from alignrl.algorithms.preference import OnlineDPO, dpo_loss
+
+    backbone = FakeBackbone(0.4)
+    batch = transitions_batch(backbone, n=6, trained=())
+    batch.prompt_ids = np.array([0, 0, 0, 1, 1, 1])  # two groups of three
+    batch.rewards = np.array([0.2, 0.9, 0.5, 0.3, 0.3, 0.1])  # group 0: 1 beats 0; group 1: 0 (first of the tie) beats 2
+    algo = OnlineDPO(group_size=3, beta=20.0)
+    res = algo.advantages(batch.rewards, batch.prompt_ids)
+    assert res.advantages.tolist() == [-1, 1, 0, 1, 0, -1] and res.keep.tolist() == [1, 1, 0, 1, 0, 1]
+    adv = Advantages(res.advantages, res.keep, np.zeros(0), np.zeros(0, bool), {})
+    grads = []
+    ctx, _ = make_context(backbone, reference_w=0.1, lr=0.0)
+    inner_step = ctx.optimizer_step
+    ctx.optimizer_step = lambda: (grads.append(backbone.denoiser.w.grad.clone()), inner_step())[1]
+    out = algo.train_step(batch, adv, ctx)
+    # the same loss written out: the pair's shared (t, eps), policy and reference errors
+    schedule = backbone.make_schedule(1000)
+    idx, eps = algo._draws(ctx, batch, tuple(batch.leaf_x0.shape[1:]))
+    ref = ScalarDenoiser(0.1)
+    w = backbone.denoiser.w
+    losses = []
+    for win, lose in ((1, 0), (3, 5)):
+        def err(i, model):
+            sig, ts = schedule.sigmas[idx[i, 0]], schedule.timesteps[idx[i, 0]]
+            x0 = batch.leaf_x0[i:i + 1]
+            x_t = FLOW.add_noise(x0, eps[i:i + 1, 0], sig)
+            return ((model.w * x_t - FLOW.target(x0, eps[i:i + 1, 0], sig)) ** 2).mean().reshape(1)
+        loss, _ = dpo_loss(err(win, backbone.denoiser), err(lose, backbone.denoiser), err(win, ref).detach(),
+                           err(lose, ref).detach(), algo.beta)
+        losses.append(loss)
+    direct = torch.autograd.grad(torch.cat(losses).sum() / 2, w)[0]
+    assert torch.allclose(grads[0], direct, rtol=1e-5), (grads[0], direct)
+    assert out["policy_loss"] == pytest.approx(float(torch.cat(losses).detach().mean()), rel=1e-5)

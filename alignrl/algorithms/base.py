@@ -134,6 +134,8 @@ class StepContext:
     predict_reference: Callable[..., torch.Tensor]  # like backbone.predict, with the frozen reference, no grad
     old_policy_weights: Callable[[], ContextManager]  # the weights that drew the rollouts (EMA for NFT)
     summarise: Callable[[dict, int, float, list], dict]
+    rank: int = 0
+    world_size: int = 1
 
 
 @runtime_checkable

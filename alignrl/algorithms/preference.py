@@ -32,9 +32,11 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from alignrl.algorithms.advantages import AdvantageResult
 from alignrl.errors import ConfigError
 from alignrl.sampling.kernels import mean_over_dims
 from alignrl.sampling.parameterisation import TIME_SAMPLINGS, sample_t
@@ -396,3 +398,220 @@ class SFT(OfflineMethod):
 
     def row_losses(self, batch, rows, e_th, e_ref, extra):
         return e_th[:, 0], {}
+
+
+# ------------------------------------------------------------------------------------------------ online
+@dataclass
+class _OnlineFinal:
+    """Shared by the online methods that train on the rollouts' final latents with fresh (time, noise) draws.
+
+    Draws are keyed by (seed, iteration, prompt id): the images of one prompt's group share them, wherever the
+    group's images landed (each prompt appears in one group per iteration)."""
+
+    name: str = "online"
+    group_size: int = 8
+    lr: float = 3e-4
+    beta: float = 100.0
+    time_sampling: str = "logit_normal"
+    draws_per_sample: int = 1
+
+    batch_kind: ClassVar[str] = "final_latents"
+    _diag_keys: ClassVar[tuple] = ("policy_loss",)
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"algorithm.lr must be > 0, got {self.lr}")
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise ConfigError(f"algorithm.time_sampling='{self.time_sampling}' is not known; use "
+                              f"{' or '.join(TIME_SAMPLINGS)}")
+        if self.draws_per_sample < 1:
+            raise ConfigError(f"algorithm.draws_per_sample must be >= 1, got {self.draws_per_sample}")
+
+    @property
+    def rollout_weights(self) -> str:
+        return "live"
+
+    @property
+    def diagnostics(self) -> tuple[str, ...]:
+        return self._diag_keys
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+    def _draws(self, ctx, batch, shape):
+        from alignrl.sampling.engine import sample_generators
+
+        prompt_ids = [int(p) for p in batch.prompt_ids[batch.leaf_root.numpy()]]
+        n = self.draws_per_sample
+        idx = torch.empty((len(prompt_ids), n), dtype=torch.long)
+        eps = torch.empty((len(prompt_ids), n, *shape))
+        for i, g in enumerate(sample_generators(ctx.seed * 17 + 3, ctx.iteration, prompt_ids)):
+            idx[i] = torch.clamp((sample_t(n, g, kind=self.time_sampling) * 1000).long(), 0, 999)
+            eps[i] = torch.randn((n, *shape), generator=g)
+        return idx, eps
+
+    def _errors(self, ctx, schedule, x0, prompts, idx, eps, reference: bool):
+        backbone = ctx.backbone
+        param = backbone.parameterisation
+        sigma, timestep = schedule.sigmas[idx.to(ctx.device)], schedule.timesteps[idx.to(ctx.device)]
+        x_t = param.add_noise(x0, eps, sigma)
+        target = param.target(x0, eps, sigma)
+        cond = backbone.encode_prompts(prompts)
+        with ctx.autocast():
+            pred = backbone.predict(x_t, timestep, cond, 1.0)
+        e_th = mean_over_dims((pred.float() - target) ** 2)
+        e_ref = None
+        if reference:
+            with torch.no_grad():
+                e_ref = mean_over_dims((ctx.predict_reference(x_t, timestep, cond, 1.0).float() - target) ** 2)
+        return e_th, e_ref
+
+
+@dataclass
+class OnlineDPO(_OnlineFinal):
+    """DPO on the rollouts: each prompt's best and worst image of the group (by the reward, over all ranks; a
+    tied group gives no pair) with one (t, eps) per pair, against the frozen initial model (Flow-DPO's online
+    form). A pair's images may sit on different ranks: their errors are summed into a per-prompt table over all
+    ranks (no gradient), which gives each image its loss coefficient; the gradient pass then weights each image's
+    error by it. That costs one extra forward per image and uses the errors before the iteration's first
+    optimizer step (exact with updates_per_iteration 1, the reference's single accumulated update)."""
+
+    name: str = "online_dpo"
+
+    _diag_keys: ClassVar[tuple] = ("policy_loss", "implicit_acc")
+
+    @property
+    def needs_reference(self) -> bool:
+        return True
+
+    def advantages(self, rewards, keys, per_reward=None, weights=None) -> AdvantageResult:
+        rewards = np.asarray(rewards, dtype=np.float64)
+        keys = np.asarray(keys)
+        adv = np.zeros(len(rewards))
+        keep = np.zeros(len(rewards), dtype=bool)
+        tied = 0
+        groups = np.unique(keys)
+        for k in groups:
+            members = np.nonzero((keys == k) & np.isfinite(rewards))[0]
+            if len(members) < 2 or np.ptp(rewards[members]) == 0:
+                tied += 1
+                continue
+            order = members[np.argsort(-rewards[members], kind="stable")]
+            adv[order[0]], adv[order[-1]] = 1.0, -1.0
+            keep[order[0]] = keep[order[-1]] = True
+        return AdvantageResult(adv, keep, {"tied_group_frac": tied / max(len(groups), 1),
+                                           "kept_frac": float(keep.mean()) if len(keep) else 0.0})
+
+    def train_step(self, batch, adv, ctx) -> dict:
+        if not batch.plan.is_linear or adv.leaf is None:
+            raise ConfigError(f"algorithm '{self.name}' trains on final images: use a linear sampler plan")
+        schedule = ctx.backbone.make_schedule(1000)
+        x0 = batch.leaf_x0.float()
+        idx, eps = self._draws(ctx, batch, tuple(x0.shape[1:]))
+        eps = eps.to(ctx.device)
+        mine = np.nonzero(adv.leaf_keep)[0]
+        prompt_ids = batch.prompt_ids[batch.leaf_root.numpy()]
+        n_prompts = int(ctx.all_reduce_sum(torch.tensor([float(prompt_ids.max(initial=0) + 1)],
+                                                        device=ctx.device)).item())  # a bound on the ids
+        # (prompt, winner/loser, draw, [e_th, e_ref, scored]) over all ranks, before any update
+        table = torch.zeros((n_prompts, 2, self.draws_per_sample, 3), dtype=torch.float64, device=ctx.device)
+        ctx.denoiser.eval()
+        with torch.no_grad():
+            for mb in torch.as_tensor(mine, dtype=torch.long).split(ctx.train_batch_size):
+                prompts = [batch.prompts[int(batch.leaf_root[i])] for i in mb]
+                for d in range(self.draws_per_sample):
+                    e_th, e_ref = self._errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
+                                               eps[mb.to(ctx.device), d], True)
+                    for j, i in enumerate(mb.tolist()):
+                        slot = 0 if adv.leaf[i] > 0 else 1
+                        table[int(prompt_ids[i]), slot, d] = torch.stack([e_th[j], e_ref[j],
+                                                                          torch.ones_like(e_th[j])]).double()
+        table = ctx.all_reduce_sum(table)
+        paired = (table[:, 0, 0, 2] > 0) & (table[:, 1, 0, 2] > 0)  # both images of the pair were scored
+        d_w = table[:, 0, :, 0] - table[:, 0, :, 1]
+        d_l = table[:, 1, :, 0] - table[:, 1, :, 1]
+        inside = -(self.beta / 2) * (d_w - d_l)  # (prompts, draws)
+        coef = (self.beta / 2) * torch.sigmoid(-inside)  # dL/de_th(w); the loser's is its negative
+        pairs = int(paired.sum())
+        loss_sum = float(F.softplus(-inside)[paired].sum())
+        acc_sum = float(((inside > 0).double() + 0.5 * (inside == 0).double())[paired].sum())
+        ctx.denoiser.train()
+        total = max(pairs * self.draws_per_sample, 1)
+        grad_norms = []
+        for epoch in range(ctx.inner_epochs):
+            for chunk in ctx.update_chunks(batch.global_index, epoch):
+                rows = [i for i in chunk.tolist() if adv.leaf_keep[i]]
+                if int(ctx.all_reduce_sum(torch.tensor([float(len(rows))], device=ctx.device)).item()) == 0:
+                    continue
+                for mb in torch.as_tensor(rows, dtype=torch.long).split(ctx.train_batch_size):
+                    prompts = [batch.prompts[int(batch.leaf_root[i])] for i in mb]
+                    sign = torch.tensor([1.0 if adv.leaf[i] > 0 else -1.0 for i in mb.tolist()], device=ctx.device)
+                    ok = paired[torch.as_tensor(prompt_ids[mb.numpy()], device=ctx.device)].float()
+                    for d in range(self.draws_per_sample):
+                        e_th, _ = self._errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
+                                               eps[mb.to(ctx.device), d], False)
+                        c = coef[torch.as_tensor(prompt_ids[mb.numpy()], device=ctx.device), d].float()
+                        ctx.backward((sign * c * ok * e_th).sum() / total)
+                grad_norms.append(ctx.optimizer_step())
+        # the pair sums are global already (from the reduced table): rank 0 reports them, the others nothing
+        first = ctx.rank == 0
+        return ctx.summarise({"policy_loss": loss_sum if first else 0.0, "implicit_acc": acc_sum if first else 0.0},
+                             pairs * self.draws_per_sample if first else 0, 0.0, grad_norms)
+
+
+@dataclass
+class FlowRWR(_OnlineFinal):
+    """Reward-weighted regression on the rollouts: the flow-matching loss of each image weighted by
+    ``exp(r / beta)`` normalised to mean 1 over the iteration's images on all ranks (``rwr_weights``); no
+    reference. ``beta`` is the temperature (small: close to training on the best images only)."""
+
+    name: str = "flow_rwr"
+    beta: float = 1.0
+
+    _diag_keys: ClassVar[tuple] = ("policy_loss", "weight_max")
+
+    @property
+    def needs_reference(self) -> bool:
+        return False
+
+    def advantages(self, rewards, keys, per_reward=None, weights=None) -> AdvantageResult:
+        rewards = np.asarray(rewards, dtype=np.float64)
+        ok = np.isfinite(rewards)
+        w = np.zeros(len(rewards))
+        if ok.any():
+            w[ok] = rwr_weights(torch.as_tensor(rewards[ok]), self.beta).numpy()
+        return AdvantageResult(w, ok, {"weight_max": float(w.max(initial=0.0)), "kept_frac": float(ok.mean())})
+
+    def train_step(self, batch, adv, ctx) -> dict:
+        if not batch.plan.is_linear or adv.leaf is None:
+            raise ConfigError(f"algorithm '{self.name}' trains on final images: use a linear sampler plan")
+        schedule = ctx.backbone.make_schedule(1000)
+        x0 = batch.leaf_x0.float()
+        idx, eps = self._draws(ctx, batch, tuple(x0.shape[1:]))
+        eps = eps.to(ctx.device)
+        w_all = torch.as_tensor(adv.leaf, dtype=torch.float32, device=ctx.device)
+        ctx.denoiser.train()
+        sums = {"policy_loss": 0.0, "weight_max": 0.0}
+        count, grad_norms = 0, []
+        for epoch in range(ctx.inner_epochs):
+            for chunk in ctx.update_chunks(batch.global_index, epoch):
+                rows = torch.as_tensor([i for i in chunk.tolist() if adv.leaf_keep[i]], dtype=torch.long)
+                total = float(ctx.all_reduce_sum(torch.tensor([float(len(rows) * self.draws_per_sample)],
+                                                              device=ctx.device)).item())
+                if total == 0:
+                    continue
+                for mb in rows.split(ctx.train_batch_size):
+                    prompts = [batch.prompts[int(batch.leaf_root[i])] for i in mb]
+                    for d in range(self.draws_per_sample):
+                        e_th, _ = self._errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
+                                               eps[mb.to(ctx.device), d], False)
+                        loss = w_all[mb.to(ctx.device)] * e_th
+                        ctx.backward(loss.sum() / total)
+                        sums["policy_loss"] += float(loss.detach().sum())
+                        sums["weight_max"] += float(w_all[mb.to(ctx.device)].max()) * len(mb)
+                        count += len(mb)
+                grad_norms.append(ctx.optimizer_step())
+        return ctx.summarise(sums, count, 0.0, grad_norms)

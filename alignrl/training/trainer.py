@@ -429,7 +429,7 @@ class Trainer:
             update_chunks=lambda global_index, epoch: self._update_chunks(
                 global_index, self.layout["updates_per_iteration"], epoch),
             predict_reference=self._predict_reference, old_policy_weights=self._old_policy_weights,
-            summarise=self._update_summary,
+            summarise=self._update_summary, rank=self.rank, world_size=self.world,
         )
 
     @torch.no_grad()
