@@ -117,3 +117,17 @@ def test_offline_two_processes_match_one(tmp_path, datasets):
     assert m1[0]["policy_loss"] == pytest.approx(m2[0]["policy_loss"], rel=1e-5)
     a, b = _weights(one, 2), _weights(two, 2)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("method", ["online_dpo", "flow_rwr"])
+def test_online_final_image_twins_raise_their_reward(tmp_path, method):
+    """Online DPO and Flow-RWR on the tiny task's own rollouts: the eval reward rises by more than its noise."""
+    run = tmp_path / "run"
+    proc = run_inprocess("train", f"recipe=tiny_{method}", f"run_dir={run}", "trainer.max_steps=30",
+                         "trainer.eval_at_start=true", "trainer.eval_every=30", "trainer.checkpoint_every=0", *QUIET,
+                         cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [r for r in _metrics(run) if "eval/reward_mean" in r]
+    first, last = evals[0]["eval/reward_mean"], evals[-1]["eval/reward_mean"]
+    noise = evals[0]["eval/reward_std"] / np.sqrt(16)
+    assert last - first > 2 * noise, (method, first, last, noise)

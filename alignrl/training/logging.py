@@ -28,7 +28,7 @@ from alignrl.training.checkpoint import atomic_write_text
 WANDB_MODES = ("online", "offline", "disabled", "shared")
 # (label, metric) shown in the progress bar and progress lines; approx_kl stands in when kl is not logged
 PROGRESS_KEYS = (("reward", "reward_mean"), ("kl", "kl"), ("approx_kl", "approx_kl"), ("clip", "clipfrac"),
-                 ("lr", "lr"), ("eval", "eval/reward_mean"))
+                 ("acc", "implicit_acc"), ("epoch", "epoch"), ("lr", "lr"), ("eval", "eval/reward_mean"))
 
 
 def _clean(v):
