@@ -36,8 +36,8 @@ from alignrl.imagedata import ImageDataset, LatentCache
 from alignrl.rewards.base import WeightedReward
 from alignrl.rewards.runner import AsyncRewardRunner
 from alignrl.runs import read_json
-from alignrl.sampling.engine import rollout, sample_generators
 from alignrl.training import checkpoint as ckpt
+from alignrl.training.collect import RolloutCollector, StopRequested, iteration_generator
 from alignrl.training.ema import EMA
 from alignrl.training.logging import MetricsLogger
 from alignrl.training.lora import (load_trainable_file, lora_export, named_trainable, reference_context,
@@ -46,8 +46,7 @@ from alignrl.training.sampler import DatasetSampler, KRepeatPromptSampler, balan
 from alignrl.training.trainer_config import TrainerConfig
 
 
-class _StopNow(Exception):
-    """A stop was requested mid-iteration; the iteration is abandoned before its update."""
+_StopNow = StopRequested  # a stop was requested mid-iteration (raised before any update)
 
 
 _early_stop_signals: list[int] = []
@@ -192,6 +191,12 @@ class Trainer:
                               "trainer.ema.enabled=true, or algorithm.old_policy=sampling")
 
         self.reward_runner = AsyncRewardRunner(self.reward, tcfg.reward_workers)
+        self.collector = None if self.offline else RolloutCollector(
+            backbone=self.backbone, denoiser=self.denoiser, planner=self.planner, prompts=self.train_prompts,
+            sampler=self.batch_sampler, reward_runner=self.reward_runner, seed=self.seed, device=self.device,
+            rollout_batch_size=self.layout["rollout_batch_size"],
+            keep_final_latents=self.algorithm.batch_kind == "final_latents", autocast=self.autocast,
+            rollout_weights=self._old_policy_weights, stop_requested=self._stop_agreed, sync=self._sync)
         self.optimizer_steps = 0
         try:
             self._resume()
@@ -224,7 +229,7 @@ class Trainer:
         return float(t.item())
 
     def _iteration_generator(self, *salt: int) -> torch.Generator:
-        return torch.Generator().manual_seed(hash((self.seed, self.iteration) + salt) & 0x7FFF_FFFF)
+        return iteration_generator(self.seed, self.iteration, *salt)
 
     # ------------------------------------------------------------------ rollout
     def _old_policy_weights(self):
@@ -233,51 +238,9 @@ class Trainer:
             return self.ema.swapped()
         return nullcontext()
 
-    @torch.no_grad()
     def collect(self) -> RolloutBatch:
-        slots = self.batch_sampler.rank_slots(self.iteration)
-        bs = self.layout["rollout_batch_size"]
-        plan_gen = self._iteration_generator(1)  # same on every rank: plans agree across ranks
-        self.planner.begin_iteration(self.iteration, plan_gen)
-        self.denoiser.eval()
-        parts, futures = [], []
-        plan0 = None
-        keep_x0 = self.algorithm.batch_kind == "final_latents"
-        for start in range(0, len(slots), bs):
-            chunk = slots[start:start + bs]
-            prompts = [self.train_prompts.prompts[s.prompt_id] for s in chunk]
-            meta = [self.train_prompts.metadata[s.prompt_id] for s in chunk]
-            cond = self.backbone.encode_prompts(prompts)
-            plan = self.planner.plan(plan_gen)
-            if plan0 is None:
-                plan0 = plan
-            elif (plan.base_steps, plan.guidance_scale, plan.leaves_per_root) != \
-                    (plan0.base_steps, plan0.guidance_scale, plan0.leaves_per_root):
-                raise ConfigError("the plans of one iteration must share schedule length, guidance and leaves per root")
-            gens = sample_generators(self.seed, self.iteration, [s.global_index for s in chunk], self.device)
-            with self.autocast(), self._old_policy_weights():
-                out = rollout(self.backbone, plan, cond, gens)
-            if not out.records and not keep_x0:
-                raise ConfigError(f"plan '{plan.name}' trains no step; check the sampler's trained steps")
-            images = self.backbone.decode(out.final)
-            leaf_idx = out.leaf_root.cpu().tolist()
-            futures.append(self.reward_runner.submit(  # scored while the next batch samples
-                images, [prompts[i] for i in leaf_idx], [meta[i] for i in leaf_idx]))
-            parts.append((out, start, images if start == 0 else None))
-            if start + bs < len(slots) and self._stop_agreed():
-                raise _StopNow
-        self._sync()
-        t_wait = time.perf_counter()
-        results = [f.result() for f in futures]  # RewardError propagates with the reward's name
-        self.timing["reward_wait"] = time.perf_counter() - t_wait
-        batch = self._flatten(parts, slots, plan0, keep_x0)
-        batch.rewards = np.concatenate([r[0] for r in results])
-        names = results[0][1].get("per_reward", {}).keys()
-        batch.per_reward = {n: np.concatenate([r[1]["per_reward"][n] for r in results]) for n in names}
-        for r in results:
-            for k, v in r[1].items():
-                if k != "per_reward" and isinstance(v, (int, float)):
-                    batch.reward_info.setdefault(k, []).append(float(v))
+        """This rank's rollouts of the iteration, scored (``RolloutCollector``); raises ``_StopNow`` on a stop."""
+        batch, self.timing["reward_wait"] = self.collector.collect(self.iteration)
         return batch
 
     @torch.no_grad()
@@ -296,75 +259,6 @@ class Trainer:
                             latents=latents.view(len(rows), k, *latents.shape[1:]),
                             global_index=np.array([s.global_index for s in slots]),
                             row_ids=np.array([s.prompt_id for s in slots]), scores=scores, labels=labels)
-
-    def _flatten(self, parts, slots, plan, keep_x0: bool) -> RolloutBatch:
-        """Concatenate the rollout batches into flat roots, leaves and transitions (local indices)."""
-        per_root = plan.leaves_per_root
-        cols = {k: [] for k in ("x", "next_x", "logp_old", "mean_old", "t_from", "t_to", "t_root", "t_leaf_lo",
-                                "t_leaf_count", "t_key", "t_weight", "std")}
-        specs = []
-        leaf_root, x0, path, tag = [], [], [], []
-        for out, root_offset, _ in parts:
-            leaf_offset = root_offset * per_root
-            leaf_root.append(out.leaf_root + root_offset)
-            if keep_x0:
-                x0.append(out.final)
-            path.append(out.leaf_path_logp if out.leaf_path_logp is not None else torch.zeros(len(out.leaf_root)))
-            tag.append(out.leaf_tag if out.leaf_tag is not None else torch.zeros(len(out.leaf_root), dtype=torch.long))
-            for r in out.records:
-                n = r.x.shape[0]
-                full = lambda v, dtype=torch.long: torch.full((n,), v, dtype=dtype, device=r.x.device)  # noqa: E731
-                cols["x"].append(r.x)
-                cols["next_x"].append(r.next_x)
-                cols["logp_old"].append(r.logp_old)
-                cols["mean_old"].append(r.mean_old)
-                cols["t_from"].append(full(r.step))
-                cols["t_to"].append(full(r.step_to))
-                cols["t_root"].append(r.root + root_offset)
-                cols["t_leaf_lo"].append(r.leaf_lo + leaf_offset)
-                cols["t_leaf_count"].append(full(r.leaf_count))
-                cols["t_key"].append(full(r.node_key))
-                cols["t_weight"].append(full(r.spec.loss_weight, torch.float32))
-                cols["std"].append(full(float(r.std), torch.float32))
-                specs += [r.spec] * n
-        cat = {k: (torch.cat(v) if v else None) for k, v in cols.items()}
-        if plan.noise_aware_weight and cat["std"] is not None:  # TempFlow: weight by the step's noise, mean 1
-            cat["t_weight"] = cat["t_weight"] * cat["std"] / cat["std"].mean()
-        if plan.sample_fraction is not None and cat["t_root"] is not None:
-            keep = self._sample_subset(cat["t_root"], cat["t_from"], slots, plan.sample_fraction)
-            cat = {k: (v[keep] if v is not None else None) for k, v in cat.items()}
-            specs = [specs[i] for i in torch.nonzero(keep).flatten().tolist()]
-        empty = torch.zeros(0, dtype=torch.long)
-        return RolloutBatch(
-            prompts=[self.train_prompts.prompts[s.prompt_id] for s in slots],
-            prompt_ids=np.array([s.prompt_id for s in slots]),
-            global_index=np.array([s.global_index for s in slots]),
-            plan=plan, leaf_root=torch.cat(leaf_root).cpu(), leaves_per_root=per_root,
-            leaf_x0=torch.cat(x0) if keep_x0 else None, leaf_path_logp=torch.cat(path).cpu(),
-            leaf_tag=torch.cat(tag).cpu(),
-            x=cat["x"], next_x=cat["next_x"], logp_old=cat["logp_old"], mean_old=cat["mean_old"],
-            t_from=cat["t_from"].cpu() if cat["t_from"] is not None else empty,
-            t_to=cat["t_to"].cpu() if cat["t_to"] is not None else empty, t_spec=specs,
-            t_root=cat["t_root"].cpu() if cat["t_root"] is not None else empty,
-            t_leaf_lo=cat["t_leaf_lo"].cpu() if cat["t_leaf_lo"] is not None else empty,
-            t_leaf_count=cat["t_leaf_count"].cpu() if cat["t_leaf_count"] is not None else empty,
-            t_key=cat["t_key"].cpu() if cat["t_key"] is not None else empty,
-            t_weight=cat["t_weight"].cpu() if cat["t_weight"] is not None else torch.zeros(0),
-            preview=parts[0][2],
-        )
-
-    def _sample_subset(self, t_root, t_from, slots, fraction: float) -> torch.Tensor:
-        """DanceGRPO: each sample keeps a random ``fraction`` of its trained steps, drawn from a generator keyed
-        by (seed, iteration, global sample index), so the choice does not depend on batching or ranks."""
-        keep = torch.zeros(len(t_root), dtype=torch.bool)
-        t_root = t_root.cpu()
-        for r in torch.unique(t_root).tolist():
-            rows = torch.nonzero(t_root == r).flatten()
-            rows = rows[torch.argsort(t_from[rows].cpu())]
-            n = max(1, int(len(rows) * fraction))
-            g = sample_generators(self.seed * 7 + 3, self.iteration, [slots[r].global_index])[0]
-            keep[rows[torch.randperm(len(rows), generator=g)[:n]]] = True
-        return keep
 
     # ------------------------------------------------------------------ advantages
     def advantages(self, batch: RolloutBatch) -> Advantages:
