@@ -131,7 +131,6 @@ def load_policy(source: RunSource, device, weights: str = "ema"):
     Returns ``(backbone, description)``; LoRA stays as adapter layers (``merge_lora`` folds it in).
     """
     from alignrl.components import as_dict, build_backbone
-    from alignrl.training.lora import load_trainable_file, setup_trainable
 
     if weights not in WEIGHTS:
         raise ConfigError(f"weights='{weights}' is not known; use ema or live")
@@ -153,8 +152,7 @@ def load_policy(source: RunSource, device, weights: str = "ema"):
     if path is None:
         return backbone, "base model"
     text_mode = str(state.get("text_encoder", cfg.trainer.get("text_encoder", "frozen")))
-    names = setup_trainable(backbone, finetune, as_dict(cfg.trainer.get("lora")), text_mode)
-    load_trainable_file(backbone, names, file)
+    Policy(backbone, finetune, as_dict(cfg.trainer.get("lora")), text_mode).load_trainable(file)
     backbone.transformer.requires_grad_(False).eval()
     if finetune == "full":
         _to_backbone_dtype(backbone)  # training kept fp32 master weights; inference needs none
@@ -183,3 +181,94 @@ def merge_lora(backbone) -> None:
     transformer.fuse_lora()
     transformer.unload_lora()
     _to_backbone_dtype(backbone)
+
+
+class Policy:
+    """The model a run trains and every command uses: the backbone, its trainable parameters (the LoRA adapter or
+    the whole denoiser, and the text encoder when it trains), their EMA, and the frozen reference.
+
+    Training builds it with ``Policy.for_training``; ``alignrl eval``, ``sample``, ``data`` and ``export`` load a
+    checkpoint's weights into one (``load_policy``). The reference is the base model: for LoRA the same network
+    with the adapter disabled (no copy), for full fine-tuning a frozen copy made before training.
+    """
+
+    def __init__(self, backbone, finetune: str, lora: dict, text_encoder: str = "frozen", *, ema=None,
+                 reference: bool = False, gradient_checkpointing: bool = False):
+        from alignrl.training.ema import EMA
+        from alignrl.training.lora import named_trainable, setup_trainable
+
+        self.backbone = backbone
+        self.denoiser = backbone.transformer
+        self.finetune = finetune
+        self.text_encoder = text_encoder
+        self.trainable_names = setup_trainable(backbone, finetune, dict(lora or {}), text_encoder)
+        self.params = named_trainable(backbone, self.trainable_names)
+        if gradient_checkpointing:
+            self.denoiser.enable_gradient_checkpointing()
+        self.reference_denoiser = None
+        if reference and finetune == "full":
+            import copy
+
+            self.reference_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+        self.has_reference = reference
+        self.ema = EMA(self.params, ema.decay, ema.update_every) if ema is not None and ema.enabled else None
+
+    @classmethod
+    def for_training(cls, backbone, settings, needs_reference: bool) -> "Policy":
+        """From the typed trainer settings (``alignrl/training/trainer_config.py``)."""
+        import dataclasses
+
+        return cls(backbone, settings.finetune, dataclasses.asdict(settings.lora), settings.text_encoder,
+                   ema=settings.ema, reference=needs_reference, gradient_checkpointing=settings.gradient_checkpointing)
+
+    def ema_weights(self):
+        """The EMA weights swapped in (restored on exit); the live ones when the run keeps no EMA."""
+        from contextlib import nullcontext
+
+        return self.ema.swapped() if self.ema is not None else nullcontext()
+
+    def weights(self, which: str):
+        """A context with ``live`` (nothing to do) or ``ema`` weights in place (the rollout weights of NFT)."""
+        from contextlib import nullcontext
+
+        if which == "ema":
+            if self.ema is None:
+                raise ConfigError("the EMA weights were asked for, but trainer.ema.enabled=false")
+            return self.ema.swapped()
+        if which != "live":
+            raise ConfigError(f"policy weights '{which}' are not known; use live or ema")
+        return nullcontext()
+
+    def predict_reference(self, x, timestep, cond, guidance_scale, autocast=None):
+        """The frozen reference's prediction (no gradient)."""
+        import torch
+        from contextlib import nullcontext
+
+        from alignrl.training.lora import reference_context
+
+        ref = self.reference_denoiser
+        ctx = reference_context(self.denoiser, self.finetune) if ref is None else nullcontext()
+        with torch.no_grad(), ctx, (autocast() if autocast else nullcontext()):
+            return self.backbone.predict(x, timestep, cond, guidance_scale, transformer=ref)
+
+    def trainable_state(self) -> dict:
+        """The trainable tensors by name, on the CPU (what ``trainable.safetensors`` holds)."""
+        return {n: p.detach().cpu().contiguous() for n, p in zip(self.trainable_names, self.params)}
+
+    def load_trainable(self, file) -> None:
+        from alignrl.training.lora import load_trainable_file
+
+        load_trainable_file(self.backbone, self.trainable_names, file)
+
+    def export_lora(self, directory) -> None:
+        """The adapter (EMA weights when the run keeps an EMA) in diffusers' LoRA format."""
+        from alignrl.training.lora import lora_export
+
+        with self.ema_weights():
+            state, meta = lora_export(self.denoiser)
+        self.backbone.save_lora(str(directory), state, meta)
+
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self.params)
+        return (f"{self.backbone.describe()}; {len(self.trainable_names)} trainable tensors ({n / 1e6:.3f}M params, "
+                f"{self.finetune})")

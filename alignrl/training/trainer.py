@@ -10,7 +10,6 @@ and N processes give the result one process would with the same global batch.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -35,13 +34,11 @@ from alignrl.eval.report import save_grid
 from alignrl.imagedata import ImageDataset, LatentCache
 from alignrl.rewards.base import WeightedReward
 from alignrl.rewards.runner import AsyncRewardRunner
+from alignrl.policy import Policy
 from alignrl.runs import read_json
 from alignrl.training import checkpoint as ckpt
 from alignrl.training.collect import RolloutCollector, StopRequested, iteration_generator
-from alignrl.training.ema import EMA
 from alignrl.training.logging import MetricsLogger
-from alignrl.training.lora import (load_trainable_file, lora_export, named_trainable, reference_context,
-                                   setup_trainable)
 from alignrl.training.sampler import DatasetSampler, KRepeatPromptSampler, balance_strata
 from alignrl.training.trainer_config import TrainerConfig
 
@@ -155,25 +152,19 @@ class Trainer:
         self._max_nonfinite = tcfg.max_nonfinite_iterations
         self._resume_index = self._agreed_first_usable(0)  # checksums and headers, before the models load
 
+        self.finetune = tcfg.finetune
+        if tcfg.text_encoder != "frozen" and self.algorithm.needs_reference:
+            raise ConfigError(f"trainer.text_encoder={tcfg.text_encoder} with a KL or reference term (algorithm "
+                              f"{self.algorithm.name}) would need a frozen copy of the text encoder as reference; "
+                              f"set algorithm.beta=0 or trainer.text_encoder=frozen")
+
         # ---- models ----
         torch.manual_seed(self.seed)
         self.backbone = build_backbone(cfg, self.device)
         self.denoiser = self.backbone.transformer
-        self.finetune = tcfg.finetune
-        text_mode = tcfg.text_encoder
-        if text_mode != "frozen" and self.algorithm.needs_reference:
-            raise ConfigError(f"trainer.text_encoder={text_mode} with a KL or reference term (algorithm "
-                              f"{self.algorithm.name}) would need a frozen copy of the text encoder as reference; "
-                              f"set algorithm.beta=0 or trainer.text_encoder=frozen")
-        self.trainable_names = setup_trainable(self.backbone, self.finetune, dataclasses.asdict(tcfg.lora), text_mode)
-        self.params = named_trainable(self.backbone, self.trainable_names)
-        if tcfg.gradient_checkpointing:
-            self.denoiser.enable_gradient_checkpointing()
-        self.reference_denoiser = None
-        if self.algorithm.needs_reference and self.finetune == "full":
-            import copy
-
-            self.reference_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+        self.policy = Policy.for_training(self.backbone, tcfg, self.algorithm.needs_reference)
+        self.trainable_names, self.params = self.policy.trainable_names, self.policy.params
+        self.reference_denoiser, self.ema = self.policy.reference_denoiser, self.policy.ema
 
         opt = tcfg.optimizer
         self.optimizer = torch.optim.AdamW(self.params, lr=float(self.algorithm.lr), betas=tuple(opt.betas),
@@ -185,7 +176,6 @@ class Trainer:
             num_training_steps=self.max_steps * tcfg.optimizer_steps_per_iteration,
         )
         self.optimizer = acc.prepare_optimizer(self.optimizer)  # fp16 loss scaling when asked
-        self.ema = EMA(self.params, tcfg.ema.decay, tcfg.ema.update_every) if tcfg.ema.enabled else None
         if self.algorithm.rollout_weights == "ema" and self.ema is None:
             raise ConfigError(f"algorithm.old_policy=ema ({self.algorithm.name}) needs the EMA: set "
                               "trainer.ema.enabled=true, or algorithm.old_policy=sampling")
@@ -233,10 +223,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ rollout
     def _old_policy_weights(self):
-        """The EMA weights swapped in where the algorithm's old policy is the EMA (DiffusionNFT), else nothing."""
-        if self.algorithm.rollout_weights == "ema":
-            return self.ema.swapped()
-        return nullcontext()
+        """The weights that draw the rollouts: the EMA where the algorithm's old policy is the EMA (DiffusionNFT)."""
+        return self.policy.weights(self.algorithm.rollout_weights)
 
     def collect(self) -> RolloutBatch:
         """This rank's rollouts of the iteration, scored (``RolloutCollector``); raises ``_StopNow`` on a stop."""
@@ -329,10 +317,7 @@ class Trainer:
     @torch.no_grad()
     def _predict_reference(self, x, timestep, cond, guidance_scale):
         """The frozen reference's prediction: the base (adapter disabled, for LoRA) or a frozen copy."""
-        ref_model = self.reference_denoiser
-        ctx = reference_context(self.denoiser, self.finetune) if ref_model is None else nullcontext()
-        with ctx, self.autocast():
-            return self.backbone.predict(x, timestep, cond, guidance_scale, transformer=ref_model)
+        return self.policy.predict_reference(x, timestep, cond, guidance_scale, self.autocast)
 
     def _update_summary(self, sums: dict, count: int, ratio_dev: float, grad_norms: list) -> dict:
         keys = list(self.algorithm.diagnostics)  # the same keys on every rank, even one with no samples
@@ -603,8 +588,7 @@ class Trainer:
         the metrics ``eval/step_N.json``."""
         self.denoiser.eval()
         metrics, self.eval_grids = {}, {}
-        ctx = self.ema.swapped() if self.ema is not None else nullcontext()
-        with ctx:
+        with self.policy.ema_weights():
             results = {name: evaluator.run() for name, evaluator in self.evaluators.items()}
         for name, result in results.items():
             metrics.update(result.metrics)
@@ -631,8 +615,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.is_main:
             tmp = writer.tmp_dir(step)
-            save_file({n: p.detach().cpu().contiguous() for n, p in zip(self.trainable_names, self.params)},
-                      str(tmp / "trainable.safetensors"))
+            save_file(self.policy.trainable_state(), str(tmp / "trainable.safetensors"))
             if self.ema is not None:
                 save_file({k: v.cpu() for k, v in self.ema.state_tensors(self.trainable_names).items()},
                           str(tmp / "ema.safetensors"))
@@ -658,10 +641,7 @@ class Trainer:
 
     def export_lora(self, directory: Path) -> None:
         """Write the adapter (EMA weights when EMA is on) in diffusers' LoRA format."""
-        ctx = self.ema.swapped() if self.ema is not None else nullcontext()
-        with ctx:
-            state, meta = lora_export(self.denoiser)
-        self.backbone.save_lora(str(directory), state, meta)
+        self.policy.export_lora(directory)
 
     def _agreed_first_usable(self, start: int) -> int | None:
         """Index of the first resume candidate from ``start`` on that verifies (checksums, headers).
@@ -771,7 +751,7 @@ class Trainer:
         loaded["lr_scheduler"] = read("lr_scheduler.pt", ckpt.torch_load_trusted)
         rng_name = f"rng/rank_{self.rank}.pt"
         loaded["rng"] = read(rng_name, ckpt.torch_load_trusted) if (path / rng_name).is_file() else None
-        read("trainable.safetensors", lambda f: load_trainable_file(self.backbone, self.trainable_names, f))
+        read("trainable.safetensors", self.policy.load_trainable)
         if not self._params_finite():
             raise CheckpointError(f"{path / 'trainable.safetensors'} holds NaN/inf weights: resume from an earlier "
                                   f"checkpoint (resume=<run>/checkpoints/step_N)")
