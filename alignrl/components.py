@@ -24,6 +24,7 @@ ALGORITHMS = {
     "diffusion_kto": "alignrl.algorithms.preference:DiffusionKTO",
     "rankdpo": "alignrl.algorithms.preference:RankDPO",
     "sft": "alignrl.algorithms.preference:SFT",
+    "smpo": "alignrl.algorithms.preference:SmPO",
     "online_dpo": "alignrl.algorithms.preference:OnlineDPO",
     "flow_rwr": "alignrl.algorithms.preference:FlowRWR",
 }

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from alignrl.algorithms.advantages import AdvantageResult, batch_advantages
-from alignrl.algorithms.base import Advantages, Algorithm, RolloutBatch, StepContext
+from alignrl.algorithms.base import BATCH_KINDS, Advantages, Algorithm, RolloutBatch, StepContext
 from alignrl.backbones.base import Schedule
 from alignrl.components import ALGORITHMS, build_algorithm
 from alignrl.locate import locate
@@ -140,7 +140,7 @@ def logp_now(backbone, batch):
 def test_every_registered_algorithm_implements_the_protocol(name):
     algo = locate(ALGORITHMS[name])(name=name, group_size=4)
     assert isinstance(algo, Algorithm)
-    assert algo.batch_kind in ("transitions", "final_latents")
+    assert algo.batch_kind in BATCH_KINDS
     assert algo.rollout_weights in ("live", "ema")
 
 
@@ -467,3 +467,27 @@ def test_online_dpo_gradient_equals_the_pair_loss_gradient():
     direct = torch.autograd.grad(torch.cat(losses).sum() / 2, w)[0]
     assert torch.allclose(grads[0], direct, rtol=1e-5), (grads[0], direct)
     assert out["policy_loss"] == pytest.approx(float(torch.cat(losses).detach().mean()), rel=1e-5)
+
+
+def test_smpo_inversion_is_heun_on_the_coarse_grid_below_t_and_the_label_is_soft():
+    """v = w x: each grid step of length h multiplies x by 1 + h w + (h w)^2 / 2 (Euler plus one ReNoise
+    refinement); t = 0.5 on a 5-step grid stops at 0.4 (two steps). The loss is DPO's with the soft weight."""
+    from alignrl.algorithms.preference import SmPO, dpo_loss, smpo_soft_weight
+
+    backbone = FakeBackbone(0.3)
+    ctx, _ = make_context(backbone)
+    algo = SmPO(inversion_steps=5)
+    schedule = backbone.make_schedule(1000)
+    x0 = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    x_inv = algo._invert(ctx, schedule, x0, None, torch.tensor([0.5, 0.1]))
+    factor = 1 + 0.2 * 0.3 + (0.2 * 0.3) ** 2 / 2
+    torch.testing.assert_close(x_inv[0], x0[0] * factor**2)
+    torch.testing.assert_close(x_inv[1], x0[1])  # t = 0.1: no grid step below it
+    scores = torch.tensor([[0.25, 0.15]])
+    batch = SimpleNamespace(scores=scores)
+    e_th, e_ref = torch.tensor([[0.2, 0.4]]), torch.tensor([[0.3, 0.3]])
+    loss, diag = algo.row_losses(batch, torch.tensor([0]), e_th, e_ref, {})
+    w = smpo_soft_weight(scores[:, 0], scores[:, 1])
+    expect, _ = dpo_loss(e_th[:, 0], e_th[:, 1], e_ref[:, 0], e_ref[:, 1], algo.beta, w)
+    torch.testing.assert_close(loss, expect)
+    assert diag["label_weight"].item() == pytest.approx(w.item())

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import run_cli, run_inprocess
 
-KINDS = {"diffusion_dpo": "pairs", "flow_dpo": "pairs", "diffusion_kto": "labels", "rankdpo": "lists",
+KINDS = {"diffusion_dpo": "pairs", "flow_dpo": "pairs", "smpo": "pairs", "diffusion_kto": "labels", "rankdpo": "lists",
          "sft": "captions"}
 QUIET = ["logger.progress_bar=false", "logger.plots=false", "trainer.log_images_every=0"]
 

@@ -385,6 +385,98 @@ class RankDPO(OfflineMethod):
 
 
 @dataclass
+class SmPO(DiffusionDPO):
+    """SmPO-Diffusion: Diffusion-DPO with a soft preference label and inversion noise.
+
+    The label weight ``10 (2p - 1)`` (``smpo_soft_weight``) comes from the pair's reward scores (min-max normalised
+    with the PickScore range by default; ``score_min``/``score_max`` for another reward), so near-ties carry almost
+    no weight. ``noise: inversion`` (the reference's): each image is inverted by the current policy (no gradient,
+    conditional, no CFG) along the probability-flow ODE over a coarse grid of ``inversion_steps`` up to the last
+    grid time below t, with one ReNoise refinement per step (the two velocities averaged); the inverted latent is
+    the model input at t and the noise is backed out with t, as the reference does with abar_t (the input sits on
+    a grid time below t). ``noise: forward`` uses fresh noise instead (Diffusion-DPO with soft labels).
+    """
+
+    name: str = "smpo"
+    beta: float = 2000.0
+    prompt_dropout: float = 0.0
+    noise: str = "inversion"
+    inversion_steps: int = 5
+    score_min: float = SMPO_SCORE_MIN
+    score_max: float = SMPO_SCORE_MAX
+
+    _diag_keys: ClassVar[tuple] = ("policy_loss", "implicit_acc", "label_weight")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.noise not in ("inversion", "forward"):
+            raise ConfigError(f"algorithm.noise='{self.noise}' is not known; use inversion or forward")
+        if self.inversion_steps < 1:
+            raise ConfigError(f"algorithm.inversion_steps must be >= 1, got {self.inversion_steps}")
+        if self.score_max <= self.score_min:
+            raise ConfigError("algorithm.score_max must be above algorithm.score_min")
+
+    def errors(self, ctx, schedule, x0, prompts, idx, eps, reference: bool):
+        if self.noise == "forward":
+            return super().errors(ctx, schedule, x0, prompts, idx, eps, reference)
+        backbone = ctx.backbone
+        param = backbone.parameterisation
+        sigma = schedule.sigmas[idx.to(ctx.device)]
+        timestep = schedule.timesteps[idx.to(ctx.device)]
+        cond = backbone.encode_prompts(prompts)
+        x_inv = self._invert(ctx, schedule, x0, cond, sigma)
+        t = sigma.view(-1, *([1] * (x0.ndim - 1)))
+        eps_inv = (x_inv - (1 - t) * x0) / t.clamp(min=1e-4)  # the noise that puts x0 at x_inv at time t
+        target = param.target(x0, eps_inv, sigma)
+        with ctx.autocast():
+            pred = backbone.predict(x_inv, timestep, cond, 1.0)
+        e_th = mean_over_dims((pred.float() - target) ** 2)
+        e_ref = None
+        if reference:
+            with torch.no_grad():
+                e_ref = mean_over_dims((ctx.predict_reference(x_inv, timestep, cond, 1.0).float() - target) ** 2)
+        return e_th, e_ref
+
+    @torch.no_grad()
+    def _invert(self, ctx, schedule, x0, cond, sigma):
+        """The probability-flow ODE from the data (sigma 0) up the grid k / inversion_steps, stopping at the last
+        grid time below each image's sigma; one ReNoise refinement per step."""
+        backbone = ctx.backbone
+        grid = torch.linspace(0.0, 1.0, self.inversion_steps + 1, device=x0.device)
+        x = x0.clone()
+        s_model = schedule.sigmas.to(x0.device)
+        t_model = schedule.timesteps.to(x0.device)
+
+        def velocity(x_in, s):  # the model at sigma s (its timestep: the nearest training time)
+            j = torch.argmin((s_model[:-1].unsqueeze(0) - s.unsqueeze(1)).abs(), dim=1)
+            with ctx.autocast():
+                return backbone.predict(x_in, t_model[j], cond, 1.0).float()
+
+        for a, b in zip(grid[:-1], grid[1:]):
+            live = b < sigma  # this step stays below the image's t
+            if not bool(live.any()):
+                break
+            s_a, s_b = torch.full_like(sigma, float(a)), torch.full_like(sigma, float(b))
+            v_a = velocity(x, s_a)
+            first = x + (b - a) * v_a
+            v_b = velocity(first, s_b)
+            step = x + (b - a) * (v_a + v_b) / 2  # ReNoise: the velocities at both ends averaged
+            mask = live.view(-1, *([1] * (x0.ndim - 1))).float()
+            x = mask * step + (1 - mask) * x
+        return x
+
+    def row_losses(self, batch, rows, e_th, e_ref, extra):
+        if batch.scores is None:
+            raise ConfigError(f"algorithm '{self.name}' needs each pair's reward scores (winner_score/loser_score or "
+                              f"score_0/score_1 in the dataset; `alignrl data` writes them)")
+        scores = batch.scores[rows].to(e_th.device)
+        weight = smpo_soft_weight(scores[:, 0], scores[:, 1], self.score_min, self.score_max)
+        loss, diag = dpo_loss(e_th[:, 0], e_th[:, 1], e_ref[:, 0], e_ref[:, 1], self.beta, weight)
+        diag["label_weight"] = weight.detach()
+        return loss, diag
+
+
+@dataclass
 class SFT(OfflineMethod):
     """Supervised fine-tuning: the plain denoising loss on an image-caption set (no reference)."""
 
