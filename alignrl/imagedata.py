@@ -64,8 +64,9 @@ class ImageDataset:
         """Parse a JSON-lines dataset of ``kind`` (rows only; ``validate`` opens the images)."""
         if kind not in KINDS:
             raise ConfigError(f"{what}.kind='{kind}' is not known; use one of {', '.join(KINDS)}")
-        if path is None or not str(path).strip():
-            raise ConfigError(f"{what}.path is not set; give a .jsonl file (see alignrl/imagedata.py for the fields)")
+        if path is None or not str(path).strip() or str(path).strip() == "???":
+            raise ConfigError(f"{what}.path is not set; pass {what}.path=<a .jsonl dataset> (make one with `alignrl data "
+                              f"out=<dir> kind={kind}`; alignrl/imagedata.py lists the fields)")
         file = Path(str(path)).expanduser()
         if not file.is_file():
             raise ConfigError(f"{what}.path='{path}' is not a file; give the .jsonl a dataset was written to "

@@ -131,3 +131,13 @@ def test_online_final_image_twins_raise_their_reward(tmp_path, method):
     first, last = evals[0]["eval/reward_mean"], evals[-1]["eval/reward_mean"]
     noise = evals[0]["eval/reward_std"] / np.sqrt(16)
     assert last - first > 2 * noise, (method, first, last, noise)
+
+
+def test_a_missing_or_bad_dataset_is_one_line_before_any_model_loads(tmp_path):
+    proc = run_inprocess("train", "recipe=tiny_diffusion_dpo", f"run_dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert proc.returncode != 0 and "data.offline.path" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "winner": "gone.png", "loser": "gone.png"}\n')
+    proc = run_inprocess("train", "recipe=tiny_diffusion_dpo", f"data.offline.path={tmp_path / 'bad.jsonl'}",
+                         f"run_dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert proc.returncode != 0 and "bad.jsonl:1: image" in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr and "SD3Transformer2DModel" not in proc.stderr  # no model was built
