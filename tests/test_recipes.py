@@ -256,6 +256,46 @@ EXPECTED = {
 }
 
 
+# The preference family's recipes (their algorithms have no GRPO statistics). Values: recipes/algorithm/*.yaml
+# comments (the references named there) with the tiny task's own lr/beta.
+def prow(algorithm, *, lr, beta, time_sampling, rows=None, K=1, batches=(16, 8, 2), extra=None):
+    return dict(algorithm=algorithm, lr=lr, beta=beta, time_sampling=time_sampling, rows=rows, K=K, batches=batches,
+                extra=extra or {}, **TINY)
+
+
+PREFERENCE_EXPECTED = {
+    "tiny_diffusion_dpo": prow("diffusion_dpo", lr=1e-3, beta=500.0, time_sampling="uniform", rows=16,
+                               extra={"prompt_dropout": 0.0}),
+    "tiny_flow_dpo": prow("flow_dpo", lr=1e-3, beta=50.0, time_sampling="logit_normal", rows=16),
+    "tiny_smpo": prow("smpo", lr=3e-4, beta=500.0, time_sampling="uniform", rows=16,
+                      extra={"noise": "inversion", "inversion_steps": 5, "score_min": -4.0, "score_max": -3.0}),
+    "tiny_diffusion_kto": prow("diffusion_kto", lr=1e-3, beta=20.0, time_sampling="uniform", rows=16,
+                               extra={"lambda_desirable": 1.0, "lambda_undesirable": 1.0}),
+    "tiny_rankdpo": prow("rankdpo", lr=1e-3, beta=500.0, time_sampling="uniform", rows=16,
+                         extra={"weighting": "lambda"}),
+    "tiny_sft": prow("sft", lr=1e-3, beta=0.0, time_sampling="logit_normal", rows=16),
+    "tiny_online_dpo": prow("online_dpo", lr=1e-3, beta=50.0, time_sampling="logit_normal", K=8,
+                            batches=(16, 16, 2), extra={"draws_per_sample": 1}),
+    "tiny_flow_rwr": prow("flow_rwr", lr=1e-4, beta=0.01, time_sampling="logit_normal", K=8,
+                          batches=(16, 16, 2), extra={"draws_per_sample": 1}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PREFERENCE_EXPECTED))
+def test_preference_recipe_resolves_to_its_values(name):
+    c, like = resolved(name), PREFERENCE_EXPECTED[name]
+    a, t = c["algorithm"], c["trainer"]
+    offline = (c["data"].get("offline") or {})
+    got = dict(algorithm=a["name"], lr=a["lr"], beta=a["beta"], time_sampling=a["time_sampling"],
+               rows=offline.get("rows_per_iteration"), K=a["group_size"],
+               batches=(t["rollout_batch_size"], t["train_batch_size"], t["updates_per_iteration"]),
+               extra={k: a.get(k, "<absent>") for k in like["extra"]}, backbone=c["backbone"]["name"],
+               finetune=t["finetune"], lora=t["lora"]["rank"], groups=c["data"]["groups_per_iteration"],
+               reward=sorted(c["reward"]))
+    diff = {k: (got[k], v) for k, v in like.items() if got[k] != v}
+    assert not diff, f"{name}: resolved vs expected {diff}"
+
+
 @functools.lru_cache(maxsize=None)
 def resolved(name: str) -> dict:
     cfg = compose([f"recipe={name}", "run_dir=/tmp/alignrl-test-recipes"])
@@ -278,8 +318,9 @@ def actual_row(c: dict, like: dict) -> dict:
 def test_the_table_covers_every_recipe():
     shipped = set(group_options("recipe"))
     assert shipped, "no recipes found"
-    assert not shipped - EXPECTED.keys(), f"recipes without a row in EXPECTED: {sorted(shipped - EXPECTED.keys())}"
-    assert not EXPECTED.keys() - shipped, f"rows for recipes that do not exist: {sorted(EXPECTED.keys() - shipped)}"
+    rows = EXPECTED.keys() | PREFERENCE_EXPECTED.keys()
+    assert not shipped - rows, f"recipes without a row in EXPECTED: {sorted(shipped - rows)}"
+    assert not rows - shipped, f"rows for recipes that do not exist: {sorted(rows - shipped)}"
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
