@@ -20,14 +20,20 @@ QUIET = ["logger.progress_bar=false", "logger.plots=false", "trainer.log_images_
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    """One `alignrl data` directory per kind: 16 tiny-train prompts x 8 images of the base model, JPEG scores."""
+    """16 tiny-train prompts x 8 images of the base model scored by JPEG compressibility (one `alignrl data` run,
+    kind lists); the pairs, labels and captions files are made from its rows as `alignrl data` makes them."""
+    from alignrl.datagen import rows_for_prompt
+
     root = tmp_path_factory.mktemp("offline_data")
-    out = {}
-    for kind in ("pairs", "labels", "lists", "captions"):
-        proc = run_inprocess("data", "recipe=tiny_diffusion_dpo", f"out={root / kind}", f"kind={kind}",
-                             "samples_per_prompt=8", "num_prompts=16", "progress=false", cwd=root)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out[kind] = root / kind / f"{kind}.jsonl"
+    proc = run_inprocess("data", "recipe=tiny_diffusion_dpo", f"out={root}", "kind=lists", "samples_per_prompt=8",
+                         "num_prompts=16", "progress=false", cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lists = [json.loads(line) for line in (root / "lists.jsonl").read_text().splitlines()]
+    out = {"lists": root / "lists.jsonl"}
+    for kind in ("pairs", "labels", "captions"):
+        rows = [r for row in lists for r in rows_for_prompt(kind, row["prompt"], row["images"], np.array(row["scores"]))]
+        out[kind] = root / f"{kind}.jsonl"
+        out[kind].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
 

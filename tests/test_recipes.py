@@ -430,7 +430,7 @@ def test_bases_hold_no_method_values_and_are_not_recipes():
 def test_every_recipe_has_valid_typed_trainer_settings(recipe):
     from alignrl.training.trainer_config import TrainerConfig
 
-    settings = TrainerConfig.from_config(compose([f"recipe={recipe}"]).trainer)
+    settings = TrainerConfig.from_config(resolved(recipe)["trainer"])  # the composed recipe (cached)
     assert settings.max_steps >= 1 and settings.optimizer_steps_per_iteration >= 1
 
 
