@@ -159,6 +159,27 @@ def rwr_weights(rewards: torch.Tensor, beta: float) -> torch.Tensor:
 LOG2 = math.log(2.0)
 
 
+def errors_at(ctx, x_t, timestep, target, cond, reference: bool):
+    """e_th (with gradient) and, with ``reference``, e_ref of the predictions at ``x_t`` against ``target``."""
+    with ctx.autocast():
+        pred = ctx.backbone.predict(x_t, timestep, cond, 1.0)
+    e_th = mean_over_dims((pred.float() - target) ** 2)
+    e_ref = None
+    if reference:
+        with torch.no_grad():
+            e_ref = mean_over_dims((ctx.predict_reference(x_t, timestep, cond, 1.0).float() - target) ** 2)
+    return e_th, e_ref
+
+
+def denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference: bool):
+    """Per-image errors of ``x0`` noised with ``eps`` at the schedule indices ``idx`` (the parameterisation's
+    ``add_noise`` and ``target``), conditioned on ``prompts``, without CFG."""
+    param = ctx.backbone.parameterisation
+    sigma, timestep = schedule.sigmas[idx.to(ctx.device)], schedule.timesteps[idx.to(ctx.device)]
+    return errors_at(ctx, param.add_noise(x0, eps, sigma), timestep, param.target(x0, eps, sigma),
+                     ctx.backbone.encode_prompts(prompts), reference)
+
+
 # ------------------------------------------------------------------------------------------------ methods
 @dataclass
 class OfflineMethod:
@@ -237,21 +258,7 @@ class OfflineMethod:
 
     def errors(self, ctx, schedule, x0, prompts, idx, eps, reference: bool):
         """Per-image denoising errors e_th (with gradient) and, with ``reference``, e_ref."""
-        backbone = ctx.backbone
-        param = backbone.parameterisation
-        sigma = schedule.sigmas[idx.to(ctx.device)]
-        timestep = schedule.timesteps[idx.to(ctx.device)]
-        x_t = param.add_noise(x0, eps, sigma)
-        target = param.target(x0, eps, sigma)
-        cond = backbone.encode_prompts(prompts)
-        with ctx.autocast():
-            pred = backbone.predict(x_t, timestep, cond, 1.0)
-        e_th = mean_over_dims((pred.float() - target) ** 2)
-        e_ref = None
-        if reference:
-            with torch.no_grad():
-                e_ref = mean_over_dims((ctx.predict_reference(x_t, timestep, cond, 1.0).float() - target) ** 2)
-        return e_th, e_ref
+        return denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference)
 
     def prepare_chunk(self, ctx, schedule, batch, rows, idx, eps, prompts) -> dict:
         """Per optimizer step, before its losses (KTO's reference point); nothing by default."""
@@ -427,15 +434,7 @@ class SmPO(DiffusionDPO):
         x_inv = self._invert(ctx, schedule, x0, cond, sigma)
         t = sigma.view(-1, *([1] * (x0.ndim - 1)))
         eps_inv = (x_inv - (1 - t) * x0) / t.clamp(min=1e-4)  # the noise that puts x0 at x_inv at time t
-        target = param.target(x0, eps_inv, sigma)
-        with ctx.autocast():
-            pred = backbone.predict(x_inv, timestep, cond, 1.0)
-        e_th = mean_over_dims((pred.float() - target) ** 2)
-        e_ref = None
-        if reference:
-            with torch.no_grad():
-                e_ref = mean_over_dims((ctx.predict_reference(x_inv, timestep, cond, 1.0).float() - target) ** 2)
-        return e_th, e_ref
+        return errors_at(ctx, x_inv, timestep, param.target(x0, eps_inv, sigma), cond, reference)
 
     @torch.no_grad()
     def _invert(self, ctx, schedule, x0, cond, sigma):
@@ -546,20 +545,7 @@ class _OnlineFinal:
         return idx, eps
 
     def _errors(self, ctx, schedule, x0, prompts, idx, eps, reference: bool):
-        backbone = ctx.backbone
-        param = backbone.parameterisation
-        sigma, timestep = schedule.sigmas[idx.to(ctx.device)], schedule.timesteps[idx.to(ctx.device)]
-        x_t = param.add_noise(x0, eps, sigma)
-        target = param.target(x0, eps, sigma)
-        cond = backbone.encode_prompts(prompts)
-        with ctx.autocast():
-            pred = backbone.predict(x_t, timestep, cond, 1.0)
-        e_th = mean_over_dims((pred.float() - target) ** 2)
-        e_ref = None
-        if reference:
-            with torch.no_grad():
-                e_ref = mean_over_dims((ctx.predict_reference(x_t, timestep, cond, 1.0).float() - target) ** 2)
-        return e_th, e_ref
+        return denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference)
 
 
 @dataclass

@@ -106,12 +106,16 @@ class KRepeatPromptSampler:
                 "balanced_labels": len(self._members)}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        changed = {k: (state[k], mine[k]) for k in mine if k in state and state[k] != mine[k]}
-        if changed:
-            detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-            raise ConfigError(f"the checkpoint's prompt sampler differs from this config ({detail}); "
-                              f"resume with the original settings")
+        _check_unchanged(self.state_dict(), state, "prompt sampler", "settings")
+
+
+def _check_unchanged(mine: dict, saved: dict, what: str, original: str) -> None:
+    """A checkpoint's sampler settings must be this config's (the rows of an iteration depend on them)."""
+    changed = {k: (saved[k], mine[k]) for k in mine if k in saved and saved[k] != mine[k]}
+    if changed:
+        detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        raise ConfigError(f"the checkpoint's {what} differs from this config ({detail}); resume with the original "
+                          f"{original}")
 
 
 def balance_strata(prompts, key) -> tuple | None:
@@ -186,9 +190,4 @@ class DatasetSampler:
         return {"num_rows": self.num_rows, "rows_per_iteration": self.rows_per_iteration, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        changed = {k: (state[k], mine[k]) for k in mine if k in state and state[k] != mine[k]}
-        if changed:
-            detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-            raise ConfigError(f"the checkpoint's dataset sampler differs from this config ({detail}); resume with the "
-                              f"original dataset and settings")
+        _check_unchanged(self.state_dict(), state, "dataset sampler", "dataset and settings")
