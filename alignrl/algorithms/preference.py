@@ -159,6 +159,15 @@ def rwr_weights(rewards: torch.Tensor, beta: float) -> torch.Tensor:
 LOG2 = math.log(2.0)
 
 
+def _check_settings(lr: float, time_sampling: str, draws: int, draws_key: str) -> None:
+    if lr <= 0:
+        raise ConfigError(f"algorithm.lr must be > 0, got {lr}")
+    if time_sampling not in TIME_SAMPLINGS:
+        raise ConfigError(f"algorithm.time_sampling='{time_sampling}' is not known; use {' or '.join(TIME_SAMPLINGS)}")
+    if draws < 1:
+        raise ConfigError(f"algorithm.{draws_key} must be >= 1, got {draws}")
+
+
 def errors_at(ctx, x_t, timestep, target, cond, reference: bool):
     """e_th (with gradient) and, with ``reference``, e_ref of the predictions at ``x_t`` against ``target``."""
     with ctx.autocast():
@@ -208,13 +217,7 @@ class OfflineMethod:
     _diag_keys: ClassVar[tuple] = ("policy_loss",)
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ConfigError(f"algorithm.lr must be > 0, got {self.lr}")
-        if self.time_sampling not in TIME_SAMPLINGS:
-            raise ConfigError(f"algorithm.time_sampling='{self.time_sampling}' is not known; use "
-                              f"{' or '.join(TIME_SAMPLINGS)}")
-        if self.draws_per_row < 1:
-            raise ConfigError(f"algorithm.draws_per_row must be >= 1, got {self.draws_per_row}")
+        _check_settings(self.lr, self.time_sampling, self.draws_per_row, "draws_per_row")
         if not 0 <= self.prompt_dropout < 1:
             raise ConfigError(f"algorithm.prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
 
@@ -510,13 +513,7 @@ class _OnlineFinal:
     _diag_keys: ClassVar[tuple] = ("policy_loss",)
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ConfigError(f"algorithm.lr must be > 0, got {self.lr}")
-        if self.time_sampling not in TIME_SAMPLINGS:
-            raise ConfigError(f"algorithm.time_sampling='{self.time_sampling}' is not known; use "
-                              f"{' or '.join(TIME_SAMPLINGS)}")
-        if self.draws_per_sample < 1:
-            raise ConfigError(f"algorithm.draws_per_sample must be >= 1, got {self.draws_per_sample}")
+        _check_settings(self.lr, self.time_sampling, self.draws_per_sample, "draws_per_sample")
 
     @property
     def rollout_weights(self) -> str:
