@@ -210,7 +210,6 @@ class Policy:
             import copy
 
             self.reference_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
-        self.has_reference = reference
         self.ema = EMA(self.params, ema.decay, ema.update_every) if ema is not None and ema.enabled else None
 
     @classmethod

@@ -168,6 +168,13 @@ def _check_settings(lr: float, time_sampling: str, draws: int, draws_key: str) -
         raise ConfigError(f"algorithm.{draws_key} must be >= 1, got {draws}")
 
 
+def draw_time_and_noise(g: torch.Generator, n: int, shape: tuple, time_sampling: str):
+    """``n`` (index into the 1000-step training schedule, noise) draws from ``g``: idx = int(1000 u), u from
+    ``sample_t``, then the noise."""
+    idx = torch.clamp((sample_t(n, g, kind=time_sampling) * 1000).long(), 0, 999)
+    return idx, torch.randn((n, *shape), generator=g)
+
+
 def errors_at(ctx, x_t, timestep, target, cond, reference: bool):
     """e_th (with gradient) and, with ``reference``, e_ref of the predictions at ``x_t`` against ``target``."""
     with ctx.autocast():
@@ -190,8 +197,28 @@ def denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference: bool):
 
 
 # ------------------------------------------------------------------------------------------------ methods
+class _Stateless:
+    """Members the preference-family methods share: live rollout weights, their diagnostics, no state."""
+
+    _diag_keys: ClassVar[tuple] = ("policy_loss",)
+
+    @property
+    def rollout_weights(self) -> str:
+        return "live"
+
+    @property
+    def diagnostics(self) -> tuple[str, ...]:
+        return self._diag_keys
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
 @dataclass
-class OfflineMethod:
+class OfflineMethod(_Stateless):
     """The training step shared by the methods that learn from an offline image dataset.
 
     Per row and iteration, ``draws_per_row`` (time, noise) pairs are drawn from a generator keyed by (seed,
@@ -225,22 +252,8 @@ class OfflineMethod:
     def needs_reference(self) -> bool:
         return self.uses_reference
 
-    @property
-    def rollout_weights(self) -> str:
-        return "live"
-
-    @property
-    def diagnostics(self) -> tuple[str, ...]:
-        return self._diag_keys
-
     def advantages(self, rewards, keys, per_reward=None, weights=None):
         raise ConfigError(f"algorithm '{self.name}' trains on an offline dataset and has no advantages")
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
 
     # -- the shared step ---------------------------------------------------------------------------------
     def draws(self, ctx, batch):
@@ -248,14 +261,11 @@ class OfflineMethod:
         from alignrl.sampling.engine import sample_generators
 
         shape = tuple(batch.latents.shape[2:])
-        n = self.draws_per_row
-        idx = torch.empty((len(batch), n), dtype=torch.long)
-        eps = torch.empty((len(batch), n, *shape))
+        idx = torch.empty((len(batch), self.draws_per_row), dtype=torch.long)
+        eps = torch.empty((len(batch), self.draws_per_row, *shape))
         drop = torch.zeros(len(batch), dtype=torch.bool)
         for r, g in enumerate(sample_generators(ctx.seed * 13 + 7, ctx.iteration, batch.global_index.tolist())):
-            u = sample_t(n, g, kind=self.time_sampling)
-            idx[r] = torch.clamp((u * 1000).long(), 0, 999)
-            eps[r] = torch.randn((n, *shape), generator=g)
+            idx[r], eps[r] = draw_time_and_noise(g, self.draws_per_row, shape, self.time_sampling)
             drop[r] = bool(torch.rand((), generator=g) < self.prompt_dropout)
         return idx, eps, drop
 
@@ -496,7 +506,7 @@ class SFT(OfflineMethod):
 
 # ------------------------------------------------------------------------------------------------ online
 @dataclass
-class _OnlineFinal:
+class _OnlineFinal(_Stateless):
     """Shared by the online methods that train on the rollouts' final latents with fresh (time, noise) draws.
 
     Draws are keyed by (seed, iteration, prompt id): the images of one prompt's group share them, wherever the
@@ -515,34 +525,15 @@ class _OnlineFinal:
     def __post_init__(self):
         _check_settings(self.lr, self.time_sampling, self.draws_per_sample, "draws_per_sample")
 
-    @property
-    def rollout_weights(self) -> str:
-        return "live"
-
-    @property
-    def diagnostics(self) -> tuple[str, ...]:
-        return self._diag_keys
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
-
     def _draws(self, ctx, batch, shape):
         from alignrl.sampling.engine import sample_generators
 
         prompt_ids = [int(p) for p in batch.prompt_ids[batch.leaf_root.numpy()]]
-        n = self.draws_per_sample
-        idx = torch.empty((len(prompt_ids), n), dtype=torch.long)
-        eps = torch.empty((len(prompt_ids), n, *shape))
+        idx = torch.empty((len(prompt_ids), self.draws_per_sample), dtype=torch.long)
+        eps = torch.empty((len(prompt_ids), self.draws_per_sample, *shape))
         for i, g in enumerate(sample_generators(ctx.seed * 17 + 3, ctx.iteration, prompt_ids)):
-            idx[i] = torch.clamp((sample_t(n, g, kind=self.time_sampling) * 1000).long(), 0, 999)
-            eps[i] = torch.randn((n, *shape), generator=g)
+            idx[i], eps[i] = draw_time_and_noise(g, self.draws_per_sample, shape, self.time_sampling)
         return idx, eps
-
-    def _errors(self, ctx, schedule, x0, prompts, idx, eps, reference: bool):
-        return denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference)
 
 
 @dataclass
@@ -598,7 +589,7 @@ class OnlineDPO(_OnlineFinal):
             for mb in torch.as_tensor(mine, dtype=torch.long).split(ctx.train_batch_size):
                 prompts = [batch.prompts[int(batch.leaf_root[i])] for i in mb]
                 for d in range(self.draws_per_sample):
-                    e_th, e_ref = self._errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
+                    e_th, e_ref = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
                                                eps[mb.to(ctx.device), d], True)
                     for j, i in enumerate(mb.tolist()):
                         slot = 0 if adv.leaf[i] > 0 else 1
@@ -626,7 +617,7 @@ class OnlineDPO(_OnlineFinal):
                     sign = torch.tensor([1.0 if adv.leaf[i] > 0 else -1.0 for i in mb.tolist()], device=ctx.device)
                     ok = paired[torch.as_tensor(prompt_ids[mb.numpy()], device=ctx.device)].float()
                     for d in range(self.draws_per_sample):
-                        e_th, _ = self._errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
+                        e_th, _ = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
                                                eps[mb.to(ctx.device), d], False)
                         c = coef[torch.as_tensor(prompt_ids[mb.numpy()], device=ctx.device), d].float()
                         ctx.backward((sign * c * ok * e_th).sum() / total)
@@ -681,7 +672,7 @@ class FlowRWR(_OnlineFinal):
                 for mb in rows.split(ctx.train_batch_size):
                     prompts = [batch.prompts[int(batch.leaf_root[i])] for i in mb]
                     for d in range(self.draws_per_sample):
-                        e_th, _ = self._errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
+                        e_th, _ = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
                                                eps[mb.to(ctx.device), d], False)
                         loss = w_all[mb.to(ctx.device)] * e_th
                         ctx.backward(loss.sum() / total)

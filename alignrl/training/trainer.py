@@ -409,9 +409,7 @@ class Trainer:
             self._write_status("running")
             if self.is_main:
                 self.logger.write(
-                    f"alignrl: {self.backbone.describe()}; {len(self.trainable_names)} trainable tensors "
-                    f"({sum(p.numel() for p in self.params) / 1e6:.3f}M params, {self.finetune}); "
-                    f"{self.world} process(es); run dir {self.run_dir}"
+                    f"alignrl: {self.policy.describe()}; {self.world} process(es); run dir {self.run_dir}"
                     + (f"; resumed from {self.resume_from}" if self.resume_from else "")
                 )
             if self.evaluators and tcfg.eval_at_start and self.iteration == 0:
