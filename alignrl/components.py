@@ -25,6 +25,8 @@ ALGORITHMS = {
     "rankdpo": "alignrl.algorithms.preference:RankDPO",
     "sft": "alignrl.algorithms.preference:SFT",
     "smpo": "alignrl.algorithms.preference:SmPO",
+    "diffusion_dro": "alignrl.algorithms.preference:DiffusionDRO",
+    "ddo": "alignrl.algorithms.preference:DDO",
     "online_dpo": "alignrl.algorithms.preference:OnlineDPO",
     "flow_rwr": "alignrl.algorithms.preference:FlowRWR",
 }

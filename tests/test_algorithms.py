@@ -491,3 +491,83 @@ def test_smpo_inversion_is_heun_on_the_coarse_grid_below_t_and_the_label_is_soft
     expect, _ = dpo_loss(e_th[:, 0], e_th[:, 1], e_ref[:, 0], e_ref[:, 1], algo.beta, w)
     torch.testing.assert_close(loss, expect)
     assert diag["label_weight"].item() == pytest.approx(w.item())
+
+
+def _captions_batch(n=3, seed=0):
+    from alignrl.algorithms.base import OfflineBatch
+
+    x0 = torch.randn(n, 1, 2, 4, 4, generator=torch.Generator().manual_seed(seed))
+    return OfflineBatch(kind="captions", prompts=[f"p{i}" for i in range(n)], latents=x0,
+                        global_index=np.arange(n), row_ids=np.arange(n))
+
+
+def test_sample_ode_is_euler_for_flow_and_records_the_asked_step():
+    """v = w x on a linear grid of T steps: each step multiplies x by 1 - w / T; the recorded step j holds
+    x_T (1 - w/T)^j and the prediction w x there; ``reference`` samples with the reference's weight."""
+    from alignrl.algorithms.preference import sample_ode
+
+    backbone = FakeBackbone(0.5)
+    ctx, _ = make_context(backbone, reference_w=0.2)
+    x_T = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    final, x_rec, t_rec, pred = sample_ode(ctx, ["a"] * 3, x_T, 4, record=torch.tensor([0, 2, 3]))
+    torch.testing.assert_close(final, x_T * (1 - 0.5 / 4) ** 4)
+    for r, j in enumerate((0, 2, 3)):
+        torch.testing.assert_close(x_rec[r], x_T[r] * (1 - 0.5 / 4) ** j)
+        torch.testing.assert_close(pred[r], 0.5 * x_rec[r])
+        assert t_rec[r].item() == pytest.approx(1000 * (1 - j / 4))
+    torch.testing.assert_close(sample_ode(ctx, ["a"] * 3, x_T, 4, reference=True), x_T * (1 - 0.2 / 4) ** 4)
+
+
+def test_dro_negative_is_the_policys_recorded_step_and_its_term_has_no_gradient_at_the_sampling_weights():
+    """Diffusion-DRO: each expert row gets the policy's own sample's recorded (x_t, prediction); the expert is
+    noised at that time. The policy term's target is the sampling weights' own prediction, so at those weights
+    its error is 0 and its gradient vanishes: the step's gradient is the expert term's alone (hinge active)."""
+    from alignrl.algorithms.preference import DiffusionDRO, dro_loss
+
+    backbone = FakeBackbone(0.5)
+    ctx, _ = make_context(backbone, reference_w=0.1, lr=0.0)
+    algo = DiffusionDRO(sample_steps=4, prompt_dropout=0.0, margin=1e-3)
+    batch = _captions_batch()
+    schedule = backbone.make_schedule(1000)
+    aug = algo.augment(ctx, schedule, batch)
+    assert aug.latents.shape[1] == 2 and torch.equal(aug.latents[:, 0], batch.latents[:, 0])
+    step = (1 - aug.extra["timestep"] / 1000) * 4  # the recorded step of each row, from its time
+    assert torch.allclose(step, step.round()) and step.max() < 4
+    idx, eps, _ = algo.draws(ctx, aug)
+    torch.testing.assert_close(schedule.sigmas[idx[:, 0]], aug.extra["timestep"] / 1000, atol=1e-3, rtol=0)
+    grads = []
+    inner = ctx.optimizer_step
+    ctx.optimizer_step = lambda: (grads.append(backbone.denoiser.w.grad.clone()), inner())[1]
+    out = algo.train_step(batch, None, ctx)
+    w = backbone.denoiser.w
+    x0 = batch.latents[:, 0]
+    sig = schedule.sigmas[idx[:, 0]].view(-1, 1, 1, 1)
+    x_t = FLOW.add_noise(x0, eps[:, 0], sig)
+    target = FLOW.target(x0, eps[:, 0], sig)
+    e_th_e = ((w * x_t - target) ** 2).mean(dim=(1, 2, 3))
+    e_ref_e = ((0.1 * x_t - target) ** 2).mean(dim=(1, 2, 3))
+    x_p, pred_p = aug.latents[:, 1], aug.extra["target"]
+    e_th_p = ((w * x_p - pred_p) ** 2).mean(dim=(1, 2, 3))
+    e_ref_p = ((0.1 * x_p - pred_p) ** 2).mean(dim=(1, 2, 3))
+    assert float(e_th_p.detach().abs().max()) < 1e-10
+    loss, diag = dro_loss(e_th_e, e_ref_e.detach(), e_th_p, e_ref_p.detach(), 1e-3)
+    assert out["policy_loss"] == pytest.approx(float(loss.mean()), rel=1e-5)
+    expert_only = torch.autograd.grad((torch.relu(e_th_e - e_ref_e.detach() + e_ref_p + 1e-3)).mean(), w)[0]
+    assert torch.allclose(grads[0], expert_only, rtol=1e-5), (grads[0], expert_only)
+
+
+def test_ddo_negatives_are_the_references_samples_and_at_the_reference_the_loss_is_1_plus_alpha_log_2():
+    """DDO: the negatives are the reference's samples; with the policy equal to the reference d = 0 on both
+    (likelihood ratio 1), so the loss is (1 + alpha) log 2."""
+    from alignrl.algorithms.preference import DDO, sample_ode
+
+    backbone = FakeBackbone(0.3)
+    ctx, _ = make_context(backbone, reference_w=0.3, lr=0.0)
+    algo = DDO(sample_steps=3, alpha=2.0, beta=10.0)
+    batch = _captions_batch()
+    aug = algo.augment(ctx, backbone.make_schedule(1000), batch)
+    x_T = torch.stack([torch.randn((2, 4, 4), generator=g) for g in algo._row_generators(ctx, batch)])
+    torch.testing.assert_close(aug.latents[:, 1], sample_ode(ctx, batch.prompts, x_T, 3, reference=True))
+    out = algo.train_step(batch, None, ctx)
+    assert out["policy_loss"] == pytest.approx(3 * np.log(2), rel=1e-6)
+    assert out["d_data"] == pytest.approx(0.0, abs=1e-7) and out["d_ref_samples"] == pytest.approx(0.0, abs=1e-7)

@@ -14,7 +14,7 @@ from alignrl.imagedata import ImageDataset
 from conftest import run_cli, run_inprocess
 
 KINDS = {"diffusion_dpo": "pairs", "flow_dpo": "pairs", "smpo": "pairs", "diffusion_kto": "labels", "rankdpo": "lists",
-         "sft": "captions"}
+         "sft": "captions", "diffusion_dro": "captions", "ddo": "captions"}
 QUIET = ["logger.progress_bar=false", "logger.plots=false", "trainer.log_images_every=0"]
 
 
@@ -54,7 +54,8 @@ def _weights(run, step, which="trainable"):
 
 
 DIAG = {"diffusion_dpo": "implicit_acc", "flow_dpo": "implicit_acc", "smpo": "implicit_acc",
-        "diffusion_kto": "implicit_acc", "rankdpo": "pair_acc", "sft": None}
+        "diffusion_kto": "implicit_acc", "rankdpo": "pair_acc", "sft": None, "diffusion_dro": None,
+        "ddo": "disc_acc"}
 
 
 @pytest.mark.parametrize("method", sorted(m for m in KINDS if m != "diffusion_kto"))

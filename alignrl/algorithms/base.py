@@ -88,6 +88,7 @@ class OfflineBatch:
     row_ids: np.ndarray  # (R,) rows of the dataset
     scores: torch.Tensor | None = None  # (R, k): lists' label scores; pairs' reward scores when the data has them
     labels: torch.Tensor | None = None  # (R,): labels' 1 desirable / 0 undesirable
+    extra: dict = field(default_factory=dict)  # per-row tensors a method adds (DRO's sampled negatives)
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -22,14 +22,16 @@ code; where the field has two conventions the function names the one it uses.
 - ``rwr_weights``: Flow-RWR's per-sample weights exp(r / beta), normalised over the batch.
 
 The methods below the functions (``OfflineMethod`` and its subclasses) train on rows of an offline dataset
-(``data.offline``): Diffusion-DPO and Flow-DPO on pairs, Diffusion-KTO on labelled images, RankDPO on ranked
-lists, SFT on image-caption sets.
+(``data.offline``): Diffusion-DPO, Flow-DPO and SmPO on pairs, Diffusion-KTO on labelled images, RankDPO on
+ranked lists, SFT on image-caption sets, and on image-caption sets plus images they sample themselves each
+iteration (``sample_ode``, no CFG): Diffusion-DRO (experts vs the policy's samples) and DDO (data vs the
+reference's samples). The online methods (``OnlineDPO``, ``FlowRWR``) train on the rollouts' final images.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -269,8 +271,14 @@ class OfflineMethod(_Stateless):
             drop[r] = bool(torch.rand((), generator=g) < self.prompt_dropout)
         return idx, eps, drop
 
-    def errors(self, ctx, schedule, x0, prompts, idx, eps, reference: bool):
-        """Per-image denoising errors e_th (with gradient) and, with ``reference``, e_ref."""
+    def augment(self, ctx, schedule, batch):
+        """The batch the step trains on; methods that add images of their own sampling (DRO's policy negatives,
+        DDO's reference samples) add them here, as extra images of each row. The batch itself by default."""
+        return batch
+
+    def errors(self, ctx, schedule, batch, rows, x0, prompts, idx, eps, reference: bool):
+        """Per-image denoising errors e_th (with gradient) and, with ``reference``, e_ref of the images of
+        ``rows`` (flattened row-major into ``x0``)."""
         return denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference)
 
     def prepare_chunk(self, ctx, schedule, batch, rows, idx, eps, prompts) -> dict:
@@ -283,6 +291,7 @@ class OfflineMethod(_Stateless):
 
     def train_step(self, batch, adv, ctx) -> dict:
         schedule = ctx.backbone.make_schedule(1000)  # training times: the scheduler's own grid
+        batch = self.augment(ctx, schedule, batch)
         idx, eps, drop = self.draws(ctx, batch)
         eps = eps.to(ctx.device)
         prompts = ["" if d else p for p, d in zip(batch.prompts, drop.tolist())]
@@ -303,7 +312,8 @@ class OfflineMethod(_Stateless):
                     for d in range(self.draws_per_row):
                         i_d = idx[mb, d].repeat_interleave(k)
                         e_d = eps[mb.to(ctx.device), d].repeat_interleave(k, dim=0)  # shared by a row's images
-                        e_th, e_ref = self.errors(ctx, schedule, x0, rows_prompts, i_d, e_d, self.needs_reference)
+                        e_th, e_ref = self.errors(ctx, schedule, batch, mb, x0, rows_prompts, i_d, e_d,
+                                                  self.needs_reference)
                         e_th = e_th.view(len(mb), k)
                         e_ref = e_ref.view(len(mb), k) if e_ref is not None else None
                         loss, diag = self.row_losses(batch, mb, e_th, e_ref, extra)
@@ -364,8 +374,8 @@ class DiffusionKTO(OfflineMethod):
             for mb in rows.split(ctx.train_batch_size):
                 x0 = batch.latents[mb, 0].to(ctx.device).float()
                 for d in range(self.draws_per_row):
-                    e_th, e_ref = self.errors(ctx, schedule, x0, [prompts[int(r)] for r in mb], idx[mb, d],
-                                              eps[mb.to(ctx.device), d], True)
+                    e_th, e_ref = self.errors(ctx, schedule, batch, mb, x0, [prompts[int(r)] for r in mb],
+                                              idx[mb, d], eps[mb.to(ctx.device), d], True)
                     g_sum += (e_ref - e_th).double().sum()
         n = ctx.all_reduce_sum(torch.tensor([float(len(rows) * self.draws_per_row)], dtype=torch.float64,
                                             device=ctx.device))
@@ -436,9 +446,9 @@ class SmPO(DiffusionDPO):
         if self.score_max <= self.score_min:
             raise ConfigError("algorithm.score_max must be above algorithm.score_min")
 
-    def errors(self, ctx, schedule, x0, prompts, idx, eps, reference: bool):
+    def errors(self, ctx, schedule, batch, rows, x0, prompts, idx, eps, reference: bool):
         if self.noise == "forward":
-            return super().errors(ctx, schedule, x0, prompts, idx, eps, reference)
+            return super().errors(ctx, schedule, batch, rows, x0, prompts, idx, eps, reference)
         backbone = ctx.backbone
         param = backbone.parameterisation
         sigma = schedule.sigmas[idx.to(ctx.device)]
@@ -502,6 +512,171 @@ class SFT(OfflineMethod):
 
     def row_losses(self, batch, rows, e_th, e_ref, extra):
         return e_th[:, 0], {}
+
+
+@torch.no_grad()
+def sample_ode(ctx, prompts: list[str], x_T: torch.Tensor, steps: int, *, reference: bool = False,
+               record: torch.Tensor | None = None):
+    """Samples of the probability-flow ODE from ``x_T`` over the backbone's ``steps``-step schedule, without
+    CFG, with the live policy or (``reference``) the frozen reference. Each step is the deterministic DDIM form of
+    the backbone's parameterisation (x0 and eps from the prediction, renoised at the next time; Euler for flow
+    models). ``record`` (B,) asks for each sample's (latent, model timestep, prediction) at that step index.
+    Returns the final latents and, with ``record``, the three recorded tensors."""
+    backbone = ctx.backbone
+    param = backbone.parameterisation
+    schedule = backbone.make_schedule(steps).to(x_T.device)
+    cond = backbone.encode_prompts(prompts)
+    x = x_T.float()
+    rec = (torch.empty_like(x), torch.empty(len(x), device=x.device), torch.empty_like(x)) if record is not None \
+        else None
+    for i in range(steps):
+        s, s_next = schedule.sigmas[i], schedule.sigmas[i + 1]
+        timestep = schedule.timesteps[i].expand(len(x))
+        if reference:
+            pred = ctx.predict_reference(x, timestep, cond, 1.0).float()
+        else:
+            with ctx.autocast():
+                pred = backbone.predict(x, timestep, cond, 1.0).float()
+        if rec is not None:
+            hit = (record.to(x.device) == i)
+            rec[0][hit], rec[1][hit], rec[2][hit] = x[hit], schedule.timesteps[i], pred[hit]
+        x = param.add_noise(param.to_x0(x, pred, s), param.to_eps(x, pred, s), s_next)
+    return (x, *rec) if rec is not None else x
+
+
+class _SamplesNegatives:
+    """Shared by DRO and DDO: each row's own sample of its prompt, drawn without gradient in chunks of the
+    train batch, from an initial noise (and a recorded step) keyed by (seed, iteration, row position)."""
+
+    sample_steps: int
+
+    def _row_generators(self, ctx, batch):
+        from alignrl.sampling.engine import sample_generators
+
+        return sample_generators(ctx.seed * 19 + 5, ctx.iteration, batch.global_index.tolist())
+
+    def _sample_rows(self, ctx, batch, reference: bool, record: torch.Tensor | None):
+        shape = tuple(batch.latents.shape[2:])
+        x_T = torch.stack([torch.randn(shape, generator=g) for g in self._row_generators(ctx, batch)])
+        ctx.denoiser.eval()
+        outs = []
+        for mb in torch.arange(len(batch)).split(ctx.train_batch_size):
+            out = sample_ode(ctx, [batch.prompts[int(r)] for r in mb], x_T[mb].to(ctx.device), self.sample_steps,
+                             reference=reference, record=None if record is None else record[mb])
+            outs.append(out if isinstance(out, tuple) else (out,))
+        ctx.denoiser.train()
+        return [torch.cat(parts) for parts in zip(*outs)]
+
+
+@dataclass
+class DiffusionDRO(_SamplesNegatives, OfflineMethod):
+    """Diffusion-DRO: expert images (a captions dataset) ranked above the policy's own samples of the same prompt,
+    ``dro_loss``'s hinge ``max(0, [D(expert) - D(sample)] + margin)`` against the frozen reference.
+
+    Each iteration, every expert row gets a fresh negative: the policy (no gradient, no CFG) samples the row's
+    prompt over ``sample_steps`` ODE steps and one step, drawn uniformly per row, is recorded with its latent and
+    the sampler's own prediction there. The policy side of the loss is the denoising error at that latent
+    against that prediction (the reference's target: the sampling copy's prediction, not a forward noise); the
+    expert is noised with a fresh eps at the same time (the nearest of the 1000 training times). As in the
+    reference, the sampling copy is the policy as it stood when the iteration began (refreshed once per
+    iteration; with one optimizer step per iteration that is each optimizer step, the reference's cadence), so
+    the policy term's gradient is zero at the first step and acts through the hinge and the lag. Differences:
+    an Euler/DDIM ODE instead of DPM-Solver++, no per-trajectory time jitter, no replay buffer of 4
+    trajectories (each iteration samples its own negatives).
+    """
+
+    name: str = "diffusion_dro"
+    lr: float = 1e-4
+    beta: float = 0.0  # unused: the hinge has no temperature
+    margin: float = 1e-3
+    sample_steps: int = 20
+    prompt_dropout: float = 0.2
+
+    batch_kind: ClassVar[str] = "captions"
+    _diag_keys: ClassVar[tuple] = ("policy_loss", "hinge_active", "ranking_gap")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sample_steps < 1:
+            raise ConfigError(f"algorithm.sample_steps must be >= 1, got {self.sample_steps}")
+        if self.margin < 0:
+            raise ConfigError(f"algorithm.margin must be >= 0, got {self.margin}")
+
+    def augment(self, ctx, schedule, batch):
+        step = torch.stack([torch.randint(self.sample_steps, (), generator=g)
+                            for g in self._row_generators(ctx, batch)])
+        _, x_t, timestep, pred = self._sample_rows(ctx, batch, reference=False, record=step)
+        sampled_sigma = ctx.backbone.make_schedule(self.sample_steps).sigmas.to(x_t.device)[step.to(x_t.device)]
+        idx = torch.argmin((schedule.sigmas[:-1].to(x_t.device).unsqueeze(0) - sampled_sigma.unsqueeze(1)).abs(),
+                           dim=1)
+        latents = torch.stack([batch.latents[:, 0], x_t.to(batch.latents.dtype).cpu()], dim=1)
+        return replace(batch, latents=latents,
+                       extra={**batch.extra, "idx": idx.cpu(), "timestep": timestep, "target": pred})
+
+    def draws(self, ctx, batch):
+        idx, eps, drop = super().draws(ctx, batch)
+        idx[:] = batch.extra["idx"].unsqueeze(1)  # the expert is noised at its negative's time
+        return idx, eps, drop
+
+    def errors(self, ctx, schedule, batch, rows, x0, prompts, idx, eps, reference: bool):
+        param = ctx.backbone.parameterisation
+        b, dev = len(rows), ctx.device
+        pair = x0.view(b, 2, *x0.shape[1:])
+        idx0 = idx.view(b, 2)[:, 0].to(dev)
+        eps0 = eps.view(b, 2, *eps.shape[1:])[:, 0]
+        sigma = schedule.sigmas[idx0]
+        rows_dev = rows.to(batch.extra["target"].device)
+        x_t = torch.stack([param.add_noise(pair[:, 0], eps0, sigma), pair[:, 1]], dim=1).flatten(0, 1)
+        target = torch.stack([param.target(pair[:, 0], eps0, sigma), batch.extra["target"][rows_dev].to(dev)],
+                             dim=1).flatten(0, 1)
+        timestep = torch.stack([schedule.timesteps[idx0], batch.extra["timestep"][rows_dev].to(dev)], dim=1).flatten()
+        return errors_at(ctx, x_t, timestep, target, ctx.backbone.encode_prompts(prompts), reference)
+
+    def row_losses(self, batch, rows, e_th, e_ref, extra):
+        return dro_loss(e_th[:, 0], e_ref[:, 0], e_th[:, 1], e_ref[:, 1], self.margin)
+
+
+@dataclass
+class DDO(_SamplesNegatives, OfflineMethod):
+    """DDO: the policy as an implicit discriminator ``d(x) = -(e_th(x) - e_ref(x))`` (the log-likelihood ratio
+    to the reference, up to scale) between data images (a captions dataset) and the reference's own samples,
+    ``ddo_loss``: ``-log sigmoid(beta d(data)) - alpha log(1 - sigmoid(beta d(sample)))``; alpha = 1 makes
+    p_data the optimum.
+
+    Each iteration, every data row gets one reference sample of its prompt (no gradient, no CFG, ``sample_steps``
+    ODE steps) from an initial noise keyed by (seed, iteration, row): a fresh draw of the reference's
+    distribution instead of the paper's fixed pool (the same expectation; no pool to store). The data image and
+    its negative share one (t, eps) draw (each term's expectation is unchanged). The paper's self-play rounds
+    (reference <- policy, negatives regenerated) are not run: the reference stays the initial model.
+    ``beta`` scales d: with per-element mean errors it plays the role of Diffusion-DPO's beta / 2; the paper's
+    values are for pixel-space EDM models and are not carried over.
+    """
+
+    name: str = "ddo"
+    lr: float = 1e-5
+    beta: float = 2500.0
+    alpha: float = 1.0
+    sample_steps: int = 20
+    time_sampling: str = "logit_normal"
+    prompt_dropout: float = 0.0
+
+    batch_kind: ClassVar[str] = "captions"
+    _diag_keys: ClassVar[tuple] = ("policy_loss", "disc_acc", "d_data", "d_ref_samples")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sample_steps < 1:
+            raise ConfigError(f"algorithm.sample_steps must be >= 1, got {self.sample_steps}")
+        if self.alpha <= 0 or self.beta <= 0:
+            raise ConfigError(f"algorithm.alpha and algorithm.beta must be > 0, got {self.alpha} and {self.beta}")
+
+    def augment(self, ctx, schedule, batch):
+        (samples,) = self._sample_rows(ctx, batch, reference=True, record=None)
+        return replace(batch, latents=torch.stack([batch.latents[:, 0], samples.to(batch.latents.dtype).cpu()],
+                                                  dim=1))
+
+    def row_losses(self, batch, rows, e_th, e_ref, extra):
+        return ddo_loss(-(e_th[:, 0] - e_ref[:, 0]), -(e_th[:, 1] - e_ref[:, 1]), self.alpha, self.beta)
 
 
 # ------------------------------------------------------------------------------------------------ online
