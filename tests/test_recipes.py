@@ -257,11 +257,68 @@ EXPECTED = {
 
 
 # The preference family's recipes (their algorithms have no GRPO statistics). Values: recipes/algorithm/*.yaml
-# comments (the references named there) with the tiny task's own lr/beta.
-def prow(algorithm, *, lr, beta, time_sampling, rows=None, K=1, batches=(16, 8, 2), extra=None):
-    return dict(algorithm=algorithm, lr=lr, beta=beta, time_sampling=time_sampling, rows=rows, K=K, batches=batches,
-                extra=extra or {}, **TINY)
+# comments and ../shared/reference/families.md (the sources named below) for _sd35/_flux; the tiny and
+# ShapeWorld twins set their own lr/beta. steps/schedule: trainer.max_steps, lr_schedule, warmup_steps.
+def prow(algorithm, *, lr, beta, time_sampling, rows=None, K=1, batches=(16, 8, 2), extra=None, base=None, cfg=4.5,
+         T=6, finetune=None, steps=None, schedule=("constant", 0)):
+    base = dict(base or TINY)
+    if finetune:
+        base["finetune"] = finetune
+    out = dict(algorithm=algorithm, lr=lr, beta=beta, time_sampling=time_sampling, rows=rows, K=K, batches=batches,
+               extra=extra or {}, cfg=cfg, T=T, schedule=schedule, **base)
+    if steps is not None:
+        out["steps"] = steps
+    return out
 
+
+SD35P = dict(SD35, groups=48)
+FLUXP = dict(FLUX, groups=48)
+SHAPESP = {k: v for k, v in SHAPES.items() if k != "batches"}
+FULL_WARM = dict(finetune="full", schedule=("constant_with_warmup", 500))
+
+
+def published(method, base, cfg):
+    """The _sd35/_flux rows: one per method, the same method values on both bases (the references' settings)."""
+    rows = {
+        # SalesforceAIResearch/DiffusionDPO launchers/sd15.sh: beta 5000, 2.048e-5 full, warm-up 500, 2000 x 2048
+        "diffusion_dpo": prow("diffusion_dpo", lr=2.048e-5, beta=5000.0, time_sampling="uniform", rows=2048,
+                              batches=(9, 1, 1), extra={"prompt_dropout": 0.2}, steps=2000, **FULL_WARM),
+        # yifan123/flow_grpo config/dpo.py: beta 100, LoRA at 3e-4, logit-normal, 39 draws per pair
+        "flow_dpo": prow("flow_dpo", lr=3e-4, beta=100.0, time_sampling="logit_normal", rows=48, batches=(9, 4, 1),
+                         extra={"draws_per_row": 39}, steps=2000),
+        # JaydenLyh/SmPO examples/sd15.sh: beta 2000, 1.024e-5 full, 200 steps, warm-up 100, 5 inversion steps
+        "smpo": prow("smpo", lr=1.024e-5, beta=2000.0, time_sampling="uniform", rows=1024, batches=(9, 1, 1),
+                     extra={"noise": "inversion", "inversion_steps": 5}, steps=200, finetune="full",
+                     schedule=("constant_with_warmup", 100)),
+        # jacklishufan/diffusion-kto exps/example.sh: beta 1000, 1e-7 full, warm-up 200, 8 per step, 20k steps
+        "diffusion_kto": prow("diffusion_kto", lr=1e-7, beta=1000.0, time_sampling="uniform", rows=8,
+                              batches=(9, 2, 1), extra={"prompt_dropout": 0.2}, steps=20000, finetune="full",
+                              schedule=("constant_with_warmup", 200)),
+        # arXiv 2410.18013: no published values; Diffusion-DPO's
+        "rankdpo": prow("rankdpo", lr=2.048e-5, beta=5000.0, time_sampling="uniform", rows=2048, batches=(9, 1, 1),
+                        extra={"weighting": "lambda"}, steps=2000, **FULL_WARM),
+        # basiclab/DiffusionDRO train.py: lr 1e-4 constant full, margin 1e-3, 256 per step, 1600 steps, 20 steps
+        "diffusion_dro": prow("diffusion_dro", lr=1e-4, beta=0.0, time_sampling="uniform", rows=256,
+                              batches=(9, 4, 1), extra={"margin": 1e-3, "sample_steps": 20, "prompt_dropout": 0.2},
+                              steps=1600, finetune="full"),
+        # arXiv 2503.01103: alpha 1; beta and lr ours (no latent text-to-image setting published)
+        "ddo": prow("ddo", lr=1e-5, beta=2500.0, time_sampling="logit_normal", rows=256, batches=(9, 4, 1),
+                    extra={"alpha": 1.0, "sample_steps": 20}, steps=2000, finetune="full"),
+        # yifan123/flow_grpo scripts/train_sd3_sft.py: LoRA at 3e-4 (config shared with dpo.py), logit-normal
+        "sft": prow("sft", lr=3e-4, beta=0.0, time_sampling="logit_normal", rows=48, batches=(9, 4, 1), steps=2000),
+        # yifan123/flow_grpo config/dpo.py: K=24, 40-step SDE noise 0.7, beta 100, LoRA 3e-4, 1 update
+        "online_dpo": prow("online_dpo", lr=3e-4, beta=100.0, time_sampling="logit_normal", K=24, batches=(9, 9, 1),
+                           extra={"draws_per_sample": 1}, T=40, steps=2000),
+        # paper only (KwaiVGI/VideoAlign README): K=24 ODE, LoRA 3e-4, beta 1 (ours)
+        "flow_rwr": prow("flow_rwr", lr=3e-4, beta=1.0, time_sampling="logit_normal", K=24, batches=(9, 9, 1),
+                         extra={"draws_per_sample": 1}, T=10, steps=2000),
+    }[method]
+    finetune = rows["finetune"]
+    return {**rows, **base, "finetune": finetune, "cfg": cfg}
+
+
+PREFERENCE_METHODS = ("diffusion_dpo", "flow_dpo", "smpo", "diffusion_kto", "rankdpo", "diffusion_dro", "ddo", "sft",
+                      "online_dpo", "flow_rwr")
 
 PREFERENCE_EXPECTED = {
     "tiny_diffusion_dpo": prow("diffusion_dpo", lr=1e-3, beta=500.0, time_sampling="uniform", rows=16,
@@ -274,10 +331,37 @@ PREFERENCE_EXPECTED = {
     "tiny_rankdpo": prow("rankdpo", lr=1e-3, beta=500.0, time_sampling="uniform", rows=16,
                          extra={"weighting": "lambda"}),
     "tiny_sft": prow("sft", lr=1e-3, beta=0.0, time_sampling="logit_normal", rows=16),
+    "tiny_diffusion_dro": prow("diffusion_dro", lr=1e-3, beta=0.0, time_sampling="uniform", rows=16,
+                               extra={"margin": 1e-3, "sample_steps": 6, "prompt_dropout": 0.0}),
+    "tiny_ddo": prow("ddo", lr=1e-3, beta=250.0, time_sampling="logit_normal", rows=16,
+                     extra={"alpha": 1.0, "sample_steps": 6}),
     "tiny_online_dpo": prow("online_dpo", lr=1e-3, beta=50.0, time_sampling="logit_normal", K=8,
                             batches=(16, 16, 2), extra={"draws_per_sample": 1}),
     "tiny_flow_rwr": prow("flow_rwr", lr=1e-4, beta=0.01, time_sampling="logit_normal", K=8,
                           batches=(16, 16, 2), extra={"draws_per_sample": 1}),
+    # ShapeWorld twins: 8-step ODE at guidance 3, full fine-tune at 1e-4, 64 rows (or 8 groups of 8) per iteration
+    "shapes_diffusion_dpo": prow("diffusion_dpo", lr=1e-4, beta=500.0, time_sampling="uniform", rows=64,
+                                 batches=(32, 32, 2), extra={"prompt_dropout": 0.0}, base=SHAPESP, cfg=3.0, T=8),
+    "shapes_flow_dpo": prow("flow_dpo", lr=1e-4, beta=50.0, time_sampling="logit_normal", rows=64,
+                            batches=(32, 32, 2), base=SHAPESP, cfg=3.0, T=8),
+    "shapes_smpo": prow("smpo", lr=1e-4, beta=500.0, time_sampling="uniform", rows=64, batches=(32, 32, 2),
+                        extra={"score_min": 0.0, "score_max": 1.0}, base=SHAPESP, cfg=3.0, T=8),
+    "shapes_diffusion_kto": prow("diffusion_kto", lr=1e-4, beta=20.0, time_sampling="uniform", rows=64,
+                                 batches=(32, 32, 2), base=SHAPESP, cfg=3.0, T=8),
+    "shapes_rankdpo": prow("rankdpo", lr=1e-4, beta=500.0, time_sampling="uniform", rows=64, batches=(32, 32, 2),
+                           base=SHAPESP, cfg=3.0, T=8),
+    "shapes_diffusion_dro": prow("diffusion_dro", lr=1e-4, beta=0.0, time_sampling="uniform", rows=64,
+                                 batches=(32, 32, 2), extra={"sample_steps": 8}, base=SHAPESP, cfg=3.0, T=8),
+    "shapes_ddo": prow("ddo", lr=1e-4, beta=250.0, time_sampling="logit_normal", rows=64, batches=(32, 32, 2),
+                       extra={"sample_steps": 8}, base=SHAPESP, cfg=3.0, T=8),
+    "shapes_sft": prow("sft", lr=1e-4, beta=0.0, time_sampling="logit_normal", rows=64, batches=(32, 32, 2),
+                       base=SHAPESP, cfg=3.0, T=8),
+    "shapes_online_dpo": prow("online_dpo", lr=1e-4, beta=50.0, time_sampling="logit_normal", K=8,
+                              batches=(32, 32, 2), base=SHAPESP, cfg=3.0, T=8),
+    "shapes_flow_rwr": prow("flow_rwr", lr=1e-4, beta=0.1, time_sampling="logit_normal", K=8, batches=(32, 32, 2),
+                            base=SHAPESP, cfg=3.0, T=8),
+    **{f"{m}_sd35": published(m, SD35P, 4.5) for m in PREFERENCE_METHODS},
+    **{f"{m}_flux": published(m, FLUXP, 3.5) for m in PREFERENCE_METHODS},
 }
 
 
@@ -291,7 +375,8 @@ def test_preference_recipe_resolves_to_its_values(name):
                batches=(t["rollout_batch_size"], t["train_batch_size"], t["updates_per_iteration"]),
                extra={k: a.get(k, "<absent>") for k in like["extra"]}, backbone=c["backbone"]["name"],
                finetune=t["finetune"], lora=t["lora"]["rank"], groups=c["data"]["groups_per_iteration"],
-               reward=sorted(c["reward"]))
+               reward=sorted(c["reward"]), cfg=c["sampler"]["guidance_scale"], T=c["sampler"]["num_steps"],
+               schedule=(t["lr_schedule"], t["warmup_steps"]), steps=t["max_steps"])
     diff = {k: (got[k], v) for k, v in like.items() if got[k] != v}
     assert not diff, f"{name}: resolved vs expected {diff}"
 
