@@ -23,7 +23,8 @@ commands:
             another host needs a token, or --insecure)
   reward-check  score a folder of images with a reward before a run (images=<dir|glob> prompts=<file|text>)
   data      a dataset for the offline methods from a model and a reward: out=<dir> kind=pairs|lists|labels|
-            captions [samples_per_prompt=8 checkpoint=<run|ckpt> pairing=best_worst|all margin=0 num_prompts=N]
+            captions [samples_per_prompt=8 checkpoint=<run|ckpt> pairing=best_worst|all margin=0 num_prompts=N];
+            or import a Hugging Face dataset: source=<hub id|dir> [split=train limit=N] (Pick-a-Pic layout)
   recipes   list the recipes with a one-line description, and every config group's options
   runs      list the runs under outputs/ and multirun/ (or the given dirs): step, last reward and eval,
             state (running, finished, preempted, failed, stale, ...), Slurm job and its state;
@@ -44,6 +45,7 @@ examples:
   alignrl serve-reward reward=shapes_geneval port=8000 # a reward server; clients use reward=remote
   alignrl reward-check reward=ocr images=samples/ prompts='a sign that says "HELLO"'
   alignrl data recipe=shapes_flowgrpo out=data/shapes_pairs kind=pairs samples_per_prompt=8
+  alignrl data source=yuvalkirstain/pickapic_v2 kind=pairs out=data/pickapic limit=100000
 
 `alignrl <command> --help` lists the config groups and their options.
 """
@@ -54,7 +56,7 @@ SERVE_SHORTHANDS = ("port", "host", "token", "token_file")
 CHECK_SHORTHANDS = ("images", "prompts", "out", "batch_size")
 EXPORT_SHORTHANDS = ("checkpoint", "out", "weights", "device")
 DATA_SHORTHANDS = ("out", "kind", "checkpoint", "weights", "samples_per_prompt", "pairing", "margin", "label_fraction",
-                   "prompts", "num_prompts", "batch_size", "progress")
+                   "prompts", "num_prompts", "batch_size", "progress", "source", "split", "limit")
 # commands that write no run directory or Hydra log file
 QUIET = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         rest = _shorthands(rest, EXPORT_SHORTHANDS, "export", quote=("checkpoint", "out"))
         rest = QUIET + (_on_run_config(rest) if _names_checkpoint(rest, "export.checkpoint") else rest)
     elif command == "data":
-        rest = _shorthands(rest, DATA_SHORTHANDS, "datagen", quote=("checkpoint", "out", "prompts"))
+        rest = _shorthands(rest, DATA_SHORTHANDS, "datagen", quote=("checkpoint", "out", "prompts", "source"))
         rest = QUIET + (_on_run_config(rest) if _names_checkpoint(rest, "datagen.checkpoint") else rest)
     elif command in ("eval", "sample") and _names_checkpoint(rest, "eval.checkpoint"):
         rest = QUIET + _on_run_config(rest)  # the outputs go into the checkpoint's run directory: no new one

@@ -14,6 +14,13 @@ in the layouts of ``alignrl/imagedata.py``:
 Ties (a gap below ``margin``, or no gap at all) make no pair. A run resumes: ``progress.json`` records the
 prompts finished and the file's length then, so an interrupted run continues where it stopped and ends with the
 rows a single run would have written.
+
+``source=<hub id or local directory>`` imports an existing Hugging Face dataset instead (``import_dataset``):
+Pick-a-Pic v2's layout for pairs (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``; SmPO's ``ps_score_0/1`` or
+``score_0/1`` kept as the pair's scores), ``caption`` + ``jpg``/``image`` (+ ``label``) for captions and labels.
+It is read with ``datasets`` (streamed: rows are written as they arrive, so a 300 GB hub dataset needs only
+``limit=`` rows of disk), the images written as they are (no re-encoding) under ``<out>/images/``, and resumes
+like a sampling run.
 """
 
 from __future__ import annotations
@@ -67,6 +74,130 @@ def rows_for_prompt(kind: str, prompt: str, names: list[str], scores: np.ndarray
     return [{"prompt": prompt, "image": names[order[0]], "score": s[order[0]], **meta}]  # captions
 
 
+# columns read from a Hugging Face dataset, by kind: (row key, candidate column names)
+HF_COLUMNS = {
+    "pairs": (("caption", ("caption", "prompt")), ("image_0", ("jpg_0", "image_0")), ("image_1", ("jpg_1", "image_1")),
+              ("label_0", ("label_0",))),
+    "labels": (("caption", ("caption", "prompt")), ("image", ("jpg", "image")), ("label", ("label",))),
+    "captions": (("caption", ("caption", "prompt", "text")), ("image", ("jpg", "image"))),
+}
+HF_OPTIONAL = {"pairs": (("score_0", ("score_0", "ps_score_0")), ("score_1", ("score_1", "ps_score_1")))}
+
+
+def _image_bytes(value, where: str) -> bytes:
+    """An image cell as its encoded bytes: raw bytes, a ``datasets`` Image dict, or a decoded PIL image (PNG)."""
+    import io
+
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, dict) and value.get("bytes"):
+        return bytes(value["bytes"])
+    if isinstance(value, dict) and value.get("path") and Path(value["path"]).is_file():
+        return Path(value["path"]).read_bytes()
+    if hasattr(value, "save"):  # a PIL image (a decoded Image feature)
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return buf.getvalue()
+    raise ConfigError(f"{where}: an image cell holds {type(value).__name__}, not image bytes")
+
+
+def _open_hf(source: str, split: str):
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("source= reads Hugging Face datasets: pip install 'alignrl[hf]' (the datasets package)") \
+            from None
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(path))  # a save_to_disk directory (Arrow)
+            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        return datasets.load_dataset(str(path) if path.is_dir() else source, split=split, streaming=True)
+    except Exception as e:  # noqa: BLE001  the library's errors name network, split or layout problems
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot read dataset '{source}' (split {split}): {first} (give a hub id with network "
+                          f"access, or a local directory of parquet/arrow files)") from None
+
+
+def import_dataset(g: dict, out: Path, kind: str) -> int:
+    """Rows of a Hugging Face dataset (``g['source']``) written in the layouts of ``alignrl/imagedata.py``."""
+    from alignrl.training import checkpoint as ckpt
+
+    if kind not in HF_COLUMNS:
+        raise ConfigError(f"source= imports pairs, labels or captions; kind={kind} is made by sampling (drop source=)")
+    source, split = str(g["source"]), str(g.get("split") or "train")
+    limit = None if g.get("limit") in (None, "") else int(g["limit"])
+    settings = {"source": source, "split": split, "kind": kind}
+    data_file, progress_file = out / f"{kind}.jsonl", out / "progress.json"
+    done, lines = 0, 0
+    if progress_file.is_file():
+        progress = json.loads(progress_file.read_text())
+        if progress.get("settings") != settings:
+            raise ConfigError(f"{out} was written from another source, split or kind; use a new out= directory")
+        done, lines = int(progress["rows_done"]), int(progress["lines"])
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"out={out} exists and is not an `alignrl data` directory; give a new or empty one")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    if data_file.exists():  # drop rows past the last recorded one (a crash between the two writes)
+        kept = data_file.read_text(encoding="utf-8").splitlines()[:lines]
+        ckpt.atomic_write_text(data_file, "".join(line + "\n" for line in kept))
+    if limit is not None and done >= limit:
+        print(f"alignrl: {out} already holds {done} rows of {source}", file=sys.stderr)
+        return 0
+    ds = _open_hf(source, split)
+    import io
+
+    from PIL import Image
+    from tqdm import tqdm
+
+    bar = tqdm(total=limit, initial=done, desc=f"alignrl data ({kind} from {source})", unit="row", file=sys.stderr,
+               disable=not bool(g.get("progress", True)))
+    t0, i = time.time(), -1
+    with open(data_file, "a", encoding="utf-8") as fh:
+        for i, raw in enumerate(ds):
+            if limit is not None and i >= limit:
+                i -= 1
+                break
+            if i < done:
+                continue
+            where = f"{source}[{split}] row {i}"
+            row = {}
+            for key, names in HF_COLUMNS[kind] + HF_OPTIONAL.get(kind, ()):
+                col = next((n for n in names if n in raw), None)
+                if col is None:
+                    if (key, names) in HF_OPTIONAL.get(kind, ()):
+                        continue
+                    raise ConfigError(f"{where}: no column {' or '.join(names)} (columns: {', '.join(sorted(raw))}); "
+                                      f"kind={kind} needs {', '.join(n[0] for _, n in HF_COLUMNS[kind])}")
+                value = raw[col]
+                if key.startswith("image"):
+                    data = _image_bytes(value, where)
+                    try:
+                        with Image.open(io.BytesIO(data)) as im:
+                            ext = (im.format or "img").lower().replace("jpeg", "jpg")
+                    except Exception:  # noqa: BLE001  validated with a one-line error when training reads it
+                        ext = "img"
+                    name = f"images/{i:08d}_{key.rsplit('_', 1)[-1] if '_' in key else '0'}.{ext}"
+                    tmp = out / (name + ".tmp")
+                    tmp.write_bytes(data)
+                    os.replace(tmp, out / name)
+                    value = name
+                elif hasattr(value, "item"):
+                    value = value.item()
+                row[key] = value
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            lines += 1
+            ckpt.atomic_write_text(progress_file, json.dumps({"settings": settings, "rows_done": i + 1,
+                                                              "lines": lines}, indent=2))
+            bar.update(1)
+    bar.close()
+    print(f"alignrl: {lines} {kind} rows of {source} ({split}) in {data_file} ({time.time() - t0:.0f} s; ties are "
+          f"kept in the file and dropped when training reads it)", file=sys.stderr)
+    return 0
+
+
 def make_dataset(cfg: DictConfig) -> int:
     from alignrl.commands import _device, _source
     from alignrl.components import as_dict, build_planner
@@ -85,6 +216,8 @@ def make_dataset(cfg: DictConfig) -> int:
         raise ConfigError(f"pairing='{pairing}' is not known; use best_worst or all")
     if not g.get("out"):
         raise ConfigError("out is not set; pass out=<a new or earlier `alignrl data` directory>")
+    if g.get("source"):
+        return import_dataset(g, Path(str(g["out"])).expanduser(), kind)
     k = int(g.get("samples_per_prompt", 8))
     if k < 2:
         raise ConfigError(f"samples_per_prompt={k}: a reward ranks at least 2 images per prompt")
