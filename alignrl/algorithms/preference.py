@@ -550,22 +550,33 @@ class _SamplesNegatives:
 
     sample_steps: int
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sample_steps < 1:
+            raise ConfigError(f"algorithm.sample_steps must be >= 1, got {self.sample_steps}")
+
     def _row_generators(self, ctx, batch):
         from alignrl.sampling.engine import sample_generators
 
         return sample_generators(ctx.seed * 19 + 5, ctx.iteration, batch.global_index.tolist())
 
-    def _sample_rows(self, ctx, batch, reference: bool, record: torch.Tensor | None):
+    def _sample_rows(self, ctx, batch, reference: bool, record: bool):
+        """Each row's sample (and with ``record`` its recorded step's latent, model timestep, prediction and the
+        step index): the initial noise first, then the step, from the row's generator."""
         shape = tuple(batch.latents.shape[2:])
-        x_T = torch.stack([torch.randn(shape, generator=g) for g in self._row_generators(ctx, batch)])
+        x_T, steps = [], []
+        for g in self._row_generators(ctx, batch):
+            x_T.append(torch.randn(shape, generator=g))
+            steps.append(torch.randint(self.sample_steps, (), generator=g) if record else torch.tensor(-1))
+        x_T, step = torch.stack(x_T), torch.stack(steps)
         ctx.denoiser.eval()
         outs = []
         for mb in torch.arange(len(batch)).split(ctx.train_batch_size):
             out = sample_ode(ctx, [batch.prompts[int(r)] for r in mb], x_T[mb].to(ctx.device), self.sample_steps,
-                             reference=reference, record=None if record is None else record[mb])
+                             reference=reference, record=step[mb] if record else None)
             outs.append(out if isinstance(out, tuple) else (out,))
         ctx.denoiser.train()
-        return [torch.cat(parts) for parts in zip(*outs)]
+        return [torch.cat(parts) for parts in zip(*outs)] + ([step] if record else [])
 
 
 @dataclass
@@ -597,15 +608,11 @@ class DiffusionDRO(_SamplesNegatives, OfflineMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.sample_steps < 1:
-            raise ConfigError(f"algorithm.sample_steps must be >= 1, got {self.sample_steps}")
         if self.margin < 0:
             raise ConfigError(f"algorithm.margin must be >= 0, got {self.margin}")
 
     def augment(self, ctx, schedule, batch):
-        step = torch.stack([torch.randint(self.sample_steps, (), generator=g)
-                            for g in self._row_generators(ctx, batch)])
-        _, x_t, timestep, pred = self._sample_rows(ctx, batch, reference=False, record=step)
+        _, x_t, timestep, pred, step = self._sample_rows(ctx, batch, reference=False, record=True)
         sampled_sigma = ctx.backbone.make_schedule(self.sample_steps).sigmas.to(x_t.device)[step.to(x_t.device)]
         idx = torch.argmin((schedule.sigmas[:-1].to(x_t.device).unsqueeze(0) - sampled_sigma.unsqueeze(1)).abs(),
                            dim=1)
@@ -665,13 +672,11 @@ class DDO(_SamplesNegatives, OfflineMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.sample_steps < 1:
-            raise ConfigError(f"algorithm.sample_steps must be >= 1, got {self.sample_steps}")
         if self.alpha <= 0 or self.beta <= 0:
             raise ConfigError(f"algorithm.alpha and algorithm.beta must be > 0, got {self.alpha} and {self.beta}")
 
     def augment(self, ctx, schedule, batch):
-        (samples,) = self._sample_rows(ctx, batch, reference=True, record=None)
+        (samples,) = self._sample_rows(ctx, batch, reference=True, record=False)
         return replace(batch, latents=torch.stack([batch.latents[:, 0], samples.to(batch.latents.dtype).cpu()],
                                                   dim=1))
 
