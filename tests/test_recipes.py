@@ -313,8 +313,9 @@ def published(method, base, cfg):
         "flow_rwr": prow("flow_rwr", lr=3e-4, beta=1.0, time_sampling="logit_normal", K=24, batches=(9, 9, 1),
                          extra={"draws_per_sample": 1}, T=10, steps=2000),
     }[method]
-    finetune = rows["finetune"]
-    return {**rows, **base, "finetune": finetune, "cfg": cfg}
+    finetune = base["finetune"] if method in ("flow_dpo", "sft", "online_dpo", "flow_rwr") else rows["finetune"]
+    T = rows["T"] if rows["algorithm"] in ("online_dpo", "flow_rwr") else 40  # the offline ones: 40-step ODE eval
+    return {**rows, **base, "finetune": finetune, "cfg": cfg, "T": T}
 
 
 PREFERENCE_METHODS = ("diffusion_dpo", "flow_dpo", "smpo", "diffusion_kto", "rankdpo", "diffusion_dro", "ddo", "sft",
