@@ -79,7 +79,8 @@ def train(cfg: DictConfig) -> int:
         if nodes is None or nodes["node_rank"] == 0:
             _save_config(cfg, run_dir)
         return _launch_torchrun(cfg, run_dir, nproc, nodes)
-    from alignrl.training.trainer import Trainer, record_early_stop_signal
+    from alignrl.training.control import record_early_stop_signal
+    from alignrl.training.trainer import Trainer
 
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: it dies with its agent (a SIGKILLed agent leaves
         die_with_parent(signal.SIGKILL, os.getppid())  # no process to stop it otherwise); checkpoints are atomic

@@ -29,6 +29,11 @@ ALGORITHMS = {
     "ddo": "alignrl.algorithms.preference:DDO",
     "online_dpo": "alignrl.algorithms.preference:OnlineDPO",
     "flow_rwr": "alignrl.algorithms.preference:FlowRWR",
+    "refl": "alignrl.algorithms.reward_gradient:ReFL",
+    "draft": "alignrl.algorithms.reward_gradient:DRaFT",
+    "draft_lv": "alignrl.algorithms.reward_gradient:DRaFTLV",
+    "alignprop": "alignrl.algorithms.reward_gradient:AlignProp",
+    "adjointdpm": "alignrl.algorithms.reward_gradient:AdjointDPM",
 }
 
 

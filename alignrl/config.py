@@ -179,6 +179,14 @@ def offline_algorithm(cfg: DictConfig) -> bool:
     return getattr(algorithm_class(cfg), "batch_kind", None) in OFFLINE_KINDS
 
 
+def _group_free_algorithm(cfg: DictConfig) -> bool:
+    """Whether the algorithm takes groups of one (it normalises nothing within a group: reward-gradient methods)."""
+    from alignrl.algorithms.base import PROMPT_KINDS
+    from alignrl.components import algorithm_class
+
+    return getattr(algorithm_class(cfg), "batch_kind", None) in PROMPT_KINDS
+
+
 def _offline_layout(cfg: DictConfig, world_size: int) -> dict:
     offline = cfg.data.get("offline") or {}
     rows = _positive_int(offline.get("rows_per_iteration"), "data.offline.rows_per_iteration")
@@ -205,7 +213,7 @@ def validate_batch_arithmetic(cfg: DictConfig, world_size: int, num_prompts: int
         return _offline_layout(cfg, world_size)
     groups = _positive_int(cfg.data.groups_per_iteration, "data.groups_per_iteration")
     k = _positive_int(cfg.algorithm.group_size, "algorithm.group_size")
-    if k < 2 and not _branching_sampler(cfg):
+    if k < 2 and not _branching_sampler(cfg) and not _group_free_algorithm(cfg):
         raise ConfigError("algorithm.group_size must be >= 2: a group of one has no relative advantage "
                           "(only branching samplers, whose branches form the group, take 1)")
     world = _positive_int(world_size, "world size")

@@ -119,6 +119,30 @@ def _open_hf(source: str, split: str):
                           f"access, or a local directory of parquet/arrow files)") from None
 
 
+def _open_output(out: Path, data_file: Path, settings: dict, done_key: str) -> tuple[int, int]:
+    """(units done, rows written) of an earlier run of the same settings in ``out`` (0, 0 for a new one); rows past
+    the last recorded unit (a crash between the two writes) are dropped. Other settings are refused, as is a
+    directory `alignrl data` did not write."""
+    from alignrl.training import checkpoint as ckpt
+
+    progress_file = out / "progress.json"
+    done, lines = 0, 0
+    if progress_file.is_file():
+        progress = json.loads(progress_file.read_text())
+        if progress.get("settings") != settings:
+            changed = sorted(key for key in settings if progress.get("settings", {}).get(key) != settings[key])
+            raise ConfigError(f"{out} was written with other settings ({', '.join(changed)}); use a new out= directory "
+                              f"or the original settings to resume")
+        done, lines = int(progress[done_key]), int(progress["lines"])
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"out={out} exists and is not an `alignrl data` directory; give a new or empty one")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    if data_file.exists():
+        kept = data_file.read_text(encoding="utf-8").splitlines()[:lines]
+        ckpt.atomic_write_text(data_file, "".join(line + "\n" for line in kept))
+    return done, lines
+
+
 def import_dataset(g: dict, out: Path, kind: str) -> int:
     """Rows of a Hugging Face dataset (``g['source']``) written in the layouts of ``alignrl/imagedata.py``."""
     from alignrl.training import checkpoint as ckpt
@@ -129,18 +153,7 @@ def import_dataset(g: dict, out: Path, kind: str) -> int:
     limit = None if g.get("limit") in (None, "") else int(g["limit"])
     settings = {"source": source, "split": split, "kind": kind}
     data_file, progress_file = out / f"{kind}.jsonl", out / "progress.json"
-    done, lines = 0, 0
-    if progress_file.is_file():
-        progress = json.loads(progress_file.read_text())
-        if progress.get("settings") != settings:
-            raise ConfigError(f"{out} was written from another source, split or kind; use a new out= directory")
-        done, lines = int(progress["rows_done"]), int(progress["lines"])
-    elif out.exists() and any(out.iterdir()):
-        raise ConfigError(f"out={out} exists and is not an `alignrl data` directory; give a new or empty one")
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    if data_file.exists():  # drop rows past the last recorded one (a crash between the two writes)
-        kept = data_file.read_text(encoding="utf-8").splitlines()[:lines]
-        ckpt.atomic_write_text(data_file, "".join(line + "\n" for line in kept))
+    done, lines = _open_output(out, data_file, settings, "rows_done")
     if limit is not None and done >= limit:
         print(f"alignrl: {out} already holds {done} rows of {source}", file=sys.stderr)
         return 0
@@ -244,20 +257,7 @@ def make_dataset(cfg: DictConfig) -> int:
                 "weights": str(g.get("weights", "ema")), "reward": sorted(cfg.reward.keys())}
     data_file = out / f"{kind}.jsonl"
     progress_file = out / "progress.json"
-    done, lines = 0, 0
-    if progress_file.is_file():
-        progress = json.loads(progress_file.read_text())
-        if progress.get("settings") != settings:
-            changed = sorted(key for key in settings if progress.get("settings", {}).get(key) != settings[key])
-            raise ConfigError(f"{out} was written with other settings ({', '.join(changed)}); use a new out= directory "
-                              f"or the original settings to resume")
-        done, lines = int(progress["prompts_done"]), int(progress["lines"])
-    elif out.exists() and any(out.iterdir()):
-        raise ConfigError(f"out={out} exists and is not an `alignrl data` directory; give a new or empty one")
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    if data_file.exists():  # drop rows past the last recorded prompt (a crash between the two writes)
-        kept = data_file.read_text(encoding="utf-8").splitlines()[:lines]
-        ckpt.atomic_write_text(data_file, "".join(line + "\n" for line in kept))
+    done, lines = _open_output(out, data_file, settings, "prompts_done")
     if done >= n:
         print(f"alignrl: {out} already holds {n} prompts ({lines} {kind} rows)", file=sys.stderr)
         return 0

@@ -436,7 +436,7 @@ class SlurmTrainJob:
         return out
 
     def __call__(self) -> dict:
-        from alignrl.training.trainer import record_early_stop_signal
+        from alignrl.training.control import record_early_stop_signal
 
         for sig in (signal.SIGUSR1, signal.SIGTERM):  # replaces submitit's handlers until the trainer's own
             signal.signal(sig, record_early_stop_signal)

@@ -366,6 +366,70 @@ PREFERENCE_EXPECTED = {
 }
 
 
+# The reward-gradient family's recipes. Values: recipes/algorithm/{refl,draft,draft_lv,alignprop,adjointdpm}.yaml
+# comments and ../shared/reference/families.md section 11 (sources named there; DRaFT and AdjointDPM partly ours).
+def grow(algorithm, *, lr, T, cfg, loss, groups, batches, base, steps, finetune=None, extra=None):
+    base = dict(base)
+    if finetune:
+        base["finetune"] = finetune
+    return dict(algorithm=algorithm, lr=lr, T=T, cfg=cfg, loss=loss, K=1, groups=groups, batches=batches, steps=steps,
+                extra=extra or {}, **{k: v for k, v in base.items() if k != "groups"})
+
+
+def gradient_published(method, base, flux):
+    g = 3.5 if flux else None
+    return {
+        # THUDM/ImageReward scripts/train_refl.sh: 40 steps, m in [30, 40), no CFG, full at 1e-5, 64 per step, 100
+        "refl": grow("refl", lr=1e-5, T=40, cfg=g or 1.0, loss="negative", groups=64, batches=(2, 2, 1),
+                     base=base, steps=100, finetune="full", extra={"refl_low": 30}),
+        # arXiv 2309.17400: K = 1, 50 steps, CFG 7.5 (lr ours)
+        "draft": grow("draft", lr=1e-4, T=50, cfg=g or 7.5, loss="negative", groups=64, batches=(2, 2, 1),
+                      base=base, steps=200, extra={"last_k": 1}),
+        "draft_lv": grow("draft_lv", lr=1e-4, T=50, cfg=g or 7.5, loss="negative", groups=64, batches=(2, 2, 1),
+                         base=base, steps=200, extra={"lv_samples": 2}),
+        # mihirp1998/AlignProp config/alignprop_config.py, aesthetic.sh: LoRA 1e-3, 50 steps, CFG 5, N(42, 5), |r - 10|
+        "alignprop": grow("alignprop", lr=1e-3, T=50, cfg=g or 5.0, loss="distance", groups=128, batches=(2, 2, 1),
+                          base={**base, "reward": ["aesthetic"]}, steps=200,
+                          extra={"truncation_mean": 42.0, "truncation_std": 5.0, "target": 10.0}),
+        # HanshuYAN/AdjointDPM: the adjoint; settings ours
+        "adjointdpm": grow("adjointdpm", lr=1e-5, T=20, cfg=g or 1.0, loss="negative", groups=64, batches=(2, 2, 1),
+                           base=base, steps=200, extra={"states": "reconstruct"}),
+    }[method]
+
+
+GRADIENT_METHODS = ("refl", "draft", "draft_lv", "alignprop", "adjointdpm")
+TINY_G = {**TINY, "reward": ["jpeg_compressibility", "smoothness"]}
+GRADIENT_EXPECTED = {
+    **{f"{m}_sd35": gradient_published(m, SD35, False) for m in GRADIENT_METHODS},
+    **{f"{m}_flux": gradient_published(m, FLUX, True) for m in GRADIENT_METHODS},
+    "tiny_refl": grow("refl", lr=1e-3, T=6, cfg=1.0, loss="negative", groups=8, batches=(8, 8, 1), base=TINY_G,
+                      steps=40, extra={"refl_low": 3, "loss_scale": 1.0}),
+    "tiny_draft": grow("draft", lr=1e-3, T=6, cfg=1.0, loss="negative", groups=8, batches=(8, 8, 1), base=TINY_G,
+                       steps=40, extra={"last_k": 1}),
+    "tiny_draft_lv": grow("draft_lv", lr=1e-3, T=6, cfg=1.0, loss="negative", groups=8, batches=(8, 8, 1),
+                          base=TINY_G, steps=40, extra={"lv_samples": 2}),
+    "tiny_alignprop": grow("alignprop", lr=1e-3, T=6, cfg=4.5, loss="negative", groups=8, batches=(8, 8, 1),
+                           base=TINY_G, steps=40, extra={"truncation_mean": 4.0, "truncation_std": 1.0}),
+    "tiny_adjointdpm": grow("adjointdpm", lr=1e-3, T=6, cfg=1.0, loss="negative", groups=8, batches=(8, 8, 1),
+                            base=TINY_G, steps=40, extra={"states": "reconstruct"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRADIENT_EXPECTED))
+def test_reward_gradient_recipe_resolves_to_its_values(name):
+    c, like = resolved(name), GRADIENT_EXPECTED[name]
+    a, t = c["algorithm"], c["trainer"]
+    got = dict(algorithm=a["name"], lr=a["lr"], T=a["num_steps"], cfg=a["guidance_scale"], loss=a["loss"],
+               K=a["group_size"], groups=c["data"]["groups_per_iteration"],
+               batches=(t["rollout_batch_size"], t["train_batch_size"], t["updates_per_iteration"]),
+               steps=t["max_steps"], extra={k: a.get(k, "<absent>") for k in like["extra"]},
+               backbone=c["backbone"]["name"], finetune=t["finetune"], lora=t["lora"]["rank"],
+               reward=sorted(c["reward"]))
+    diff = {k: (got[k], v) for k, v in like.items() if got[k] != v}
+    assert not diff, f"{name}: resolved vs expected {diff}"
+    assert all(c["reward"][n].get("differentiable", True) for n in c["reward"] if c["reward"][n].get("weight", 1))
+
+
 @pytest.mark.parametrize("name", sorted(PREFERENCE_EXPECTED))
 def test_preference_recipe_resolves_to_its_values(name):
     c, like = resolved(name), PREFERENCE_EXPECTED[name]
@@ -404,7 +468,7 @@ def actual_row(c: dict, like: dict) -> dict:
 def test_the_table_covers_every_recipe():
     shipped = set(group_options("recipe"))
     assert shipped, "no recipes found"
-    rows = EXPECTED.keys() | PREFERENCE_EXPECTED.keys()
+    rows = EXPECTED.keys() | PREFERENCE_EXPECTED.keys() | GRADIENT_EXPECTED.keys()
     assert not shipped - rows, f"recipes without a row in EXPECTED: {sorted(shipped - rows)}"
     assert not rows - shipped, f"rows for recipes that do not exist: {sorted(rows - shipped)}"
 

@@ -146,15 +146,15 @@ def test_all_groups_tied_skips_the_update(tmp_path):
 
 def test_stop_file_abandons_the_iteration_before_any_update(tmp_path):
     t = _trainer(tmp_path, "trainer.max_steps=3")
-    t.stop_file.write_text("stop")
+    t.control.stop_file.write_text("stop")
     state = t.train()  # a stale request from an earlier process is cleared at start: runs normally
     assert state == "finished" and t.iteration == 3
     from alignrl.training.trainer import _StopNow
 
     t2 = _trainer(tmp_path / "b", "trainer.max_steps=3")
     t2.timing = {}
-    t2.stop_file.parent.mkdir(parents=True, exist_ok=True)
-    t2.stop_file.write_text("stop")
+    t2.control.stop_file.parent.mkdir(parents=True, exist_ok=True)
+    t2.control.stop_file.write_text("stop")
     before = [p.detach().clone() for p in t2.params]
     with pytest.raises(_StopNow):
         t2.run_iteration()
@@ -183,11 +183,11 @@ def test_sigusr1_is_not_overridden_by_a_later_sigterm(tmp_path):
     import signal
 
     t = _trainer(tmp_path)
-    previous = t._install_signal_handlers()
+    previous = t.control.install_signal_handlers()
     try:
         signal.raise_signal(signal.SIGUSR1)
         signal.raise_signal(signal.SIGTERM)
-        assert t.stop_signal == signal.SIGUSR1  # the Slurm job requeues on USR1: keep it
+        assert t.control.stop_signal == signal.SIGUSR1  # the Slurm job requeues on USR1: keep it
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -11,7 +11,9 @@ Batch kinds:
 - ``transitions``: rollouts with each trained step's latents and log-probs (the GRPO family);
 - ``final_latents``: the final latents of each image and their rewards (AWM, DiffusionNFT);
 - ``pairs``, ``lists``, ``labels``, ``captions``: rows of an offline image dataset (``data.offline``,
-  ``alignrl/imagedata.py``) as latents, in an ``OfflineBatch`` (the preference family, SFT).
+  ``alignrl/imagedata.py``) as latents, in an ``OfflineBatch`` (the preference family, SFT);
+- ``prompts``: the iteration's prompt slots only, in a ``PromptBatch``: the method samples them itself, with the
+  graph kept (the reward-gradient family); the loop lends a differentiable ``score``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from alignrl.errors import ConfigError
 
 ROLLOUT_KINDS = ("transitions", "final_latents")
 OFFLINE_KINDS = ("pairs", "lists", "labels", "captions")
-BATCH_KINDS = ROLLOUT_KINDS + OFFLINE_KINDS
+PROMPT_KINDS = ("prompts",)
+BATCH_KINDS = ROLLOUT_KINDS + OFFLINE_KINDS + PROMPT_KINDS
 
 
 @dataclass
@@ -95,6 +98,34 @@ class OfflineBatch:
 
 
 @dataclass
+class PromptBatch:
+    """One rank's prompt slots of one iteration (``batch_kind: prompts``): the method samples them itself."""
+
+    prompts: list[str]
+    metadata: list[dict]
+    prompt_ids: np.ndarray
+    global_index: np.ndarray  # (R,) the slot's position in the iteration (the same on any number of ranks)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def initial_noise(self, ctx, rows: torch.Tensor) -> torch.Tensor:
+        """The initial latents of ``rows``, keyed by (seed, iteration, slot) as the rollouts' are."""
+        from alignrl.sampling.engine import sample_generators
+
+        idx = [int(self.global_index[int(r)]) for r in rows]
+        return ctx.backbone.initial_noise(sample_generators(ctx.seed, ctx.iteration, idx, ctx.device))
+
+    def extra_noise(self, ctx, rows: torch.Tensor, n: int, shape: tuple) -> torch.Tensor:
+        """(len(rows), n, *shape) further standard-normal draws per slot (DRaFT-LV's re-noisings)."""
+        from alignrl.sampling.engine import sample_generators
+
+        idx = [int(self.global_index[int(r)]) for r in rows]
+        gens = sample_generators(ctx.seed * 29 + 13, ctx.iteration, idx)
+        return torch.stack([torch.randn((n, *shape), generator=g) for g in gens]).to(ctx.device)
+
+
+@dataclass
 class Advantages:
     """This rank's advantages: per leaf (linear plans; None for trees) and per trained transition."""
 
@@ -137,6 +168,8 @@ class StepContext:
     summarise: Callable[[dict, int, float, list], dict]
     rank: int = 0
     world_size: int = 1
+    # (images, prompts, metadata) -> (B,) weighted reward with its graph (batch_kind prompts); None otherwise
+    score: Callable[[torch.Tensor, list, list], torch.Tensor] | None = None
 
 
 @runtime_checkable

@@ -270,6 +270,20 @@ class Backbone:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decode(latents)
+
+    def decode_with_grad(self, latents: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+        """``decode`` keeping the autograd graph from the latents to the images (the VAE stays frozen), for
+        reward-gradient methods; ``checkpoint`` stores none of the VAE's activations and recomputes them in the
+        backward pass (its memory is then one image batch instead of the decoder's activations)."""
+        if checkpoint and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint as recompute
+
+            return recompute(self._decode, latents, use_reentrant=False)
+        return self._decode(latents)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] from latents, graph kept (``decode`` wraps it in no_grad)."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -120,8 +120,7 @@ class FluxBackbone(Backbone):
         b, c, h, w = z.shape
         return self.pipe._pack_latents(z, b, c, h, w)
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.vae
         z = self.pipe._unpack_latents(latents, self.resolution, self.resolution, self.vae_scale_factor)
         z = z.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor

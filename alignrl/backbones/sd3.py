@@ -86,8 +86,7 @@ class SD3Backbone(Backbone):
 
         return self.guided(call, x, timestep, cond, guidance_scale)
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.vae
         z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(z, return_dict=False)[0]

@@ -8,8 +8,9 @@ A reward is a callable ``score(images, prompts, metadata) -> (scores, info)``:
 - ``info``: dict of extra per-batch numbers to log
 
 Register with ``@register_reward("name")`` on a class whose constructor takes keyword options from
-the recipe (``reward: {name: {weight: 1.0, option: ...}}``). ``requires_grad`` on a reward class says
-its scores can be differentiated w.r.t. the images (for reward-gradient methods).
+the recipe (``reward: {name: {weight: 1.0, option: ...}}``). ``differentiable`` on a reward says its
+``score_tensor`` keeps the autograd graph from the images to the scores (the reward-gradient methods need it:
+``smoothness``, ``shapes_soft``, and the CLIP family and HPSv2 with ``differentiable: true``).
 """
 
 from __future__ import annotations
@@ -43,19 +44,26 @@ def available_rewards() -> list[str]:
 
 
 def _import_builtins() -> None:
-    from alignrl.rewards import clip, jpeg, ocr, optional, remote, shapes, vlm  # noqa: F401  (registers on import)
+    from alignrl.rewards import clip, jpeg, ocr, optional, pixel, remote, shapes, vlm  # noqa: F401  (they register)
 
 
 class Reward:
     """Base class (optional): a reward only needs ``__call__``."""
 
     reward_name = "reward"
-    requires_grad = False
+    differentiable = False  # score_tensor keeps the graph from the images to the scores
     # names of per-sample metrics the reward returns in info["per_sample"] (evaluation tables use them)
     per_sample_keys: tuple[str, ...] = ()
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
         raise NotImplementedError
+
+    def score_tensor(self, images: torch.Tensor, prompts, metadata=None) -> torch.Tensor:
+        """Scores (B,) float32 on the images' device. This default scores through ``__call__`` without a graph;
+        differentiable rewards override it and keep the graph."""
+        prompts = list(prompts)
+        scores, _ = self(images.detach(), prompts, list(metadata) if metadata is not None else [{}] * len(prompts))
+        return torch.as_tensor(np.asarray(scores, dtype=np.float32), device=images.device)
 
 
 def build_reward(name: str, **options) -> Reward:
@@ -142,6 +150,33 @@ class WeightedReward:
                 else:
                     info[f"{name}/{k}"] = v
         return total, {"per_reward": per_reward, "per_sample": per_sample, **info}
+
+    @property
+    def gradient_rewards(self) -> dict[str, Reward]:
+        """The rewards a reward-gradient method differentiates: those with a nonzero weight (a weight-0 reward
+        is only logged, e.g. the exact metric beside its differentiable surrogate)."""
+        return {n: r for n, r in self.rewards.items() if self.weights[n] != 0}
+
+    @property
+    def differentiable(self) -> bool:
+        return all(bool(getattr(r, "differentiable", False)) for r in self.gradient_rewards.values())
+
+    def score_tensor(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted total (B,) with the graph of every nonzero-weight reward, and each one's scores
+        (detached) for logging."""
+        total = torch.zeros(len(prompts), device=images.device)
+        parts = {}
+        for name, fn in self.gradient_rewards.items():
+            try:
+                scores = fn.score_tensor(images, prompts, metadata).to(images.device).float().reshape(-1)
+            except Exception as e:  # name the reward in the error; the trainer stops with it
+                raise RewardError(f"reward '{name}' raised {type(e).__name__}: {e}") from e
+            if scores.shape[0] != len(prompts):
+                raise RewardError(f"reward '{name}' returned {scores.shape[0]} scores for {len(prompts)} images")
+            total = total + self.weights[name] * scores
+            parts[name] = scores.detach()
+        return total, parts
 
     @property
     def per_sample_keys(self) -> list[str]:

@@ -232,7 +232,6 @@ class ClipModelReward(ChunkedScorer, Reward):
                  dtype: Any = "auto", batch_size: int = 32, differentiable: bool = False):
         name = self.reward_name
         self.differentiable = as_flag(differentiable, name, "differentiable")
-        self.requires_grad = self.differentiable
         self.batch_size = as_positive_int(batch_size, name, "batch_size")
         self.device = resolve_device(device, name)
         self.dtype = resolve_dtype(dtype, self.device, name, self.differentiable)

@@ -59,7 +59,6 @@ class HPSv2(ChunkedScorer, Reward):
             raise ConfigError(f"reward.hpsv2.version={version!r} is not known; use v2.0 or v2.1")
         self.version = version
         self.differentiable = as_flag(differentiable, "hpsv2", "differentiable")
-        self.requires_grad = self.differentiable
         self.batch_size = as_positive_int(batch_size, "hpsv2", "batch_size")
         self.device = resolve_device(device, "hpsv2")
         self.dtype = resolve_dtype(dtype, self.device, "hpsv2", self.differentiable)

@@ -178,8 +178,7 @@ class ShapesBackbone(Backbone):
 
         return self.guided(call, x, timestep, cond, guidance_scale)
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()

@@ -1,0 +1,199 @@
+"""The reward-gradient family: the differentiable sampler and its adjoint on a one-weight model (v = w x) where
+the gradients have closed forms, the methods behind the protocol, the rewards' differentiability, and the tiny
+twins through the real loop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from alignrl.algorithms.base import PromptBatch
+from alignrl.rewards.base import WeightedReward, build_reward
+from alignrl.sampling.differentiable import adjoint_backward, grad_sample, ode_states
+from conftest import run_inprocess
+from test_algorithms import FakeBackbone, make_context
+
+
+class ImageBackbone(FakeBackbone):
+    """The one-weight model with the services a reward-gradient step uses: noise, decode (identity)."""
+
+    def initial_noise(self, generators):
+        return torch.stack([torch.randn((2, 4, 4), generator=g) for g in generators])
+
+    def decode_with_grad(self, latents, checkpoint=False):
+        return latents
+
+
+def _loss_grad(backbone, x_T, c, **kw):
+    """d/dw of L = sum(c * x_N) for the sample from x_T, and L."""
+    w = backbone.denoiser.w
+    w.grad = None
+    x = grad_sample(backbone, None, x_T, backbone.make_schedule(5), 1.0, **kw)
+    loss = (c * x).sum()
+    loss.backward()
+    return w.grad.clone(), float(loss.detach())
+
+
+def test_grad_sample_keeps_the_graph_from_the_asked_step_and_checkpointing_changes_nothing():
+    """v = w x on a linear 5-step grid (h = -1/5): x_N = (1 + h w)^5 x_T. With the graph from step 0 the gradient
+    is the full derivative 5 h (1 + h w)^4 sum(c x_T); from step 4 only the last step's factor is differentiated:
+    h (1 + h w)^4 sum(c x_T). Checkpointed calls give the same numbers."""
+    backbone = FakeBackbone(0.5)
+    x_T = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    c = torch.randn_like(x_T)
+    h, w = -0.2, 0.5
+    base = float((c * x_T).sum())
+    full, loss = _loss_grad(backbone, x_T, c, grad_from=0, checkpoint=False)
+    assert loss == pytest.approx((1 + h * w) ** 5 * base, rel=1e-5)
+    assert float(full) == pytest.approx(5 * h * (1 + h * w) ** 4 * base, rel=1e-5)
+    assert torch.allclose(_loss_grad(backbone, x_T, c, grad_from=0, checkpoint=True)[0], full)
+    last, _ = _loss_grad(backbone, x_T, c, grad_from=4)
+    assert float(last) == pytest.approx(h * (1 + h * w) ** 4 * base, rel=1e-5)
+    # ReFL: stop at step m with its x0 prediction x_m - s_m v = (1 - s_m w) x_m, only step m differentiated
+    x0 = grad_sample(backbone, None, x_T, backbone.make_schedule(5), 1.0, grad_from=5, stop_at=2)
+    torch.testing.assert_close(x0, (1 - 0.6 * w) * (1 + h * w) ** 2 * x_T)
+    backbone.denoiser.w.grad = None
+    (c * x0).sum().backward()
+    assert float(backbone.denoiser.w.grad) == pytest.approx(-0.6 * (1 + h * w) ** 2 * base, rel=1e-5)
+
+
+def test_adjoint_with_stored_states_is_the_exact_gradient_and_reconstructed_states_are_close():
+    """The adjoint sampler gives the gradient backpropagation through the whole sampler gives (weights and initial
+    noise), exactly with the forward states kept and within the reversed step's error without them."""
+    backbone = FakeBackbone(0.7)
+    schedule = backbone.make_schedule(8)
+    x_T = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    c = torch.randn_like(x_T)
+    x_in = x_T.clone().requires_grad_(True)
+    x_N = grad_sample(backbone, None, x_in, schedule, 1.0, grad_from=0, checkpoint=False)
+    (c * x_N).sum().backward()
+    want_w, want_x = backbone.denoiser.w.grad.clone(), x_in.grad.clone()
+    for states, tol in (("store", 1e-5), ("reconstruct", 0.05)):
+        backbone.denoiser.w.grad = None
+        final, kept = ode_states(backbone, None, x_T, schedule, 1.0, keep=states == "store")
+        dx_T = adjoint_backward(backbone, None, final, c, schedule, 1.0, backward=lambda t: t.backward(),
+                                states=kept)
+        assert float(backbone.denoiser.w.grad) == pytest.approx(float(want_w), rel=tol), states
+        assert torch.allclose(dx_T, want_x, rtol=tol, atol=tol * float(want_x.abs().max())), states
+
+
+def _prompt_batch(n=4):
+    return PromptBatch(prompts=[f"p{i}" for i in range(n)], metadata=[{}] * n, prompt_ids=np.arange(n),
+                       global_index=np.arange(n))
+
+
+def _train(algo, backbone, score=lambda images, prompts, meta: -(images ** 2).mean(dim=(1, 2, 3))):
+    ctx, steps = make_context(backbone, lr=0.0)
+    ctx.score = score
+    grads = []
+    inner = ctx.optimizer_step
+    ctx.optimizer_step = lambda: (grads.append(backbone.denoiser.w.grad.clone()), inner())[1]
+    out = algo.train_step(_prompt_batch(), None, ctx)
+    return out, grads, ctx
+
+
+@pytest.mark.parametrize("name", ["refl", "draft", "draft_lv", "alignprop", "adjointdpm"])
+def test_every_method_steps_behind_the_protocol_and_its_gradient_matches_autograd(name):
+    """Each method's step on the one-weight model: the logged reward is the score of the latents it decoded, and
+    its gradient equals autograd's through the same sampler piece (written out here per method)."""
+    from alignrl.components import ALGORITHMS
+    from alignrl.locate import locate
+
+    cls = locate(ALGORITHMS[name].replace(":", "."), "algorithm")
+    kw = {"refl": dict(refl_low=2), "alignprop": dict(truncation_mean=3.0, truncation_std=1.0),
+          "adjointdpm": dict(states="store"), "draft_lv": dict(lv_samples=3)}.get(name, {})
+    algo = cls(num_steps=5, lr=1e-3, loss="negative", loss_scale=1.0, **kw)
+    assert algo.batch_kind == "prompts" and not algo.needs_reference
+    backbone = ImageBackbone(0.4)
+    out, grads, ctx = _train(algo, backbone)
+    assert len(grads) == 1 and torch.isfinite(grads[0]) and float(grads[0].abs()) > 0
+    # the same loss through plain autograd: the full sampler for the methods whose graph covers what they
+    # differentiate; the ones that stop the graph are checked against their own piece
+    batch = _prompt_batch()
+    x_T = batch.initial_noise(ctx, torch.arange(4))
+    schedule = backbone.make_schedule(5)
+    w = backbone.denoiser.w
+    w.grad = None
+    if name == "adjointdpm":
+        x = grad_sample(backbone, None, x_T, schedule, 1.0, grad_from=0, checkpoint=False)
+        loss = ((x ** 2).mean(dim=(1, 2, 3))).sum() / 4
+    elif name == "draft":
+        x = grad_sample(backbone, None, x_T, schedule, 1.0, grad_from=4)
+        loss = ((x ** 2).mean(dim=(1, 2, 3))).sum() / 4
+    else:
+        loss = None
+    if loss is not None:
+        loss.backward()
+        assert float(grads[0]) == pytest.approx(float(w.grad), rel=1e-5)
+    assert out["reward_mean"] < 0 and out["policy_loss"] == pytest.approx(-out["reward_mean"], rel=1e-5)
+
+
+def test_truncations_are_drawn_once_per_optimizer_step_and_stay_in_range():
+    from alignrl.algorithms.reward_gradient import AlignProp, ReFL
+
+    g = torch.Generator().manual_seed(0)
+    ks = [AlignProp(num_steps=50).draw(g)["k"] for _ in range(300)]
+    assert min(ks) >= 1 and max(ks) < 50 and abs(np.mean(ks) - 42) < 1.0
+    ms = [ReFL().draw(g)["m"] for _ in range(300)]
+    assert set(ms) == set(range(30, 40))
+
+
+def test_smoothness_reward_closed_form_and_gradient():
+    r = build_reward("smoothness")
+    flat = torch.full((1, 3, 4, 4), 0.3)
+    stripes = torch.zeros(1, 3, 4, 4)
+    stripes[..., ::2] = 1.0  # columns alternate 1, 0: every horizontal neighbour differs by 1, vertical by 0
+    assert float(r.score_tensor(flat, ["a"])) == 0.0
+    assert float(r.score_tensor(stripes, ["a"])) == pytest.approx(-100.0)
+    x = stripes.clone().requires_grad_(True)
+    r.score_tensor(x, ["a"]).sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    scores, _ = r(stripes, ["a"], [{}])
+    assert scores.tolist() == pytest.approx([-100.0])
+
+
+def test_weighted_reward_differentiates_only_its_weighted_members():
+    both = WeightedReward.from_config({"smoothness": 1.0, "jpeg_compressibility": 0.0})
+    assert both.differentiable and list(both.gradient_rewards) == ["smoothness"]
+    images = torch.rand(2, 3, 8, 8, requires_grad=True)
+    total, parts = both.score_tensor(images, ["a", "b"], [{}, {}])
+    assert total.requires_grad and list(parts) == ["smoothness"]
+    assert not WeightedReward.from_config({"smoothness": 1.0, "jpeg_compressibility": 1.0}).differentiable
+
+
+def test_a_non_differentiable_reward_is_one_line_before_any_model_loads(tmp_path):
+    proc = run_inprocess("train", "recipe=tiny_refl", "reward=jpeg_compressibility", f"run_dir={tmp_path / 'r'}",
+                         cwd=tmp_path)
+    assert proc.returncode != 0 and "jpeg_compressibility cannot be differentiated" in proc.stderr
+    assert "Traceback" not in proc.stderr and "SD3Transformer2DModel" not in proc.stderr
+
+
+def test_checkpointed_steps_keep_a_few_latents_each_not_the_networks_activations(tiny_sd3):
+    """Bytes the autograd graph holds (saved tensors) for the graph through the last K of 6 steps of the tiny SD3:
+    with per-step checkpointing each further step adds a few latents (the step's own arithmetic), without it the
+    transformer's activations."""
+    backbone = tiny_sd3
+    schedule = backbone.make_schedule(6)
+    cond = backbone.encode_prompts(["a red cube"] * 2)
+    x_T = backbone.initial_noise([torch.Generator().manual_seed(i) for i in range(2)])
+    latent_bytes = x_T.numel() * 4
+
+    def saved_bytes(k, checkpoint):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            x = grad_sample(backbone, cond, x_T, schedule, 1.0, grad_from=6 - k, checkpoint=checkpoint)
+        del x
+        return total[0]
+
+    per_step_ckpt = (saved_bytes(3, True) - saved_bytes(1, True)) / 2
+    per_step_full = (saved_bytes(3, False) - saved_bytes(1, False)) / 2
+    assert per_step_ckpt <= 8 * latent_bytes, (per_step_ckpt, latent_bytes)
+    assert per_step_full > 10 * per_step_ckpt, (per_step_full, per_step_ckpt)
