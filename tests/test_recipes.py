@@ -373,7 +373,7 @@ def grow(algorithm, *, lr, T, cfg, loss, groups, batches, base, steps, finetune=
     if finetune:
         base["finetune"] = finetune
     return dict(algorithm=algorithm, lr=lr, T=T, cfg=cfg, loss=loss, K=1, groups=groups, batches=batches, steps=steps,
-                extra=extra or {}, **{k: v for k, v in base.items() if k != "groups"})
+                extra=extra or {}, **{k: v for k, v in base.items() if k not in ("groups", "batches")})
 
 
 def gradient_published(method, base, flux):
@@ -412,6 +412,12 @@ GRADIENT_EXPECTED = {
                            base=TINY_G, steps=40, extra={"truncation_mean": 4.0, "truncation_std": 1.0}),
     "tiny_adjointdpm": grow("adjointdpm", lr=1e-3, T=6, cfg=1.0, loss="negative", groups=8, batches=(8, 8, 1),
                             base=TINY_G, steps=40, extra={"states": "reconstruct"}),
+    # ShapeWorld: 8-step ODE at guidance 3, 32 slots per iteration, full fine-tune at 1e-5, shapes_soft
+    **{f"shapes_{m}": grow(m, lr=1e-5, T=8, cfg=3.0, loss="negative", groups=32, batches=(32, 16, 1),
+                           base={**SHAPES, "reward": ["shapes_geneval", "shapes_soft"]}, steps=1000000,
+                           extra=e)
+       for m, e in (("refl", {"refl_low": 5}), ("draft", {"last_k": 1}), ("draft_lv", {"lv_samples": 2}),
+                    ("alignprop", {"truncation_mean": 6.0}), ("adjointdpm", {"states": "reconstruct"}))},
 }
 
 
