@@ -22,7 +22,7 @@ run: install
 	$(BIN)/alignrl train $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS)   # one worker per core, a file per worker
 
 bench: install
 	$(BIN)/python scripts/bench_rollout.py

@@ -14,7 +14,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Runs that name no recipe use the tiny random SD3 one (seconds) even where a user's environment names another
 # default; tests of the default itself remove this (tests/test_shapes.py).
 os.environ["ALIGNRL_DEFAULT_RECIPE"] = "tiny_flowgrpo"
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each, children too
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parent.parent
 

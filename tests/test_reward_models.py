@@ -134,7 +134,7 @@ def test_pickscore_equals_hand_computation(tiny_clip_dir, reference):
     expected = (model.logit_scale.exp() * (img * txt).sum(-1) / 26).double().numpy()
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
     assert info["mean"] == pytest.approx(expected.mean(), rel=1e-5)
-    assert reward.requires_grad is False and REWARDS["pickscore"].requires_grad is False
+    assert reward.differentiable is False and REWARDS["pickscore"].differentiable is False
     # the scale option, also as a fraction written in the recipe
     raw, _ = build_reward("pickscore", model=str(tiny_clip_dir), processor=str(tiny_clip_dir), scale=1.0)(
         images, PROMPTS, [{}] * 4)
@@ -171,7 +171,7 @@ def test_differentiable_mode_passes_gradients_to_images(tiny_clip_dir):
     images = _quantised_images(3, 40, 40, seed=7)
     prompts = PROMPTS[:3]
     diff = build_reward("pickscore", model=str(tiny_clip_dir), processor=str(tiny_clip_dir), differentiable=True)
-    assert diff.requires_grad is True
+    assert diff.differentiable is True
     x = images.clone().requires_grad_(True)
     s = diff.score_tensor(x, prompts)
     assert s.shape == (3,) and s.grad_fn is not None
