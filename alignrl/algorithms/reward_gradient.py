@@ -256,11 +256,14 @@ class AdjointDPM(RewardGradient):
     lr: float = 1e-5
     num_steps: int = 20
     states: str = "reconstruct"  # reconstruct (the paper's backward state solve) | store (exact, N latents)
+    refine: int = 1  # fixed-point refinements of each reconstructed state (one model call each)
 
     def __post_init__(self):
         super().__post_init__()
         if self.states not in ("reconstruct", "store"):
             raise ConfigError(f"algorithm.states='{self.states}' is not known; use reconstruct or store")
+        if self.refine < 0:
+            raise ConfigError(f"algorithm.refine must be >= 0, got {self.refine}")
 
     def microbatch_loss(self, ctx, batch, mb, draw, schedule, total):
         backbone = ctx.backbone
@@ -275,5 +278,5 @@ class AdjointDPM(RewardGradient):
             loss = self.loss_of(r)
             (grad_final,) = torch.autograd.grad(loss.sum() / total, x_leaf)
         adjoint_backward(backbone, cond, x_final, grad_final, schedule, self.guidance_scale, backward=ctx.backward,
-                         states=states, autocast=ctx.autocast)
+                         states=states, refine=self.refine, autocast=ctx.autocast)
         return float(loss.detach().sum()), float(r.detach().sum()), self.num_steps

@@ -32,7 +32,7 @@ import torch
 def _predict(backbone, x, timestep, cond, guidance: float, autocast, checkpoint: bool) -> torch.Tensor:
     def call(x_in):
         with autocast():
-            return backbone.predict(x_in, timestep, cond, guidance).float()
+            return backbone.predict(x_in, timestep, cond, guidance)  # float32 (float64 for a float64 model)
 
     if checkpoint and torch.is_grad_enabled():
         from torch.utils.checkpoint import checkpoint as recompute
@@ -55,7 +55,7 @@ def grad_sample(backbone, cond, x_T: torch.Tensor, schedule, guidance: float, *,
     last = n - 1 if stop_at is None else stop_at
     if not 0 <= last < n:
         raise ValueError(f"stop_at={stop_at} is outside the {n}-step schedule")
-    x = x_T.float()
+    x = x_T
     for i in range(last + 1):
         s, s_next = schedule.sigmas[i], schedule.sigmas[i + 1]
         timestep = schedule.timesteps[i].expand(len(x))
@@ -74,7 +74,7 @@ def ode_states(backbone, cond, x_T: torch.Tensor, schedule, guidance: float, aut
                keep: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """The ODE solved without a graph: the final latent, and every state x_0..x_{N-1} with ``keep``."""
     param = backbone.parameterisation
-    x, states = x_T.float(), [] if keep else None
+    x, states = x_T, [] if keep else None
     for i in range(len(schedule.timesteps)):
         if keep:
             states.append(x)
@@ -85,28 +85,34 @@ def ode_states(backbone, cond, x_T: torch.Tensor, schedule, guidance: float, aut
 
 def adjoint_backward(backbone, cond, x_final: torch.Tensor, grad_final: torch.Tensor, schedule, guidance: float, *,
                      backward: Callable[[torch.Tensor], None], states: list[torch.Tensor] | None = None,
-                     autocast: Callable = nullcontext) -> torch.Tensor:
+                     refine: int = 1, autocast: Callable = nullcontext) -> torch.Tensor:
     """Accumulate the weights' gradient of a loss L(x_N) (``grad_final`` = dL/dx_N) into their ``.grad`` by the
     adjoint of the sampler, one step at a time (``backward(scalar)`` runs the loop's backward on each step's
     vector-Jacobian surrogate). Returns dL/dx_T, the gradient with respect to the initial noise. ``states``
     (from ``ode_states(keep=True)``) makes the gradient exact; without them each state is recomputed by the
-    reversed step. Only flow-velocity backbones (the Euler step ``x + h v``) are supported."""
+    reversed step and ``refine`` fixed-point iterations toward the forward step's exact inverse (each one model
+    call, no graph). Only flow-velocity backbones (the Euler step ``x + h v``) are supported."""
     if getattr(backbone.parameterisation, "name", "") != "flow":
         raise NotImplementedError("the adjoint sampler is written for flow-velocity backbones")
     n = len(schedule.timesteps)
-    a = grad_final.detach().float()
-    x = x_final.detach().float()
+    a = grad_final.detach()
+    x = x_final.detach()
     for i in reversed(range(n)):
         h = schedule.sigmas[i + 1] - schedule.sigmas[i]
         if states is not None:
             x = states[i]
-        else:  # the reversed Euler step: x_i ~ x_{i+1} - h v(x_{i+1}, t_{i+1})
+        else:  # the reversed Euler step x_i ~ x_{i+1} - h v(x_{i+1}, t_{i+1}), then fixed-point refinements
+            # x_i <- x_{i+1} - h v(x_i, t_i), which converge to the exact inverse of the forward step
             t_next = schedule.timesteps[i + 1] if i + 1 < n else torch.zeros_like(schedule.timesteps[i])
             with torch.no_grad():
-                x = x - h * _predict(backbone, x, t_next.expand(len(x)), cond, guidance, autocast, False)
+                x_next = x
+                x = x_next - h * _predict(backbone, x_next, t_next.expand(len(x)), cond, guidance, autocast, False)
+                for _ in range(refine):
+                    x = x_next - h * _predict(backbone, x, schedule.timesteps[i].expand(len(x)), cond, guidance,
+                                              autocast, False)
         x_in = x.detach().requires_grad_(True)
         with torch.enable_grad():
             v = _predict(backbone, x_in, schedule.timesteps[i].expand(len(x)), cond, guidance, autocast, False)
             backward((v * (h * a)).sum())  # weights: += h (dv/dtheta)^T a;  x_in.grad = h (dv/dx)^T a
-        a = a + x_in.grad.float()
+        a = a + x_in.grad
     return a
