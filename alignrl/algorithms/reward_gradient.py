@@ -106,13 +106,16 @@ class RewardGradient:
         images = ctx.backbone.decode_with_grad(latents, checkpoint=self.decode_checkpoint)
         return ctx.score(images, prompts, metadata)
 
+    @staticmethod
+    def inputs(ctx, batch, mb):
+        """The microbatch's prompts, metadata and conditioning."""
+        prompts = [batch.prompts[int(i)] for i in mb]
+        return prompts, [batch.metadata[int(i)] for i in mb], ctx.backbone.encode_prompts(prompts)
+
     def microbatch_loss(self, ctx, batch, mb, draw, schedule, total: float) -> tuple[float, float, int]:
         """Backpropagate one microbatch's share of the loss; returns (loss sum, reward sum, differentiated steps)."""
-        prompts = [batch.prompts[int(i)] for i in mb]
-        metadata = [batch.metadata[int(i)] for i in mb]
-        cond = ctx.backbone.encode_prompts(prompts)
-        x_T = batch.initial_noise(ctx, mb)
-        latents, steps = self.sample(ctx, cond, x_T, schedule, draw)
+        prompts, metadata, cond = self.inputs(ctx, batch, mb)
+        latents, steps = self.sample(ctx, cond, batch.initial_noise(ctx, mb), schedule, draw)
         r = self.score(ctx, latents, prompts, metadata)
         loss = self.loss_of(r)
         ctx.backward(loss.sum() / total)
@@ -199,9 +202,7 @@ class DRaFTLV(RewardGradient):
         from alignrl.sampling.differentiable import _predict
 
         backbone, param = ctx.backbone, ctx.backbone.parameterisation
-        prompts = [batch.prompts[int(i)] for i in mb]
-        metadata = [batch.metadata[int(i)] for i in mb]
-        cond = backbone.encode_prompts(prompts)
+        prompts, metadata, cond = self.inputs(ctx, batch, mb)
         x0, _ = ode_states(backbone, cond, batch.initial_noise(ctx, mb), schedule, self.guidance_scale,
                            ctx.autocast)
         s, timestep = schedule.sigmas[-2], schedule.timesteps[-1].expand(len(mb))  # the last step's noise level
@@ -267,9 +268,7 @@ class AdjointDPM(RewardGradient):
 
     def microbatch_loss(self, ctx, batch, mb, draw, schedule, total):
         backbone = ctx.backbone
-        prompts = [batch.prompts[int(i)] for i in mb]
-        metadata = [batch.metadata[int(i)] for i in mb]
-        cond = backbone.encode_prompts(prompts)
+        prompts, metadata, cond = self.inputs(ctx, batch, mb)
         x_final, states = ode_states(backbone, cond, batch.initial_noise(ctx, mb), schedule, self.guidance_scale,
                                      ctx.autocast, keep=self.states == "store")
         x_leaf = x_final.detach().requires_grad_(True)
