@@ -11,7 +11,8 @@ Modes (alignrl/sampling/differentiable.py), each for N = 1, 2, 4, ... sampler st
 Each measurement runs in a fresh process: the backbone is built, one step runs to warm the allocator, then the
 measured step (sample, decode with the graph, the smoothness reward, backward) runs while a thread samples the
 resident set (/proc/self/statm) every millisecond; the peak above the resident set before the step is reported
-(CPU), or torch.cuda.max_memory_allocated above the allocation before it (CUDA). Models: the tiny SD3 (0.08M
+(CPU; glibc's mmap threshold is fixed at 64 KiB in the child, so freed tensors leave the resident set), or
+torch.cuda.max_memory_allocated above the allocation before it (CUDA). Models: the tiny SD3 (0.08M
 parameters) and a mid-size random-init SD3 of the same classes (``--mid-layers``/``--mid-hidden``).
 
     python scripts/bench_gradient.py                      # writes the table to stdout
@@ -118,7 +119,7 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
     p.add_argument("--mid-layers", type=int, default=4)
     p.add_argument("--mid-hidden", type=int, default=256)
-    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
@@ -139,7 +140,10 @@ def main() -> int:
                        "--mid-layers", str(args.mid_layers), "--mid-hidden", str(args.mid_hidden),
                        "--resolution", str(args.resolution), "--batch", str(args.batch), "--device", args.device,
                        "--threads", str(args.threads)]
-                out = subprocess.run(cmd, capture_output=True, text=True)
+                # glibc hands large blocks back to the OS when freed only below its mmap threshold, which otherwise
+                # grows after frees: fixed here, the resident set follows the live tensors (no allocator slack)
+                env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if out.returncode != 0:
                     print(out.stderr[-2000:], file=sys.stderr)
                     return 1
