@@ -345,3 +345,14 @@ def test_adjoint_gradients_match_backprop_within_a_tolerance_that_shrinks_with_t
         assert e[1] < 0.7 * e[0] and e[2] < 0.7 * e[1], (refine, e)
     assert all(errors[(n, "reconstruct", 3)] < errors[(n, "reconstruct", 1)] < errors[(n, "reconstruct", 0)]
                for n in (4, 8, 16)), errors
+
+
+def test_adjoint_refuses_fp16_loss_scaling_in_one_line():
+    from alignrl.algorithms.reward_gradient import AdjointDPM
+    from alignrl.errors import ConfigError
+
+    backbone = ImageBackbone(0.4)
+    ctx, _ = make_context(backbone)
+    ctx.mixed_precision = "fp16"
+    with pytest.raises(ConfigError, match="trainer.mixed_precision=bf16"):
+        AdjointDPM(num_steps=3).train_step(_prompt_batch(), None, ctx)

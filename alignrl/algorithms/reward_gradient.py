@@ -266,6 +266,12 @@ class AdjointDPM(RewardGradient):
         if self.refine < 0:
             raise ConfigError(f"algorithm.refine must be >= 0, got {self.refine}")
 
+    def train_step(self, batch, adv, ctx) -> dict:
+        if ctx.mixed_precision == "fp16":  # the loop's backward would scale each step's adjoint again
+            raise ConfigError("algorithm adjointdpm does not support fp16 loss scaling (the adjoint passes each "
+                              "step's gradient on through the loop's backward); use trainer.mixed_precision=bf16")
+        return super().train_step(batch, adv, ctx)
+
     def microbatch_loss(self, ctx, batch, mb, draw, schedule, total):
         backbone = ctx.backbone
         prompts, metadata, cond = self.inputs(ctx, batch, mb)

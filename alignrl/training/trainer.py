@@ -272,6 +272,7 @@ class Trainer:
                 global_index, self.layout["updates_per_iteration"], epoch),
             predict_reference=self._predict_reference, old_policy_weights=self._old_policy_weights,
             summarise=self._update_summary, rank=self.rank, world_size=self.world,
+            mixed_precision=self.accelerator.mixed_precision,
             score=(lambda images, prompts, metadata: self.reward.score_tensor(images, prompts, metadata)[0])
             if self.direct else None,
         )
