@@ -171,20 +171,24 @@ def _branching_sampler(cfg: DictConfig) -> bool:
     return bool(sampler.get("branch_factor") or sampler.get("children") or sampler.get("branched"))
 
 
+def _batch_kind(cfg: DictConfig) -> str | None:
+    from alignrl.components import algorithm_class
+
+    return getattr(algorithm_class(cfg), "batch_kind", None)
+
+
 def offline_algorithm(cfg: DictConfig) -> bool:
     """Whether the recipe's algorithm trains on an offline dataset (``data.offline``) rather than rollouts."""
     from alignrl.algorithms.base import OFFLINE_KINDS
-    from alignrl.components import algorithm_class
 
-    return getattr(algorithm_class(cfg), "batch_kind", None) in OFFLINE_KINDS
+    return _batch_kind(cfg) in OFFLINE_KINDS
 
 
 def _group_free_algorithm(cfg: DictConfig) -> bool:
     """Whether the algorithm takes groups of one (it normalises nothing within a group: reward-gradient methods)."""
     from alignrl.algorithms.base import PROMPT_KINDS
-    from alignrl.components import algorithm_class
 
-    return getattr(algorithm_class(cfg), "batch_kind", None) in PROMPT_KINDS
+    return _batch_kind(cfg) in PROMPT_KINDS
 
 
 def _offline_layout(cfg: DictConfig, world_size: int) -> dict:

@@ -25,6 +25,7 @@ like a sampling run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -101,6 +102,25 @@ def _image_bytes(value, where: str) -> bytes:
     raise ConfigError(f"{where}: an image cell holds {type(value).__name__}, not image bytes")
 
 
+def _write_image(out: Path, data: bytes, row: int, key: str) -> str:
+    """The image bytes as they are under ``out/images/`` (named by row and slot, the extension by format;
+    a file PIL cannot open is caught by the validation pass when training reads it); its relative path."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            ext = (im.format or "img").lower().replace("jpeg", "jpg")
+    except Exception:  # noqa: BLE001  unreadable: named in one line by ImageDataset.validate
+        ext = "img"
+    name = f"images/{row:08d}_{key.rsplit('_', 1)[-1] if '_' in key else '0'}.{ext}"
+    tmp = out / (name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, out / name)
+    return name
+
+
 def _open_hf(source: str, split: str):
     try:
         import datasets
@@ -158,53 +178,42 @@ def import_dataset(g: dict, out: Path, kind: str) -> int:
         print(f"alignrl: {out} already holds {done} rows of {source}", file=sys.stderr)
         return 0
     ds = _open_hf(source, split)
-    import io
-
-    from PIL import Image
     from tqdm import tqdm
 
     bar = tqdm(total=limit, initial=done, desc=f"alignrl data ({kind} from {source})", unit="row", file=sys.stderr,
                disable=not bool(g.get("progress", True)))
-    t0, i = time.time(), -1
+    t0, rows_done = time.time(), done
+
+    def commit(fh) -> None:  # rows written so far become durable, then progress.json says how many
+        fh.flush()
+        os.fsync(fh.fileno())
+        ckpt.atomic_write_text(progress_file, json.dumps({"settings": settings, "rows_done": rows_done,
+                                                          "lines": lines}, indent=2))
+
     with open(data_file, "a", encoding="utf-8") as fh:
-        for i, raw in enumerate(ds):
-            if limit is not None and i >= limit:
-                i -= 1
-                break
-            if i < done:
-                continue
+        for i, raw in enumerate(itertools.islice(ds, done, limit), start=done):
             where = f"{source}[{split}] row {i}"
             row = {}
-            for key, names in HF_COLUMNS[kind] + HF_OPTIONAL.get(kind, ()):
+            for key, names in HF_COLUMNS[kind]:
                 col = next((n for n in names if n in raw), None)
                 if col is None:
-                    if (key, names) in HF_OPTIONAL.get(kind, ()):
-                        continue
                     raise ConfigError(f"{where}: no column {' or '.join(names)} (columns: {', '.join(sorted(raw))}); "
                                       f"kind={kind} needs {', '.join(n[0] for _, n in HF_COLUMNS[kind])}")
-                value = raw[col]
                 if key.startswith("image"):
-                    data = _image_bytes(value, where)
-                    try:
-                        with Image.open(io.BytesIO(data)) as im:
-                            ext = (im.format or "img").lower().replace("jpeg", "jpg")
-                    except Exception:  # noqa: BLE001  validated with a one-line error when training reads it
-                        ext = "img"
-                    name = f"images/{i:08d}_{key.rsplit('_', 1)[-1] if '_' in key else '0'}.{ext}"
-                    tmp = out / (name + ".tmp")
-                    tmp.write_bytes(data)
-                    os.replace(tmp, out / name)
-                    value = name
-                elif hasattr(value, "item"):
-                    value = value.item()
-                row[key] = value
+                    row[key] = _write_image(out, _image_bytes(raw[col], where), i, key)
+                else:
+                    row[key] = raw[col].item() if hasattr(raw[col], "item") else raw[col]
+            for key, names in HF_OPTIONAL.get(kind, ()):
+                col = next((n for n in names if n in raw), None)
+                if col is not None:
+                    row[key] = raw[col].item() if hasattr(raw[col], "item") else raw[col]
             fh.write(json.dumps(row) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
             lines += 1
-            ckpt.atomic_write_text(progress_file, json.dumps({"settings": settings, "rows_done": i + 1,
-                                                              "lines": lines}, indent=2))
+            rows_done = i + 1
+            if lines % 100 == 0:
+                commit(fh)
             bar.update(1)
+        commit(fh)
     bar.close()
     print(f"alignrl: {lines} {kind} rows of {source} ({split}) in {data_file} ({time.time() - t0:.0f} s; ties are "
           f"kept in the file and dropped when training reads it)", file=sys.stderr)

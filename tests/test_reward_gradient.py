@@ -159,9 +159,11 @@ def test_weighted_reward_differentiates_only_its_weighted_members():
     both = WeightedReward.from_config({"smoothness": 1.0, "jpeg_compressibility": 0.0})
     assert both.differentiable and list(both.gradient_rewards) == ["smoothness"]
     images = torch.rand(2, 3, 8, 8, requires_grad=True)
-    total, parts = both.score_tensor(images, ["a", "b"], [{}, {}])
-    assert total.requires_grad and list(parts) == ["smoothness"]
-    assert not WeightedReward.from_config({"smoothness": 1.0, "jpeg_compressibility": 1.0}).differentiable
+    total = both.score_tensor(images, ["a", "b"], [{}, {}])
+    assert total.requires_grad  # the weighted total is smoothness alone: the weight-0 JPEG is not scored
+    assert torch.equal(total, both.rewards["smoothness"].score_tensor(images, ["a", "b"]))
+    mixed = WeightedReward.from_config({"smoothness": 1.0, "jpeg_compressibility": 1.0})
+    assert not mixed.differentiable and mixed.not_differentiable == ["jpeg_compressibility"]
 
 
 def test_a_non_differentiable_reward_is_one_line_before_any_model_loads(tmp_path):

@@ -19,7 +19,7 @@ Batch kinds:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, ContextManager, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -171,6 +171,27 @@ class StepContext:
     # (images, prompts, metadata) -> (B,) weighted reward with its graph (batch_kind prompts); None otherwise
     score: Callable[[torch.Tensor, list, list], torch.Tensor] | None = None
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 scales the loss inside ``backward``)
+
+
+class Stateless:
+    """Protocol members shared by methods with no checkpointed state: live rollout weights, their diagnostics
+    (``_diag_keys``), empty state."""
+
+    _diag_keys: ClassVar[tuple] = ("policy_loss",)
+
+    @property
+    def rollout_weights(self) -> str:
+        return "live"
+
+    @property
+    def diagnostics(self) -> tuple[str, ...]:
+        return self._diag_keys
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
 
 
 @runtime_checkable

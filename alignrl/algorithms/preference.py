@@ -39,9 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from alignrl.algorithms.advantages import AdvantageResult
+from alignrl.algorithms.base import Stateless
 from alignrl.errors import ConfigError
 from alignrl.sampling.kernels import mean_over_dims
-from alignrl.sampling.parameterisation import TIME_SAMPLINGS, sample_t
+from alignrl.sampling.parameterisation import TIME_SAMPLINGS, deterministic_step, sample_t
 
 # SmPO's PickScore cosine range over Pick-a-Pic v2 (its preprocessing's fixed min and max)
 SMPO_SCORE_MIN = 0.11544
@@ -199,28 +200,8 @@ def denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference: bool):
 
 
 # ------------------------------------------------------------------------------------------------ methods
-class _Stateless:
-    """Members the preference-family methods share: live rollout weights, their diagnostics, no state."""
-
-    _diag_keys: ClassVar[tuple] = ("policy_loss",)
-
-    @property
-    def rollout_weights(self) -> str:
-        return "live"
-
-    @property
-    def diagnostics(self) -> tuple[str, ...]:
-        return self._diag_keys
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
-
-
 @dataclass
-class OfflineMethod(_Stateless):
+class OfflineMethod(Stateless):
     """The training step shared by the methods that learn from an offline image dataset.
 
     Per row and iteration, ``draws_per_row`` (time, noise) pairs are drawn from a generator keyed by (seed,
@@ -540,7 +521,7 @@ def sample_ode(ctx, prompts: list[str], x_T: torch.Tensor, steps: int, *, refere
         if rec is not None:
             hit = (record.to(x.device) == i)
             rec[0][hit], rec[1][hit], rec[2][hit] = x[hit], schedule.timesteps[i], pred[hit]
-        x = param.add_noise(param.to_x0(x, pred, s), param.to_eps(x, pred, s), s_next)
+        x = deterministic_step(param, x, pred, s, s_next)
     return (x, *rec) if rec is not None else x
 
 
@@ -686,7 +667,7 @@ class DDO(_SamplesNegatives, OfflineMethod):
 
 # ------------------------------------------------------------------------------------------------ online
 @dataclass
-class _OnlineFinal(_Stateless):
+class _OnlineFinal(Stateless):
     """Shared by the online methods that train on the rollouts' final latents with fresh (time, noise) draws.
 
     Draws are keyed by (seed, iteration, prompt id): the images of one prompt's group share them, wherever the

@@ -28,6 +28,7 @@ from typing import ClassVar
 
 import torch
 
+from alignrl.algorithms.base import Stateless
 from alignrl.errors import ConfigError
 from alignrl.sampling.differentiable import adjoint_backward, grad_sample, ode_states
 
@@ -35,13 +36,12 @@ LOSSES = ("negative", "hinge", "distance")
 
 
 @dataclass
-class RewardGradient:
+class RewardGradient(Stateless):
     """The shared step; subclasses say where the graph starts (``sample``) and keep their own settings."""
 
     name: str = "reward_gradient"
     group_size: int = 1  # one image per prompt slot
     lr: float = 1e-5
-    beta: float = 0.0  # no reference term
     num_steps: int = 40  # the differentiated sampler's length (the sampler group's plan is for evaluation)
     guidance_scale: float = 1.0
     checkpoint: bool = True  # recompute each differentiated model call's activations in the backward pass
@@ -67,22 +67,8 @@ class RewardGradient:
     def needs_reference(self) -> bool:
         return False
 
-    @property
-    def rollout_weights(self) -> str:
-        return "live"
-
-    @property
-    def diagnostics(self) -> tuple[str, ...]:
-        return self._diag_keys
-
     def advantages(self, rewards, keys, per_reward=None, weights=None):
         raise ConfigError(f"algorithm '{self.name}' backpropagates the reward and has no advantages")
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
 
     # -- the method ----------------------------------------------------------------------------------------
     def loss_of(self, r: torch.Tensor) -> torch.Tensor:

@@ -158,15 +158,17 @@ class WeightedReward:
         return {n: r for n, r in self.rewards.items() if self.weights[n] != 0}
 
     @property
-    def differentiable(self) -> bool:
-        return all(bool(getattr(r, "differentiable", False)) for r in self.gradient_rewards.values())
+    def not_differentiable(self) -> list[str]:
+        """The nonzero-weight rewards whose scores carry no graph (a reward-gradient method cannot use them)."""
+        return [n for n, r in self.gradient_rewards.items() if not getattr(r, "differentiable", False)]
 
-    def score_tensor(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted total (B,) with the graph of every nonzero-weight reward, and each one's scores
-        (detached) for logging."""
+    @property
+    def differentiable(self) -> bool:
+        return not self.not_differentiable
+
+    def score_tensor(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+        """The weighted total (B,) with the graph of every nonzero-weight reward."""
         total = torch.zeros(len(prompts), device=images.device)
-        parts = {}
         for name, fn in self.gradient_rewards.items():
             try:
                 scores = fn.score_tensor(images, prompts, metadata).to(images.device).float().reshape(-1)
@@ -175,8 +177,7 @@ class WeightedReward:
             if scores.shape[0] != len(prompts):
                 raise RewardError(f"reward '{name}' returned {scores.shape[0]} scores for {len(prompts)} images")
             total = total + self.weights[name] * scores
-            parts[name] = scores.detach()
-        return total, parts
+        return total
 
     @property
     def per_sample_keys(self) -> list[str]:

@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from alignrl.sampling.parameterisation import deterministic_step
+
 
 def _predict(backbone, x, timestep, cond, guidance: float, autocast, checkpoint: bool) -> torch.Tensor:
     def call(x_in):
@@ -39,10 +41,6 @@ def _predict(backbone, x, timestep, cond, guidance: float, autocast, checkpoint:
 
         return recompute(call, x, use_reentrant=False)
     return call(x)
-
-
-def _step(param, x, pred, s, s_next):
-    return param.add_noise(param.to_x0(x, pred, s), param.to_eps(x, pred, s), s_next)
 
 
 def grad_sample(backbone, cond, x_T: torch.Tensor, schedule, guidance: float, *, grad_from: int = 0,
@@ -65,7 +63,7 @@ def grad_sample(backbone, cond, x_T: torch.Tensor, schedule, guidance: float, *,
                             checkpoint and live)
             if i == stop_at:
                 return param.to_x0(x, pred, s)
-            x = _step(param, x, pred, s, s_next)
+            x = deterministic_step(param, x, pred, s, s_next)
     return x
 
 
@@ -79,7 +77,7 @@ def ode_states(backbone, cond, x_T: torch.Tensor, schedule, guidance: float, aut
         if keep:
             states.append(x)
         pred = _predict(backbone, x, schedule.timesteps[i].expand(len(x)), cond, guidance, autocast, False)
-        x = _step(param, x, pred, schedule.sigmas[i], schedule.sigmas[i + 1])
+        x = deterministic_step(param, x, pred, schedule.sigmas[i], schedule.sigmas[i + 1])
     return x, states
 
 

@@ -65,6 +65,12 @@ class FlowVelocity:
 FLOW = FlowVelocity()
 
 
+def deterministic_step(param: Parameterisation, x: torch.Tensor, pred: torch.Tensor, t, t_next) -> torch.Tensor:
+    """The deterministic (DDIM-form) sampler step from time ``t`` to ``t_next``: x0 and eps from the prediction,
+    renoised at ``t_next``. For flow models it is the Euler step ``x + (t_next - t) v``."""
+    return param.add_noise(param.to_x0(x, pred, t), param.to_eps(x, pred, t), t_next)
+
+
 def sample_t(n: int, generator: torch.Generator | None = None, *, kind: str = "uniform", mean: float = 0.0,
              std: float = 1.0, eps: float = 1e-5) -> torch.Tensor:
     """``n`` training times in (0, 1): ``uniform``, or ``logit_normal`` (sigmoid of N(mean, std^2), SD3's

@@ -90,8 +90,10 @@ class Checkpointer:
         self.parts = parts
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, counters: Counters) -> None:
+    def save(self, counters: Counters) -> None:
+        """A checkpoint at ``counters.iteration`` (``step_N``), committed atomically by the main process."""
         p = self.parts
+        step = counters.iteration
         writer = ckpt.CheckpointWriter(self.run_dir, self.keep)
         if self.is_main:
             writer.begin(step)

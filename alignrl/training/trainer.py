@@ -128,7 +128,7 @@ class Trainer:
             )
         self.reward = WeightedReward.from_config(as_dict(cfg.reward))
         if self.direct and not self.reward.differentiable:
-            plain = [n for n, r in self.reward.gradient_rewards.items() if not getattr(r, "differentiable", False)]
+            plain = self.reward.not_differentiable
             raise ConfigError(f"algorithm {self.algorithm.name} backpropagates the reward, but {', '.join(plain)} "
                               f"cannot be differentiated; use a differentiable reward (smoothness, shapes_soft, or "
                               f"pickscore/aesthetic/clipscore/hpsv2 with reward.<name>.differentiable=true), or give "
@@ -232,7 +232,8 @@ class Trainer:
         stats = {"reward_mean": float(finite.mean()) if finite.size else float("nan"),
                  "reward_std": float(finite.std()) if finite.size else float("nan")}
         for name, arr in batch.per_reward.items():
-            arr = self.dist.gather_uneven(torch.from_numpy(arr).to(self.device), self.dist.gather_sizes(len(arr))).cpu().numpy()
+            arr = self.dist.gather_uneven(torch.from_numpy(arr).to(self.device),
+                                          self.dist.gather_sizes(len(arr))).cpu().numpy()
             ok = arr[np.isfinite(arr)]
             stats[f"reward/{name}_mean"] = float(ok.mean()) if ok.size else float("nan")
             stats[f"reward/{name}_std"] = float(ok.std()) if ok.size else float("nan")
@@ -273,8 +274,7 @@ class Trainer:
             predict_reference=self._predict_reference, old_policy_weights=self._old_policy_weights,
             summarise=self._update_summary, rank=self.rank, world_size=self.world,
             mixed_precision=self.accelerator.mixed_precision,
-            score=(lambda images, prompts, metadata: self.reward.score_tensor(images, prompts, metadata)[0])
-            if self.direct else None,
+            score=self.reward.score_tensor if self.direct else None,
         )
 
     @torch.no_grad()
@@ -514,7 +514,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        self.checkpointer.save(self.iteration, Counters(self.iteration, self.optimizer_steps, self.train_seconds))
+        self.checkpointer.save(Counters(self.iteration, self.optimizer_steps, self.train_seconds))
         self._last_saved_step = self.iteration
 
     def _resume(self) -> None:
