@@ -178,15 +178,18 @@ def draw_time_and_noise(g: torch.Generator, n: int, shape: tuple, time_sampling:
     return idx, torch.randn((n, *shape), generator=g)
 
 
-def errors_at(ctx, x_t, timestep, target, cond, reference: bool):
-    """e_th (with gradient) and, with ``reference``, e_ref of the predictions at ``x_t`` against ``target``."""
+def errors_at(ctx, x_t, timestep, target, cond, reference: bool, sigma: torch.Tensor):
+    """e_th (with gradient) and, with ``reference``, e_ref of the predictions at ``x_t`` (at flow times ``sigma``)
+    against ``target``, each in the model's own objective (``Backbone.objective_weight``: the velocity error for
+    flow models, the epsilon error for epsilon UNets, as their references train)."""
+    weight = ctx.backbone.objective_weight(sigma)
     with ctx.autocast():
         pred = ctx.backbone.predict(x_t, timestep, cond, 1.0)
-    e_th = mean_over_dims((pred.float() - target) ** 2)
+    e_th = mean_over_dims((pred.float() - target) ** 2) * weight
     e_ref = None
     if reference:
         with torch.no_grad():
-            e_ref = mean_over_dims((ctx.predict_reference(x_t, timestep, cond, 1.0).float() - target) ** 2)
+            e_ref = mean_over_dims((ctx.predict_reference(x_t, timestep, cond, 1.0).float() - target) ** 2) * weight
     return e_th, e_ref
 
 
@@ -196,7 +199,7 @@ def denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference: bool):
     param = ctx.backbone.parameterisation
     sigma, timestep = schedule.sigmas[idx.to(ctx.device)], schedule.timesteps[idx.to(ctx.device)]
     return errors_at(ctx, param.add_noise(x0, eps, sigma), timestep, param.target(x0, eps, sigma),
-                     ctx.backbone.encode_prompts(prompts), reference)
+                     ctx.backbone.encode_prompts(prompts), reference, sigma)
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -438,7 +441,7 @@ class SmPO(DiffusionDPO):
         x_inv = self._invert(ctx, schedule, x0, cond, sigma)
         t = sigma.view(-1, *([1] * (x0.ndim - 1)))
         eps_inv = (x_inv - (1 - t) * x0) / t.clamp(min=1e-4)  # the noise that puts x0 at x_inv at time t
-        return errors_at(ctx, x_inv, timestep, param.target(x0, eps_inv, sigma), cond, reference)
+        return errors_at(ctx, x_inv, timestep, param.target(x0, eps_inv, sigma), cond, reference, sigma)
 
     @torch.no_grad()
     def _invert(self, ctx, schedule, x0, cond, sigma):
@@ -501,13 +504,14 @@ def sample_ode(ctx, prompts: list[str], x_T: torch.Tensor, steps: int, *, refere
     """Samples of the probability-flow ODE from ``x_T`` over the backbone's ``steps``-step schedule, without
     CFG, with the live policy or (``reference``) the frozen reference. Each step is the deterministic DDIM form of
     the backbone's parameterisation (x0 and eps from the prediction, renoised at the next time; Euler for flow
-    models). ``record`` (B,) asks for each sample's (latent, model timestep, prediction) at that step index.
+    models). ``x_T`` and the result are in the model's own latents, the recorded latents in the flow frame the
+    steps run in. ``record`` (B,) asks for each sample's (latent, model timestep, prediction) at that step index.
     Returns the final latents and, with ``record``, the three recorded tensors."""
     backbone = ctx.backbone
     param = backbone.parameterisation
     schedule = backbone.make_schedule(steps).to(x_T.device)
     cond = backbone.encode_prompts(prompts)
-    x = x_T.float()
+    x = backbone.to_frame(x_T.float(), schedule.sigmas[0])
     rec = (torch.empty_like(x), torch.empty(len(x), device=x.device), torch.empty_like(x)) if record is not None \
         else None
     for i in range(steps):
@@ -522,6 +526,7 @@ def sample_ode(ctx, prompts: list[str], x_T: torch.Tensor, steps: int, *, refere
             hit = (record.to(x.device) == i)
             rec[0][hit], rec[1][hit], rec[2][hit] = x[hit], schedule.timesteps[i], pred[hit]
         x = deterministic_step(param, x, pred, s, s_next)
+    x = backbone.from_frame(x, schedule.sigmas[-1])
     return (x, *rec) if rec is not None else x
 
 
@@ -618,7 +623,8 @@ class DiffusionDRO(_SamplesNegatives, OfflineMethod):
         target = torch.stack([param.target(pair[:, 0], eps0, sigma), batch.extra["target"][rows_dev].to(dev)],
                              dim=1).flatten(0, 1)
         timestep = torch.stack([schedule.timesteps[idx0], batch.extra["timestep"][rows_dev].to(dev)], dim=1).flatten()
-        return errors_at(ctx, x_t, timestep, target, ctx.backbone.encode_prompts(prompts), reference)
+        return errors_at(ctx, x_t, timestep, target, ctx.backbone.encode_prompts(prompts), reference,
+                         sigma.repeat_interleave(2))
 
     def row_losses(self, batch, rows, e_th, e_ref, extra):
         return dro_loss(e_th[:, 0], e_ref[:, 0], e_th[:, 1], e_ref[:, 1], self.margin)

@@ -125,7 +125,8 @@ class Backbone:
 
     family: str = "base"
     uses_cfg: bool = True
-    parameterisation: Parameterisation = FLOW  # what the network predicts (alignrl/sampling/parameterisation.py)
+    parameterisation: Parameterisation = FLOW  # what predict() returns (alignrl/sampling/parameterisation.py)
+    prediction_type: str = "flow"  # what the network itself predicts: flow, epsilon or v_prediction
     default_lora_targets: tuple[str, ...] = ()
 
     def __init__(self, pipe, *, resolution: int, max_sequence_length: int, device="cpu",
@@ -223,6 +224,25 @@ class Backbone:
     def initial_noise(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """One standard-normal latent per generator, float32, on the backbone's device."""
         raise NotImplementedError
+
+    def to_frame(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """The model's own latents at ``sigma`` in the flow frame the engine runs in (identity for flow models;
+        variance-preserving UNets scale them, see alignrl/sampling/parameterisation.py)."""
+        return x
+
+    def from_frame(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """The inverse of ``to_frame``: what the rollout returns, decodes and trains offline methods on."""
+        return x
+
+    def start_latents(self, generators: Sequence[torch.Generator], schedule: "Schedule") -> torch.Tensor:
+        """The initial noise of a sample over ``schedule``, in the flow frame."""
+        return self.to_frame(self.initial_noise(generators), schedule.sigmas[0])
+
+    def objective_weight(self, t):
+        """Turns a flow-velocity squared error at time ``t`` into the model's own objective's (epsilon or v)."""
+        from alignrl.sampling.parameterisation import objective_weight
+
+        return objective_weight(self.prediction_type, t)
 
     def make_schedule(self, num_steps: int) -> Schedule:
         if num_steps not in self._schedules:

@@ -53,7 +53,7 @@ def grad_sample(backbone, cond, x_T: torch.Tensor, schedule, guidance: float, *,
     last = n - 1 if stop_at is None else stop_at
     if not 0 <= last < n:
         raise ValueError(f"stop_at={stop_at} is outside the {n}-step schedule")
-    x = x_T
+    x = backbone.to_frame(x_T, schedule.sigmas[0])
     for i in range(last + 1):
         s, s_next = schedule.sigmas[i], schedule.sigmas[i + 1]
         timestep = schedule.timesteps[i].expand(len(x))
@@ -64,21 +64,22 @@ def grad_sample(backbone, cond, x_T: torch.Tensor, schedule, guidance: float, *,
             if i == stop_at:
                 return param.to_x0(x, pred, s)
             x = deterministic_step(param, x, pred, s, s_next)
-    return x
+    return backbone.from_frame(x, schedule.sigmas[-1])
 
 
 @torch.no_grad()
 def ode_states(backbone, cond, x_T: torch.Tensor, schedule, guidance: float, autocast: Callable = nullcontext,
                keep: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """The ODE solved without a graph: the final latent, and every state x_0..x_{N-1} with ``keep``."""
+    """The ODE solved without a graph: the final latent, and every state x_0..x_{N-1} with ``keep`` (those in the
+    flow frame the steps run in; ``x_T`` and the final latent in the model's own, as ``grad_sample``)."""
     param = backbone.parameterisation
-    x, states = x_T, [] if keep else None
+    x, states = backbone.to_frame(x_T, schedule.sigmas[0]), [] if keep else None
     for i in range(len(schedule.timesteps)):
         if keep:
             states.append(x)
         pred = _predict(backbone, x, schedule.timesteps[i].expand(len(x)), cond, guidance, autocast, False)
         x = deterministic_step(param, x, pred, schedule.sigmas[i], schedule.sigmas[i + 1])
-    return x, states
+    return backbone.from_frame(x, schedule.sigmas[-1]), states
 
 
 def adjoint_backward(backbone, cond, x_final: torch.Tensor, grad_final: torch.Tensor, schedule, guidance: float, *,
@@ -93,8 +94,10 @@ def adjoint_backward(backbone, cond, x_final: torch.Tensor, grad_final: torch.Te
     if getattr(backbone.parameterisation, "name", "") != "flow":
         raise NotImplementedError("the adjoint sampler is written for flow-velocity backbones")
     n = len(schedule.timesteps)
-    a = grad_final.detach()
-    x = x_final.detach()
+    # x_final and grad_final are in the model's own latents; the steps run in the flow frame (x~ = to_frame(x)),
+    # where dL/dx~ = dL/dx / n = from_frame(dL/dx)
+    a = backbone.from_frame(grad_final.detach(), schedule.sigmas[-1])
+    x = backbone.to_frame(x_final.detach(), schedule.sigmas[-1])
     for i in reversed(range(n)):
         h = schedule.sigmas[i + 1] - schedule.sigmas[i]
         if states is not None:
@@ -113,4 +116,4 @@ def adjoint_backward(backbone, cond, x_final: torch.Tensor, grad_final: torch.Te
             v = _predict(backbone, x_in, schedule.timesteps[i].expand(len(x)), cond, guidance, autocast, False)
             backward((v * (h * a)).sum())  # weights: += h (dv/dtheta)^T a;  x_in.grad = h (dv/dx)^T a
         a = a + x_in.grad
-    return a
+    return backbone.to_frame(a, schedule.sigmas[0])  # dL/d(noise) = n_0 dL/dx~_0

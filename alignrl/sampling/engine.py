@@ -112,7 +112,7 @@ def rollout(backbone: Backbone, plan: RolloutPlan, cond: Conditioning, generator
     """Sample ``len(generators)`` root trajectories under ``plan``; record the trained transitions."""
     schedule = backbone.make_schedule(plan.base_steps)
     grid = plan.grid_indices
-    x = backbone.initial_noise(generators)
+    x = backbone.start_latents(generators, schedule)
     roots = x.shape[0]
     gens = list(generators)
     node_root = torch.arange(roots, device=x.device)
@@ -157,7 +157,7 @@ def rollout(backbone: Backbone, plan: RolloutPlan, cond: Conditioning, generator
                                       std=_mean_std(res)))
         x = res.next_x
     if not plan.side_branches:
-        return Rollout(final=x, leaf_root=node_root, records=records, model_evals=evals, leaf_path_logp=path_logp)
+        return Rollout(final=backbone.from_frame(x, schedule.sigmas[grid[-1]]), leaf_root=node_root, records=records, model_evals=evals, leaf_path_logp=path_logp)
     return _side_branches(backbone, plan, schedule, cond, generators, trunk, transformer, record, evals)
 
 
@@ -202,7 +202,7 @@ def _side_branches(backbone, plan: RolloutPlan, schedule: Schedule, cond: Condit
                 y = ode_step(y, vv, schedule.sigmas[a], schedule.sigmas[b]).next_x
             if final is None:
                 final = torch.empty((roots * per_root, *y.shape[1:]), dtype=y.dtype, device=y.device)
-            final[leaf_lo + gi] = y
+            final[leaf_lo + gi] = backbone.from_frame(y, schedule.sigmas[idx[-1]])
             path[leaf_lo + gi] = res.logp_mean_per_dim
             tag[leaf_lo + gi] = gi
         offset += n * g_count

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from alignrl.sampling.parameterisation import FLOW
+from alignrl.sampling.parameterisation import FLOW, vp_coefficients
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -129,6 +129,37 @@ def dance_sde_step(x, v, sigma, sigma_next, *, noise_level: float, noise=None, n
     return StepResult(next_x=next_x, mean=mean, std=std, logp_mean_per_dim=logp, std_t=std)
 
 
+def ddim_step(x, v, sigma, sigma_next, *, noise_level: float, noise=None, next_x=None, **_unused) -> StepResult:
+    """DDIM with ``eta = noise_level`` (DDPO's sampler and log-prob), on flow-frame latents.
+
+    In the variance-preserving variables (``abar`` and the model's latent ``x = x~ / n``, see
+    ``parameterisation.vp_coefficients``): x0 and eps from the prediction,
+    ``std = eta sqrt((1 - abar') / (1 - abar) (1 - abar / abar'))``,
+    ``mean = sqrt(abar') x0 + sqrt(1 - abar' - std^2) eps``, ``x' = mean + std n``. The step runs in the flow
+    frame (mean and std times n'), and the log-density is reported in the model's own variables (``+ log n'``
+    per dimension), so it equals the reference's value; the two differ by a constant per step, which ratios and
+    KL terms do not see. For flow models (n = 1 at the ends) it is the DDIM view of the same straight path.
+    At a last step to abar' = 1 (sigma' = 0) std is 0: use it only where the schedule ends above 0 (DDIM with
+    ``set_alpha_to_one=False``, as SD1.5/SDXL ship) or make that step deterministic.
+    """
+    x, v = x.float(), v.float()
+    s = _per_sample(sigma, x)
+    s_next = _per_sample(sigma_next, x)
+    a, b, _ = vp_coefficients(s)
+    a_next, b_next, n_next = vp_coefficients(s_next)
+    x0, eps = FLOW.to_x0(x, v, s), FLOW.to_eps(x, v, s)
+    var = (b_next / b) ** 2 * (1 - (a / a_next) ** 2)
+    std_model = noise_level * torch.sqrt(torch.clamp(var, min=0))
+    mean = n_next * (a_next * x0 + torch.sqrt(torch.clamp(b_next**2 - std_model**2, min=0)) * eps)
+    std = n_next * std_model
+    if next_x is None:
+        if noise is None:
+            raise ValueError("ddim_step needs noise to sample or next_x to score")
+        next_x = mean + std * noise.float()
+    logp = gaussian_logp_mean_per_dim(next_x.float(), mean, std) + torch.log(n_next).reshape(-1)
+    return StepResult(next_x=next_x, mean=mean, std=std, logp_mean_per_dim=logp, std_t=std)
+
+
 def dpm_solver_2m_step(x, v, sigma, sigma_next, prev: tuple[torch.Tensor, float, float] | None = None):
     """One step of DPM-Solver++(2M) (data prediction, multistep) on the flow ``x_t = (1 - t) x0 + t eps``.
 
@@ -166,5 +197,5 @@ KernelFn = Callable[..., StepResult]
 
 # Stochastic kernels by name; "ode" is the deterministic Euler step and "dpm2m" the deterministic
 # DPM-Solver++(2M) step (the engine carries its multistep state).
-KERNELS: dict[str, KernelFn] = {"sde": flow_sde_step, "cps": cps_step, "dance": dance_sde_step}
+KERNELS: dict[str, KernelFn] = {"sde": flow_sde_step, "cps": cps_step, "dance": dance_sde_step, "ddim": ddim_step}
 DETERMINISTIC = ("ode", "dpm2m")

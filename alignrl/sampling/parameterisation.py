@@ -7,7 +7,15 @@ a clean latent (``add_noise``), to turn a prediction into the clean latent or th
 the latent's trailing dimensions, so a per-sample (B,) tensor, a scalar or an already-shaped tensor works.
 
 Flow matching (SD3, FLUX, the ShapeWorld model) predicts the velocity ``v = eps - x0`` of the straight path
-``x_t = (1 - t) x0 + t eps``. Epsilon and v-prediction (UNet models) join here with their own class.
+``x_t = (1 - t) x0 + t eps``.
+
+Variance-preserving models (the SD1.5/SDXL UNets: ``x = sqrt(abar) x0 + sqrt(1 - abar) eps``, predicting epsilon
+or v) run in the same *flow frame*: ``x~ = x / (sqrt(abar) + sqrt(1 - abar))`` at
+``t = sqrt(1 - abar) / (sqrt(abar) + sqrt(1 - abar))`` is the straight path above, and DDIM with eta 0 is exactly
+the Euler step on it. Their adapters take flow-frame latents, convert them to the model's own at the model call
+and return the flow velocity, so every kernel, plan and loss here works on them unchanged. ``vp_coefficients``
+and ``sigma_of_alpha_bar`` convert; ``objective_weight`` turns a flow-velocity squared error into the squared
+error of the model's own objective (epsilon or v), which offline methods train on.
 """
 
 from __future__ import annotations
@@ -69,6 +77,35 @@ def deterministic_step(param: Parameterisation, x: torch.Tensor, pred: torch.Ten
     """The deterministic (DDIM-form) sampler step from time ``t`` to ``t_next``: x0 and eps from the prediction,
     renoised at ``t_next``. For flow models it is the Euler step ``x + (t_next - t) v``."""
     return param.add_noise(param.to_x0(x, pred, t), param.to_eps(x, pred, t), t_next)
+
+
+def vp_coefficients(t):
+    """(sqrt(abar), sqrt(1 - abar), n) of flow-frame time ``t``, where ``n = sqrt((1 - t)^2 + t^2)`` is the scale
+    from the model's own latents to the flow frame (``x~ = n x``)."""
+    n = ((1 - t) ** 2 + t**2) ** 0.5
+    return (1 - t) / n, t / n, n
+
+
+def sigma_of_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The flow-frame time of a variance-preserving noise level ``abar``: sqrt(1-abar) / (sqrt(abar) + sqrt(1-abar))."""
+    a, s = alpha_bar.double().sqrt(), (1 - alpha_bar.double()).sqrt()
+    return (s / (a + s)).float()
+
+
+PREDICTION_TYPES = ("flow", "epsilon", "v_prediction")
+
+
+def objective_weight(prediction_type: str, t):
+    """The factor that turns a flow-velocity squared error at time ``t`` into the squared error of the model's own
+    objective at the same latent: 1 for flow models, (1 - t)^2 for epsilon (|d eps| = (1 - t) |d v|), and
+    (1 - t)^2 + t^2 for v-prediction (|d v_model| = n |d v|)."""
+    if prediction_type == "flow":
+        return 1.0
+    if prediction_type == "epsilon":
+        return (1 - t) ** 2
+    if prediction_type == "v_prediction":
+        return (1 - t) ** 2 + t**2
+    raise ConfigError(f"unknown prediction type '{prediction_type}'; use one of {', '.join(PREDICTION_TYPES)}")
 
 
 def sample_t(n: int, generator: torch.Generator | None = None, *, kind: str = "uniform", mean: float = 0.0,
