@@ -185,10 +185,11 @@ def offline_algorithm(cfg: DictConfig) -> bool:
 
 
 def _group_free_algorithm(cfg: DictConfig) -> bool:
-    """Whether the algorithm takes groups of one (it normalises nothing within a group: reward-gradient methods)."""
+    """Whether the algorithm takes groups of one: it normalises nothing within a group (reward-gradient methods),
+    or keeps a per-prompt reward history across iterations (DDPO's tracker: ``algorithm.stat_buffer_size > 0``)."""
     from alignrl.algorithms.base import PROMPT_KINDS
 
-    return _batch_kind(cfg) in PROMPT_KINDS
+    return _batch_kind(cfg) in PROMPT_KINDS or int(cfg.algorithm.get("stat_buffer_size") or 0) > 0
 
 
 def _offline_layout(cfg: DictConfig, world_size: int) -> dict:
@@ -219,7 +220,8 @@ def validate_batch_arithmetic(cfg: DictConfig, world_size: int, num_prompts: int
     k = _positive_int(cfg.algorithm.group_size, "algorithm.group_size")
     if k < 2 and not _branching_sampler(cfg) and not _group_free_algorithm(cfg):
         raise ConfigError("algorithm.group_size must be >= 2: a group of one has no relative advantage "
-                          "(only branching samplers, whose branches form the group, take 1)")
+                          "(only branching samplers, whose branches form the group, and per-prompt reward trackers "
+                          "(algorithm.stat_buffer_size > 0) take 1)")
     world = _positive_int(world_size, "world size")
     rollout_bs = _positive_int(cfg.trainer.rollout_batch_size, "trainer.rollout_batch_size")
     train_bs = _positive_int(cfg.trainer.train_batch_size, "trainer.train_batch_size")

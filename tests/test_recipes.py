@@ -245,6 +245,28 @@ EXPECTED = {
     "tiny_grpo_guard": row("grpo_guard", beta=0.0, global_std=False, clip=1e-2, std_eps=1e-4, K=8, lr=1e-2,
                            sampler="FlowGRPOPlanner", T=6, noise=0.7, cfg=4.5, eval_T=6, sampler_keys=FG,
                            algorithm_keys=PPO, batches=(16, 16, 2), **TINY),
+    # DDPO: kvablack/ddpo-pytorch@1958463 config/base.py (50 steps, eta 1, CFG 5 also in training, lr 3e-4, clip
+    # 1e-4, adv clip 5, timestep_fraction 1, AdamW wd 1e-4, grad clip 1, fp16, LoRA at diffusers' default rank 4)
+    # and config/dgx.py: compressibility() (SD1.4, 8 GPUs x 8 x 4 = 256 samples, 4 updates, 100 epochs, tracker
+    # 16/16, imagenet_animals), incompressibility(), aesthetic() (simple_animals, 2 updates, 200 epochs, tracker
+    # 32/16), prompt_image_alignment() (nouns_activities, 6 GPUs x 8 x 6 = 288 samples, 2 updates, 200 epochs,
+    # tracker 32/16); stat_tracking.py: std + 1e-6.
+    **{name: row("ddpo", beta=0.0, global_std=False, clip=1e-4, std_eps=1e-6, K=k, lr=3e-4, sampler="FlowGRPOPlanner",
+                 T=50, noise=1.0, cfg=5.0, eval_T=50, sampler_keys={"sde_type": "ddim", "timestep_fraction": 1.0},
+                 algorithm_keys={**PPO, "stat_buffer_size": buf, "stat_min_count": 16}, backbone="sd15",
+                 finetune="lora", lora=4, groups=groups, batches=(8, 4, updates), reward=[reward])
+       for name, k, buf, groups, updates, reward in [
+           ("ddpo_sd15", 1, 16, 256, 4, "jpeg_compressibility"),
+           ("ddpo_sd15_incompressibility", 1, 16, 256, 4, "jpeg_incompressibility"),
+           ("ddpo_sd15_aesthetic", 8, 32, 32, 2, "aesthetic"),
+           ("ddpo_sd15_alignment", 4, 32, 72, 2, "vlm_judge")]},
+    # DDPO (ddpo-pytorch config/base.py, dgx.py): DDIM eta 1, all steps trained, CFG 5 in training, no KL,
+    # per-prompt tracker, std eps 1e-6; the tiny twin shortens the tracker and uses the tiny step sizes.
+    "tiny_ddpo": row("ddpo", beta=0.0, global_std=False, clip=1e-2, std_eps=1e-6, K=4, lr=1e-2,
+                     sampler="FlowGRPOPlanner", T=6, noise=1.0, cfg=5.0, eval_T=6,
+                     sampler_keys={"sde_type": "ddim", "timestep_fraction": 1.0},
+                     algorithm_keys={**PPO, "stat_buffer_size": 8, "stat_min_count": 4}, batches=(16, 8, 2),
+                     **{**TINY, "backbone": "tiny_sd15"}),
     "tiny_awm": row("awm", beta=0.0, global_std=False, clip=None, std_eps=1e-4, K=8, lr=1e-2, sampler="ODEPlanner",
                     T=6, noise=0.0, cfg=4.5, eval_T=6, algorithm_keys={"num_train_timesteps": 3, **PPO},
                     batches=(16, 16, 2), **TINY),
