@@ -15,7 +15,7 @@ import torch
 
 from alignrl.algorithms.advantages import AdvantageResult, batch_advantages
 from alignrl.algorithms.base import BATCH_KINDS, Advantages, Algorithm, RolloutBatch, StepContext
-from alignrl.backbones.base import Schedule
+from alignrl.backbones.base import Backbone, Schedule
 from alignrl.components import ALGORITHMS, build_algorithm
 from alignrl.locate import locate
 from alignrl.sampling.engine import apply_step
@@ -33,6 +33,9 @@ class FakeBackbone:
     """Velocity v = w * x on a linear sigma grid; conditioning is ignored."""
 
     parameterisation = FLOW
+    prediction_type = "flow"
+    # the protocol's flow-frame conversions and objective weight (identities for flow models)
+    to_frame, from_frame, objective_weight = Backbone.to_frame, Backbone.from_frame, Backbone.objective_weight
 
     def __init__(self, w: float = 0.5):
         self.denoiser = ScalarDenoiser(w)

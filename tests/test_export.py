@@ -27,6 +27,8 @@ CASES = {  # name: recipe overrides (2 iterations x 2 updates, EMA after every u
     "flux_lora": ["recipe=tiny_flowgrpo_flux", "algorithm.lr=5e-2"],
     "flux_full": ["recipe=tiny_flowgrpo_flux", "trainer.finetune=full", "algorithm.lr=1e-2"],
     "shapes_full": ["recipe=shapes_flowgrpo", "algorithm.lr=1e-3", "sampler.eval_num_steps=4"],
+    "sd15_lora": ["recipe=tiny_ddpo", "trainer.finetune=lora", "algorithm.lr=5e-2"],
+    "sdxl_full": ["recipe=tiny_ddpo", "backbone=tiny_sdxl", "algorithm.lr=1e-2"],
 }
 PROMPTS = "sample.prompts=[a red circle, a photo of a blue boat]"
 LOADER = r"""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 
@@ -297,6 +298,7 @@ SD35P = dict(SD35, groups=48)
 FLUXP = dict(FLUX, groups=48)
 SHAPESP = {k: v for k, v in SHAPES.items() if k != "batches"}
 FULL_WARM = dict(finetune="full", schedule=("constant_with_warmup", 500))
+SD15P = dict(backbone="sd15", finetune="lora", lora=4, reward=["jpeg_compressibility"], groups=256)
 
 
 def published(method, base, cfg):
@@ -362,6 +364,18 @@ PREFERENCE_EXPECTED = {
                             batches=(16, 16, 2), extra={"draws_per_sample": 1}),
     "tiny_flow_rwr": prow("flow_rwr", lr=1e-4, beta=0.01, time_sampling="logit_normal", K=8,
                           batches=(16, 16, 2), extra={"draws_per_sample": 1}),
+    # Diffusion-DPO on its home models (SalesforceAIResearch/DiffusionDPO launchers/sd15.sh, sdxl.sh, train.py):
+    # beta 5000, 2.048e-5 full, warm-up 500 (SDXL 200), 2000 x 2048 pairs, 20% empty prompts; eval: the
+    # pipelines' 50 steps at their default guidance (7.5 SD1.5, 5 SDXL). SDXL's optimizer is checked below.
+    "diffusion_dpo_sd15": prow("diffusion_dpo", lr=2.048e-5, beta=5000.0, time_sampling="uniform", rows=2048,
+                               batches=(8, 1, 1), extra={"prompt_dropout": 0.2}, steps=2000, base=SD15P, cfg=7.5,
+                               T=50, **FULL_WARM),
+    "diffusion_dpo_sdxl": prow("diffusion_dpo", lr=2.048e-5, beta=5000.0, time_sampling="uniform", rows=2048,
+                               batches=(8, 1, 1), extra={"prompt_dropout": 0.2}, steps=2000,
+                               base={**SD15P, "backbone": "sdxl"}, cfg=5.0, T=50, finetune="full",
+                               schedule=("constant_with_warmup", 200)),
+    "tiny_diffusion_dpo_sd15": prow("diffusion_dpo", lr=1e-3, beta=500.0, time_sampling="uniform", rows=16,
+                                    extra={"prompt_dropout": 0.0}, base={**TINY, "backbone": "tiny_sd15"}),
     # ShapeWorld twins: 8-step ODE at guidance 3, full fine-tune at 1e-4, 64 rows (or 8 groups of 8) per iteration
     "shapes_diffusion_dpo": prow("diffusion_dpo", lr=1e-4, beta=500.0, time_sampling="uniform", rows=64,
                                  batches=(32, 32, 2), extra={"prompt_dropout": 0.0}, base=SHAPESP, cfg=3.0, T=8),
@@ -474,6 +488,46 @@ def test_preference_recipe_resolves_to_its_values(name):
     assert not diff, f"{name}: resolved vs expected {diff}"
 
 
+# Step-preference methods born on UNets (D3PO; their own algorithm fields). d3po_sd15: yk7333/d3po@40d3175
+# config/base.py (SD1.5, 20 steps, eta 1, CFG 5, lr 3e-5, beta 0.1, eps 0.1, sample batch 10 x 2 per epoch, train
+# batch 1 with gradient accumulation over the 20 steps only: one optimizer step per pair, 400 epochs, LoRA at
+# diffusers' default rank 4, simple_animals, jpeg_compressibility).
+def srow(algorithm, *, lr, beta, eps, T, cfg, eval_T, backbone, groups, batches, reward, steps, finetune="lora",
+         lora=4, noise=1.0, branch=2, fraction=1.0):
+    return dict(algorithm=algorithm, lr=lr, beta=beta, eps=eps, K=1, sampler="SharedNoisePlanner", T=T, noise=noise,
+                cfg=cfg, eval_T=eval_T, branch=branch, fraction=fraction, kernel="ddim", backbone=backbone,
+                finetune=finetune, lora=lora, groups=groups, batches=batches, reward=reward, steps=steps)
+
+
+STEP_PREFERENCE_EXPECTED = {
+    "d3po_sd15": srow("d3po", lr=3e-5, beta=0.1, eps=0.1, T=20, cfg=5.0, eval_T=20, backbone="sd15", groups=20,
+                      batches=(10, 1, 20), reward=["jpeg_compressibility"], steps=400),
+    "tiny_d3po": srow("d3po", lr=1e-2, beta=1.0, eps=0.5, T=6, cfg=5.0, eval_T=6, backbone="tiny_sd15", groups=8,
+                      batches=(8, 4, 2), reward=["jpeg_compressibility"], steps=40, finetune="full", lora=8),
+}
+
+
+def test_diffusion_dpo_sdxl_takes_the_reference_optimizer_and_vae():
+    c = resolved("diffusion_dpo_sdxl")
+    assert c["trainer"]["optimizer"]["name"] == "adafactor" and c["trainer"]["optimizer"]["weight_decay"] == 0.01
+    assert c["backbone"]["vae"] == "madebyollin/sdxl-vae-fp16-fix" and c["backbone"]["resolution"] == 1024
+
+
+@pytest.mark.parametrize("name", sorted(STEP_PREFERENCE_EXPECTED))
+def test_step_preference_recipe_resolves_to_its_values(name):
+    c, like = resolved(name), STEP_PREFERENCE_EXPECTED[name]
+    a, s, t = c["algorithm"], c["sampler"], c["trainer"]
+    got = dict(algorithm=a["name"], lr=a["lr"], beta=a["beta"], eps=a["eps"], K=a["group_size"],
+               sampler=s["_target_"].rsplit(".", 1)[-1], T=s["num_steps"], noise=s["noise_level"],
+               cfg=s["guidance_scale"], eval_T=s["eval_num_steps"], branch=s["branch_factor"],
+               fraction=s["timestep_fraction"], kernel=s["sde_type"], backbone=c["backbone"]["name"],
+               finetune=t["finetune"], lora=t["lora"]["rank"], groups=c["data"]["groups_per_iteration"],
+               batches=(t["rollout_batch_size"], t["train_batch_size"], t["updates_per_iteration"]),
+               reward=sorted(c["reward"]), steps=t["max_steps"])
+    diff = {k: (got[k], v) for k, v in like.items() if got[k] != v}
+    assert not diff, f"{name}: resolved vs expected {diff}"
+
+
 @functools.lru_cache(maxsize=None)
 def resolved(name: str) -> dict:
     cfg = compose([f"recipe={name}", "run_dir=/tmp/alignrl-test-recipes"])
@@ -496,7 +550,7 @@ def actual_row(c: dict, like: dict) -> dict:
 def test_the_table_covers_every_recipe():
     shipped = set(group_options("recipe"))
     assert shipped, "no recipes found"
-    rows = EXPECTED.keys() | PREFERENCE_EXPECTED.keys() | GRADIENT_EXPECTED.keys()
+    rows = EXPECTED.keys() | PREFERENCE_EXPECTED.keys() | GRADIENT_EXPECTED.keys() | STEP_PREFERENCE_EXPECTED.keys()
     assert not shipped - rows, f"recipes without a row in EXPECTED: {sorted(shipped - rows)}"
     assert not rows - shipped, f"rows for recipes that do not exist: {sorted(rows - shipped)}"
 
@@ -632,3 +686,44 @@ def test_trainer_settings_name_the_bad_key():
     assert TrainerConfig.from_config(old).max_nonfinite_iterations == 3
     # a partial nested mapping keeps the other nested defaults
     assert TrainerConfig.from_config({**base, "ema": {"decay": 0.5}}).ema.update_every == 8
+
+
+def test_adafactor_optimizer_has_the_reference_settings_and_its_state_resumes(tmp_path):
+    """trainer.optimizer.name=adafactor (Diffusion-DPO's SDXL optimizer): no relative step, no parameter scaling,
+    update clip 1; its state saves and loads as checkpoints do (torch.load weights_only) and resumes exactly."""
+    from alignrl.errors import ConfigError
+    from alignrl.training.trainer_config import TrainerConfig
+
+    base = compose(["recipe=tiny_flowgrpo"]).trainer
+    settings = TrainerConfig.from_config({**base, "optimizer": {"name": "adafactor", "weight_decay": 0.01}})
+
+    def make():
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(6, 5))
+        return w, settings.build_optimizer([w], 1e-3)
+
+    def step(w, opt, k):
+        loss = ((w * (k + 1)) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    w, opt = make()
+    group = opt.param_groups[0]
+    assert type(opt).__name__ == "Adafactor" and group["relative_step"] is False
+    assert group["scale_parameter"] is False and group["clip_threshold"] == 1.0 and group["weight_decay"] == 0.01
+    for k in range(4):
+        step(w, opt, k)
+    w2, opt2 = make()
+    for k in range(2):
+        step(w2, opt2, k)
+    torch.save(opt2.state_dict(), tmp_path / "optimizer.pt")
+    w3, opt3 = make()
+    with torch.no_grad():
+        w3.copy_(w2)
+    opt3.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    for k in range(2, 4):
+        step(w3, opt3, k)
+    assert torch.equal(w, w3)
+    with pytest.raises(ConfigError, match="trainer.optimizer.name='sgd' is not known"):
+        TrainerConfig.from_config({**base, "optimizer": {"name": "sgd"}})

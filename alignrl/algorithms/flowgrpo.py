@@ -84,7 +84,7 @@ class FlowGRPO(GroupRelative):
 
     def step_loss(self, policy: StepResult, logp_old: torch.Tensor, adv: torch.Tensor,
                   reference: StepResult | None, dt: torch.Tensor | None = None,
-                  mean_old: torch.Tensor | None = None):
+                  mean_old: torch.Tensor | None = None, roots: torch.Tensor | None = None):
         """Per-sample loss for one trained step, plus per-sample diagnostics to average for logging."""
         pg, diag = ppo_clip(policy.logp_mean_per_dim, logp_old, adv, self.clip_range)
         loss = pg

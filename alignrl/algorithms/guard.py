@@ -37,7 +37,7 @@ class GRPOGuard(FlowGRPO):
     global_std: bool = False
     lr: float = 1e-4
 
-    def step_loss(self, policy: StepResult, logp_old, adv, reference, dt=None, mean_old=None):
+    def step_loss(self, policy: StepResult, logp_old, adv, reference, dt=None, mean_old=None, roots=None):
         if mean_old is None or dt is None:
             raise ValueError("GRPO-Guard needs the sampling step mean and dt")
         log_ratio = guard_log_ratio(policy, logp_old, mean_old)

@@ -3,7 +3,8 @@
 Each optimizer step takes the transitions of one chunk of roots (the chunks split the global batch the same
 way on any number of ranks). Within a minibatch of roots the transitions are scored one schedule step at a
 time, so a linear plan's step k of a minibatch is one forward pass, as sampled. The per-sample loss is the
-algorithm's ``step_loss``; transitions are weighted by the plan's loss weights and normalised by their sum
+algorithm's ``step_loss`` (given each row's root, so losses that couple the images of one root, D3PO's pairs,
+can); transitions are weighted by the plan's loss weights and normalised by their sum
 over all ranks.
 """
 
@@ -61,6 +62,7 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
                     loss_vec, diag = algo.step_loss(
                         policy, batch.logp_old[g_dev], adv_t[g_dev], reference,
                         dt=schedule.sigmas[j_to] - schedule.sigmas[j], mean_old=batch.mean_old[g_dev],
+                        roots=batch.t_root[group].to(ctx.device),
                     )
                     w = weight[group].to(ctx.device)
                     ctx.backward((loss_vec * w).sum() / global_w)

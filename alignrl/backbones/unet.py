@@ -150,9 +150,20 @@ class UNetBackbone(Backbone):
         type(self.pipe).save_lora_weights(directory, unet_lora_layers=state_dict, unet_lora_adapter_metadata=metadata,
                                           safe_serialization=True)
 
+    def save_pipeline(self, directory: str) -> None:
+        """diffusers' layout with the DDIM scheduler alignrl samples with (over the checkpoint's own noise
+        schedule), so ``pipe(**pipeline_call_kwargs)`` draws alignrl's evaluation samples; any other scheduler
+        swaps in as usual (``pipe.scheduler = X.from_config(pipe.scheduler.config)``)."""
+        shipped = self.pipe.scheduler
+        self.pipe.scheduler = copy.deepcopy(self.ddim)
+        try:
+            self.pipe.save_pretrained(directory, safe_serialization=True)
+        finally:
+            self.pipe.scheduler = shipped
+
     def pipeline_call_kwargs(self, num_steps: int, guidance_scale: float) -> dict:
         return {"num_inference_steps": int(num_steps), "guidance_scale": float(guidance_scale),
-                "height": self.resolution, "width": self.resolution}
+                "height": self.resolution, "width": self.resolution, "eta": 0.0}
 
 
 def _shaped(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -210,11 +221,14 @@ class SDXLBackbone(UNetBackbone):
     @classmethod
     def from_pretrained(cls, pretrained: str, *, resolution: int = 1024, dtype: str = "fp16", device="cpu",
                         revision: str | None = None, variant: str | None = None, config: str | None = None,
-                        cache_prompts: bool = True):
-        """As ``SD15Backbone.from_pretrained``, for SDXL checkpoints."""
-        from diffusers import StableDiffusionXLPipeline
+                        vae: str | None = None, cache_prompts: bool = True):
+        """As ``SD15Backbone.from_pretrained``, for SDXL checkpoints; ``vae`` replaces the checkpoint's VAE (a hub
+        id or directory of an AutoencoderKL, e.g. madebyollin/sdxl-vae-fp16-fix, which decodes in fp16)."""
+        from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
         kw = dtype_kwarg(parse_dtype(dtype))
+        if vae:
+            kw["vae"] = AutoencoderKL.from_pretrained(vae, **dtype_kwarg(parse_dtype(dtype)))
         if _check_single_file(pretrained, config):
             pipe = StableDiffusionXLPipeline.from_single_file(pretrained, config=config, **kw)
         else:

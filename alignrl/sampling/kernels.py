@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from alignrl.errors import ConfigError
 from alignrl.sampling.parameterisation import FLOW, vp_coefficients
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -152,6 +153,10 @@ def ddim_step(x, v, sigma, sigma_next, *, noise_level: float, noise=None, next_x
     std_model = noise_level * torch.sqrt(torch.clamp(var, min=0))
     mean = n_next * (a_next * x0 + torch.sqrt(torch.clamp(b_next**2 - std_model**2, min=0)) * eps)
     std = n_next * std_model
+    if bool((std_model == 0).any()):
+        raise ConfigError("a ddim step ends at sigma 0 (abar 1), where its std is 0 and it has no log-prob: train it "
+                          "on a schedule that ends above 0 (the SD1.5/SDXL backbones') or leave the last step untrained "
+                          "(sampler.timestep_fraction < 1)")
     if next_x is None:
         if noise is None:
             raise ValueError("ddim_step needs noise to sample or next_x to score")

@@ -386,6 +386,40 @@ class DancePlanner(PlannerBase):
 
 
 @dataclass
+class SharedNoisePlanner(PlannerBase):
+    """D3PO: ``branch_factor`` trajectories from one initial noise (2: a pair), each drawing its own noise at every
+    step after it; every step stochastic, steps ``0 .. int(T * timestep_fraction) - 1`` trained. One root per
+    prompt (``algorithm.group_size=1``): its leaves are the images compared. DDIM (eta 1) as the reference."""
+
+    num_steps: int = 20
+    noise_level: float = 1.0
+    sde_type: str = "ddim"
+    guidance_scale: float = 5.0
+    branch_factor: int = 2
+    timestep_fraction: float = 1.0
+    _plan: RolloutPlan | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        _check_common(self.num_steps, self.noise_level, self.sde_type)
+        if self.branch_factor < 2:
+            raise ConfigError(f"sampler.branch_factor must be >= 2 (images per initial noise), got {self.branch_factor}")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ConfigError(f"sampler.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        trained = max(1, int(self.num_steps * self.timestep_fraction))
+        step = StepSpec(kind=self.sde_type, noise_level=float(self.noise_level))
+        steps = tuple(replace(step, trained=i < trained, branch=self.branch_factor if i == 0 else 1)
+                      for i in range(self.num_steps))
+        self._plan = RolloutPlan("shared_noise", float(self.guidance_scale), steps)
+
+    def plan(self, generator: torch.Generator | None = None) -> RolloutPlan:
+        return self._plan
+
+    @property
+    def max_trained_steps(self) -> int:
+        return len(self._plan.trained_steps)
+
+
+@dataclass
 class BranchPlanner(PlannerBase):
     """BranchGRPO: trajectories split into ``branch_factor`` children before each step in ``split_points``
     (shared prefixes computed once). Every stochastic edge is trained with its child node's advantage;

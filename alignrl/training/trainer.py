@@ -150,9 +150,7 @@ class Trainer:
         self.trainable_names, self.params = self.policy.trainable_names, self.policy.params
         self.reference_denoiser, self.ema = self.policy.reference_denoiser, self.policy.ema
 
-        opt = tcfg.optimizer
-        self.optimizer = torch.optim.AdamW(self.params, lr=float(self.algorithm.lr), betas=tuple(opt.betas),
-                                           weight_decay=opt.weight_decay, eps=opt.eps)
+        self.optimizer = tcfg.build_optimizer(self.params, float(self.algorithm.lr))
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(  # advances once per optimizer step

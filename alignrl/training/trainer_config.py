@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from alignrl.errors import ConfigError
@@ -34,11 +35,15 @@ class LoraSettings:
     target_modules: list | None  # module names; None: the backbone's attention projections
 
 
+OPTIMIZERS = ("adamw", "adafactor")
+
+
 @dataclass(frozen=True)
 class OptimizerSettings:
+    name: str  # adamw | adafactor (no relative step, no parameter scaling, update clip 1: Diffusion-DPO's SDXL)
     betas: list  # AdamW (beta1, beta2)
     weight_decay: float
-    eps: float
+    eps: float  # AdamW's epsilon (Adafactor keeps its own pair)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,8 @@ class TrainerConfig:
              f"trainer.max_minutes={self.max_minutes} must be > 0 (or null: no time budget)"),
             (self.eval_every_minutes is None or self.eval_every_minutes > 0,
              f"trainer.eval_every_minutes={self.eval_every_minutes} must be > 0 (or null: off)"),
+            (self.optimizer.name in OPTIMIZERS,
+             f"trainer.optimizer.name='{self.optimizer.name}' is not known; use {' or '.join(OPTIMIZERS)}"),
             (0 <= self.ema.decay < 1, f"trainer.ema.decay={self.ema.decay} must be in [0, 1)"),
             (self.ema.update_every >= 1, f"trainer.ema.update_every={self.ema.update_every} must be >= 1"),
         ]
@@ -108,6 +115,15 @@ class TrainerConfig:
     @property
     def optimizer_steps_per_iteration(self) -> int:
         return self.updates_per_iteration * self.inner_epochs
+
+    def build_optimizer(self, params, lr: float) -> torch.optim.Optimizer:
+        opt = self.optimizer
+        if opt.name == "adafactor":
+            from transformers.optimization import Adafactor
+
+            return Adafactor(params, lr=lr, weight_decay=opt.weight_decay, clip_threshold=1.0,
+                             scale_parameter=False, relative_step=False)
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, eps=opt.eps)
 
     @classmethod
     def from_config(cls, node) -> "TrainerConfig":
