@@ -328,7 +328,7 @@ def test_mixgrpo_window_survives_resume_exactly(tmp_path):
 
 # iterations per method; measured gain / first-4 std at 12 iterations (2 CPU cores): fast 2.9, mixgrpo 2.8,
 # flash 3.6, guard 4.9, branch 2.7, tempflow 2.8, g2rpo 2.4, awm 3.3; dance (1.1) and nft (1.0) need 16
-# (1.8 and 6.4 there); ddpo (tiny SD1.5 UNet) 3.6 at 12, d3po 8.0 at 12. The test asks for > 1.
+# (1.8 and 6.4 there); ddpo (tiny SD1.5 UNet, 32px) 3.2 at 12 (2.2 with seed 1), d3po 6.6 at 12. The test asks for > 1.
 LEARNING = {
     "tiny_ddpo": 12, "tiny_d3po": 12,
     "tiny_flowgrpo_fast": 12, "tiny_mixgrpo": 12, "tiny_mixgrpo_flash": 12, "tiny_dancegrpo": 16,

@@ -263,7 +263,7 @@ EXPECTED = {
            ("ddpo_sd15_alignment", 4, 32, 72, 2, "vlm_judge")]},
     # DDPO (ddpo-pytorch config/base.py, dgx.py): DDIM eta 1, all steps trained, CFG 5 in training, no KL,
     # per-prompt tracker, std eps 1e-6; the tiny twin shortens the tracker and uses the tiny step sizes.
-    "tiny_ddpo": row("ddpo", beta=0.0, global_std=False, clip=1e-2, std_eps=1e-6, K=4, lr=1e-2,
+    "tiny_ddpo": row("ddpo", beta=0.0, global_std=False, clip=1e-2, std_eps=1e-6, K=4, lr=3e-2,
                      sampler="FlowGRPOPlanner", T=6, noise=1.0, cfg=5.0, eval_T=6,
                      sampler_keys={"sde_type": "ddim", "timestep_fraction": 1.0},
                      algorithm_keys={**PPO, "stat_buffer_size": 8, "stat_min_count": 4}, batches=(16, 8, 2),

@@ -153,7 +153,7 @@ def ddim_step(x, v, sigma, sigma_next, *, noise_level: float, noise=None, next_x
     std_model = noise_level * torch.sqrt(torch.clamp(var, min=0))
     mean = n_next * (a_next * x0 + torch.sqrt(torch.clamp(b_next**2 - std_model**2, min=0)) * eps)
     std = n_next * std_model
-    if bool((std_model == 0).any()):
+    if noise_level > 0 and bool((std_model == 0).any()):
         raise ConfigError("a ddim step ends at sigma 0 (abar 1), where its std is 0 and it has no log-prob: train it "
                           "on a schedule that ends above 0 (the SD1.5/SDXL backbones') or leave the last step untrained "
                           "(sampler.timestep_fraction < 1)")
