@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 """Rollout engine vs the diffusers pipeline, and where an iteration's time goes.
 
-1. Sampling: the rollout engine with an ODE plan against ``StableDiffusion3Pipeline.__call__`` on the
+1. Sampling: the rollout engine with an ODE plan against the diffusers pipeline's ``__call__`` on the
    same tiny model, steps, batch, guidance and starting latents (both from cached prompt embeddings,
-   both decoding to images), timed alternately in one run; prints the ratio engine / pipeline
-   (target <= 1.10).
+   both decoding to images), timed alternately in one run, for SD3 (``StableDiffusion3Pipeline``, target
+   <= 1.10), SD1.5 and SDXL (``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` with DDIM, eta 0,
+   which the engine's ODE equals; target <= 1.05); prints the ratio engine / pipeline.
 2. Iteration split: a short run of the tiny recipe with timing hooks on the denoiser's forward and on
    backward; prints rollout / reward wait / update / other, and the share of the iteration spent
    outside model forward/backward and VAE decode (target < 10%).
 
     python scripts/bench_rollout.py [--batch 8] [--steps 8] [--repeats 20] [--iterations 6] [--device cpu]
+                                    [--backbone all|sd3|sd15|sdxl] [--sampling-only]
 """
 
 from __future__ import annotations
@@ -23,16 +25,43 @@ from pathlib import Path
 import torch
 
 
-def bench_sampling(args) -> dict:
+def _tiny(family: str, args):
     from alignrl.backbones.sd3 import SD3Backbone
+    from alignrl.backbones.unet import SD15Backbone, SDXLBackbone
+
+    if family == "sd3":
+        return SD3Backbone.tiny(device=args.device, resolution=args.resolution)
+    return {"sd15": SD15Backbone, "sdxl": SDXLBackbone}[family].tiny(device=args.device, resolution=args.resolution)
+
+
+def _pipeline_kwargs(family: str, bb, cond, neg) -> dict:
+    """The pipeline's own arguments for the cached embeddings (each pipeline names them its way)."""
+    t = cond.tensors
+    if family == "sd15":
+        return {"prompt_embeds": t["prompt_embeds"], "negative_prompt_embeds": neg.tensors["prompt_embeds"],
+                "eta": 0.0}
+    kw = {"prompt_embeds": t["prompt_embeds"], "pooled_prompt_embeds": t["pooled"],
+          "negative_prompt_embeds": neg.tensors["prompt_embeds"],
+          "negative_pooled_prompt_embeds": neg.tensors["pooled"]}
+    return {**kw, "eta": 0.0} if family == "sdxl" else kw
+
+
+def bench_sampling(args, family: str = "sd3") -> dict:
+    """The engine's ODE against the family's diffusers pipeline (UNets: with DDIM, eta 0, the scheduler the
+    engine's ODE equals) on the same tiny model, starting latents and cached embeddings, alternately timed."""
+    from diffusers import DDIMScheduler
+
     from alignrl.sampling.engine import rollout, sample_generators
     from alignrl.sampling.plans import ode_plan
 
-    bb = SD3Backbone.tiny(device=args.device, resolution=args.resolution)
+    bb = _tiny(family, args)
+    if family != "sd3":
+        bb.pipe.scheduler = DDIMScheduler.from_config(bb.pipe.scheduler.config)
     prompts = [f"a photo of a red cat number {i}" for i in range(args.batch)]
     cond = bb.encode_prompts(prompts)
     neg = bb.negative_conditioning().expand(args.batch)
     plan = ode_plan(args.steps, args.guidance)
+    call = _pipeline_kwargs(family, bb, cond, neg)
 
     def engine():
         gens = sample_generators(0, 0, range(args.batch), device=bb.device)
@@ -40,11 +69,8 @@ def bench_sampling(args) -> dict:
 
     def pipeline():
         latents = bb.initial_noise(sample_generators(0, 0, range(args.batch), device=bb.device))
-        return bb.pipe(prompt_embeds=cond.tensors["prompt_embeds"], pooled_prompt_embeds=cond.tensors["pooled"],
-                       negative_prompt_embeds=neg.tensors["prompt_embeds"],
-                       negative_pooled_prompt_embeds=neg.tensors["pooled"], latents=latents,
-                       num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="pt",
-                       height=args.resolution, width=args.resolution).images
+        return bb.pipe(latents=latents, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                       output_type="pt", height=args.resolution, width=args.resolution, **call).images
 
     with torch.no_grad():
         a, b = engine(), pipeline()  # warm-up, and the outputs must agree
@@ -138,16 +164,26 @@ def main():
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--iterations", type=int, default=6)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backbone", default="all", choices=["all", "sd3", "sd15", "sdxl"],
+                   help="whose engine-vs-pipeline sampling to time (all: one after another)")
+    p.add_argument("--sampling-only", action="store_true", help="skip the iteration split")
     args = p.parse_args()
     torch.set_grad_enabled(True)
 
-    s = bench_sampling(args)
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"sampling {args.batch} images x {args.steps} ODE steps, CFG {args.guidance}, {args.resolution}px "
-          f"(tiny SD3), median of {args.repeats}:")
-    print(f"  rollout engine     {s['engine_s'] * 1000:8.1f} ms")
-    print(f"  diffusers pipeline {s['pipeline_s'] * 1000:8.1f} ms")
-    print(f"  ratio engine/pipeline = {s['ratio']:.3f}  (target <= 1.10; max |diff| {s['max_abs_diff']:.2e})")
+    targets = {"sd3": 1.10, "sd15": 1.05, "sdxl": 1.05}
+    pipes = {"sd3": "StableDiffusion3Pipeline", "sd15": "StableDiffusionPipeline (DDIM)",
+             "sdxl": "StableDiffusionXLPipeline (DDIM)"}
+    for family in (("sd3", "sd15", "sdxl") if args.backbone == "all" else (args.backbone,)):
+        s = bench_sampling(args, family)
+        print(f"sampling {args.batch} images x {args.steps} ODE steps, CFG {args.guidance}, {args.resolution}px "
+              f"(tiny {family}), median of {args.repeats}:")
+        print(f"  {'rollout engine':<34} {s['engine_s'] * 1000:8.1f} ms")
+        print(f"  {pipes[family]:<34} {s['pipeline_s'] * 1000:8.1f} ms")
+        print(f"  ratio engine/pipeline = {s['ratio']:.3f}  (target <= {targets[family]:.2f}; "
+              f"max |diff| {s['max_abs_diff']:.2e})")
+    if args.sampling_only:
+        return
 
     it = bench_iteration(args)
     print(f"tiny_flowgrpo iteration (mean of {args.iterations - 1}, after one warm-up):")
