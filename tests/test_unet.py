@@ -146,3 +146,32 @@ def test_pickled_checkpoint_is_refused_before_loading(tmp_path):
         SD15Backbone.from_pretrained(str(ckpt))
     with pytest.raises(ConfigError, match="no such file"):
         SDXLBackbone.from_pretrained(str(tmp_path / "missing.safetensors"))
+
+
+def test_a_single_file_sd15_checkpoint_loads_through_the_recipe_keys(tmp_path):
+    """A user's single-file .safetensors (the original SD layout model sites ship), written from a tiny SD1.5, loads
+    through backbone=sd15 with backbone.config naming the diffusers configs, every weight equal, and samples what the
+    diffusers-layout copy samples."""
+    from safetensors.torch import save_file
+
+    from alignrl.backbones.unet import build_tiny_sd15_pipeline
+    from alignrl.components import build_backbone
+    from alignrl.config import compose
+    from alignrl.sampling.engine import rollout, sample_generators
+    from alignrl.sampling.plans import ode_plan
+    from ldm_checkpoint import sd15_single_file_state
+
+    pipe = build_tiny_sd15_pipeline(seed=3)
+    pipe.save_pretrained(tmp_path / "diffusers")
+    save_file(sd15_single_file_state(pipe), tmp_path / "model.safetensors")
+    common = ["backbone=sd15", "backbone.dtype=fp32", "backbone.resolution=64", "run_dir=/tmp/alignrl-test-unet"]
+    single = build_backbone(compose([*common, f"backbone.pretrained={tmp_path / 'model.safetensors'}",
+                                     f"backbone.config={tmp_path / 'diffusers'}"]), "cpu")
+    layout = build_backbone(compose([*common, f"backbone.pretrained={tmp_path / 'diffusers'}"]), "cpu")
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(single.pipe, name).state_dict(), getattr(layout.pipe, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    plan = ode_plan(3, 5.0)
+    outs = [rollout(bb, plan, bb.encode_prompts(["a red cat"]), sample_generators(0, 0, [0]), record=False).final
+            for bb in (single, layout)]
+    assert torch.equal(outs[0], outs[1])
