@@ -1,6 +1,7 @@
-"""`alignrl export` and the checkpoint's LoRA adapter, round-tripped through plain diffusers.
+"""`alignrl export` and the checkpoint's LoRA adapter, round-tripped through plain diffusers (and `alignrl eval` on
+each run).
 
-Every backbone and both fine-tuning modes, with the EMA on (the default): a run is trained, `alignrl sample`
+Every backbone (SD3, FLUX, ShapeWorld, SD1.5, SDXL) and both fine-tuning modes, with the EMA on (the default): a run is trained, `alignrl sample`
 draws images from its checkpoint (EMA weights, and live weights to show that the two differ), `alignrl export`
 writes the pipeline, and a separate Python process in which alignrl cannot be imported loads each export with
 `DiffusionPipeline.from_pretrained` and samples with the pipeline's own `__call__` from the seeds that
@@ -88,6 +89,8 @@ def exported(tmp_path_factory):
             cli(["sample", f"eval.checkpoint={run}", f"eval.out_dir={folder}", f"eval.weights={weights}", PROMPTS,
                  "sample.num_images=2", "sampler.eval_num_steps=4"])
             samples[weights] = _images(folder)
+        cli(["eval", f"eval.checkpoint={run}", f"eval.out_dir={root / (name + '_eval')}", "eval.num_prompts=2",
+             "sampler.eval_num_steps=4"])  # alignrl eval on every backbone's run
         cli(["export", f"checkpoint={run}", f"out={root / (name + '_export')}"])
         job = {"name": name, "export": str(root / (name + "_export")),
                "prompts": [r["prompt"] for r in samples["ema"][1]], "seeds": [r["seed"] for r in samples["ema"][1]]}
@@ -129,6 +132,18 @@ def test_exported_pipeline_reproduces_alignrl_sample(exported, name):
         from diffusers import SD3Transformer2DModel
 
         SD3Transformer2DModel.from_pretrained(str(root / f"{name}_export"), subfolder="transformer")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_eval_runs_on_every_backbone(exported, name):
+    _, _, root = exported
+    out = root / f"{name}_eval"
+    sets = ["held_out", "in_dist"] if name.startswith("shapes") else [None]  # ShapeWorld evaluates two sets
+    for split in sets:
+        folder, key = (out / split, f"eval/{split}/") if split else (out, "eval/")
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics[key + "num_images"] == 2 and np.isfinite(metrics[key + "reward_mean"])
+        assert "step_000002" in metrics["model"] and (folder / "grid.png").is_file()
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if "lora" in n])
