@@ -185,11 +185,20 @@ def offline_algorithm(cfg: DictConfig) -> bool:
 
 
 def _group_free_algorithm(cfg: DictConfig) -> bool:
-    """Whether the algorithm takes groups of one: it normalises nothing within a group (reward-gradient methods),
-    or keeps a per-prompt reward history across iterations (DDPO's tracker: ``algorithm.stat_buffer_size > 0``)."""
+    """Whether the algorithm takes groups of one: it normalises nothing within a group (reward-gradient methods,
+    DPOK's value baseline), or keeps a per-prompt reward history across iterations (DDPO's tracker:
+    ``algorithm.stat_buffer_size > 0``)."""
     from alignrl.algorithms.base import PROMPT_KINDS
 
-    return _batch_kind(cfg) in PROMPT_KINDS or int(cfg.algorithm.get("stat_buffer_size") or 0) > 0
+    return (_batch_kind(cfg) in PROMPT_KINDS or int(cfg.algorithm.get("stat_buffer_size") or 0) > 0
+            or _replay_algorithm(cfg))
+
+
+def _replay_algorithm(cfg: DictConfig) -> bool:
+    """Whether the algorithm's updates draw from a replay buffer (DPOK) rather than split the iteration's samples."""
+    from alignrl.components import algorithm_class
+
+    return bool(getattr(algorithm_class(cfg), "replay", False))
 
 
 def _offline_layout(cfg: DictConfig, world_size: int) -> dict:
@@ -204,7 +213,7 @@ def _offline_layout(cfg: DictConfig, world_size: int) -> dict:
         raise ConfigError(f"data.offline.rows_per_iteration={rows} does not split over {world} processes; make it a "
                           f"multiple of {world}")
     per_rank = rows // world
-    if per_rank % (updates * train_bs):
+    if per_rank % (updates * train_bs) and not _replay_algorithm(cfg):
         raise ConfigError(f"each process trains on {per_rank} dataset rows per iteration, not a multiple of "
                           f"trainer.updates_per_iteration x trainer.train_batch_size = {updates} x {train_bs}; "
                           f"choose them so their product divides {per_rank}")
@@ -239,7 +248,7 @@ def validate_batch_arithmetic(cfg: DictConfig, world_size: int, num_prompts: int
             f"each process samples {per_rank} images per iteration ({total} / {world}), not a multiple of "
             f"trainer.rollout_batch_size={rollout_bs}; pick a divisor of {per_rank}"
         )
-    if per_rank % (updates * train_bs):
+    if per_rank % (updates * train_bs) and not _replay_algorithm(cfg):
         raise ConfigError(
             f"each process trains on {per_rank} samples per iteration, not a multiple of "
             f"trainer.updates_per_iteration x trainer.train_batch_size = {updates} x {train_bs}; "

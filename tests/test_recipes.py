@@ -246,6 +246,11 @@ EXPECTED = {
     "tiny_grpo_guard": row("grpo_guard", beta=0.0, global_std=False, clip=1e-2, std_eps=1e-4, K=8, lr=1e-2,
                            sampler="FlowGRPOPlanner", T=6, noise=0.7, cfg=4.5, eval_T=6, sampler_keys=FG,
                            algorithm_keys=PPO, batches=(16, 16, 2), **TINY),
+    # Flow-GRPO's SD3.5 method values on SDXL with DDIM (eta 1) steps and CFG 5 (ours: no reference runs it there)
+    "flowgrpo_sdxl": row("flowgrpo", beta=0.01, global_std=True, clip=1e-4, std_eps=1e-4, K=24, lr=3e-4,
+                         sampler="FlowGRPOPlanner", T=10, noise=1.0, cfg=5.0, eval_T=40,
+                         sampler_keys={"sde_type": "ddim", "timestep_fraction": 0.99}, algorithm_keys=PPO, groups=48,
+                         batches=(9, 9, 2), **{**SD35, "backbone": "sdxl"}),
     # DDPO: kvablack/ddpo-pytorch@1958463 config/base.py (50 steps, eta 1, CFG 5 also in training, lr 3e-4, clip
     # 1e-4, adv clip 5, timestep_fraction 1, AdamW wd 1e-4, grad clip 1, fp16, LoRA at diffusers' default rank 4)
     # and config/dgx.py: compressibility() (SD1.4, 8 GPUs x 8 x 4 = 256 samples, 4 updates, 100 epochs, tracker
@@ -513,6 +518,90 @@ def test_diffusion_dpo_sdxl_takes_the_reference_optimizer_and_vae():
     assert c["backbone"]["vae"] == "madebyollin/sdxl-vae-fp16-fix" and c["backbone"]["resolution"] == 1024
 
 
+# DPOK: google-research dpok/README.md (single prompt: alpha 10, KL 0.01, p_batch 4, g_batch 10; multi: alpha 1000,
+# KL 0.1, p_batch 2, g_batch 6, 100000 steps) and train_online_pg.py defaults (lr 1e-5, ratio clip 1e-4, buffer
+# 1000, grad accumulation 12, p_step 5, v_lr 1e-4, v_batch 256, v_step 5, clip_norm 0.1, AdamW wd 0, LoRA r4,
+# ImageReward); sampling: pipeline_stable_diffusion_extended.py (50 DDIM steps, eta 1, CFG 7.5).
+def dpok_row(*, K, groups, alpha, kl, batches, steps, lr=1e-5, clip=1e-4, buffer=1000, accum=12, value=(1e-4, 256, 5),
+             T=50, cfg=7.5, backbone="sd15", finetune="lora", reward=("imagereward",), grad_clip=0.1, wd=0.0):
+    return dict(K=K, groups=groups, alpha=alpha, kl=kl, batches=batches, steps=steps, lr=lr, clip=clip, buffer=buffer,
+                accum=accum, value=value, T=T, cfg=cfg, kernel="ddim", eta=1.0, backbone=backbone, finetune=finetune,
+                reward=list(reward), grad_clip=grad_clip, wd=wd)
+
+
+DPOK_EXPECTED = {
+    "dpok_sd15": dpok_row(K=10, groups=1, alpha=10.0, kl=0.01, batches=(10, 4, 5), steps=2000),
+    "dpok_sd15_multi": dpok_row(K=1, groups=6, alpha=1000.0, kl=0.1, batches=(6, 2, 5), steps=20000),
+    "tiny_dpok": dpok_row(K=4, groups=4, alpha=1.0, kl=0.0, batches=(16, 8, 2), steps=40, lr=1e-2, clip=0.5,
+                          buffer=512, accum=2, value=(1e-3, 64, 5), T=6, cfg=5.0, backbone="tiny_sd15",
+                          finetune="full", reward=("jpeg_compressibility",), grad_clip=1.0, wd=1e-4),
+}
+
+
+# SPO: RockeyCoss/SPO@27a8642 configs/basic_config.py and the two experiment configs (SD1.5: 4 candidates, threshold
+# 0.3, lr 6e-5, LoRA r4, 10 prompts x 4 GPUs; SDXL: 2 candidates, threshold 0.4, lr 1e-5, LoRA r64, 2 x 4 GPUs x
+# accumulation 2, fp16-fix VAE); 20 steps, eta 1, CFG 5, beta 10, eps 0.1, divert_start_step 4, 10 epochs of 4k
+# prompts. Keys are dotted paths into the resolved config.
+SPO_COMMON = {"algorithm.name": "spo", "algorithm.beta": 10.0, "algorithm.eps": 0.1, "algorithm.num_steps": 20,
+              "algorithm.eta": 1.0, "algorithm.guidance_scale": 5.0, "algorithm.divert_start_step": 4,
+              "algorithm.score_scale": 1.0, "reward.pickscore.scale": 1.0, "sampler.eval_num_steps": 20,
+              "sampler.guidance_scale": 5.0, "trainer.finetune": "lora", "trainer.optimizer.weight_decay": 1e-4,
+              "trainer.max_grad_norm": 1.0, "trainer.mixed_precision": "fp16", "trainer.updates_per_iteration": 1}
+DOTTED_EXPECTED = {
+    "spo_sd15": {**SPO_COMMON, "algorithm.lr": 6e-5, "algorithm.candidates": 4, "algorithm.threshold": 0.3,
+                 "backbone.name": "sd15", "trainer.lora.rank": 4, "trainer.lora.alpha": 4,
+                 "data.groups_per_iteration": 40, "trainer.rollout_batch_size": 10, "trainer.train_batch_size": 10,
+                 "trainer.max_steps": 1000},
+    "spo_sdxl": {**SPO_COMMON, "algorithm.lr": 1e-5, "algorithm.candidates": 2, "algorithm.threshold": 0.4,
+                 "backbone.name": "sdxl", "backbone.vae": "madebyollin/sdxl-vae-fp16-fix", "trainer.lora.rank": 64,
+                 "trainer.lora.alpha": 64, "data.groups_per_iteration": 16, "trainer.rollout_batch_size": 2,
+                 "trainer.train_batch_size": 2, "trainer.max_steps": 2500},
+    # ReinFlow: ReinFlow/ReinFlow@aed2819 hopper ft_ppo_reflow_mlp.yaml (4 steps, std [0.10, 0.24], clip 0.01, actor
+    # lr 4.5e-5, entropy 0.03, 5 update epochs); the FLUX run is ours on FLUX.1-schnell.
+    "reinflow_flux": {"algorithm.name": "reinflow", "algorithm.num_steps": 4, "algorithm.sigma_min": 0.1,
+                      "algorithm.sigma_max": 0.24, "algorithm.hold_fraction": 0.35, "algorithm.clip_range": 0.01,
+                      "algorithm.lr": 4.5e-5, "algorithm.ent_coef": 0.03, "algorithm.logp_clip": 1.0,
+                      "algorithm.total_iterations": 2000, "trainer.inner_epochs": 5, "sampler.eval_num_steps": 4,
+                      "backbone.pretrained": "black-forest-labs/FLUX.1-schnell", "algorithm.guidance_scale": 0.0},
+    "tiny_reinflow": {"algorithm.name": "reinflow", "algorithm.num_steps": 4, "algorithm.lr": 1e-2,
+                      "algorithm.clip_range": 0.2, "algorithm.group_size": 4, "backbone.name": "tiny_sd3",
+                      "algorithm.total_iterations": 40},
+    "tiny_spo": {"algorithm.name": "spo", "algorithm.lr": 1e-2, "algorithm.num_steps": 6,
+                 "algorithm.divert_start_step": 1, "algorithm.candidates": 4, "algorithm.threshold": 0.3,
+                 "algorithm.score_scale": 100.0, "algorithm.eps": 0.5, "backbone.name": "tiny_sd15",
+                 "backbone.resolution": 32, "data.groups_per_iteration": 8, "trainer.finetune": "full"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DOTTED_EXPECTED))
+def test_dotted_recipe_values(name):
+    c = resolved(name)
+
+    def get(path):
+        node = c
+        for part in path.split("."):
+            node = node[part]
+        return node
+
+    diff = {k: (get(k), v) for k, v in DOTTED_EXPECTED[name].items() if get(k) != v}
+    assert not diff, f"{name}: resolved vs expected {diff}"
+
+
+@pytest.mark.parametrize("name", sorted(DPOK_EXPECTED))
+def test_dpok_recipe_resolves_to_its_values(name):
+    c, like = resolved(name), DPOK_EXPECTED[name]
+    a, s, t = c["algorithm"], c["sampler"], c["trainer"]
+    got = dict(K=a["group_size"], groups=c["data"]["groups_per_iteration"], alpha=a["reward_weight"],
+               kl=a["kl_weight"], batches=(t["rollout_batch_size"], t["train_batch_size"], t["updates_per_iteration"]),
+               steps=t["max_steps"], lr=a["lr"], clip=a["ratio_clip"], buffer=a["buffer_size"],
+               accum=a["grad_accumulation"], value=(a["value_lr"], a["value_batch_size"], a["value_steps"]),
+               T=s["num_steps"], cfg=s["guidance_scale"], kernel=s["sde_type"], eta=s["noise_level"],
+               backbone=c["backbone"]["name"], finetune=t["finetune"], reward=sorted(c["reward"]),
+               grad_clip=t["max_grad_norm"], wd=t["optimizer"]["weight_decay"])
+    diff = {k: (got[k], v) for k, v in like.items() if got[k] != v}
+    assert not diff, f"{name}: resolved vs expected {diff}"
+
+
 @pytest.mark.parametrize("name", sorted(STEP_PREFERENCE_EXPECTED))
 def test_step_preference_recipe_resolves_to_its_values(name):
     c, like = resolved(name), STEP_PREFERENCE_EXPECTED[name]
@@ -550,7 +639,8 @@ def actual_row(c: dict, like: dict) -> dict:
 def test_the_table_covers_every_recipe():
     shipped = set(group_options("recipe"))
     assert shipped, "no recipes found"
-    rows = EXPECTED.keys() | PREFERENCE_EXPECTED.keys() | GRADIENT_EXPECTED.keys() | STEP_PREFERENCE_EXPECTED.keys()
+    rows = (EXPECTED.keys() | PREFERENCE_EXPECTED.keys() | GRADIENT_EXPECTED.keys() | STEP_PREFERENCE_EXPECTED.keys()
+            | DPOK_EXPECTED.keys() | DOTTED_EXPECTED.keys())
     assert not shipped - rows, f"recipes without a row in EXPECTED: {sorted(shipped - rows)}"
     assert not rows - shipped, f"rows for recipes that do not exist: {sorted(rows - shipped)}"
 

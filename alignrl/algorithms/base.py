@@ -170,6 +170,8 @@ class StepContext:
     world_size: int = 1
     # (images, prompts, metadata) -> (B,) weighted reward with its graph (batch_kind prompts); None otherwise
     score: Callable[[torch.Tensor, list, list], torch.Tensor] | None = None
+    # (images, prompts, metadata) -> (B,) weighted reward as numbers, no graph (batch_kind prompts: SPO's ranking)
+    reward: Callable[[torch.Tensor, list, list], np.ndarray] | None = None
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 scales the loss inside ``backward``)
 
 

@@ -7,6 +7,8 @@ Layout of ``<run_dir>/checkpoints/step_000123/``::
     optimizer.pt            optimizer state (torch.save; loaded with weights_only=True)
     lr_scheduler.pt         learning-rate schedule state (idem)
     rng/rank_<r>.pt         RNG states of every rank (python, numpy, torch, device)
+    rng/algorithm_rank_<r>.safetensors   per-process algorithm state, for methods that keep one (DPOK's replay
+                            buffer and value network, ReinFlow's noise network)
     state.json              iteration, counters, sampler / planner / stat-tracker state, world size
     lora/                   the adapter in diffusers' LoRA format (``pipe.load_lora_weights``)
     MANIFEST.json           size and CRC-32 of every file above

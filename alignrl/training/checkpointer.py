@@ -99,6 +99,8 @@ class Checkpointer:
             writer.begin(step)
         self.dist.barrier()
         writer.write_rank_rng(step, self.dist.rank)
+        if hasattr(p.algorithm, "save_rank_state"):  # per-process algorithm state (DPOK's replay buffer)
+            p.algorithm.save_rank_state(writer.tmp_dir(step) / "rng" / f"algorithm_rank_{self.dist.rank}.safetensors")
         self.dist.barrier()
         if self.is_main:
             tmp = writer.tmp_dir(step)
@@ -230,6 +232,14 @@ class Checkpointer:
         loaded["lr_scheduler"] = read("lr_scheduler.pt", ckpt.torch_load_trusted)
         rng_name = f"rng/rank_{self.dist.rank}.pt"
         loaded["rng"] = read(rng_name, ckpt.torch_load_trusted) if (path / rng_name).is_file() else None
+        loaded["algorithm_rank"] = None
+        if hasattr(p.algorithm, "load_rank_state"):
+            name = f"rng/algorithm_rank_{self.dist.rank}.safetensors"
+            if not (path / name).is_file():
+                raise CheckpointError(f"{path} holds no {name}: the algorithm keeps per-process state (a replay "
+                                      f"buffer); resume with the number of processes the run was saved with "
+                                      f"({state.get('world_size')})")
+            loaded["algorithm_rank"] = path / name
         read("trainable.safetensors", policy.load_trainable)
         if not policy.weights_finite():
             raise CheckpointError(f"{path / 'trainable.safetensors'} holds NaN/inf weights: resume from an earlier "
@@ -247,6 +257,8 @@ class Checkpointer:
         p.batch_sampler.load_state_dict(state.get("prompt_sampler", state.get("sampler")))  # "sampler" before 12-2026
         p.planner.load_state_dict(state.get("planner", {}))
         p.algorithm.load_state_dict(state.get("algorithm", {}))
+        if loaded.get("algorithm_rank") is not None:
+            p.algorithm.load_rank_state(loaded["algorithm_rank"])
         if loaded["rng"] is not None:
             ckpt.set_rng_state(loaded["rng"])
         iteration = int(state["iteration"])

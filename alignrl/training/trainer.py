@@ -127,7 +127,7 @@ class Trainer:
                 strata=balance_strata(self.train_prompts, cfg.data.get("balance")),
             )
         self.reward = WeightedReward.from_config(as_dict(cfg.reward))
-        if self.direct and not self.reward.differentiable:
+        if self.direct and getattr(self.algorithm, "differentiates_reward", True) and not self.reward.differentiable:
             plain = self.reward.not_differentiable
             raise ConfigError(f"algorithm {self.algorithm.name} backpropagates the reward, but {', '.join(plain)} "
                               f"cannot be differentiated; use a differentiable reward (smoothness, shapes_soft, or "
@@ -273,6 +273,7 @@ class Trainer:
             summarise=self._update_summary, rank=self.rank, world_size=self.world,
             mixed_precision=self.accelerator.mixed_precision,
             score=self.reward.score_tensor if self.direct else None,
+            reward=(lambda images, prompts, metadata: self.reward(images, prompts, metadata)[0]) if self.direct else None,
         )
 
     @torch.no_grad()
