@@ -94,3 +94,21 @@ def test_kl_term_matches_reference_formula():
     kl = torch.full((2,), 0.01 / (2 * 0.49))
     assert torch.allclose(diag["kl"], kl, atol=1e-6)
     assert torch.allclose(loss, 0.5 * kl, atol=1e-6)  # zero advantage: only the KL remains
+
+
+def test_ddpo_tracker_against_hand_computed_buffers():
+    """DDPO's per-prompt tracker (buffer 3, min_count 2, std + 1e-6): a prompt with fewer than min_count rewards in
+    its buffer uses the whole batch's mean and std; once it has enough, its buffer's (the current rewards already in
+    it); the oldest fall out of a full buffer. Values computed by hand."""
+    t = GroupStatTracker(global_std=False, std_eps=1e-6, adv_clip_max=1e9, buffer_size=3, min_count=2)
+    # iteration 1: prompt 7 has one reward (< min_count: batch stats), prompt 9 two (its own buffer)
+    r1 = t.compute(np.array([1.0, 4.0, 6.0]), np.array([7, 9, 9]))
+    batch = np.array([1.0, 4.0, 6.0])
+    assert np.allclose(r1.advantages[0], (1.0 - batch.mean()) / (batch.std() + 1e-6))
+    assert np.allclose(r1.advantages[1:], (np.array([4.0, 6.0]) - 5.0) / (1.0 + 1e-6))
+    # iteration 2: prompt 7 now holds [1, 3] (own stats); prompt 9's buffer [4, 6, 8, 10] keeps the newest 3
+    r2 = t.compute(np.array([3.0, 8.0, 10.0]), np.array([7, 9, 9]))
+    assert np.allclose(r2.advantages[0], (3.0 - 2.0) / (1.0 + 1e-6))
+    hist = np.array([6.0, 8.0, 10.0])
+    assert np.allclose(r2.advantages[1:], (np.array([8.0, 10.0]) - hist.mean()) / (hist.std() + 1e-6))
+    assert list(t.buffers[9]) == [6.0, 8.0, 10.0] and list(t.buffers[7]) == [1.0, 3.0]

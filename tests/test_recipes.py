@@ -532,8 +532,8 @@ def dpok_row(*, K, groups, alpha, kl, batches, steps, lr=1e-5, clip=1e-4, buffer
 DPOK_EXPECTED = {
     "dpok_sd15": dpok_row(K=10, groups=1, alpha=10.0, kl=0.01, batches=(10, 4, 5), steps=2000),
     "dpok_sd15_multi": dpok_row(K=1, groups=6, alpha=1000.0, kl=0.1, batches=(6, 2, 5), steps=20000),
-    "tiny_dpok": dpok_row(K=4, groups=4, alpha=1.0, kl=0.0, batches=(16, 8, 2), steps=40, lr=1e-2, clip=0.5,
-                          buffer=512, accum=2, value=(1e-3, 64, 5), T=6, cfg=5.0, backbone="tiny_sd15",
+    "tiny_dpok": dpok_row(K=4, groups=4, alpha=1.0, kl=0.0, batches=(16, 8, 2), steps=40, lr=1e-2, clip=0.2,
+                          buffer=512, accum=2, value=(1e-2, 64, 5), T=6, cfg=5.0, backbone="tiny_sd15",
                           finetune="full", reward=("jpeg_compressibility",), grad_clip=1.0, wd=1e-4),
 }
 
