@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from alignrl.algorithms.advantages import AdvantageResult
-from alignrl.algorithms.base import Advantages, RolloutBatch, StepContext
+from alignrl.algorithms.base import Advantages, RolloutBatch, StepContext, Stateless
 from alignrl.errors import ConfigError
 from alignrl.sampling.engine import apply_step
 from alignrl.sampling.kernels import mean_over_dims
@@ -101,7 +101,7 @@ class ReplayBuffer:
 
 
 @dataclass
-class DPOK:
+class DPOK(Stateless):
     name: str = "dpok"
     group_size: int = 1  # num_samples: images per prompt per round
     lr: float = 1e-5
@@ -142,14 +142,6 @@ class DPOK:
     @property
     def needs_reference(self) -> bool:
         return self.kl_weight > 0
-
-    @property
-    def rollout_weights(self) -> str:
-        return "live"
-
-    @property
-    def diagnostics(self) -> tuple[str, ...]:
-        return self._diag_keys
 
     def advantages(self, rewards: np.ndarray, keys: np.ndarray, per_reward: dict | None = None,
                    weights: dict | None = None) -> AdvantageResult:

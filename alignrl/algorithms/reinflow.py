@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from alignrl.algorithms.advantages import AdvantageResult, GroupStatTracker
-from alignrl.algorithms.base import PromptBatch, StepContext
+from alignrl.algorithms.base import PromptBatch, StepContext, Stateless
 from alignrl.errors import ConfigError
 from alignrl.sampling.engine import sample_generators
 
@@ -54,7 +54,7 @@ class NoiseNet(nn.Module):
 
 
 @dataclass
-class ReinFlow:
+class ReinFlow(Stateless):
     name: str = "reinflow"
     group_size: int = 8  # images per prompt: the advantage's group
     lr: float = 4.5e-5  # the flow policy
@@ -97,14 +97,6 @@ class ReinFlow:
     @property
     def needs_reference(self) -> bool:
         return False
-
-    @property
-    def rollout_weights(self) -> str:
-        return "live"
-
-    @property
-    def diagnostics(self) -> tuple[str, ...]:
-        return self._diag_keys
 
     def advantages(self, rewards, keys, per_reward=None, weights=None):
         raise ConfigError("ReinFlow samples its own chains; the loop computes no advantages for it")
