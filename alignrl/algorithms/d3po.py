@@ -54,6 +54,13 @@ def pair_preferences(rewards: np.ndarray, keys: np.ndarray, per_reward: dict | N
     return h
 
 
+def clamped_log_ratio(raw: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log clamp(exp(raw), 1 - eps, 1 + eps)`` (no gradient outside the band) and where it was clamped (D3PO, SPO)."""
+    lo, hi = math.log(1 - eps), math.log(1 + eps)
+    outside = (raw.detach() < lo) | (raw.detach() > hi)
+    return raw.clamp(lo, hi), outside
+
+
 @dataclass
 class D3PO(Stateless):
     name: str = "d3po"
@@ -91,13 +98,13 @@ class D3PO(Stateless):
         if reference is None or roots is None:
             raise ValueError("D3PO needs the reference's step log-probs and each row's root")
         raw = policy.logp_mean_per_dim - reference.logp_mean_per_dim
-        log_r = raw.clamp(math.log(1 - self.eps), math.log(1 + self.eps))
+        log_r, outside = clamped_log_ratio(raw, self.eps)
         pair, inverse = torch.unique(roots, return_inverse=True)
         z = torch.zeros(len(pair), dtype=log_r.dtype, device=log_r.device).index_add(0, inverse,
                                                                                    self.beta * adv * log_r)
         loss = -F.logsigmoid(z)[inverse]
         diag = {"policy_loss": loss.detach(), "log_ratio": raw.detach(),
-                "clipfrac": ((raw.detach() < math.log(1 - self.eps)) | (raw.detach() > math.log(1 + self.eps))).float()}
+                "clipfrac": outside.float()}
         return loss, diag
 
     def train_step(self, batch: RolloutBatch, adv: Advantages, ctx: StepContext) -> dict:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from alignrl.algorithms.base import PromptBatch, StepContext, Stateless
+from alignrl.algorithms.d3po import clamped_log_ratio
 from alignrl.errors import ConfigError
 from alignrl.sampling.engine import apply_step, sample_generators
 from alignrl.sampling.kernels import ddim_step
@@ -166,10 +167,9 @@ class SPO(Stateless):
         with torch.no_grad():
             reference = apply_step(backbone, spec, schedule, step, x, v_ref, next_x=nxt)
         raw = policy.logp_mean_per_dim - reference.logp_mean_per_dim
-        log_r = raw.clamp(math.log(1 - self.eps), math.log(1 + self.eps))
+        log_r, outside = clamped_log_ratio(raw, self.eps)
         lw, ll = log_r.chunk(2)
         loss = -F.logsigmoid(self.beta * (lw - ll))
-        outside = (raw.detach() < math.log(1 - self.eps)) | (raw.detach() > math.log(1 + self.eps))
         diag = {"policy_loss": loss.detach(), "log_ratio": raw.detach().view(2, -1).mean(0),
                 "clipfrac": outside.float().view(2, -1).mean(0), "score_gap": pairs.gap[idx].to(loss.device)}
         return loss, diag

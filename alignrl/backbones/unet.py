@@ -27,7 +27,7 @@ import torch
 from alignrl.backbones import tiny
 from alignrl.backbones.base import Backbone, Conditioning, Schedule, dtype_kwarg, parse_dtype
 from alignrl.errors import ConfigError
-from alignrl.sampling.parameterisation import PREDICTION_TYPES, sigma_of_alpha_bar, vp_coefficients
+from alignrl.sampling.parameterisation import PREDICTION_TYPES, _shaped, sigma_of_alpha_bar, vp_coefficients
 
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 SINGLE_FILE_SUFFIXES = (".safetensors",)
@@ -53,6 +53,16 @@ class UNetBackbone(Backbone):
     uses_cfg = True
     default_lora_targets = UNET_LORA_TARGETS
 
+    @classmethod
+    def _load(cls, pipeline_class, pretrained: str, config, revision, variant, dtype: str, extra: dict, **kwargs):
+        """``pipeline_class`` from a single file (with ``config``) or a hub id / directory, then the adapter."""
+        kw = {**dtype_kwarg(parse_dtype(dtype)), **extra}
+        if _check_single_file(pretrained, config):
+            pipe = pipeline_class.from_single_file(pretrained, config=config, **kw)
+        else:
+            pipe = pipeline_class.from_pretrained(pretrained, revision=revision, variant=variant, **kw)
+        return cls(pipe, max_sequence_length=pipe.tokenizer.model_max_length, dtype=dtype, **kwargs)
+
     def __init__(self, pipe, **kwargs):
         from diffusers import DDIMScheduler
 
@@ -64,7 +74,7 @@ class UNetBackbone(Backbone):
             raise ConfigError(f"{type(self).__name__}: the scheduler's prediction_type '{self.prediction_type}' is "
                               f"not supported; epsilon or v_prediction")
         super().__init__(pipe, **kwargs)
-        self._alpha_bar = self.ddim.alphas_cumprod.to(torch.float64)
+        self._alpha_bar = self.ddim.alphas_cumprod.to(self.device, torch.float64)  # read at every model call
 
     # ----- modules -------------------------------------------------------------------------------
     @property
@@ -90,10 +100,10 @@ class UNetBackbone(Backbone):
 
     # ----- the flow frame --------------------------------------------------------------------------
     def to_frame(self, x, sigma):
-        return x * _shaped(vp_coefficients(torch.as_tensor(sigma, dtype=torch.float32))[2], x)
+        return x * _shaped(vp_coefficients(torch.as_tensor(sigma, dtype=torch.float32, device=x.device))[2], x)
 
     def from_frame(self, x, sigma):
-        return x / _shaped(vp_coefficients(torch.as_tensor(sigma, dtype=torch.float32))[2], x)
+        return x / _shaped(vp_coefficients(torch.as_tensor(sigma, dtype=torch.float32, device=x.device))[2], x)
 
     def make_schedule(self, num_steps: int) -> Schedule:
         """DDIM's timesteps for ``num_steps`` (all ``num_train_timesteps`` of them, T-1 .. 0, at that count or
@@ -106,8 +116,8 @@ class UNetBackbone(Backbone):
                 scheduler = copy.deepcopy(self.ddim)
                 scheduler.set_timesteps(num_steps)
                 timesteps = scheduler.timesteps.long()
-            alpha_bar = torch.cat([self._alpha_bar[timesteps], self._alpha_bar.new_tensor([float(
-                self.ddim.final_alpha_cumprod)])])
+            alpha_bar = self._alpha_bar.cpu()
+            alpha_bar = torch.cat([alpha_bar[timesteps], alpha_bar.new_tensor([float(self.ddim.final_alpha_cumprod)])])
             self._schedules[num_steps] = Schedule(sigma_of_alpha_bar(alpha_bar),
                                                   timesteps.to(torch.float32)).to(self.device)
         return self._schedules[num_steps]
@@ -120,7 +130,7 @@ class UNetBackbone(Backbone):
         unet = transformer or self.transformer
         dtype = self.compute_dtype(unet)
         t_int = torch.as_tensor(timestep, device=x.device).round().long()
-        alpha_bar = self._alpha_bar.to(x.device)[t_int]
+        alpha_bar = self._alpha_bar[t_int]
         a = _shaped(alpha_bar.sqrt().to(x.dtype), x)
         s = _shaped((1 - alpha_bar).sqrt().to(x.dtype), x)
         x_model = x * (a + s)  # the UNet's own latent
@@ -166,11 +176,6 @@ class UNetBackbone(Backbone):
                 "height": self.resolution, "width": self.resolution, "eta": 0.0}
 
 
-def _shaped(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    v = torch.as_tensor(v, device=x.device)
-    return v if v.ndim == 0 else v.reshape(-1, *([1] * (x.ndim - 1)))
-
-
 class SD15Backbone(UNetBackbone):
     """Stable Diffusion 1.x/2.x: one CLIP text encoder (last hidden state), CFG against the empty prompt."""
 
@@ -185,13 +190,9 @@ class SD15Backbone(UNetBackbone):
         local directory, which offline machines need)."""
         from diffusers import StableDiffusionPipeline
 
-        kw = {**dtype_kwarg(parse_dtype(dtype)), "safety_checker": None, "requires_safety_checker": False}
-        if _check_single_file(pretrained, config):
-            pipe = StableDiffusionPipeline.from_single_file(pretrained, config=config, **kw)
-        else:
-            pipe = StableDiffusionPipeline.from_pretrained(pretrained, revision=revision, variant=variant, **kw)
-        return cls(pipe, resolution=resolution, max_sequence_length=pipe.tokenizer.model_max_length, device=device,
-                   dtype=dtype, cache_prompts=cache_prompts)
+        return cls._load(StableDiffusionPipeline, pretrained, config, revision, variant, dtype,
+                         {"safety_checker": None, "requires_safety_checker": False}, resolution=resolution,
+                         device=device, cache_prompts=cache_prompts)
 
     @classmethod
     def tiny(cls, *, seed: int = 0, resolution: int = 64, prediction_type: str = "epsilon", vae_channels: int = 16,
@@ -226,15 +227,9 @@ class SDXLBackbone(UNetBackbone):
         id or directory of an AutoencoderKL, e.g. madebyollin/sdxl-vae-fp16-fix, which decodes in fp16)."""
         from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-        kw = dtype_kwarg(parse_dtype(dtype))
-        if vae:
-            kw["vae"] = AutoencoderKL.from_pretrained(vae, **dtype_kwarg(parse_dtype(dtype)))
-        if _check_single_file(pretrained, config):
-            pipe = StableDiffusionXLPipeline.from_single_file(pretrained, config=config, **kw)
-        else:
-            pipe = StableDiffusionXLPipeline.from_pretrained(pretrained, revision=revision, variant=variant, **kw)
-        return cls(pipe, resolution=resolution, max_sequence_length=pipe.tokenizer.model_max_length, device=device,
-                   dtype=dtype, cache_prompts=cache_prompts)
+        extra = {"vae": AutoencoderKL.from_pretrained(vae, **dtype_kwarg(parse_dtype(dtype)))} if vae else {}
+        return cls._load(StableDiffusionXLPipeline, pretrained, config, revision, variant, dtype, extra,
+                         resolution=resolution, device=device, cache_prompts=cache_prompts)
 
     @classmethod
     def tiny(cls, *, seed: int = 0, resolution: int = 64, prediction_type: str = "epsilon", vae_channels: int = 16,
