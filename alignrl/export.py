@@ -76,9 +76,14 @@ def export(cfg: DictConfig) -> int:
             state, meta = lora_export(backbone.transformer)
             backbone.save_lora(str(tmp / "lora"), state, meta)
         merge_lora(backbone)
-        backbone.save_pipeline(str(tmp))
-        call = backbone.pipeline_call_kwargs(plan.num_steps, plan.guidance_scale)
-        remote = backbone.family == "shapes"
+        solver = plan.name  # ode or dpm2m (an evaluation plan)
+        if solver not in backbone.export_solvers:
+            print(f"alignrl: warning: the run evaluates with sampler.eval_solver={solver}; the exported {backbone.family} "
+                  f"pipeline samples with its own scheduler ({', '.join(backbone.export_solvers)})", file=sys.stderr)
+            solver = "ode"
+        backbone.save_pipeline(str(tmp), solver=solver)
+        call = backbone.pipeline_call_kwargs(plan.num_steps, plan.guidance_scale, solver=solver)
+        remote = backbone.remote_code
         info = {
             "source": model, "checkpoint": str(source.checkpoint.resolve()) if source.checkpoint else None,
             "step": source.step, "weights": weights if source.checkpoint else None, "backbone": backbone.family,

@@ -15,6 +15,11 @@ first version's mix), ``--schedule cosine`` (decay to 10%).
 
     python scripts/pretrain_shapes.py                                    # writes alignrl/shapes/pretrained
     python scripts/pretrain_shapes.py --minutes 10 --out /tmp/shapes     # a budgeted run (ablations)
+    python scripts/pretrain_shapes.py --objective epsilon --threads 1    # the epsilon twin (pretrained_eps)
+
+``--objective epsilon`` trains the same architecture as a DDPM noise predictor (linear betas, t uniform over the
+1000 training steps, target eps; ``alignrl.shapes.model.epsilon_scheduler``), the home ground of the UNet-born
+methods (DDPO, DPOK, D3PO, SPO, Diffusion-DPO): the ``shapes_eps`` backbone.
 """
 
 from __future__ import annotations
@@ -78,6 +83,9 @@ def main():
     p.add_argument("--text-encoder", choices=TEXT_ENCODERS, default="bert")
     p.add_argument("--data", choices=("fresh", "colourless"), default="fresh",
                    help="fresh: colour words on 2/3 of objects in every tag; colourless: only in the colour tags")
+    p.add_argument("--objective", choices=("flow", "epsilon"), default="flow",
+                   help="flow: rectified flow (the shipped model); epsilon: DDPM noise prediction, t uniform over the "
+                        "1000 training steps (the twin for the UNet-born methods; writes alignrl/shapes/pretrained_eps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=700, help="steps between evaluations (0: only at the end)")
     p.add_argument("--eval-steps", type=int, default=20)
@@ -87,15 +95,18 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--snapshots", default=None,
                    help="also save the EMA model at every evaluation to <dir>/step_N (to pick a checkpoint later)")
-    p.add_argument("--out", default=str(REPO / "alignrl" / "shapes" / "pretrained"))
+    p.add_argument("--out", default=None, help="default: alignrl/shapes/pretrained (flow) or pretrained_eps (epsilon)")
     args = p.parse_args()
+    if args.out is None:
+        args.out = str(REPO / "alignrl" / "shapes" / ("pretrained" if args.objective == "flow" else "pretrained_eps"))
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    pipe = build_pipeline(args.seed, text_encoder=args.text_encoder).to(device)
+    pipe = build_pipeline(args.seed, text_encoder=args.text_encoder, objective=args.objective).to(device)
     unet, text = pipe.unet, pipe.text_encoder
+    alpha_bar = pipe.scheduler.alphas_cumprod.float().to(device) if args.objective == "epsilon" else None
     unet.train()
     text.train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -163,11 +174,18 @@ def main():
         x0 = (x0.float() / 127.5 - 1).to(device)
         prompts = ["" if rng.random() < args.dropout else m["prompt"] for m in metas]
         states, mask = pipe.text_embeddings(*pipe.tokenize(prompts, device))
-        t = torch.sigmoid(torch.randn(args.batch, device=device))  # logit-normal
         eps = torch.randn_like(x0)
-        xt = FLOW.add_noise(x0, eps, t)
-        v = unet(xt, t * 1000, encoder_hidden_states=states, encoder_attention_mask=mask).sample
-        loss = ((v - FLOW.target(x0, eps, t)) ** 2).mean()
+        if args.objective == "flow":
+            t = torch.sigmoid(torch.randn(args.batch, device=device))  # logit-normal
+            xt = FLOW.add_noise(x0, eps, t)
+            v = unet(xt, t * 1000, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+            loss = ((v - FLOW.target(x0, eps, t)) ** 2).mean()
+        else:  # DDPM: t uniform over the training steps, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, target eps
+            t = torch.randint(0, alpha_bar.numel(), (args.batch,), device=device)
+            a = alpha_bar[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            out = unet(xt, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+            loss = ((out - eps) ** 2).mean()
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)

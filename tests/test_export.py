@@ -28,7 +28,8 @@ CASES = {  # name: recipe overrides (2 iterations x 2 updates, EMA after every u
     "flux_lora": ["recipe=tiny_flowgrpo_flux", "algorithm.lr=5e-2"],
     "flux_full": ["recipe=tiny_flowgrpo_flux", "trainer.finetune=full", "algorithm.lr=1e-2"],
     "shapes_full": ["recipe=shapes_flowgrpo", "algorithm.lr=1e-3", "sampler.eval_num_steps=4"],
-    "sd15_lora": ["recipe=tiny_ddpo", "trainer.finetune=lora", "algorithm.lr=5e-2"],
+    # evaluation with DPM-Solver++(2M): the export ships diffusers' DPMSolverMultistepScheduler and the grid
+    "sd15_lora": ["recipe=tiny_ddpo", "trainer.finetune=lora", "algorithm.lr=5e-2", "sampler.eval_solver=dpm2m"],
     "sdxl_full": ["recipe=tiny_ddpo", "backbone=tiny_sdxl", "algorithm.lr=1e-2"],
 }
 PROMPTS = "sample.prompts=[a red circle, a photo of a blue boat]"
@@ -96,7 +97,8 @@ def exported(tmp_path_factory):
                "prompts": [r["prompt"] for r in samples["ema"][1]], "seeds": [r["seed"] for r in samples["ema"][1]]}
         lora = "trainer.finetune=lora" in overrides or name == "flux_lora"
         if lora or name == "shapes_full":  # the base model as a pipeline of its own (no checkpoint)
-            cli(["export", *[o for o in overrides if o.startswith("recipe=")], f"out={root / (name + '_base')}",
+            cli(["export", *[o for o in overrides if o.startswith(("recipe=", "sampler.eval_solver="))],
+                 f"out={root / (name + '_base')}",
                  "sampler.eval_num_steps=4"])
             job["base"] = str(root / (name + "_base"))
         if lora:
@@ -128,6 +130,9 @@ def test_exported_pipeline_reproduces_alignrl_sample(exported, name):
     info = json.loads((root / f"{name}_export" / "alignrl_export.json").read_text())
     assert info["weights"] == "ema" and info["step"] == 2
     assert all("seed" in r for r in rows)
+    if name == "sd15_lora":
+        scheduler = json.loads((root / f"{name}_export" / "scheduler" / "scheduler_config.json").read_text())
+        assert scheduler["_class_name"] == "DPMSolverMultistepScheduler" and len(info["call"]["timesteps"]) == 4
     if name == "sd3_full":  # a full fine-tune's denoiser in diffusers' layout: loads strictly on its own
         from diffusers import SD3Transformer2DModel
 

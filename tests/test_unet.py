@@ -89,6 +89,35 @@ def test_engine_ode_equals_the_pipeline(tiny_unets, name, prediction_type):
     assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-4 * float(theirs.abs().max())), (ours - theirs).abs().max()
 
 
+@pytest.mark.parametrize("name,prediction_type,steps", [("sd15", "epsilon", 6), ("sdxl", "v_prediction", 16)])
+def test_dpm_solver_evaluation_equals_diffusers_dpm_solver(tiny_unets, name, prediction_type, steps):
+    """sampler.eval_solver=dpm2m == the pipeline with diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2)
+    on alignrl's grid, under 15 steps (first-order last step) and above."""
+    from alignrl.sampling.engine import rollout
+    from alignrl.sampling.plans import ODEPlanner
+
+    bb = tiny_unets[(name, prediction_type)]
+    prompts = ["a red cat", "a blue dog"]
+    noise = bb.initial_noise([torch.Generator().manual_seed(i) for i in range(2)])
+    cond = bb.encode_prompts(prompts)
+
+    def ours(solver, n):
+        plan = ODEPlanner(eval_num_steps=n, guidance_scale=5.0, eval_solver=solver).eval_plan()
+        return rollout(bb, plan, cond, [torch.Generator().manual_seed(i) for i in range(2)], record=False).final
+
+    dpm = ours("dpm2m", steps)
+    scheduler = bb.pipe.scheduler
+    bb.pipe.scheduler = bb.dpm_solver_scheduler()
+    try:
+        call = bb.pipeline_call_kwargs(steps, 5.0, solver="dpm2m")
+        theirs = bb.pipe(prompt=prompts, latents=noise.clone(), output_type="latent", **call).images
+    finally:
+        bb.pipe.scheduler = scheduler
+    assert call["timesteps"] == bb.timesteps(steps) and len(call["timesteps"]) == steps
+    assert torch.allclose(dpm, theirs, rtol=1e-5, atol=1e-4 * float(theirs.abs().max())), (dpm - theirs).abs().max()
+    assert not torch.allclose(dpm, ours("ode", steps), atol=1e-3)  # a different solver from DDIM on that grid
+
+
 def test_schedule_training_grid_and_ends(tiny_unets):
     bb = tiny_unets[("sd15", "epsilon")]
     grid = bb.make_schedule(1000)

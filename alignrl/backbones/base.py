@@ -128,6 +128,7 @@ class Backbone:
     parameterisation: Parameterisation = FLOW  # what predict() returns (alignrl/sampling/parameterisation.py)
     prediction_type: str = "flow"  # what the network itself predicts: flow, epsilon or v_prediction
     default_lora_targets: tuple[str, ...] = ()
+    remote_code: bool = False  # an exported pipeline needs trust_remote_code (it ships its own pipeline.py)
 
     def __init__(self, pipe, *, resolution: int, max_sequence_length: int, device="cpu",
                  dtype: str | torch.dtype = "fp32", cache_prompts: bool = True):
@@ -332,11 +333,14 @@ class Backbone:
             safe_serialization=True,
         )
 
-    def save_pipeline(self, directory: str) -> None:
+    # the evaluation solvers whose sampling an exported pipeline reproduces (its scheduler and call arguments)
+    export_solvers: tuple[str, ...] = ("ode",)
+
+    def save_pipeline(self, directory: str, solver: str = "ode") -> None:
         """The whole pipeline in diffusers' layout (``DiffusionPipeline.from_pretrained(directory)`` loads it)."""
         self.pipe.save_pretrained(directory, safe_serialization=True)
 
-    def pipeline_call_kwargs(self, num_steps: int, guidance_scale: float) -> dict:
+    def pipeline_call_kwargs(self, num_steps: int, guidance_scale: float, solver: str = "ode") -> dict:
         """Arguments of the pipeline's own ``__call__`` that sample as this adapter's ODE plan does."""
         return {"num_inference_steps": int(num_steps), "guidance_scale": float(guidance_scale),
                 "height": self.resolution, "width": self.resolution,

@@ -160,20 +160,48 @@ class UNetBackbone(Backbone):
         type(self.pipe).save_lora_weights(directory, unet_lora_layers=state_dict, unet_lora_adapter_metadata=metadata,
                                           safe_serialization=True)
 
-    def save_pipeline(self, directory: str) -> None:
-        """diffusers' layout with the DDIM scheduler alignrl samples with (over the checkpoint's own noise
-        schedule), so ``pipe(**pipeline_call_kwargs)`` draws alignrl's evaluation samples; any other scheduler
-        swaps in as usual (``pipe.scheduler = X.from_config(pipe.scheduler.config)``)."""
+    export_solvers = ("ode", "dpm2m")
+
+    def dpm_solver_scheduler(self):
+        """diffusers' DPM-Solver++(2M) over the checkpoint's noise schedule, set as alignrl's ``dpm2m`` evaluation
+        runs: second order with the midpoint combination, first order at the last step under 15 steps, ending at
+        the same noise level as DDIM (``abar[0]``, or clean with ``set_alpha_to_one``). Sample it on alignrl's
+        grid: ``pipe(..., timesteps=backbone.timesteps(n))``."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        final = "zero" if float(self.ddim.final_alpha_cumprod) >= 1 else "sigma_min"
+        return DPMSolverMultistepScheduler.from_config(
+            self.ddim.config, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+            lower_order_final=True, euler_at_final=False, final_sigmas_type=final, use_karras_sigmas=False,
+            thresholding=False)
+
+    def timesteps(self, num_steps: int) -> list[int]:
+        """The integer UNet timesteps alignrl's ``num_steps`` schedule visits (DDIM's)."""
+        return [int(t) for t in self.make_schedule(num_steps).timesteps.round().tolist()]
+
+    def _scheduler_for(self, solver: str):
+        if solver not in self.export_solvers:
+            raise ConfigError(f"solver '{solver}' is not known; use one of {', '.join(self.export_solvers)}")
+        return copy.deepcopy(self.ddim) if solver == "ode" else self.dpm_solver_scheduler()
+
+    def save_pipeline(self, directory: str, solver: str = "ode") -> None:
+        """diffusers' layout with the scheduler alignrl evaluates with over the checkpoint's own noise schedule
+        (DDIM for ``ode``, DPM-Solver++(2M) for ``dpm2m``), so ``pipe(**pipeline_call_kwargs)`` draws alignrl's
+        evaluation samples; any other scheduler swaps in as usual (``pipe.scheduler = X.from_config(...)``)."""
         shipped = self.pipe.scheduler
-        self.pipe.scheduler = copy.deepcopy(self.ddim)
+        self.pipe.scheduler = self._scheduler_for(solver)
         try:
             self.pipe.save_pretrained(directory, safe_serialization=True)
         finally:
             self.pipe.scheduler = shipped
 
-    def pipeline_call_kwargs(self, num_steps: int, guidance_scale: float) -> dict:
-        return {"num_inference_steps": int(num_steps), "guidance_scale": float(guidance_scale),
-                "height": self.resolution, "width": self.resolution, "eta": 0.0}
+    def pipeline_call_kwargs(self, num_steps: int, guidance_scale: float, solver: str = "ode") -> dict:
+        call = {"num_inference_steps": int(num_steps), "guidance_scale": float(guidance_scale),
+                "height": self.resolution, "width": self.resolution}
+        if solver == "ode":
+            return {**call, "eta": 0.0}
+        self._scheduler_for(solver)
+        return {**call, "timesteps": self.timesteps(num_steps)}  # DDIM's grid, not DPM-Solver's own spacing
 
 
 class SD15Backbone(UNetBackbone):

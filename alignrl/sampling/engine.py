@@ -142,7 +142,9 @@ def rollout(backbone: Backbone, plan: RolloutPlan, cond: Conditioning, generator
         v = backbone.predict(x, schedule.timesteps[a], cond, plan.guidance_scale, transformer=transformer)
         evals += x.shape[0]
         if spec.kind == "dpm2m":
-            x, dpm_state = dpm_solver_2m_step(x, v, schedule.sigmas[a], schedule.sigmas[b], dpm_state)
+            # diffusers' lower_order_final: under 15 steps the last step is first order
+            prev = None if k == len(plan.steps) - 1 and len(plan.steps) < 15 else dpm_state
+            x, dpm_state = dpm_solver_2m_step(x, v, schedule.sigmas[a], schedule.sigmas[b], prev)
             continue
         dpm_state = None
         noise = draw_noise(gens, x.shape[1:], x.device) if spec.stochastic else None

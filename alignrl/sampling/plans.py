@@ -139,8 +139,10 @@ class RolloutPlan:
         return total * evals_per_predict
 
 
-def ode_plan(num_steps: int, guidance_scale: float) -> RolloutPlan:
-    return RolloutPlan("ode", float(guidance_scale), tuple(StepSpec() for _ in range(num_steps)))
+def ode_plan(num_steps: int, guidance_scale: float, kind: str = "ode") -> RolloutPlan:
+    """A deterministic plan: every step ``kind`` (``ode``: Euler, DDIM with eta 0 on UNet backbones; ``dpm2m``:
+    DPM-Solver++(2M))."""
+    return RolloutPlan(kind, float(guidance_scale), tuple(StepSpec(kind=kind) for _ in range(num_steps)))
 
 
 def _check_common(num_steps: int, noise_level: float, sde_type: str) -> None:
@@ -163,13 +165,17 @@ class PlannerBase:
     guidance_scale: float = 4.5
     eval_num_steps: int = 40
     eval_guidance_scale: float | None = None  # defaults to guidance_scale
+    eval_solver: str = "ode"  # ode (Euler; DDIM with eta 0 on UNet backbones) or dpm2m (DPM-Solver++(2M))
 
     def begin_iteration(self, iteration: int, generator: torch.Generator) -> None:
         """Called once per iteration before any plan is made (same arguments on every rank)."""
 
     def eval_plan(self) -> RolloutPlan:
         scale = self.guidance_scale if self.eval_guidance_scale is None else self.eval_guidance_scale
-        return ode_plan(self.eval_num_steps, scale)
+        if self.eval_solver not in DETERMINISTIC:
+            raise ConfigError(f"sampler.eval_solver='{self.eval_solver}' is not known; use one of "
+                              f"{', '.join(DETERMINISTIC)}")
+        return ode_plan(self.eval_num_steps, scale, kind=self.eval_solver)
 
     def state_dict(self) -> dict:
         return {}

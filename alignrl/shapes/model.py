@@ -17,11 +17,12 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 
 from alignrl.backbones.base import Backbone, Conditioning, dtype_kwarg, parse_dtype
+from alignrl.backbones.unet import UNetBackbone
 from alignrl.errors import ConfigError
 from alignrl.shapes.pipeline import MAX_TOKENS, ShapesPipeline
 from alignrl.shapes.world import COLORS, COUNT_WORDS, RELATIONS, SHAPES
 
-__all__ = ["MAX_TOKENS", "ShapesPipeline", "ShapesBackbone", "build_pipeline"]
+__all__ = ["MAX_TOKENS", "ShapesPipeline", "ShapesBackbone", "ShapesEpsilonBackbone", "build_pipeline"]
 
 
 def vocabulary() -> list[str]:
@@ -79,12 +80,30 @@ def build_unet(channels: Sequence[int] = (32, 64, 128), cross_dim: int = 128) ->
     )
 
 
+OBJECTIVES = ("flow", "epsilon")
+
+
+def epsilon_scheduler():
+    """The epsilon twin's noise schedule: DDPM's linear betas (1e-4 .. 0.02 over 1000 steps, the pixel-space
+    standard), sampled by DDIM from t = 999 ('trailing' spacing) to a clean image (``set_alpha_to_one``), no
+    clipping (so the pipeline and the backbone's flow-frame sampler agree exactly)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False,
+                         set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing", prediction_type="epsilon")
+
+
 def build_pipeline(seed: int = 0, channels: Sequence[int] = (32, 64, 128), text_hidden: int = 128,
-                   text_encoder: str = "bert") -> ShapesPipeline:
+                   text_encoder: str = "bert", objective: str = "flow") -> ShapesPipeline:
+    """An untrained ShapeWorld model; ``objective``: ``flow`` (rectified flow, the shipped model) or ``epsilon``
+    (a DDPM noise-prediction twin, the home ground of the UNet-born methods)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective '{objective}' is not known; use one of {', '.join(OBJECTIVES)}")
     torch.manual_seed(seed)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0) if objective == "flow" else epsilon_scheduler()
     return ShapesPipeline(unet=build_unet(channels, text_hidden),
                           text_encoder=build_text_encoder(text_encoder, text_hidden),
-                          tokenizer=build_tokenizer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
+                          tokenizer=build_tokenizer(), scheduler=scheduler)
 
 
 @torch.no_grad()
@@ -112,22 +131,26 @@ def colour_swap_cosine(pipe, text_encoder=None) -> float:
     return sum(sims) / len(sims)
 
 
-def pretrained_dir() -> Path:
-    return Path(str(resources.files("alignrl.shapes") / "pretrained"))
+def pretrained_dir(name: str = "pretrained") -> Path:
+    return Path(str(resources.files("alignrl.shapes") / name))
 
 
 class ShapesBackbone(Backbone):
     family = "shapes"
     uses_cfg = True
+    remote_code = True  # an exported pipeline loads with trust_remote_code (its pipeline.py)
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    objective = "flow"
+    shipped = "pretrained"  # the package folder of the shipped weights
+    pretrain_hint = "python scripts/pretrain_shapes.py"
 
     @classmethod
     def pretrained(cls, *, path: str | None = None, resolution: int = 32, dtype: str = "fp32", device="cpu",
                    cache_prompts: bool = True):
         """The shipped pretrained model (or one saved by scripts/pretrain_shapes.py at ``path``)."""
-        where = Path(path) if path else pretrained_dir()
+        where = Path(path) if path else pretrained_dir(cls.shipped)
         if not (where / "model_index.json").is_file():
-            raise ConfigError(f"no ShapeWorld model at {where}; run `python scripts/pretrain_shapes.py` or set "
+            raise ConfigError(f"no ShapeWorld model at {where}; run `{cls.pretrain_hint}` or set "
                               f"backbone.path to its output directory")
         pipe = ShapesPipeline.from_pretrained(str(where), **dtype_kwarg(parse_dtype(dtype)))
         return cls(pipe, resolution=resolution, max_sequence_length=MAX_TOKENS, device=device, dtype=dtype,
@@ -137,8 +160,8 @@ class ShapesBackbone(Backbone):
     def random_init(cls, *, seed: int = 0, resolution: int = 32, dtype: str = "fp32", device="cpu",
                     cache_prompts: bool = True):
         """An untrained model of the same architecture (pretraining starts here)."""
-        return cls(build_pipeline(seed), resolution=resolution, max_sequence_length=MAX_TOKENS, device=device,
-                   dtype=dtype, cache_prompts=cache_prompts)
+        return cls(build_pipeline(seed, objective=cls.objective), resolution=resolution,
+                   max_sequence_length=MAX_TOKENS, device=device, dtype=dtype, cache_prompts=cache_prompts)
 
     @property
     def transformer(self) -> torch.nn.Module:  # the denoiser (a UNet here)
@@ -168,13 +191,16 @@ class ShapesBackbone(Backbone):
         return torch.stack([torch.randn(self.latent_shape(), generator=g, device=g.device) for g in generators]
                            ).to(self.device)
 
+    def _unet_inputs(self, cond: Conditioning, dtype) -> dict:
+        return {"encoder_hidden_states": cond.tensors["prompt_embeds"].to(dtype),
+                "encoder_attention_mask": cond.tensors.get("mask")}
+
     def predict(self, x, timestep, cond, guidance_scale, transformer=None):
         unet = transformer or self.transformer
         dtype = self.compute_dtype(unet)
 
         def call(x_in, t, c):
-            return unet(x_in.to(dtype), t, encoder_hidden_states=c.tensors["prompt_embeds"].to(dtype),
-                        encoder_attention_mask=c.tensors.get("mask")).sample
+            return unet(x_in.to(dtype), t, **self._unet_inputs(c, dtype)).sample
 
         return self.guided(call, x, timestep, cond, guidance_scale)
 
@@ -188,7 +214,7 @@ class ShapesBackbone(Backbone):
             raise ValueError(f"images are {tuple(images.shape[-2:])}, the backbone samples at {self.resolution}px")
         return images.to(self.device).float() * 2 - 1
 
-    def save_pipeline(self, directory: str) -> None:
+    def save_pipeline(self, directory: str, solver: str = "ode") -> None:
         """diffusers' layout plus the pipeline's code (``pipeline.py``): load it with
         ``DiffusionPipeline.from_pretrained(directory, trust_remote_code=True)``, no alignrl needed."""
         import json
@@ -196,16 +222,58 @@ class ShapesBackbone(Backbone):
 
         from alignrl.shapes import pipeline
 
-        self.pipe.save_pretrained(directory, safe_serialization=True)
+        self._save_with_scheduler(directory, solver)
         shutil.copyfile(pipeline.__file__, Path(directory) / "pipeline.py")
         index_file = Path(directory) / "model_index.json"
         index = json.loads(index_file.read_text())
         index["_class_name"] = ["pipeline", "ShapesPipeline"]  # diffusers' custom-pipeline form: <file>, <class>
         index_file.write_text(json.dumps(index, indent=2) + "\n")
 
-    def pipeline_call_kwargs(self, num_steps: int, guidance_scale: float) -> dict:
+    def _save_with_scheduler(self, directory: str, solver: str) -> None:
+        self.pipe.save_pretrained(directory, safe_serialization=True)
+
+    def pipeline_call_kwargs(self, num_steps: int, guidance_scale: float, solver: str = "ode") -> dict:
         return {"num_inference_steps": int(num_steps), "guidance_scale": float(guidance_scale)}
 
     def save_lora(self, directory: str, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
         ShapesPipeline.save_lora_weights(directory, unet_lora_layers=state_dict, unet_lora_adapter_metadata=metadata,
                                          safe_serialization=True)
+
+
+class ShapesEpsilonBackbone(UNetBackbone, ShapesBackbone):
+    """The ShapeWorld epsilon twin (``shapes_eps``): the same pixel-space UNet and text encoder trained as a DDPM
+    noise predictor (``scripts/pretrain_shapes.py --objective epsilon``), run like SD1.5/SDXL: DDIM over its own
+    noise schedule in the engine's flow frame (alignrl/backbones/unet.py), so DDPO, DPOK, D3PO, SPO and
+    Diffusion-DPO meet the model class they were born on. Text, pixels, export and LoRA are ShapeWorld's."""
+
+    family = "shapes_eps"
+    objective = "epsilon"
+    shipped = "pretrained_eps"
+    pretrain_hint = "python scripts/pretrain_shapes.py --objective epsilon"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 1
+
+    def latent_multiple(self) -> int:
+        return ShapesBackbone.latent_multiple(self)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return ShapesBackbone.latent_shape(self)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return ShapesBackbone._decode(self, latents)
+
+    def _unet_inputs(self, cond: Conditioning, dtype) -> dict:  # with the text padding mask
+        return ShapesBackbone._unet_inputs(self, cond, dtype)
+
+    def save_pipeline(self, directory: str, solver: str = "ode") -> None:  # ShapeWorld's, with the solver's scheduler
+        ShapesBackbone.save_pipeline(self, directory, solver)
+
+    def _save_with_scheduler(self, directory: str, solver: str) -> None:
+        UNetBackbone.save_pipeline(self, directory, solver)
+
+    def pipeline_call_kwargs(self, num_steps: int, guidance_scale: float, solver: str = "ode") -> dict:
+        call = ShapesBackbone.pipeline_call_kwargs(self, num_steps, guidance_scale)
+        return call if solver == "ode" else {**call, "timesteps": UNetBackbone.pipeline_call_kwargs(
+            self, num_steps, guidance_scale, solver)["timesteps"]}

@@ -1,4 +1,5 @@
-"""The ShapeWorld diffusers pipeline: a pixel-space conditional UNet sampled by rectified flow (Euler ODE, CFG).
+"""The ShapeWorld diffusers pipeline: a pixel-space conditional UNet sampled by rectified flow (Euler ODE, CFG),
+or, for the epsilon-prediction twin (a DDIM scheduler in the pipeline), by DDIM with eta 0.
 
 This file imports only torch and diffusers: ``alignrl export`` copies it into an exported pipeline directory
 as ``pipeline.py``, so ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` loads a ShapeWorld
@@ -48,7 +49,8 @@ class ShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     @torch.no_grad()
     def __call__(self, prompt: list[str] | str, num_inference_steps: int = 20, guidance_scale: float = 3.0,
-                 generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None):
+                 generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
+                 timesteps: list[int] | None = None):
         """Euler ODE sampling with CFG; returns images in [0, 1], (B, 3, 32, 32).
 
         ``generator``: one for the whole batch, or a list with one per prompt (each image's noise then
@@ -70,11 +72,18 @@ class ShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         dtype = self.unet.dtype
         embeds = torch.cat([uncond, cond]).to(dtype)
         mask = torch.cat([uncond_mask, cond_mask]) if cond_mask is not None else None
-        self.scheduler.set_timesteps(num_inference_steps)
+        if timesteps is not None:  # a given grid (noise-schedule schedulers: DDIM, DPM-Solver++)
+            self.scheduler.set_timesteps(timesteps=list(timesteps))
+        else:
+            self.scheduler.set_timesteps(num_inference_steps)
+        flow = not hasattr(self.scheduler, "alphas_cumprod")  # a noise-schedule (DDIM) scheduler: epsilon or v
         for i, t in enumerate(self.scheduler.timesteps):
             out = self.unet(torch.cat([x, x]).to(dtype), t.expand(2 * len(prompts)), encoder_hidden_states=embeds,
                             encoder_attention_mask=mask).sample
             u, c = out.float().chunk(2)
-            v = u + guidance_scale * (c - u)
-            x = x + (self.scheduler.sigmas[i + 1] - self.scheduler.sigmas[i]) * v
+            guided = u + guidance_scale * (c - u)
+            if flow:
+                x = x + (self.scheduler.sigmas[i + 1] - self.scheduler.sigmas[i]) * guided
+            else:
+                x = self.scheduler.step(guided, t, x).prev_sample  # DDIM: eta 0
         return (x / 2 + 0.5).clamp(0, 1)
