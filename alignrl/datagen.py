@@ -232,8 +232,14 @@ def make_dataset(cfg: DictConfig) -> int:
 
     g = as_dict(cfg.get("datagen"))
     kind, pairing = str(g.get("kind", "pairs")), str(g.get("pairing", "best_worst"))
+    if kind == "trajectories":
+        if not g.get("out"):
+            raise ConfigError("out is not set; pass out=<a new or earlier `alignrl data` directory>")
+        from alignrl.trajectories import make_trajectories
+
+        return make_trajectories(cfg, g, Path(str(g["out"])).expanduser())
     if kind not in KINDS:
-        raise ConfigError(f"kind='{kind}' is not known; use one of {', '.join(KINDS)}")
+        raise ConfigError(f"kind='{kind}' is not known; use one of {', '.join(KINDS)} or trajectories")
     if pairing not in PAIRINGS:
         raise ConfigError(f"pairing='{pairing}' is not known; use best_worst or all")
     if not g.get("out"):

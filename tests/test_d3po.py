@@ -71,3 +71,64 @@ def test_ddim_refuses_to_train_a_step_to_sigma_zero():
     x = torch.randn(2, 4, 8, 8)
     with pytest.raises(ConfigError, match="sigma 0"):
         ddim_step(x, torch.randn_like(x), 0.2, 0.0, noise_level=1.0, noise=torch.randn_like(x))
+
+
+def test_human_mode_stores_ranked_trajectories_and_trains_on_them(tmp_path):
+    """D3PO's human mode end to end: `alignrl data kind=trajectories` stores each prompt's K chains from one
+    initial noise, drawn by the recipe's model (each stored step is a DDIM eta-1 draw of that model: unit
+    z-scores; another model's are far off); a ranks file makes every pair of different ranks; a bad file or
+    another plan is refused before training; training on the file learns its pairs (the pair loss falls below
+    log 2, from log-ratios that start at 0)."""
+    import json
+
+    from alignrl.backbones.unet import SD15Backbone
+    from alignrl.sampling.engine import apply_step
+    from alignrl.sampling.plans import SharedNoisePlanner
+    from alignrl.trajectories import TrajectoryStore
+    from conftest import run_inprocess
+
+    store_dir = tmp_path / "store"
+    res = run_inprocess("data", "recipe=tiny_d3po", "kind=trajectories", f"out={store_dir}", "samples_per_prompt=3",
+                        "num_prompts=4", "ranks=reward", "progress=false")
+    assert res.returncode == 0, res.stderr[-2000:]
+    ranks_file = store_dir / "ranks.jsonl"
+    rows = [json.loads(x) for x in ranks_file.read_text().splitlines()]
+    store = TrajectoryStore.load(str(ranks_file))
+    want = sum(len({(a, b) for a in range(3) for b in range(a + 1, 3) if r["ranks"][a] != r["ranks"][b]})
+               for r in rows)
+    assert len(rows) == 4 and len(store.pairs) == want > 0
+    assert all(rows[r]["ranks"][a] < rows[r]["ranks"][b] for r, a, b in store.pairs)  # the better one first
+
+    chains = store.chains(0)  # (K, S + 1, *latent): one shared start
+    assert chains.shape[:2] == (3, 7) and torch.equal(chains[0, 0], chains[1, 0])
+    plan = SharedNoisePlanner(num_steps=6).plan()
+
+    @torch.no_grad()
+    def z2(bb):  # the mean squared z-score of the stored steps under bb's DDIM eta-1 step
+        cond, sched, total = bb.encode_prompts([store.prompts[0]] * 3), bb.make_schedule(6), 0.0
+        for j in range(6):
+            x, nxt = chains[:, j], chains[:, j + 1]
+            res = apply_step(bb, plan.steps[j], sched, j, x, bb.predict(x, sched.timesteps[j], cond, 5.0), next_x=nxt)
+            total += float((((nxt - res.mean) / res.std) ** 2).mean()) / 6
+        return total
+
+    # tiny_d3po's backbone (backbone/tiny_sd15.yaml); 6 x 192 unit-variance dims: the mean is 1 +- 0.04
+    assert 0.85 < z2(SD15Backbone.tiny(resolution=32, vae_channels=64)) < 1.15
+    assert z2(SD15Backbone.tiny(seed=1, resolution=32, vae_channels=64)) > 2
+
+    bad = store_dir / "ranks_unfinished.jsonl"  # a copy someone is still ranking
+    bad.write_text(ranks_file.read_text().replace(json.dumps(rows[1]["ranks"]), "null", 1))
+    with pytest.raises(ConfigError, match="line 2 .*'ranks' must list 3 integers"):
+        TrajectoryStore.load(str(bad))
+    other = run_inprocess("train", "recipe=tiny_d3po", f"algorithm.human_file={ranks_file}", "sampler.num_steps=4",
+                          f"run_dir={tmp_path / 'other'}")
+    assert other.returncode != 0 and "drawn with other settings: num_steps 6 (here 4)" in other.stderr
+
+    run = tmp_path / "run"
+    res = run_inprocess("train", "recipe=tiny_d3po", f"algorithm.human_file={ranks_file}", f"run_dir={run}",
+                        "trainer.max_steps=4", "trainer.eval_every=0", "algorithm.lr=1e-3", "logger.plots=false")
+    assert res.returncode == 0, res.stderr[-2000:]
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["policy_loss"] for m in metrics if "policy_loss" in m]
+    assert len(losses) == 4 and abs(losses[0] - math.log(2)) < 0.02 and losses[-1] < math.log(2) - 0.05, losses
+    assert all(m["reward/human_rank_mean"] < 0 for m in metrics if "policy_loss" in m)

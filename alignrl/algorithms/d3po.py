@@ -9,7 +9,8 @@ images' step log-probs under the policy and under the frozen initial model (the 
     loss_j = -log sigmoid(beta (h_0 log r_0 + h_1 log r_1))
 
 The clamp is hard (no gradient outside the band), and the ratio is against the initial model, not the sampling
-policy. Log-probs are DDPO's per-dimension means. Ties carry no gradient and are left out of the mean (the
+policy. ``human_file``: the reference's human mode, stored trajectories ranked by people (alignrl/trajectories.py)
+instead of fresh rollouts scored by a reward. Log-probs are DDPO's per-dimension means. Ties carry no gradient and are left out of the mean (the
 reference keeps them in it at a constant log 2).
 """
 
@@ -68,6 +69,7 @@ class D3PO(Stateless):
     lr: float = 3e-5
     beta: float = 0.1
     eps: float = 0.1  # the ratio's clamp band [1 - eps, 1 + eps]
+    human_file: str | None = None  # ranks.jsonl of `alignrl data kind=trajectories`: train on people's rankings
 
     batch_kind: ClassVar[str] = "transitions"
     _diag_keys: ClassVar[tuple] = ("policy_loss", "log_ratio", "clipfrac")

@@ -40,6 +40,7 @@ from alignrl.training.eval_hook import EvalHook
 from alignrl.training.logging import MetricsLogger
 from alignrl.training.sampler import DatasetSampler, KRepeatPromptSampler, balance_strata
 from alignrl.training.trainer_config import TrainerConfig
+from alignrl.trajectories import RecordedCollector, TrajectoryStore
 
 
 _StopNow = StopRequested  # a stop was requested mid-iteration (raised before any update)
@@ -119,12 +120,16 @@ class Trainer:
                                                 world_size=self.world, rank=self.rank, seed=self.seed)
             self._latent_dir = Path(spec.get("latent_cache") or self.run_dir / "latent_cache")
         else:
-            self.train_prompts = PromptSet.load(cfg.data.train, "data.train")
-            self.layout = validate_batch_arithmetic(cfg, self.world, num_prompts=len(self.train_prompts))
+            human = getattr(self.algorithm, "human_file", None)
+            # D3PO's human mode trains on a store's ranked pairs, not on fresh rollouts of the training prompts
+            self.store = TrajectoryStore.load(human) if human else None
+            self.train_prompts = None if self.store else PromptSet.load(cfg.data.train, "data.train")
+            units = len(self.store.pairs) if self.store else len(self.train_prompts)
+            self.layout = validate_batch_arithmetic(cfg, self.world, num_prompts=units)
             self.batch_sampler = KRepeatPromptSampler(
-                num_prompts=len(self.train_prompts), groups_per_iteration=int(cfg.data.groups_per_iteration),
+                num_prompts=units, groups_per_iteration=int(cfg.data.groups_per_iteration),
                 group_size=int(self.algorithm.group_size), world_size=self.world, rank=self.rank, seed=self.seed,
-                strata=balance_strata(self.train_prompts, cfg.data.get("balance")),
+                strata=None if self.store else balance_strata(self.train_prompts, cfg.data.get("balance")),
             )
         self.reward = WeightedReward.from_config(as_dict(cfg.reward))
         if self.direct and getattr(self.algorithm, "differentiates_reward", True) and not self.reward.differentiable:
@@ -163,12 +168,16 @@ class Trainer:
                               "trainer.ema.enabled=true, or algorithm.old_policy=sampling")
 
         self.reward_runner = AsyncRewardRunner(self.reward, tcfg.reward_workers)
-        self.collector = None if self.offline or self.direct else RolloutCollector(
-            backbone=self.backbone, denoiser=self.denoiser, planner=self.planner, prompts=self.train_prompts,
-            sampler=self.batch_sampler, reward_runner=self.reward_runner, seed=self.seed, device=self.device,
-            rollout_batch_size=self.layout["rollout_batch_size"],
-            keep_final_latents=self.algorithm.batch_kind == "final_latents", autocast=self.autocast,
-            rollout_weights=self._old_policy_weights, stop_requested=self.control.stop_agreed, sync=self._sync)
+        if getattr(self, "store", None) is not None:
+            self.store.check(self.backbone.family, self.backbone.resolution, self.planner.plan())
+            self.collector = RecordedCollector(self.store, self.batch_sampler, self.planner.plan(), self.device)
+        else:
+            self.collector = None if self.offline or self.direct else RolloutCollector(
+                backbone=self.backbone, denoiser=self.denoiser, planner=self.planner, prompts=self.train_prompts,
+                sampler=self.batch_sampler, reward_runner=self.reward_runner, seed=self.seed, device=self.device,
+                rollout_batch_size=self.layout["rollout_batch_size"],
+                keep_final_latents=self.algorithm.batch_kind == "final_latents", autocast=self.autocast,
+                rollout_weights=self._old_policy_weights, stop_requested=self.control.stop_agreed, sync=self._sync)
         self.checkpointer.attach(RunParts(
             policy=self.policy, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
             batch_sampler=self.batch_sampler, planner=self.planner, algorithm=self.algorithm,
@@ -384,7 +393,7 @@ class Trainer:
                     step = self.iteration
                     images = {}
                     if self.is_main and self.collector is not None and every("log_images_every") and \
-                            step % every("log_images_every") == 0:
+                            step % every("log_images_every") == 0 and self._last_batch.preview is not None:
                         images["rollouts"] = self._save_rollout_grid(step)
                     timed_eval = eval_every_s and int(self.train_seconds // eval_every_s) > int(before // eval_every_s)
                     if self.eval_hook and ((every("eval_every") and step % every("eval_every") == 0) or timed_eval):
