@@ -544,7 +544,8 @@ DPOK_EXPECTED = {
 # prompts. Keys are dotted paths into the resolved config.
 SPO_COMMON = {"algorithm.name": "spo", "algorithm.beta": 10.0, "algorithm.eps": 0.1, "algorithm.num_steps": 20,
               "algorithm.eta": 1.0, "algorithm.guidance_scale": 5.0, "algorithm.divert_start_step": 4,
-              "algorithm.score_scale": 1.0, "reward.pickscore.scale": 1.0, "sampler.eval_num_steps": 20,
+              "algorithm.score_scale": 1.0, "reward.step_aware_pickscore.scale": 1.0,
+              "reward.step_aware_pickscore.model": "yuvalkirstain/PickScore_v1", "sampler.eval_num_steps": 20,
               "sampler.guidance_scale": 5.0, "trainer.finetune": "lora", "trainer.optimizer.weight_decay": 1e-4,
               "trainer.max_grad_norm": 1.0, "trainer.mixed_precision": "fp16", "trainer.updates_per_iteration": 1}
 DOTTED_EXPECTED = {

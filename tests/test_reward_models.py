@@ -144,6 +144,60 @@ def test_pickscore_equals_hand_computation(tiny_clip_dir, reference):
     np.testing.assert_allclose(frac, scores, rtol=1e-6)
 
 
+def _spm_checkpoint(tiny_clip_dir, path, neutral: bool, drop_time: bool = False):
+    """A step-aware preference model checkpoint in SPO's key layout ('model.' + the time-conditioned CLIP's keys,
+    torch-saved). neutral: every modulation is the identity (shift 0, scale 0, gate 1) at every timestep."""
+    from transformers import CLIPModel
+
+    state = {f"model.{k}": v for k, v in CLIPModel.from_pretrained(tiny_clip_dir).state_dict().items()}
+    d, g = 32, torch.Generator().manual_seed(5)
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    state.update({"model.t_embedder.mlp.0.weight": rnd(d, 256), "model.t_embedder.mlp.0.bias": rnd(d),
+                  "model.t_embedder.mlp.2.weight": rnd(d, d), "model.t_embedder.mlp.2.bias": rnd(d)})
+    for i in range(2):
+        bias = torch.zeros(6 * d) if neutral else rnd(6 * d)
+        bias[2 * d:3 * d] += 1
+        bias[5 * d:] += 1
+        state[f"model.vision_model.encoder.layers.{i}.adaLN_modulation.1.weight"] = \
+            torch.zeros(6 * d, d) if neutral else rnd(6 * d, d)
+        state[f"model.vision_model.encoder.layers.{i}.adaLN_modulation.1.bias"] = bias
+    state["model.vision_model.adaLN_modulation.1.weight"] = torch.zeros(2 * d, d) if neutral else rnd(2 * d, d)
+    state["model.vision_model.adaLN_modulation.1.bias"] = torch.zeros(2 * d) if neutral else rnd(2 * d)
+    if drop_time:
+        state = {k: v for k, v in state.items() if "adaLN" not in k}
+    torch.save(state, path)
+    return path
+
+
+def test_step_aware_pickscore_reads_spo_checkpoints_and_the_timestep(tiny_clip_dir, reference, tmp_path):
+    """SPO's step-aware preference model: with identity modulation it is PickScore (logit scale, scale 1) to float
+    rounding, so the time-conditioned vision forward is CLIP's own; with a trained-like checkpoint the score
+    depends on each image's spo_timestep; checkpoints without the time conditioning, or none, are refused."""
+    images = _quantised_images(4, seed=2)
+    kw = {"model": str(tiny_clip_dir), "processor": str(tiny_clip_dir)}
+    neutral = build_reward("step_aware_pickscore", checkpoint=str(_spm_checkpoint(tiny_clip_dir, tmp_path / "n.bin",
+                                                                                   True)), **kw)
+    img, txt, model = _ref_embeddings(reference, images, PROMPTS)
+    expected = (model.logit_scale.exp() * (img * txt).sum(-1)).double().numpy()
+    for t in (0, 700):
+        got, _ = neutral(images, PROMPTS, [{"spo_timestep": t}] * 4)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+    spm = build_reward("step_aware_pickscore", checkpoint=str(_spm_checkpoint(tiny_clip_dir, tmp_path / "s.bin",
+                                                                               False)), **kw)
+    early, _ = spm(images, PROMPTS, [{"spo_timestep": 900}] * 4)
+    late, _ = spm(images, PROMPTS, [{"spo_timestep": 0}] * 4)
+    default, _ = spm(images, PROMPTS, [{}] * 4)  # no timestep: a clean image
+    mixed, _ = spm(images, PROMPTS, [{"spo_timestep": 900}, {"spo_timestep": 0}] * 2)
+    assert np.abs(early - late).min() > 1e-3 and np.allclose(default, late)
+    np.testing.assert_allclose(mixed, [early[0], late[1], early[2], late[3]], rtol=1e-5)
+    with pytest.raises(ConfigError, match="lacks the time conditioning"):
+        build_reward("step_aware_pickscore", checkpoint=str(_spm_checkpoint(
+            tiny_clip_dir, tmp_path / "plain.bin", False, drop_time=True)), **kw)
+    with pytest.raises(ConfigError, match="needs its time-conditioned weights"):
+        build_reward("step_aware_pickscore", **kw)
+
+
 def test_clipscore_is_scaled_cosine(tiny_clip_dir, reference):
     images = _quantised_images(4, seed=3)
     scores, _ = build_reward("clipscore", model=str(tiny_clip_dir))(images, PROMPTS, [{}] * 4)  # processor: the model's
@@ -375,6 +429,8 @@ def test_reward_recipes_build(tiny_clip_dir, tmp_path):
         "clipscore": local,
         "aesthetic": {**local, "head": str(tmp_path / "head.safetensors")},
         "ocr": {},
+        "step_aware_pickscore": {**local, "processor": str(tiny_clip_dir),
+                                 "checkpoint": str(_spm_checkpoint(tiny_clip_dir, tmp_path / "spm.bin", False))},
     }
     spec = {}
     for name, extra in overrides.items():
@@ -384,6 +440,7 @@ def test_reward_recipes_build(tiny_clip_dir, tmp_path):
     w = WeightedReward.from_config(spec)
     assert w.rewards["pickscore"].scale == pytest.approx(1 / 26)
     assert w.rewards["clipscore"].scale == 100.0
+    assert w.rewards["step_aware_pickscore"].scale == 1.0 and w.rewards["step_aware_pickscore"].default_timestep == 0
     for name in ("hpsv2", "imagereward"):  # cannot build here: every recipe key is a constructor option
         options = _recipe(name)
         options.pop("weight")

@@ -12,8 +12,9 @@ and the trajectory continues from a random candidate, not the best. Each kept pa
 with DDPO's per-dimension-mean DDIM log-probs (CFG in the training forward) against the frozen initial model.
 
 The preference model is the recipe's reward (``reward=``) applied to the decoded x0 predictions: a step-aware
-model is one that reads the step from each image's metadata (``spo_step``, ``spo_sigma``); the reference's
-step-aware PickScore checkpoints are such a model, trained on noised Pick-a-Pic pairs. ``score_scale`` puts the
+model is one that reads the step from each image's metadata (``spo_step``, ``spo_sigma``, ``spo_timestep``: the
+model timestep at which the x0 prediction is made, 0 for the final image); ``reward=step_aware_pickscore`` is the
+reference's step-aware PickScore (its checkpoints, trained on noised Pick-a-Pic pairs). ``score_scale`` puts the
 reward on the logit scale the threshold is defined on (the reference: ``logit_scale.exp() * cos``, about 100x the
 cosine).
 """
@@ -122,7 +123,10 @@ class SPO(Stateless):
                 images = backbone.decode(backbone.parameterisation.to_x0(flat, v_next.float(), s_next))
             else:
                 images = backbone.decode(backbone.from_frame(flat, schedule.sigmas[T]))
-            step_meta = [{**m, "spo_step": j, "spo_sigma": float(s)} for m in meta for _ in range(k)]
+            # the step-aware model's time: the model timestep at which the x0 prediction is made (0: the image)
+            t_score = float(schedule.timesteps[j + 1]) if j + 1 < T else 0.0
+            step_meta = [{**m, "spo_step": j, "spo_sigma": float(s), "spo_timestep": t_score}
+                         for m in meta for _ in range(k)]
             scores = np.asarray(ctx.reward(images, [p for p in prompts for _ in range(k)], step_meta),
                                 dtype=np.float64).reshape(n, k) * self.score_scale
             for r in range(n):

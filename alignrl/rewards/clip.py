@@ -434,3 +434,162 @@ class Aesthetic(ClipModelReward):
 
     def _score_batch(self, images, prompts):
         return self.head(self.embed_images(images))
+
+
+# ----------------------------------------------------------------------------------------------
+# SPO's step-aware preference model
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal features of a (possibly fractional) timestep, cosines first (256, max period 10^4), through
+    Linear-SiLU-Linear to the vision width: the step-aware model's time input."""
+
+    def __init__(self, width: int, frequencies: int = 256):
+        super().__init__()
+        self.frequencies = frequencies
+        self.mlp = nn.Sequential(nn.Linear(frequencies, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        import math
+
+        half = self.frequencies // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
+
+
+class StepAwareVision(nn.Module):
+    """The time conditioning SPO's step-aware PickScore adds to a CLIP vision tower: per encoder layer an adaLN
+    (SiLU, Linear to 6 x width: shift, scale and gate of the attention and of the MLP branch), and on the pooled
+    output one more (shift, scale). Holds only the added modules; the CLIP weights stay in the CLIPModel."""
+
+    def __init__(self, width: int, layers: int):
+        super().__init__()
+        self.t_embedder = TimestepEmbedding(width)
+        self.layer_modulation = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+                                              for _ in range(layers))
+        self.pooled_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, vision, pixel_values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The pooled, modulated image state (before CLIP's visual projection)."""
+        cond = self.t_embedder(t)
+        h = vision.pre_layrnorm(vision.embeddings(pixel_values))
+        for layer, mod in zip(vision.encoder.layers, self.layer_modulation):
+            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod(cond).chunk(6, dim=1)
+            a = layer.layer_norm1(h) * (1 + scale_a[:, None]) + shift_a[:, None]
+            h = h + layer.self_attn(hidden_states=a, attention_mask=None)[0] * gate_a[:, None]
+            m = layer.layer_norm2(h) * (1 + scale_m[:, None]) + shift_m[:, None]
+            h = h + layer.mlp(m) * gate_m[:, None]
+        pooled = vision.post_layernorm(h[:, 0])
+        shift, scale = self.pooled_modulation(cond).chunk(2, dim=1)
+        return pooled * (1 + scale) + shift
+
+    @staticmethod
+    def from_reference_keys(state: dict[str, torch.Tensor], layers: int) -> tuple[dict, dict]:
+        """Split a reference checkpoint (``StepAwarePreferenceModel`` state dict: ``model.`` + the time-conditioned
+        CLIP's keys) into the CLIPModel's keys and this module's keys."""
+        clip, added = {}, {}
+        for key, value in state.items():
+            k = key.removeprefix("model.")
+            if k.startswith("t_embedder."):
+                added[k] = value
+            elif k.startswith("vision_model.adaLN_modulation."):
+                added["pooled_modulation." + k.removeprefix("vision_model.adaLN_modulation.")] = value
+            elif ".adaLN_modulation." in k and k.startswith("vision_model.encoder.layers."):
+                i, rest = k.removeprefix("vision_model.encoder.layers.").split(".adaLN_modulation.")
+                added[f"layer_modulation.{i}.{rest}"] = value
+            else:
+                clip[k] = value
+        return clip, added
+
+
+@register_reward("step_aware_pickscore")
+class StepAwarePickScore(ClipModelReward):
+    """SPO's step-aware preference model: PickScore whose vision tower reads the denoising timestep, scoring the
+    decoded x0 prediction of a noisy latent (``logit_scale.exp() * cos``, times ``scale``). ``checkpoint``: the
+    reference's step-aware model (``sd-v1-5_step-aware_preference_model.bin`` or the SDXL one, read with
+    ``weights_only=True``; or a ``.safetensors`` of the same keys) over ``model`` (PickScore_v1). The timestep
+    comes from each image's metadata ``spo_timestep`` (SPO sets it: the UNet timestep of the step whose x0
+    prediction is scored, 0 for the final image); images without it are scored at ``timestep`` (default 0, a
+    clean image). Preprocessing as the reference: bicubic resize of the shortest side without antialiasing, centre
+    crop, clamp to [0, 1], CLIP normalisation."""
+
+    default_model = "yuvalkirstain/PickScore_v1"
+    default_processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+    def __init__(self, checkpoint: str | None = None, model: str | None = None, processor: str | None = None,
+                 scale: Any = 1.0, timestep: Any = 0, **options):
+        self.checkpoint = checkpoint
+        self.scale = as_scale(scale, "step_aware_pickscore")
+        self.default_timestep = as_scale(timestep, "step_aware_pickscore", "timestep")
+        super().__init__(model=model, processor=processor, **options)
+
+    def _validate_options(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("reward 'step_aware_pickscore' needs its time-conditioned weights: set "
+                              "reward.step_aware_pickscore.checkpoint=<sd-v1-5_step-aware_preference_model.bin or "
+                              "a .safetensors of its keys>")
+        path = Path(str(self.checkpoint)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"reward.step_aware_pickscore.checkpoint: file '{self.checkpoint}' does not exist")
+        try:
+            self._state = load_state_dict_file(path)
+        except Exception as e:  # unreadable or unsafe: name the option
+            raise ConfigError(f"reward 'step_aware_pickscore' cannot read '{path}' ({_brief(e)}); give a .safetensors, "
+                              f"or a .bin/.pt loadable with weights_only=True") from e
+
+    def _load_extra(self) -> None:
+        state, path = self._state, self.checkpoint
+        del self._state
+        vision = self.model.config.vision_config
+        layers, width = int(vision.num_hidden_layers), int(vision.hidden_size)
+        clip_keys, added_keys = StepAwareVision.from_reference_keys(state, layers)
+        self.time = StepAwareVision(width, layers)
+        missing = sorted(set(self.time.state_dict()) - set(added_keys))
+        if missing:
+            raise ConfigError(f"reward 'step_aware_pickscore': '{path}' lacks the time conditioning ({missing[0]}, "
+                              f"{len(missing)} keys); it must be SPO's step-aware preference model checkpoint")
+        try:
+            self.time.load_state_dict({k: v.float() for k, v in added_keys.items()}, strict=True)
+            result = self.model.load_state_dict({k: v.to(self.dtype) for k, v in clip_keys.items()}, strict=False)
+        except RuntimeError as e:
+            raise ConfigError(f"reward 'step_aware_pickscore': '{path}' does not fit model '{self.model_id}' "
+                              f"({_brief(e)}); set reward.step_aware_pickscore.model to its PickScore") from e
+        unexpected = [k for k in result.unexpected_keys if "position_ids" not in k]
+        if unexpected:
+            raise ConfigError(f"reward 'step_aware_pickscore': '{path}' has keys model '{self.model_id}' lacks "
+                              f"({unexpected[0]}, {len(unexpected)} keys); set reward.step_aware_pickscore.model")
+        self.time = self.time.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device).float()
+        h, w = x.shape[-2:]
+        s = self.resize / min(h, w)
+        size = (int(h * s + 0.5), int(w * s + 0.5))
+        if size != (h, w):
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+        ch, cw = self.crop
+        top, left = (x.shape[-2] - ch) // 2, (x.shape[-1] - cw) // 2
+        x = x[..., top: top + ch, left: left + cw].clamp(0, 1)
+        m = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        sd = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return ((x - m) / sd).to(self.dtype)
+
+    def score_tensor(self, images, prompts, metadata=None):
+        """Scores (B,) at each image's ``spo_timestep`` (else ``timestep``), in chunks of ``batch_size``."""
+        prompts = list(prompts)
+        meta = list(metadata) if metadata is not None else [{}] * len(prompts)
+        if images.shape[0] != len(prompts) or len(meta) != len(prompts):
+            raise ValueError(f"{images.shape[0]} images, {len(prompts)} prompts and {len(meta)} metadata rows")
+        t = torch.tensor([float(m.get("spo_timestep", self.default_timestep)) for m in meta], device=self.device)
+        grad = nullcontext() if self.differentiable else torch.no_grad()
+        with self._lock, grad:
+            parts = [self._score_at(images[i: i + self.batch_size], prompts[i: i + self.batch_size],
+                                    t[i: i + self.batch_size]) for i in range(0, len(prompts), self.batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+
+    def _score_at(self, images, prompts, t):
+        pooled = self.time(self.model.vision_model, self.preprocess(images), t)
+        image = F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+        cos = (image * self.embed_texts(prompts)).sum(-1)
+        return self.scale * self.model.logit_scale.float().exp() * cos
