@@ -8,7 +8,10 @@ latents, calls the UNet on its own latents at its own integer timestep, and retu
 ``eps - x0``; ``make_schedule`` gives DDIM's timesteps (the checkpoint's scheduler config through
 ``DDIMScheduler.from_config``, as DDPO samples) and their flow times. The last DDIM step goes to
 ``final_alpha_cumprod`` (``abar[0]`` for SD1.5/SDXL, ``set_alpha_to_one=False``), so schedules end slightly above
-t = 0 and the rollout returns the model's own latent there, as the diffusers pipelines decode it.
+t = 0 and the rollout returns the model's own latent there, as the diffusers pipelines decode it. Each step goes
+exactly to the next grid timestep; with 'leading' or 'linspace' spacing that is diffusers' DDIM step, with
+'trailing' spacing and a step count that does not divide the training steps diffusers' DDIM lands on
+``t - T // n`` instead (a slightly different sampler: exported pipelines then differ from alignrl's samples).
 
 Classifier-free guidance combines the UNet's outputs in one batched forward; it is the same combination of
 velocities, since the velocity is affine in epsilon (or v) at a fixed latent. SDXL adds its pooled text embedding

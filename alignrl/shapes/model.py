@@ -85,12 +85,15 @@ OBJECTIVES = ("flow", "epsilon")
 
 def epsilon_scheduler():
     """The epsilon twin's noise schedule: DDPM's linear betas (1e-4 .. 0.02 over 1000 steps, the pixel-space
-    standard), sampled by DDIM from t = 999 ('trailing' spacing) to a clean image (``set_alpha_to_one``), no
-    clipping (so the pipeline and the backbone's flow-frame sampler agree exactly)."""
+    standard), sampled by DDIM as SD is: 'leading' spacing, offset 1, the last step ending at ``abar[0]`` (noise
+    std 0.01, so a DDIM step with eta > 0 has a log-prob there, as DDPO's last step on SD), no clipping, so the
+    pipeline and the backbone's flow-frame sampler agree exactly. ('trailing' spacing would
+    not: diffusers' DDIM steps each timestep to ``t - 1000 // n``, which misses the next grid timestep when n does
+    not divide 1000.)"""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False,
-                         set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing", prediction_type="epsilon")
+                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
 
 
 def build_pipeline(seed: int = 0, channels: Sequence[int] = (32, 64, 128), text_hidden: int = 128,
