@@ -220,10 +220,24 @@ def import_dataset(g: dict, out: Path, kind: str) -> int:
     return 0
 
 
+def select_prompts(cfg: DictConfig, which):
+    """``prompts=``: train (data.train), eval (the first data.eval set) or a prompt file."""
+    from alignrl.data import PromptSet, load_eval_sets
+
+    which = str(which or "train")
+    if which == "train":
+        return PromptSet.load(cfg.data.train, "data.train")
+    if which == "eval":
+        sets = load_eval_sets(cfg.data.get("eval"))
+        if not sets:
+            raise ConfigError("prompts=eval but data.eval is not set")
+        return next(iter(sets.values()))
+    return PromptSet.load(which, "prompts")
+
+
 def make_dataset(cfg: DictConfig) -> int:
     from alignrl.commands import _device, _source
     from alignrl.components import as_dict, build_planner
-    from alignrl.data import PromptSet, load_eval_sets
     from alignrl.eval.report import to_pil
     from alignrl.policy import load_policy
     from alignrl.rewards.base import WeightedReward
@@ -255,16 +269,7 @@ def make_dataset(cfg: DictConfig) -> int:
     out = Path(str(g["out"])).expanduser()
     source = _source(cfg, g.get("checkpoint"), "checkpoint")
     cfg = source.cfg
-    which = str(g.get("prompts") or "train")
-    if which == "train":
-        prompts = PromptSet.load(cfg.data.train, "data.train")
-    elif which == "eval":
-        sets = load_eval_sets(cfg.data.get("eval"))
-        if not sets:
-            raise ConfigError("prompts=eval but data.eval is not set")
-        prompts = next(iter(sets.values()))
-    else:
-        prompts = PromptSet.load(which, "prompts")
+    prompts = select_prompts(cfg, g.get("prompts"))
     n = len(prompts) if g.get("num_prompts") in (None, "") else min(int(g["num_prompts"]), len(prompts))
     settings = {"kind": kind, "pairing": pairing, "margin": float(g.get("margin", 0.0)), "label_fraction": fraction,
                 "samples_per_prompt": k, "seed": int(cfg.seed), "prompts": prompts.source,

@@ -57,8 +57,7 @@ def make_trajectories(cfg, g: dict, out: Path) -> int:
     """``alignrl data ... kind=trajectories``: see the module docstring. Resumes like the other kinds."""
     from alignrl.commands import _device, _source
     from alignrl.components import as_dict, build_planner
-    from alignrl.data import PromptSet
-    from alignrl.datagen import _open_output
+    from alignrl.datagen import _open_output, select_prompts
     from alignrl.eval.report import to_pil
     from alignrl.policy import load_policy
     from alignrl.rewards.base import WeightedReward
@@ -74,8 +73,7 @@ def make_trajectories(cfg, g: dict, out: Path) -> int:
     source = _source(cfg, g.get("checkpoint"), "checkpoint")
     cfg = source.cfg
     plan = _shared_noise_plan(build_planner(cfg), k)
-    prompts = PromptSet.load(cfg.data.train if not g.get("prompts") or g["prompts"] == "train" else g["prompts"],
-                             "prompts")
+    prompts = select_prompts(cfg, g.get("prompts"))
     n = len(prompts) if g.get("num_prompts") in (None, "") else min(int(g["num_prompts"]), len(prompts))
     settings = {"kind": "trajectories", "samples_per_prompt": k, "seed": int(cfg.seed), "prompts": prompts.source,
                 "checkpoint": str(source.checkpoint) if source.checkpoint else None,
