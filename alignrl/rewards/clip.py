@@ -10,6 +10,7 @@ returns the float64 numpy scores of the reward contract.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from contextlib import nullcontext
@@ -388,6 +389,23 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_weights_option(value, reward: str, option: str, what: str) -> dict[str, torch.Tensor]:
+    """The state dict named by ``reward.<reward>.<option>`` (``what``: the file it must be), or a one-line
+    ConfigError naming the option: unset, missing, or unreadable/unsafe (pickles load with ``weights_only``)."""
+    if not value:
+        raise ConfigError(f"reward '{reward}' needs {what}: set reward.{reward}.{option}=<.safetensors, or a "
+                          f".pth/.bin loadable with weights_only=True>")
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"reward.{reward}.{option}: file '{value}' does not exist; set reward.{reward}.{option}="
+                          f"<.safetensors or .pth/.bin>")
+    try:
+        return load_state_dict_file(path)
+    except Exception as e:  # unreadable/unsafe file: name the option
+        raise ConfigError(f"reward '{reward}' cannot read {option} '{path}' ({_brief(e)}); set reward.{reward}.{option}"
+                          f"=<.safetensors, or a .pth/.bin loadable with weights_only=True>") from e
+
+
 @register_reward("aesthetic")
 class Aesthetic(ClipModelReward):
     """LAION aesthetic score: CLIP image embedding (L2-normalised) -> MLP head. The prompt is ignored."""
@@ -400,17 +418,8 @@ class Aesthetic(ClipModelReward):
         super().__init__(model=model, processor=processor, **options)
 
     def _validate_options(self) -> None:
-        if not self.head_path:
-            raise ConfigError("reward 'aesthetic' needs its MLP head: set reward.aesthetic.head=<path to LAION "
-                              "sac+logos+ava1-l14-linearMSE.pth or a .safetensors conversion>")
-        path = Path(str(self.head_path)).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"reward.aesthetic.head: file '{self.head_path}' does not exist; set reward.aesthetic.head=<.pth or .safetensors>")
-        try:
-            self._head_state = load_state_dict_file(path)
-        except Exception as e:  # unreadable/unsafe file: name the option
-            raise ConfigError(f"reward 'aesthetic' cannot read head '{path}' ({_brief(e)}); "
-                              "set reward.aesthetic.head=<.safetensors, or a .pth loadable with weights_only=True>") from e
+        self._head_state = read_weights_option(self.head_path, "aesthetic", "head", "its MLP head (LAION "
+                                               "sac+logos+ava1-l14-linearMSE.pth or a .safetensors conversion)")
         first = self._head_state.get("layers.0.weight")
         if not isinstance(first, torch.Tensor) or first.ndim != 2:
             raise ConfigError(f"reward.aesthetic.head='{path}' has no 'layers.0.weight'; "
@@ -450,8 +459,6 @@ class TimestepEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequencies, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        import math
-
         half = self.frequencies // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.float()[:, None] * freqs[None]
@@ -485,7 +492,7 @@ class StepAwareVision(nn.Module):
         return pooled * (1 + scale) + shift
 
     @staticmethod
-    def from_reference_keys(state: dict[str, torch.Tensor], layers: int) -> tuple[dict, dict]:
+    def from_reference_keys(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """Split a reference checkpoint (``StepAwarePreferenceModel`` state dict: ``model.`` + the time-conditioned
         CLIP's keys) into the CLIPModel's keys and this module's keys."""
         clip, added = {}, {}
@@ -525,25 +532,16 @@ class StepAwarePickScore(ClipModelReward):
         super().__init__(model=model, processor=processor, **options)
 
     def _validate_options(self) -> None:
-        if not self.checkpoint:
-            raise ConfigError("reward 'step_aware_pickscore' needs its time-conditioned weights: set "
-                              "reward.step_aware_pickscore.checkpoint=<sd-v1-5_step-aware_preference_model.bin or "
-                              "a .safetensors of its keys>")
-        path = Path(str(self.checkpoint)).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"reward.step_aware_pickscore.checkpoint: file '{self.checkpoint}' does not exist")
-        try:
-            self._state = load_state_dict_file(path)
-        except Exception as e:  # unreadable or unsafe: name the option
-            raise ConfigError(f"reward 'step_aware_pickscore' cannot read '{path}' ({_brief(e)}); give a .safetensors, "
-                              f"or a .bin/.pt loadable with weights_only=True") from e
+        self._state = read_weights_option(self.checkpoint, "step_aware_pickscore", "checkpoint",
+                                          "its time-conditioned weights (SPO's sd-v1-5_step-aware_preference_model.bin "
+                                          "or a .safetensors of its keys)")
 
     def _load_extra(self) -> None:
         state, path = self._state, self.checkpoint
         del self._state
         vision = self.model.config.vision_config
         layers, width = int(vision.num_hidden_layers), int(vision.hidden_size)
-        clip_keys, added_keys = StepAwareVision.from_reference_keys(state, layers)
+        clip_keys, added_keys = StepAwareVision.from_reference_keys(state)
         self.time = StepAwareVision(width, layers)
         missing = sorted(set(self.time.state_dict()) - set(added_keys))
         if missing:

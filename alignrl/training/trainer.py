@@ -110,6 +110,7 @@ class Trainer:
         self.offline = self.algorithm.batch_kind in OFFLINE_KINDS
         self.direct = self.algorithm.batch_kind in PROMPT_KINDS  # the method samples its prompts itself
         self.planner = build_planner(cfg)  # rollouts, and the evaluation's sampling for offline methods
+        self.store = None  # D3PO's human mode: ranked stored trajectories in place of rollouts
         if self.offline:  # rows of an image dataset, every image opened once before anything loads
             self.layout = validate_batch_arithmetic(cfg, self.world)
             spec = as_dict(cfg.data.get("offline"))
@@ -168,7 +169,7 @@ class Trainer:
                               "trainer.ema.enabled=true, or algorithm.old_policy=sampling")
 
         self.reward_runner = AsyncRewardRunner(self.reward, tcfg.reward_workers)
-        if getattr(self, "store", None) is not None:
+        if self.store is not None:
             self.store.check(self.backbone.family, self.backbone.resolution, self.planner.plan())
             self.collector = RecordedCollector(self.store, self.batch_sampler, self.planner.plan(), self.device)
         else:
