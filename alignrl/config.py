@@ -248,7 +248,11 @@ def validate_batch_arithmetic(cfg: DictConfig, world_size: int, num_prompts: int
             f"each process samples {per_rank} images per iteration ({total} / {world}), not a multiple of "
             f"trainer.rollout_batch_size={rollout_bs}; pick a divisor of {per_rank}"
         )
-    if per_rank % (updates * train_bs) and not _replay_algorithm(cfg):
+    update_by = str(cfg.trainer.get("update_by", "samples"))
+    if update_by != "samples" and (_batch_kind(cfg) != "transitions" or _replay_algorithm(cfg)):
+        raise ConfigError(f"trainer.update_by={update_by} splits per-step transitions; algorithm "
+                          f"'{cfg.algorithm.name}' does not train on them: use trainer.update_by=samples")
+    if update_by == "samples" and per_rank % (updates * train_bs) and not _replay_algorithm(cfg):
         raise ConfigError(
             f"each process trains on {per_rank} samples per iteration, not a multiple of "
             f"trainer.updates_per_iteration x trainer.train_batch_size = {updates} x {train_bs}; "

@@ -112,3 +112,20 @@ def test_ddpo_tracker_against_hand_computed_buffers():
     hist = np.array([6.0, 8.0, 10.0])
     assert np.allclose(r2.advantages[1:], (np.array([8.0, 10.0]) - hist.mean()) / (hist.std() + 1e-6))
     assert list(t.buffers[9]) == [6.0, 8.0, 10.0] and list(t.buffers[7]) == [1.0, 3.0]
+
+
+def test_unbiased_std_option_scales_advantages_by_the_bessel_factor():
+    """std_ddof=1 (DanceGRPO's torch.std) divides by the unbiased std: advantages are sqrt((n-1)/n) of the
+    population-std ones (with a negligible std_eps), per group and with a global std alike."""
+    import numpy as np
+
+    from alignrl.algorithms.advantages import GroupStatTracker
+
+    rng = np.random.default_rng(0)
+    rewards, keys = rng.normal(size=12), np.repeat([0, 1, 2], 4)
+    for global_std, n in ((False, 4), (True, 12)):
+        pop = GroupStatTracker(global_std=global_std, std_eps=1e-12).compute(rewards, keys).advantages
+        unb = GroupStatTracker(global_std=global_std, std_eps=1e-12, std_ddof=1).compute(rewards, keys).advantages
+        assert np.allclose(unb, pop * np.sqrt((n - 1) / n))
+    one = GroupStatTracker(global_std=False, std_ddof=1).compute(np.array([1.0]), np.array([0]))
+    assert not one.keep.any() and one.advantages.tolist() == [0.0]  # a group of one carries no signal

@@ -325,6 +325,20 @@ def test_nft_logs_its_positive_weight(adv, r):
     assert out["positive_weight"] == pytest.approx(r) and np.isfinite(out["policy_loss"]) and len(steps) == 1
 
 
+def test_nft_policy_loss_scale_multiplies_the_policy_term_only():
+    """The reference scales NFT's policy loss by adv_clip_max (5) before adding the KL: policy_loss_scale."""
+    from alignrl.algorithms.matching import DiffusionNFT
+
+    g = torch.Generator().manual_seed(0)
+    v, v_old, v_ref, x_t, x0, eps = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(6))
+    t, adv = torch.tensor([0.3, 0.6, 0.9]), torch.tensor([1.0, -0.5, 0.2])
+    one = DiffusionNFT(beta=0.5).matching_loss(v, v_old, v_ref, x_t, x0, eps, t, adv)
+    five = DiffusionNFT(beta=0.5, policy_loss_scale=5.0).matching_loss(v, v_old, v_ref, x_t, x0, eps, t, adv)
+    assert torch.allclose(five[1]["policy_loss"], 5 * one[1]["policy_loss"])
+    assert torch.allclose(five[1]["kl"], one[1]["kl"])
+    assert torch.allclose(five[0] - 0.5 * five[1]["kl"], 5 * (one[0] - 0.5 * one[1]["kl"]), atol=1e-5)
+
+
 class ThirdPartyMethod:
     """A method defined outside alignrl (here: in a test module), reached only through its ``_target_``."""
 

@@ -191,6 +191,10 @@ def test_dance_plan_trains_a_subset_per_sample():
     plan = DancePlanner(num_steps=16, timestep_fraction=0.6).plan()
     assert plan.trained_steps == list(range(15)) and plan.sample_fraction == 0.6
     assert all(s.kind == "dance" for s in plan.steps)
+    x0 = DancePlanner(num_steps=16, final_step="ode").plan()  # the reference scores the last step's x0 prediction
+    assert x0.trained_steps == plan.trained_steps and [s.kind for s in x0.steps] == ["dance"] * 15 + ["ode"]
+    with pytest.raises(ConfigError, match="final_step='x0' is not known"):
+        DancePlanner(final_step="x0")
 
 
 def test_bad_plans_are_refused():
@@ -290,6 +294,25 @@ def test_dance_subsets_are_per_sample_and_reproducible(tmp_path):
     assert torch.equal(a.t_from, b.t_from)  # the same (seed, iteration, sample) draws the same subset
     subsets = {tuple(sorted(a.t_from[a.t_root == r].tolist())) for r in range(len(a.prompts))}
     assert len(subsets) > 1  # different samples train different steps
+
+
+def test_init_same_noise_starts_a_group_from_one_noise(tmp_path):
+    """sampler.init_same_noise: the images of one prompt's group share their initial noise (DanceGRPO's
+    init_same_noise), keyed by the prompt so it does not depend on batching; groups differ; the SDE steps after
+    it still draw per-sample noise, so the group's images differ."""
+    t = _trainer(tmp_path, "tiny_dancegrpo", "sampler.init_same_noise=true", "sampler.timestep_fraction=1.0",
+                 "trainer.rollout_batch_size=2")
+    t.timing = {}
+    batch = t.collect()
+    t.reward_runner.close()
+    first = batch.t_from == 0
+    starts, prompts = batch.x[first], [batch.prompts[int(r)] for r in batch.t_root[first]]
+    for i in range(len(prompts)):
+        for j in range(len(prompts)):
+            assert torch.equal(starts[i], starts[j]) == (prompts[i] == prompts[j])
+    nxt = batch.next_x[first]
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(i + 1, len(prompts)) if prompts[i] == prompts[j]]
+    assert pairs and all(not torch.equal(nxt[i], nxt[j]) for i, j in pairs)
 
 
 @pytest.mark.parametrize("recipe", ["tiny_flowgrpo_fast", "tiny_mixgrpo_flash", "tiny_dancegrpo", "tiny_grpo_guard",

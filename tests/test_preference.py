@@ -134,3 +134,22 @@ def test_rwr_weights_are_a_normalised_exponential():
     assert rwr_weights(t(5.0, 5.0), beta=0.1).tolist() == pytest.approx([1.0, 1.0])
     with pytest.raises(ConfigError, match="beta=0"):
         rwr_weights(r, beta=0)
+
+
+def test_flow_rwr_group_normalisation_weights_each_group_alike_and_drops_ties():
+    """normalise: group gives every prompt group mean weight 1 (an easy prompt's perfect images no longer take the
+    batch's weight) and drops a group whose rewards all tie; normalise: batch is one softmax over the batch."""
+    import numpy as np
+
+    from alignrl.algorithms.preference import FlowRWR
+
+    rewards = np.array([1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.25, 0.25])  # group 0 ties at 1, group 1 varies
+    keys = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    batch = FlowRWR(beta=0.1).advantages(rewards, keys)
+    assert batch.advantages[:4].sum() > 7.0  # the perfect group takes almost all of the batch's weight
+    group = FlowRWR(beta=0.1, normalise="group").advantages(rewards, keys)
+    assert group.keep.tolist() == [False] * 4 + [True] * 4 and group.stats["tied_group_frac"] == 0.5
+    assert group.advantages[4:].mean() == pytest.approx(1.0) and group.advantages[:4].tolist() == [0.0] * 4
+    assert group.advantages[5] == group.advantages[4:].max()  # the group's best image weighs most
+    with pytest.raises(ConfigError, match="normalise='prompt' is not known"):
+        FlowRWR(normalise="prompt")

@@ -205,3 +205,43 @@ def test_a_restart_from_scratch_drops_every_stale_metrics_row(tmp_path):
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1]  # resumed at 1: keeps 0..1
     MetricsLogger(tmp_path, {"kind": "jsonl", "progress_bar": False}, {}, True, 4, 0, "r").close()
     assert not path.exists() or path.read_text() == ""  # from scratch: the step-0 eval is logged again
+
+
+def _one_update(tmp_path, *extra):
+    t = _trainer(tmp_path, *extra)
+    t.timing = {}
+    batch = t.collect()
+    adv = t.advantages(batch)
+    kept = int(np.asarray(adv.transition_keep).sum())
+    trained_steps = sorted({int(batch.t_from[i]) for i in np.nonzero(np.asarray(adv.transition_keep))[0]})
+    out = t.algorithm.train_step(batch, adv, t.step_context())
+    weights = [p.detach().clone() for p in t.params]
+    t.reward_runner.close()
+    return out, weights, kept, trained_steps
+
+
+def test_update_cadence_one_step_per_schedule_step_or_per_n_transitions(tmp_path):
+    """trainer.update_by: `step` makes one optimizer step per trained schedule step (G2RPO's cadence),
+    `transitions` one every N of this process's transitions (BranchGRPO's); all of an iteration's transitions in
+    one `transitions` update are the same update as one `samples` update, to the bit."""
+    out, _, kept, steps = _one_update(tmp_path / "a", "trainer.update_by=step")
+    assert len(steps) > 1 and out["optimizer_steps"] == len(steps)
+    out, _, kept, _ = _one_update(tmp_path / "b", "trainer.update_by=transitions", "trainer.transitions_per_update=5")
+    assert out["optimizer_steps"] == -(-kept // 5) > 1
+    out_all, w_all, _, _ = _one_update(tmp_path / "c", "trainer.update_by=transitions",
+                                       f"trainer.transitions_per_update={kept}")
+    out_one, w_one, _, _ = _one_update(tmp_path / "d", "trainer.updates_per_iteration=1")
+    assert out_all["optimizer_steps"] == out_one["optimizer_steps"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(w_all, w_one))
+    assert out_all["policy_loss"] == out_one["policy_loss"]
+
+
+def test_update_cadence_is_refused_for_a_method_without_transitions(tmp_path):
+    from alignrl.config import validate_batch_arithmetic
+    from alignrl.errors import ConfigError
+
+    cfg = compose(["recipe=tiny_awm", "trainer.update_by=step"])
+    with pytest.raises(ConfigError, match="trainer.update_by=step .* does not train on them"):
+        validate_batch_arithmetic(cfg, 1)
+    with pytest.raises(ConfigError, match="update_by='epoch' is not known"):
+        _trainer(tmp_path, "trainer.update_by=epoch")

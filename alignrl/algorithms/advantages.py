@@ -1,7 +1,7 @@
 """Group-normalised advantages (GRPO) and the per-prompt statistics tracker.
 
 Convention (named, as the reference's numpy code): float64, population std (ddof 0) plus ``std_eps``
-(1e-4). With ``global_std`` only the std is global over the batch; the mean stays per group.
+(1e-4); ``std_ddof=1`` takes the unbiased std instead (DanceGRPO and the methods built on its code). With ``global_std`` only the std is global over the batch; the mean stays per group.
 Advantages are clamped to +-``adv_clip_max``. A group whose finite rewards all tie (or that has one
 finite reward left) carries no signal: its samples are dropped from the loss. Non-finite rewards
 (NaN/inf) drop their sample and are left out of every statistic.
@@ -33,6 +33,7 @@ class GroupStatTracker:
     std_eps: float = 1e-4
     adv_clip_max: float = 5.0
     buffer_size: int = 0
+    std_ddof: int = 0
     min_count: int = 0
     buffers: dict[int, deque] = field(default_factory=dict)
 
@@ -45,7 +46,7 @@ class GroupStatTracker:
         if not finite.any():
             return AdvantageResult(adv, keep, {"zero_std_group_frac": 1.0, "nonfinite_rewards": int(rewards.size)})
         batch_mean = rewards[finite].mean()
-        batch_std = rewards[finite].std()
+        batch_std = self._std(rewards[finite])
         groups = np.unique(keys)
         tied = 0
         for key in groups:
@@ -59,13 +60,13 @@ class GroupStatTracker:
                 if len(hist) < max(self.min_count, 1):
                     mean, std = batch_mean, batch_std
                 else:
-                    mean, std = hist.mean(), hist.std()
+                    mean, std = hist.mean(), self._std(hist)
                 if self.global_std:
                     std = batch_std
                 signal = r.size > 0 and std > 0
             else:
                 mean = r.mean() if r.size else 0.0
-                std = batch_std if self.global_std else (r.std() if r.size else 0.0)
+                std = batch_std if self.global_std else self._std(r)
                 signal = r.size > 1 and np.ptp(r) > 0
             if not signal:
                 tied += 1
@@ -78,6 +79,10 @@ class GroupStatTracker:
             "kept_frac": float(keep.mean()),
         }
         return AdvantageResult(adv, keep, stats)
+
+    def _std(self, values: np.ndarray) -> float:
+        """Population (ddof 0) or unbiased (ddof 1) std; 0 where too few values to define it."""
+        return float(values.std(ddof=self.std_ddof)) if values.size > self.std_ddof else 0.0
 
     def state_dict(self) -> dict:
         return {"buffers": {str(k): list(v) for k, v in self.buffers.items()}}

@@ -173,6 +173,8 @@ class StepContext:
     # (images, prompts, metadata) -> (B,) weighted reward as numbers, no graph (batch_kind prompts: SPO's ranking)
     reward: Callable[[torch.Tensor, list, list], np.ndarray] | None = None
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 scales the loss inside ``backward``)
+    update_by: str = "samples"  # samples | step | transitions (trainer.update_by; the transition-trained methods)
+    transitions_per_update: int = 12  # update_by transitions: this process's transitions per optimizer step
 
 
 class Stateless:
@@ -238,6 +240,7 @@ class GroupRelative:
     adv_clip_max: float = 5.0
     global_std: bool = False
     std_eps: float = 1e-4
+    std_ddof: int = 0  # 0: population std (Flow-GRPO's numpy); 1: unbiased (DanceGRPO's torch.std)
     stat_buffer_size: int = 0
     stat_min_count: int = 0
 
@@ -248,9 +251,11 @@ class GroupRelative:
             raise ConfigError(f"algorithm.lr must be > 0, got {self.lr}")
         if self.beta < 0:
             raise ConfigError(f"algorithm.beta must be >= 0, got {self.beta}")
+        if self.std_ddof not in (0, 1):
+            raise ConfigError(f"algorithm.std_ddof must be 0 (population std) or 1 (unbiased), got {self.std_ddof}")
         self.tracker = GroupStatTracker(global_std=self.global_std, std_eps=self.std_eps,
                                         adv_clip_max=self.adv_clip_max, buffer_size=self.stat_buffer_size,
-                                        min_count=self.stat_min_count)
+                                        min_count=self.stat_min_count, std_ddof=self.std_ddof)
 
     @property
     def needs_reference(self) -> bool:

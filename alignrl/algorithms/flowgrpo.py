@@ -74,7 +74,8 @@ class FlowGRPO(GroupRelative):
                    weights: dict | None = None) -> AdvantageResult:
         if self.advantage_aggr == "advantage" and per_reward and len(per_reward) > 1:
             result = per_reward_advantages(per_reward, weights or {}, keys, lambda: GroupStatTracker(
-                global_std=self.global_std, std_eps=self.std_eps, adv_clip_max=self.adv_clip_max))
+                global_std=self.global_std, std_eps=self.std_eps, adv_clip_max=self.adv_clip_max,
+                std_ddof=self.std_ddof))
         else:
             result = self.tracker.compute(rewards, keys)
         if self.best_of_n:

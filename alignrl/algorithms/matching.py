@@ -169,6 +169,7 @@ class DiffusionNFT(_MatchingBase):
     nft_beta: float = 1.0  # b: how far the implicit positive/negative policies sit from the old one
     weight_floor: float = 1e-5
     old_policy: str = "ema"  # ema: the trainer's EMA samples and gives v_old; sampling: the live weights
+    policy_loss_scale: float = 1.0  # the reference multiplies the policy loss by adv_clip_max (5) before the KL
 
     needs_old_policy = True
     _diag_keys = ("positive_weight", "policy_loss")
@@ -181,6 +182,8 @@ class DiffusionNFT(_MatchingBase):
         super().__post_init__()
         if self.nft_beta <= 0:
             raise ConfigError(f"algorithm.nft_beta must be > 0, got {self.nft_beta}")
+        if self.policy_loss_scale <= 0:
+            raise ConfigError(f"algorithm.policy_loss_scale must be > 0, got {self.policy_loss_scale}")
         if self.old_policy not in ("ema", "sampling"):
             raise ConfigError(f"algorithm.old_policy='{self.old_policy}' is not known; use ema or sampling")
 
@@ -192,8 +195,8 @@ class DiffusionNFT(_MatchingBase):
         x0_plus, x0_minus = param.to_x0(x_t, v_plus, t), param.to_x0(x_t, v_minus, t)
         w_plus = mean_over_dims((x0_plus.detach() - x0).abs()).clamp(min=self.weight_floor)
         w_minus = mean_over_dims((x0_minus.detach() - x0).abs()).clamp(min=self.weight_floor)
-        loss = (r * mean_over_dims((x0_plus - x0) ** 2) / w_plus
-                + (1 - r) * mean_over_dims((x0_minus - x0) ** 2) / w_minus) / b
+        loss = self.policy_loss_scale * (r * mean_over_dims((x0_plus - x0) ** 2) / w_plus
+                                         + (1 - r) * mean_over_dims((x0_minus - x0) ** 2) / w_minus) / b
         diag = {"positive_weight": r.detach(), "policy_loss": loss.detach()}
         if self.beta > 0 and v_ref is not None:
             kl = mean_over_dims((v - v_ref) ** 2)

@@ -32,18 +32,18 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
     grad_norms = []
     ratio_dev_before_update = 0.0  # on-policy check: the first update's ratios must all be 1
     for epoch in range(ctx.inner_epochs):
-        for chunk_index, chunk in enumerate(ctx.update_chunks(batch.global_index, epoch)):
+        for chunk_index, (chunk, rows) in enumerate(update_sets(batch, ctx, by_root, keep_all, epoch)):
             first_update = epoch == 0 and chunk_index == 0
-            rows = [i for r in chunk.tolist() for i in by_root.get(r, ()) if keep_all[i]]
             local_w = float(weight[rows].sum()) if rows else 0.0
             global_w = float(ctx.all_reduce_sum(torch.tensor([local_w], dtype=torch.float64,
                                                              device=ctx.device)).item())
             if global_w == 0:
                 continue  # every rank agrees: nothing to learn from this chunk
-            kept_roots = [r for r in chunk.tolist() if any(keep_all[i] for i in by_root.get(r, ()))]
+            in_set = set(rows)
+            kept_roots = [r for r in chunk if any(i in in_set for i in by_root.get(r, ()))]
             for m in range(0, len(kept_roots), ctx.train_batch_size):
                 mb_roots = kept_roots[m:m + ctx.train_batch_size]
-                mb_rows = torch.tensor([i for r in mb_roots for i in by_root[r] if keep_all[i]], dtype=torch.long)
+                mb_rows = torch.tensor([i for r in mb_roots for i in by_root[r] if i in in_set], dtype=torch.long)
                 for group in step_groups(batch, mb_rows):
                     spec = batch.t_spec[int(group[0])]
                     j, j_to = int(batch.t_from[group[0]]), int(batch.t_to[group[0]])
@@ -73,6 +73,32 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
                     count += len(group)
             grad_norms.append(ctx.optimizer_step())
     return ctx.summarise(sums, count, ratio_dev_before_update, grad_norms)
+
+
+def update_sets(batch: RolloutBatch, ctx: StepContext, by_root: dict, keep: torch.Tensor,
+                epoch: int) -> list[tuple[list[int], list[int]]]:
+    """Each optimizer step's (roots in order, kept transition rows) on this rank, per ``ctx.update_by``.
+
+    ``samples``: the roots of each of the loop's chunks, all their steps. ``step``: every root, one schedule step
+    per update, in schedule order (a step with no transition on any rank is skipped by the caller, which every
+    rank agrees on through the reduced weight). ``transitions``: this rank's kept transitions in (root, step)
+    order, ``transitions_per_update`` per update; the number of updates is the largest over ranks, so every rank
+    steps the optimizer alike."""
+    chunks = [chunk.tolist() for chunk in ctx.update_chunks(batch.global_index, epoch)]
+    if ctx.update_by == "samples":
+        return [(roots, [i for r in roots for i in by_root.get(r, ()) if keep[i]]) for roots in chunks]
+    roots = [r for chunk in chunks for r in chunk]
+    rows = [i for r in roots for i in sorted(by_root.get(r, ()), key=lambda i: int(batch.t_from[i])) if keep[i]]
+    if ctx.update_by == "step":
+        steps = int(batch.plan.base_steps)
+        return [(roots, [i for i in rows if int(batch.t_from[i]) == j]) for j in range(steps)]
+    if ctx.update_by != "transitions":
+        raise ValueError(f"update_by '{ctx.update_by}' is not known")
+    n = ctx.transitions_per_update
+    local = -(-len(rows) // n)
+    updates = int(ctx.all_reduce_sum(torch.zeros(ctx.world_size, device=ctx.device).index_fill_(
+        0, torch.tensor([ctx.rank], device=ctx.device), float(local))).max().item())
+    return [(roots, rows[u * n:(u + 1) * n]) for u in range(updates)]
 
 
 def step_groups(batch: RolloutBatch, rows: torch.Tensor) -> list[torch.Tensor]:

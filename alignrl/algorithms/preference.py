@@ -798,13 +798,21 @@ class OnlineDPO(_OnlineFinal):
 @dataclass
 class FlowRWR(_OnlineFinal):
     """Reward-weighted regression on the rollouts: the flow-matching loss of each image weighted by
-    ``exp(r / beta)`` normalised to mean 1 over the iteration's images on all ranks (``rwr_weights``); no
-    reference. ``beta`` is the temperature (small: close to training on the best images only)."""
+    ``exp(r / beta)`` normalised to mean 1 over the iteration's images on all ranks (``normalise: batch``,
+    ``rwr_weights``) or within each prompt's group (``normalise: group``: a group whose rewards all tie is
+    dropped, so easy prompts do not dominate the update); no reference. ``beta`` is the temperature (small:
+    close to training on the best images only)."""
 
     name: str = "flow_rwr"
     beta: float = 1.0
+    normalise: str = "batch"
 
     _diag_keys: ClassVar[tuple] = ("policy_loss", "weight_max")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.normalise not in ("batch", "group"):
+            raise ConfigError(f"algorithm.normalise='{self.normalise}' is not known; use batch or group")
 
     @property
     def needs_reference(self) -> bool:
@@ -814,9 +822,23 @@ class FlowRWR(_OnlineFinal):
         rewards = np.asarray(rewards, dtype=np.float64)
         ok = np.isfinite(rewards)
         w = np.zeros(len(rewards))
-        if ok.any():
-            w[ok] = rwr_weights(torch.as_tensor(rewards[ok]), self.beta).numpy()
-        return AdvantageResult(w, ok, {"weight_max": float(w.max(initial=0.0)), "kept_frac": float(ok.mean())})
+        tied = 0
+        if self.normalise == "batch":
+            if ok.any():
+                w[ok] = rwr_weights(torch.as_tensor(rewards[ok]), self.beta).numpy()
+        else:  # per prompt group: mean 1 within a group; a group whose rewards all tie carries no preference
+            keys = np.asarray(keys)
+            groups = np.unique(keys)
+            for k in groups:
+                members = np.nonzero((keys == k) & ok)[0]
+                if len(members) < 2 or np.ptp(rewards[members]) == 0:
+                    tied += 1
+                    ok[members] = False
+                    continue
+                w[members] = rwr_weights(torch.as_tensor(rewards[members]), self.beta).numpy()
+            tied /= max(len(groups), 1)
+        return AdvantageResult(w, ok, {"weight_max": float(w.max(initial=0.0)), "kept_frac": float(ok.mean()),
+                                       "tied_group_frac": float(tied)})
 
     def train_step(self, batch, adv, ctx) -> dict:
         if not batch.plan.is_linear or adv.leaf is None:

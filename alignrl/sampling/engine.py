@@ -108,11 +108,13 @@ def apply_step(backbone: Backbone, spec: StepSpec, schedule: Schedule, i, x: tor
 
 @torch.no_grad()
 def rollout(backbone: Backbone, plan: RolloutPlan, cond: Conditioning, generators: Sequence[torch.Generator],
-            *, transformer: torch.nn.Module | None = None, record: bool = True) -> Rollout:
-    """Sample ``len(generators)`` root trajectories under ``plan``; record the trained transitions."""
+            *, transformer: torch.nn.Module | None = None, record: bool = True,
+            start: torch.Tensor | None = None) -> Rollout:
+    """Sample ``len(generators)`` root trajectories under ``plan``; record the trained transitions. ``start``:
+    the initial latents (default: each sample's generator draws its own)."""
     schedule = backbone.make_schedule(plan.base_steps)
     grid = plan.grid_indices
-    x = backbone.start_latents(generators, schedule)
+    x = backbone.start_latents(generators, schedule) if start is None else start
     roots = x.shape[0]
     gens = list(generators)
     node_root = torch.arange(roots, device=x.device)

@@ -166,6 +166,7 @@ class PlannerBase:
     eval_num_steps: int = 40
     eval_guidance_scale: float | None = None  # defaults to guidance_scale
     eval_solver: str = "ode"  # ode (Euler; DDIM with eta 0 on UNet backbones) or dpm2m (DPM-Solver++(2M))
+    init_same_noise: bool = False  # every image of a prompt's group starts from one initial noise (DanceGRPO)
 
     def begin_iteration(self, iteration: int, generator: torch.Generator) -> None:
         """Called once per iteration before any plan is made (same arguments on every rank)."""
@@ -371,6 +372,7 @@ class DancePlanner(PlannerBase):
     sde_type: str = "dance"
     noise_level: float = 0.3  # eta
     timestep_fraction: float = 0.6
+    final_step: str = "sde"  # the last (never trained) step: sde, or ode (the image is its x0 prediction)
 
     def __post_init__(self):
         _check_common(self.num_steps, self.noise_level, self.sde_type)
@@ -378,8 +380,12 @@ class DancePlanner(PlannerBase):
             raise ConfigError(f"sampler.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.num_steps < 2:
             raise ConfigError("DanceGRPO needs sampler.num_steps >= 2 (the last step is never trained)")
+        if self.final_step not in ("sde", "ode"):
+            raise ConfigError(f"sampler.final_step='{self.final_step}' is not known; use sde or ode")
         step = StepSpec(kind=self.sde_type, noise_level=float(self.noise_level))
         steps = tuple(replace(step, trained=i < self.num_steps - 1) for i in range(self.num_steps))
+        if self.final_step == "ode":  # the deterministic step to 0 gives the last step's x0 prediction
+            steps = steps[:-1] + (StepSpec(kind="ode"),)
         self._plan = RolloutPlan("dancegrpo", float(self.guidance_scale), steps,
                                  sample_fraction=float(self.timestep_fraction))
 

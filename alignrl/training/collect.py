@@ -66,8 +66,13 @@ class RolloutCollector:
                     (plan0.base_steps, plan0.guidance_scale, plan0.leaves_per_root):
                 raise ConfigError("the plans of one iteration must share schedule length, guidance and leaves per root")
             gens = sample_generators(self.seed, iteration, [s.global_index for s in chunk], self.device)
+            x_init = None
+            if self.planner.init_same_noise:  # one initial noise per prompt's group, keyed by the prompt
+                x_init = self.backbone.start_latents(sample_generators(
+                    self.seed * 31 + 11, iteration, [s.prompt_id for s in chunk], self.device),
+                    self.backbone.make_schedule(plan.base_steps))
             with self.autocast(), self.rollout_weights():
-                out = rollout(self.backbone, plan, cond, gens)
+                out = rollout(self.backbone, plan, cond, gens, start=x_init)
             if not out.records and not keep_x0:
                 raise ConfigError(f"plan '{plan.name}' trains no step; check the sampler's trained steps")
             images = self.backbone.decode(out.final)

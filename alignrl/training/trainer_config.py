@@ -36,6 +36,7 @@ class LoraSettings:
 
 
 OPTIMIZERS = ("adamw", "adafactor")
+UPDATE_BY = ("samples", "step", "transitions")
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ class TrainerConfig:
     max_minutes: float | None  # also stop after this much training wall-clock (evaluation excluded)
     rollout_batch_size: int  # images per sampling forward, per process
     train_batch_size: int  # samples per training forward, per process
-    updates_per_iteration: int  # optimizer steps per iteration (per inner epoch)
+    updates_per_iteration: int  # optimizer steps per iteration (per inner epoch; update_by samples)
+    update_by: str  # samples | step | transitions: how an iteration's work splits into optimizer steps
+    transitions_per_update: int  # update_by transitions: this process's transitions per optimizer step
     inner_epochs: int  # passes over an iteration's samples
     max_grad_norm: float  # gradient clipping (0: off)
     max_nonfinite_iterations: int  # stop after this many iterations in a row with only NaN/inf rewards (0: never)
@@ -93,6 +96,10 @@ class TrainerConfig:
             (self.max_nonfinite_iterations >= 0,
              f"trainer.max_nonfinite_iterations={self.max_nonfinite_iterations} must be >= 0 (0: never stop)"),
             (self.inner_epochs >= 1, f"trainer.inner_epochs={self.inner_epochs} must be >= 1"),
+            (self.update_by in UPDATE_BY,
+             f"trainer.update_by='{self.update_by}' is not known; use {', '.join(UPDATE_BY)}"),
+            (self.transitions_per_update >= 1,
+             f"trainer.transitions_per_update={self.transitions_per_update} must be >= 1"),
             (self.max_grad_norm >= 0, f"trainer.max_grad_norm={self.max_grad_norm} must be >= 0 (0: no clipping)"),
             (self.warmup_steps >= 0, f"trainer.warmup_steps={self.warmup_steps} must be >= 0"),
             (self.reward_workers >= 1, f"trainer.reward_workers={self.reward_workers} must be >= 1"),
