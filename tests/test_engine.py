@@ -125,3 +125,24 @@ def test_from_pretrained_loads_a_saved_pipeline(family, tmp_path, request):
     a = rollout(bb, ode_plan(3, guidance), bb.encode_prompts(prompts), sample_generators(1, 0, range(2))).final
     b = rollout(loaded, ode_plan(3, guidance), loaded.encode_prompts(prompts), sample_generators(1, 0, range(2))).final
     assert torch.equal(a, b)
+
+
+def test_flux_static_shift_is_the_dance_schedule_in_training_and_in_the_pipeline():
+    """backbone.static_shift=3: sigmas 3t / (1 + 2t) over linspace(1, 0, N + 1) (DanceGRPO's and MixGRPO's FLUX
+    schedule) for the engine, and the same scheduler in the pipeline an export writes; null keeps FLUX's
+    resolution-dependent shift."""
+    import numpy as np
+
+    from alignrl.backbones.flux import FluxBackbone
+    from alignrl.errors import ConfigError
+
+    t = np.linspace(1.0, 0.0, 17)
+    static = FluxBackbone.tiny(static_shift=3.0)
+    sched = static.make_schedule(16)
+    assert np.allclose(sched.sigmas.numpy(), 3 * t / (1 + 2 * t), atol=1e-6)
+    assert np.allclose(sched.timesteps.numpy(), 1000 * (3 * t / (1 + 2 * t))[:-1], atol=1e-3)
+    assert static.pipe.scheduler.config.use_dynamic_shifting is False and static.pipe.scheduler.config.shift == 3.0
+    dynamic = FluxBackbone.tiny().make_schedule(16)
+    assert not np.allclose(dynamic.sigmas.numpy(), sched.sigmas.numpy(), atol=1e-3)
+    with pytest.raises(ConfigError, match="static_shift=0"):
+        FluxBackbone.tiny(static_shift=0)

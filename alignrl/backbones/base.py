@@ -120,6 +120,22 @@ class PromptCache:
         return Conditioning.cat(self.entries[p] for p in prompts)
 
 
+
+def with_static_shift(pipe, shift: float | None):
+    """A flow-matching ``pipe`` on its own schedule (``shift`` None: FLUX's resolution-dependent shift, SD3's
+    static 3) or on a static shift ``s t / (1 + (s - 1) t)`` over ``linspace(1, 0, N + 1)`` (DanceGRPO's and
+    MixGRPO's FLUX schedule: 3). The scheduler itself is replaced, so training, evaluation and an exported
+    pipeline share the schedule."""
+    if shift is None:
+        return pipe
+    if shift <= 0:
+        raise ConfigError(f"backbone.static_shift={shift} must be > 0 (or null: the model's own schedule)")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False,
+                                                                 shift=float(shift))
+    return pipe
+
 class Backbone:
     """Base class of the model-family adapters. Subclasses set ``pipe`` and implement the hooks."""
 

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from alignrl.backbones.base import Backbone, Conditioning, dtype_kwarg, parse_dtype
+from alignrl.backbones.base import Backbone, Conditioning, dtype_kwarg, parse_dtype, with_static_shift
 from alignrl.backbones import tiny
 
 FLUX_LORA_TARGETS = (
@@ -24,22 +24,22 @@ class FluxBackbone(Backbone):
     @classmethod
     def from_pretrained(cls, pretrained: str, *, resolution: int = 512, max_sequence_length: int = 512,
                         dtype: str = "bf16", device="cpu", revision: str | None = None,
-                        variant: str | None = None, cache_prompts: bool = True):
+                        variant: str | None = None, cache_prompts: bool = True, static_shift: float | None = None):
         from diffusers import FluxPipeline
 
         pipe = FluxPipeline.from_pretrained(pretrained, **dtype_kwarg(parse_dtype(dtype)), revision=revision,
                                             variant=variant)
-        return cls(pipe, resolution=resolution, max_sequence_length=max_sequence_length, device=device,
-                   dtype=dtype, cache_prompts=cache_prompts)
+        return cls(with_static_shift(pipe, static_shift), resolution=resolution,
+                   max_sequence_length=max_sequence_length, device=device, dtype=dtype, cache_prompts=cache_prompts)
 
     @classmethod
     def tiny(cls, *, seed: int = 0, resolution: int = 64, max_sequence_length: int = 32,
              num_layers: int = 1, num_single_layers: int = 1, hidden: int = 32, vae_channels: int | list[int] = 16,
              dtype: str = "fp32",
-             device="cpu", cache_prompts: bool = True):
-        return cls(build_tiny_flux_pipeline(seed=seed, num_layers=num_layers,
-                                            num_single_layers=num_single_layers, hidden=hidden,
-                                            vae_channels=vae_channels),
+             device="cpu", cache_prompts: bool = True, static_shift: float | None = None):
+        return cls(with_static_shift(build_tiny_flux_pipeline(seed=seed, num_layers=num_layers,
+                                                              num_single_layers=num_single_layers, hidden=hidden,
+                                                              vae_channels=vae_channels), static_shift),
                    resolution=resolution, max_sequence_length=max_sequence_length, device=device,
                    dtype=dtype, cache_prompts=cache_prompts)
 
@@ -84,11 +84,13 @@ class FluxBackbone(Backbone):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         cfg = self.pipe.scheduler.config
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        if not cfg.get("use_dynamic_shifting", False):
+            return {"sigmas": sigmas}  # a static shift (backbone.static_shift): the scheduler applies it
         mu = calculate_shift(
             self.latent_shape()[0], cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
         )
-        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         return {"sigmas": sigmas, "mu": mu}
 
     def _image_ids(self) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from alignrl.backbones.base import Backbone, Conditioning, dtype_kwarg, parse_dtype
+from alignrl.backbones.base import Backbone, Conditioning, dtype_kwarg, parse_dtype, with_static_shift
 from alignrl.backbones import tiny
 
 SD3_LORA_TARGETS = (
@@ -24,23 +24,23 @@ class SD3Backbone(Backbone):
     @classmethod
     def from_pretrained(cls, pretrained: str, *, resolution: int = 512, max_sequence_length: int = 256,
                         dtype: str = "bf16", device="cpu", revision: str | None = None,
-                        variant: str | None = None, cache_prompts: bool = True):
+                        variant: str | None = None, cache_prompts: bool = True, static_shift: float | None = None):
         """Load real weights (hub id or local directory) through diffusers."""
         from diffusers import StableDiffusion3Pipeline
 
         pipe = StableDiffusion3Pipeline.from_pretrained(
             pretrained, **dtype_kwarg(parse_dtype(dtype)), revision=revision, variant=variant
         )
-        return cls(pipe, resolution=resolution, max_sequence_length=max_sequence_length,
-                   device=device, dtype=dtype, cache_prompts=cache_prompts)
+        return cls(with_static_shift(pipe, static_shift), resolution=resolution,
+                   max_sequence_length=max_sequence_length, device=device, dtype=dtype, cache_prompts=cache_prompts)
 
     @classmethod
     def tiny(cls, *, seed: int = 0, resolution: int = 64, max_sequence_length: int = 32,
              num_layers: int = 2, hidden: int = 32, vae_channels: int | list[int] = 16, dtype: str = "fp32", device="cpu",
-             cache_prompts: bool = True):
+             cache_prompts: bool = True, static_shift: float | None = None):
         """A random-init SD3 of the real classes (offline tokenizers), seeded so every process agrees."""
-        return cls(build_tiny_sd3_pipeline(seed=seed, num_layers=num_layers, hidden=hidden,
-                                               vae_channels=vae_channels),
+        return cls(with_static_shift(build_tiny_sd3_pipeline(seed=seed, num_layers=num_layers, hidden=hidden,
+                                                             vae_channels=vae_channels), static_shift),
                    resolution=resolution, max_sequence_length=max_sequence_length, device=device,
                    dtype=dtype, cache_prompts=cache_prompts)
 
