@@ -25,6 +25,8 @@ commands:
   data      a dataset for the offline methods from a model and a reward: out=<dir> kind=pairs|lists|labels|
             captions [samples_per_prompt=8 checkpoint=<run|ckpt> pairing=best_worst|all margin=0 num_prompts=N];
             or import a Hugging Face dataset: source=<hub id|dir> [split=train limit=N] (Pick-a-Pic layout)
+  plan      per-GPU memory of a recipe on a machine (machine.gpus=8 machine.gpu_memory_gb=80 machine.nodes=1):
+            weights, gradients, optimizer, reference, EMA, encoders, activations; whether it fits and what would
   recipes   list the recipes with a one-line description, and every config group's options
   runs      list the runs under outputs/ and multirun/ (or the given dirs): step, last reward and eval,
             state (running, finished, preempted, failed, stale, ...), Slurm job and its state;
@@ -50,7 +52,7 @@ examples:
 `alignrl <command> --help` lists the config groups and their options.
 """
 
-COMMANDS = ("train", "eval", "sample", "export", "serve-reward", "reward-check", "data")
+COMMANDS = ("train", "eval", "sample", "export", "serve-reward", "reward-check", "data", "plan")
 # bare keys `alignrl serve-reward` accepts for serve.<key>, and `alignrl reward-check` for check.<key>
 SERVE_SHORTHANDS = ("port", "host", "token", "token_file")
 CHECK_SHORTHANDS = ("images", "prompts", "out", "batch_size")
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(list_runs(rest))
     if command not in COMMANDS:
         _fail(f"unknown command '{command}'; use one of train, eval, sample, export, serve-reward, reward-check, "
-              "data, recipes, runs")
+              "data, plan, recipes, runs")
     if command == "serve-reward":
         rest = ["serve.insecure=true" if a == "--insecure" else a for a in rest]
         rest = QUIET + _shorthands(rest, SERVE_SHORTHANDS, "serve")
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "data":
         rest = _shorthands(rest, DATA_SHORTHANDS, "datagen", quote=("checkpoint", "out", "prompts", "source"))
         rest = QUIET + (_on_run_config(rest) if _names_checkpoint(rest, "datagen.checkpoint") else rest)
+    elif command == "plan":
+        rest = QUIET + rest
     elif command in ("eval", "sample") and _names_checkpoint(rest, "eval.checkpoint"):
         rest = QUIET + _on_run_config(rest)  # the outputs go into the checkpoint's run directory: no new one
     if not any(_names_checkpoint(rest, k) for k in ("eval.checkpoint", "export.checkpoint", "datagen.checkpoint")):
@@ -258,6 +262,10 @@ def _dispatch(command: str, cfg) -> None:
             from alignrl.commands import evaluate
 
             code = evaluate(cfg)
+        elif command == "plan":
+            from alignrl.plan import run as plan
+
+            code = plan(cfg)
         elif command == "serve-reward":
             from alignrl.rewards.server import serve
 

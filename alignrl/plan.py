@@ -1,0 +1,250 @@
+"""``alignrl plan``: the per-GPU memory a recipe needs on a machine, and what would make it fit.
+
+    alignrl plan recipe=mixgrpo_flux machine.gpus=8 machine.gpu_memory_gb=80 machine.nodes=1
+
+Estimate, in bytes, per GPU (``P`` denoiser parameters, ``N`` the sharding divisor):
+
+- a fixed 4 GiB (CUDA context, allocator slack, NCCL);
+- frozen residents: the text encoders and the VAE in the backbone's dtype;
+- the denoiser: LoRA keeps the base in the backbone's dtype plus 16 bytes per adapter parameter (fp32 weight,
+  gradient, Adam's two moments); a full fine-tune keeps 16 bytes per parameter (fp32 master weight, gradient and
+  Adam's moments) divided by ``N``;
+- the frozen reference (a KL weight > 0): nothing with LoRA (the adapters are switched off), a copy in the
+  backbone's dtype for a full fine-tune; the EMA: an fp32 copy of the trainable weights;
+- activations of one training micro-batch (``trainer.train_batch_size``, doubled when CFG runs in the training
+  forward), with and without gradient checkpointing. The published backbones use per-token coefficients measured
+  on their real configurations (a meta-device forward summing saved tensors, flash attention:
+  ``c L B S d`` bytes without checkpointing, ``2 L B S d + c B S d`` with it; SD1.5 and SDXL per sample at their
+  native size, scaled by pixels); the built-in tiny and ShapeWorld backbones are measured here, by one training
+  forward that sums the tensors autograd saves.
+
+alignrl shards nothing yet (data-parallel only), so ``N`` is 1; the fully sharded figure (``N`` = every GPU) is
+printed beside it for planning. It fits when the total is at most 90% of the GPU's memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from alignrl.errors import ConfigError
+
+GiB = float(2**30)
+OVERHEAD = 4 * GiB
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+# Parameter counts of the published models (exact, from their real configurations on the meta device).
+KNOWN = {
+    "sd15": dict(denoiser=859.5e6, text=123.1e6, vae=83.7e6, family="unet", layers=16, width=1280),
+    "sdxl": dict(denoiser=2.567e9, text=123.1e6 + 694.7e6, vae=83.7e6, family="unet", layers=70, width=1280),
+    "sd35_medium": dict(denoiser=2.243e9, text=123.1e6 + 694.7e6 + 4.762e9, vae=83.8e6, family="sd3", layers=24,
+                        width=1536),
+    "flux1_dev": dict(denoiser=11.90e9, text=123.1e6 + 4.762e9, vae=83.8e6, family="flux", layers=57, width=3072),
+}
+# Activation coefficients (bytes per token per layer per unit width, bf16, flash attention).
+TOKEN_COEFF = {"sd3": 71.0, "flux": 53.0}
+# UNets: GiB per sample (no checkpointing, block checkpointing) at their native side.
+UNET_ACT = {"sd15": (512, 0.92, 0.14), "sdxl": (1024, 6.81, 0.55)}
+
+
+@dataclass(frozen=True)
+class Machine:
+    gpus: int = 8  # per node
+    gpu_memory_gb: float = 80.0
+    nodes: int = 1
+
+    def __post_init__(self):
+        if self.gpus < 1 or self.nodes < 1 or self.gpu_memory_gb <= 0:
+            raise ConfigError("machine.gpus and machine.nodes must be >= 1 and machine.gpu_memory_gb > 0")
+
+
+@dataclass
+class Estimate:
+    rows: list[tuple[str, float]]  # (component, bytes) with checkpointing as the recipe sets it
+    act_plain: float
+    act_ckpt: float
+    total: float
+    total_sharded: float
+    limit: float
+    notes: list[str]
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.limit
+
+
+def _lora_params(rank: int, width: int, layers: int, targets: int) -> float:
+    """Adapter parameters: rank x (in + out) per targeted projection, one per target name and layer."""
+    return float(rank) * 2 * width * layers * targets
+
+
+def _measured(cfg: DictConfig, batch: int) -> tuple[dict, float, float]:
+    """Counts and activation bytes of a backbone built here (the tiny and ShapeWorld ones)."""
+    import torch
+
+    from alignrl.components import build_backbone
+
+    backbone = build_backbone(cfg, torch.device("cpu"))
+    denoiser = backbone.transformer
+    frozen = sum(p.numel() for m in backbone.frozen_modules() for p in m.parameters())
+    counts = dict(denoiser=float(sum(p.numel() for p in denoiser.parameters())), text=float(frozen), vae=0.0,
+                  family=backbone.family, layers=0, width=0)
+    plain = saved_activation_bytes(backbone, batch, checkpointing=False)
+    ckpt = saved_activation_bytes(backbone, batch, checkpointing=True)
+    return counts, plain, ckpt
+
+
+def saved_activation_bytes(backbone, batch: int, checkpointing: bool) -> float:
+    """Bytes of the distinct non-parameter tensors autograd saves in one training forward of ``batch`` samples."""
+    import torch
+
+    denoiser = backbone.transformer
+    params = {p.untyped_storage().data_ptr() for p in denoiser.parameters()}
+    if checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    gen = [torch.Generator().manual_seed(i) for i in range(batch)]
+    schedule = backbone.make_schedule(4)
+    x = backbone.start_latents(gen, schedule)
+    cond = backbone.encode_prompts(["a photo"] * batch)
+    trainable = [p for p in denoiser.parameters()]
+    flags = [p.requires_grad for p in trainable]
+    for p in trainable:
+        p.requires_grad_(True)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            v = backbone.predict(x, schedule.timesteps[1], cond, 1.0)
+        v.float().pow(2).mean().backward()
+    finally:
+        for p, f in zip(trainable, flags):
+            p.requires_grad_(f)
+            p.grad = None
+        if checkpointing:
+            denoiser.disable_gradient_checkpointing()
+    return float(sum(seen.values()))
+
+
+def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
+    t, b = cfg.trainer, cfg.backbone
+    name = str(b.get("name", ""))
+    dtype_bytes = DTYPE_BYTES.get(str(b.get("dtype", "fp32")), 4)
+    batch = int(t.train_batch_size)
+    guidance = float(cfg.sampler.get("guidance_scale", 1.0) or 1.0)
+    cfg_in_loss = guidance > 1.0 and str(cfg.algorithm.get("name", "")) not in ("awm", "nft") and \
+        "flux" not in name  # FLUX's guidance is embedded: one forward
+    micro = batch * (2 if cfg_in_loss else 1)
+    notes = []
+    if name in KNOWN:
+        counts = KNOWN[name]
+        res = int(b.get("resolution", 512))
+        if counts["family"] == "unet":
+            side, plain1, ckpt1 = UNET_ACT[name]
+            scale = (res / side) ** 2
+            act_plain, act_ckpt = plain1 * GiB * scale * micro, ckpt1 * GiB * scale * micro
+        else:
+            patches = (res // 16) ** 2
+            text = int(b.get("max_sequence_length", 256)) + (77 if counts["family"] == "sd3" else 0)
+            s, L, d, c = patches + text, counts["layers"], counts["width"], TOKEN_COEFF[counts["family"]]
+            act_plain = c * L * micro * s * d
+            act_ckpt = 2 * L * micro * s * d + c * micro * s * d
+    elif name.startswith(("tiny", "shapes")):
+        counts, act1, ck1 = _measured(cfg, 1)
+        act_plain, act_ckpt = act1 * micro, ck1 * micro
+        notes.append("activations measured here: one training forward of this backbone (fp32 on CPU)")
+    else:
+        raise ConfigError(f"alignrl plan knows the backbones sd15, sdxl, sd35_medium, flux1_dev and the built-in tiny "
+                          f"and ShapeWorld ones, not '{name}'; plan with the published backbone of the same size")
+    P = counts["denoiser"]
+    shards = machine.gpus * machine.nodes
+    lora = str(t.finetune) == "lora"
+    beta = float(cfg.algorithm.get("beta", 0.0) or 0.0)
+    ckpt_on = bool(t.get("gradient_checkpointing", False))
+    on_cpu = str(t.get("device", "auto")) == "cpu"
+    rows = [("CUDA context, allocator, NCCL" if not on_cpu else "CUDA context (none: a CPU recipe)",
+             0.0 if on_cpu else OVERHEAD),
+            ("text encoders and VAE (frozen)", dtype_bytes * (counts["text"] + counts["vae"]))]
+    if lora:
+        n_targets = len(t.lora.get("target_modules") or []) or 4
+        p_lora = _lora_params(int(t.lora.rank), counts["width"] or 64, counts["layers"] or 4, n_targets) \
+            if counts["layers"] else 0.01 * P
+        rows += [("denoiser base (frozen)", dtype_bytes * P),
+                 (f"LoRA r{int(t.lora.rank)}: weights, grads, Adam (~{p_lora / 1e6:.0f}M params x 16 B)", 16 * p_lora)]
+        trainable = p_lora
+        sharded_model = dtype_bytes * P / shards + 16 * p_lora / shards
+        model = dtype_bytes * P + 16 * p_lora
+    else:
+        rows.append(("denoiser full: fp32 weights, grads, Adam (16 B/param)", 16 * P))
+        trainable = P
+        model = 16 * P
+        sharded_model = 16 * P / shards
+        if beta > 0:
+            rows.append(("frozen reference for the KL (a copy)", dtype_bytes * P))
+            model += dtype_bytes * P
+            sharded_model += dtype_bytes * P / shards
+    if bool(t.ema.get("enabled", False)):
+        rows.append(("EMA of the trainable weights (fp32)", 4 * trainable))
+        model += 4 * trainable
+        sharded_model += 4 * trainable / shards
+    act = act_ckpt if ckpt_on else act_plain
+    rows.append((f"activations, micro-batch {micro}{' (CFG doubles it)' if cfg_in_loss else ''}, "
+                 f"{'with' if ckpt_on else 'without'} gradient checkpointing", act))
+    fixed = rows[0][1] + rows[1][1]
+    total = fixed + model + act
+    total_sharded = fixed + sharded_model + act
+    return Estimate(rows, act_plain, act_ckpt, total, total_sharded, 0.9 * machine.gpu_memory_gb * GiB, notes)
+
+
+def suggestions(cfg: DictConfig, est: Estimate, machine: Machine) -> list[str]:
+    """Settings that would bring the estimate under the limit, cheapest first."""
+    out = []
+    t = cfg.trainer
+    if est.fits:
+        return out
+    excess = est.total - est.limit
+    if not t.get("gradient_checkpointing", False) and est.act_plain - est.act_ckpt >= excess:
+        out.append("trainer.gradient_checkpointing=true")
+    if int(t.train_batch_size) > 1:
+        out.append("trainer.train_batch_size=1 (memory only: the same samples, smaller forwards)")
+    if str(t.finetune) == "full":
+        out.append("trainer.finetune=lora (the recipe's _lora variant where one exists)")
+        if est.total_sharded <= est.limit:
+            out.append(f"sharded full fine-tuning over {machine.gpus * machine.nodes} GPUs "
+                       f"({est.total_sharded / GiB:.1f} GiB each): not in alignrl yet")
+    if not out:
+        out.append("a GPU with more memory")
+    return out
+
+
+def _size(value: float) -> str:
+    return f"{value / GiB:8.2f} GiB" if value >= 0.1 * GiB else f"{value / 2**20:8.1f} MiB"
+
+
+def run(cfg: DictConfig) -> int:
+    m = cfg.get("machine") or {}
+    machine = Machine(int(m.get("gpus", 8)), float(m.get("gpu_memory_gb", 80)), int(m.get("nodes", 1)))
+    est = estimate(cfg, machine)
+    name = cfg.backbone.get("name")
+    print(f"alignrl plan: {cfg.get('description') or name} on {machine.nodes} node(s) x {machine.gpus} GPU(s) "
+          f"of {machine.gpu_memory_gb:g} GB; per GPU (data-parallel, no sharding):")
+    width = max(len(r[0]) for r in est.rows)
+    for label, value in est.rows:
+        print(f"  {label:<{width}}  {_size(value)}")
+    print(f"  {'total':<{width}}  {_size(est.total)}  (limit 90%: {est.limit / GiB:.1f} GiB) -> "
+          f"{'fits' if est.fits else 'does not fit'}")
+    print(f"  activations per micro-batch: {_size(est.act_plain).strip()} without, {_size(est.act_ckpt).strip()} "
+          f"with gradient checkpointing; fully sharded over {machine.gpus * machine.nodes} GPUs the total would be "
+          f"{_size(est.total_sharded).strip()}; add 10-20% for transients")
+    for n in est.notes:
+        print(f"  note: {n}")
+    for s in suggestions(cfg, est, machine):
+        print(f"  to fit: {s}")
+    return 0 if est.fits else 1
