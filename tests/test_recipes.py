@@ -217,7 +217,7 @@ def published(method, base, cfg):
         # 32 prompts per iteration (its weight-100 pull toward the base model is not reproduced: docs/recipes.md)
         "sft": prow("sft", lr=3e-4, beta=0.0, time_sampling="logit_normal", rows=32, batches=(9, 4, 1), steps=2000),
         # yifan123/flow_grpo config/dpo.py: K=24, 40-step SDE noise 0.7, beta 100, LoRA 3e-4, 1 update
-        "online_dpo": prow("online_dpo", lr=3e-4, beta=100.0, time_sampling="logit_normal", K=24, batches=(9, 9, 1),
+        "online_dpo": prow("online_dpo", lr=3e-4, beta=100.0, time_sampling="logit_normal", K=24, batches=(24, 1, 1),
                            extra={"draws_per_sample": 39}, T=40, steps=2000),
         # paper only (KwaiVGI/VideoAlign README): K=24 ODE, LoRA 3e-4, beta 1 (ours)
         "flow_rwr": prow("flow_rwr", lr=3e-4, beta=1.0, time_sampling="logit_normal", K=24, batches=(9, 9, 1),
