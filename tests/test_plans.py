@@ -296,6 +296,21 @@ def test_dance_subsets_are_per_sample_and_reproducible(tmp_path):
     assert len(subsets) > 1  # different samples train different steps
 
 
+def test_tempflow_weights_each_transition_by_its_step_noise(tmp_path):
+    """noise_aware_weight: a transition's loss weight is its step's Gaussian std itself (the loss divides by the
+    weights' sum over all ranks, so the reference's constant factor cancels and nothing depends on the ranks)."""
+    t = _trainer(tmp_path, "tiny_tempflow")
+    t.timing = {}
+    batch = t.collect()
+    t.reward_runner.close()
+    stds = {}
+    for i in range(len(batch.t_from)):
+        stds.setdefault(int(batch.t_from[i]), set()).add(round(float(batch.t_weight[i]), 6))
+    assert len(stds) > 1 and all(len(v) == 1 for v in stds.values())  # one weight per branch step
+    weights = [next(iter(stds[k])) for k in sorted(stds)]
+    assert weights == sorted(weights, reverse=True) and weights[-1] > 0  # noise shrinks along the trajectory
+
+
 def test_init_same_noise_starts_a_group_from_one_noise(tmp_path):
     """sampler.init_same_noise: the images of one prompt's group share their initial noise (DanceGRPO's
     init_same_noise), keyed by the prompt so it does not depend on batching; groups differ; the SDE steps after

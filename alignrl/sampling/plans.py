@@ -72,7 +72,7 @@ class RolloutPlan:
     fusion: str = "mean"  # how a tree node's reward is fused from its leaves: mean or logp_softmax
     fusion_alpha: float = 1.0
     width_prune_ratio: float = 0.0  # trees: after the last split keep only the best and worst fraction of edges
-    noise_aware_weight: bool = False  # weight each trained step's loss by its Gaussian std (normalised)
+    noise_aware_weight: bool = False  # weight each trained step's loss by its Gaussian std (losses are normalised by the weights' sum)
 
     def __post_init__(self):
         grid = self.grid if self.grid is not None else tuple(range(self.base_steps + 1))

@@ -127,8 +127,11 @@ class RolloutCollector:
                 cols["std"].append(full(float(r.std), torch.float32))
                 specs += [r.spec] * n
         cat = {k: (torch.cat(v) if v else None) for k, v in cols.items()}
-        if plan.noise_aware_weight and cat["std"] is not None:  # TempFlow: weight by the step's noise, mean 1
-            cat["t_weight"] = cat["t_weight"] * cat["std"] / cat["std"].mean()
+        if plan.noise_aware_weight and cat["std"] is not None:
+            # TempFlow: weight by the step's Gaussian std. The loss divides by the weights' sum over all ranks, so
+            # a constant factor (the reference's 2.25 on SD3, 1.73 on FLUX) cancels; no per-rank normalisation,
+            # which would make the weights depend on how samples are spread over processes.
+            cat["t_weight"] = cat["t_weight"] * cat["std"]
         if plan.sample_fraction is not None and cat["t_root"] is not None:
             keep = self._sample_subset(cat["t_root"], cat["t_from"], slots, plan.sample_fraction, iteration)
             cat = {k: (v[keep] if v is not None else None) for k, v in cat.items()}
