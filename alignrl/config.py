@@ -177,6 +177,16 @@ def _batch_kind(cfg: DictConfig) -> str | None:
     return getattr(algorithm_class(cfg), "batch_kind", None)
 
 
+def _splits_transitions(cfg: DictConfig) -> bool:
+    """Whether the algorithm's per-step transitions may go to different optimizer steps (the GRPO family; not
+    D3PO, whose loss pairs the transitions of one root, nor DPOK's replay)."""
+    from alignrl.components import algorithm_class
+
+    cls = algorithm_class(cfg)
+    return _batch_kind(cfg) == "transitions" and not _replay_algorithm(cfg) and \
+        bool(getattr(cls, "splits_transitions", True))
+
+
 def offline_algorithm(cfg: DictConfig) -> bool:
     """Whether the recipe's algorithm trains on an offline dataset (``data.offline``) rather than rollouts."""
     from alignrl.algorithms.base import OFFLINE_KINDS
@@ -223,6 +233,10 @@ def _offline_layout(cfg: DictConfig, world_size: int) -> dict:
 
 def validate_batch_arithmetic(cfg: DictConfig, world_size: int, num_prompts: int | None = None) -> dict:
     """Check that groups, ranks and batches divide; return the per-rank layout."""
+    update_by = str(cfg.trainer.get("update_by", "samples"))
+    if update_by != "samples" and not _splits_transitions(cfg):
+        raise ConfigError(f"trainer.update_by={update_by} splits per-step transitions; algorithm "
+                          f"'{cfg.algorithm.name}' does not train on them independently: use trainer.update_by=samples")
     if offline_algorithm(cfg):
         return _offline_layout(cfg, world_size)
     groups = _positive_int(cfg.data.groups_per_iteration, "data.groups_per_iteration")
@@ -248,10 +262,6 @@ def validate_batch_arithmetic(cfg: DictConfig, world_size: int, num_prompts: int
             f"each process samples {per_rank} images per iteration ({total} / {world}), not a multiple of "
             f"trainer.rollout_batch_size={rollout_bs}; pick a divisor of {per_rank}"
         )
-    update_by = str(cfg.trainer.get("update_by", "samples"))
-    if update_by != "samples" and (_batch_kind(cfg) != "transitions" or _replay_algorithm(cfg)):
-        raise ConfigError(f"trainer.update_by={update_by} splits per-step transitions; algorithm "
-                          f"'{cfg.algorithm.name}' does not train on them: use trainer.update_by=samples")
     if update_by == "samples" and per_rank % (updates * train_bs) and not _replay_algorithm(cfg):
         raise ConfigError(
             f"each process trains on {per_rank} samples per iteration, not a multiple of "

@@ -138,11 +138,19 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
     name = str(b.get("name", ""))
     dtype_bytes = DTYPE_BYTES.get(str(b.get("dtype", "fp32")), 4)
     batch = int(t.train_batch_size)
+    from alignrl.components import build_algorithm
+    from alignrl.config import _batch_kind
+
     guidance = float(cfg.sampler.get("guidance_scale", 1.0) or 1.0)
-    cfg_in_loss = guidance > 1.0 and str(cfg.algorithm.get("name", "")) not in ("awm", "nft") and \
-        "flux" not in name  # FLUX's guidance is embedded: one forward
+    # CFG runs in the training forward only for the methods that re-score sampled steps (the GRPO family,
+    # D3PO, DPOK); FLUX's guidance is embedded (one forward)
+    cfg_in_loss = guidance > 1.0 and _batch_kind(cfg) == "transitions" and "flux" not in name
     micro = batch * (2 if cfg_in_loss else 1)
-    notes = []
+    algorithm = build_algorithm(cfg)
+    needs_reference = bool(algorithm.needs_reference)
+    opt_bytes = 8 if str(t.optimizer.get("name", "adamw")) == "adamw" else 1  # Adafactor: factored moments
+    notes = ["not counted: the reward models' weights, and for reward-gradient methods the graph through the "
+             "sampler and the decode"]
     if name in KNOWN:
         counts = KNOWN[name]
         res = int(b.get("resolution", 512))
@@ -166,7 +174,6 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
     P = counts["denoiser"]
     shards = machine.gpus * machine.nodes
     lora = str(t.finetune) == "lora"
-    beta = float(cfg.algorithm.get("beta", 0.0) or 0.0)
     ckpt_on = bool(t.get("gradient_checkpointing", False))
     on_cpu = str(t.get("device", "auto")) == "cpu"
     rows = [("CUDA context, allocator, NCCL" if not on_cpu else "CUDA context (none: a CPU recipe)",
@@ -176,17 +183,20 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
         n_targets = len(t.lora.get("target_modules") or []) or 4
         p_lora = _lora_params(int(t.lora.rank), counts["width"] or 64, counts["layers"] or 4, n_targets) \
             if counts["layers"] else 0.01 * P
+        per = 8 + opt_bytes
         rows += [("denoiser base (frozen)", dtype_bytes * P),
-                 (f"LoRA r{int(t.lora.rank)}: weights, grads, Adam (~{p_lora / 1e6:.0f}M params x 16 B)", 16 * p_lora)]
+                 (f"LoRA r{int(t.lora.rank)}: weights, grads, optimizer (~{p_lora / 1e6:.0f}M params x {per} B)",
+                  per * p_lora)]
         trainable = p_lora
-        sharded_model = dtype_bytes * P / shards + 16 * p_lora / shards
-        model = dtype_bytes * P + 16 * p_lora
+        sharded_model = dtype_bytes * P / shards + per * p_lora / shards
+        model = dtype_bytes * P + per * p_lora
     else:
-        rows.append(("denoiser full: fp32 weights, grads, Adam (16 B/param)", 16 * P))
+        per = 8 + opt_bytes
+        rows.append((f"denoiser full: fp32 weights, grads, optimizer ({per} B/param)", per * P))
         trainable = P
-        model = 16 * P
-        sharded_model = 16 * P / shards
-        if beta > 0:
+        model = per * P
+        sharded_model = per * P / shards
+        if needs_reference:
             rows.append(("frozen reference for the KL (a copy)", dtype_bytes * P))
             model += dtype_bytes * P
             sharded_model += dtype_bytes * P / shards
@@ -209,9 +219,9 @@ def suggestions(cfg: DictConfig, est: Estimate, machine: Machine) -> list[str]:
     t = cfg.trainer
     if est.fits:
         return out
-    excess = est.total - est.limit
-    if not t.get("gradient_checkpointing", False) and est.act_plain - est.act_ckpt >= excess:
-        out.append("trainer.gradient_checkpointing=true")
+    if not t.get("gradient_checkpointing", False) and est.act_plain - est.act_ckpt > 0.05 * est.limit:
+        saved = (est.act_plain - est.act_ckpt) / GiB
+        out.append(f"trainer.gradient_checkpointing=true (saves {saved:.1f} GiB)")
     if int(t.train_batch_size) > 1:
         out.append("trainer.train_batch_size=1 (memory only: the same samples, smaller forwards)")
     if str(t.finetune) == "full":
@@ -231,8 +241,14 @@ def _size(value: float) -> str:
 def run(cfg: DictConfig) -> int:
     m = cfg.get("machine") or {}
     machine = Machine(int(m.get("gpus", 8)), float(m.get("gpu_memory_gb", 80)), int(m.get("nodes", 1)))
+    from alignrl.config import validate_batch_arithmetic
+
     est = estimate(cfg, machine)
     name = cfg.backbone.get("name")
+    try:
+        validate_batch_arithmetic(cfg, machine.gpus * machine.nodes)
+    except ConfigError as e:
+        est.notes.append(f"on {machine.gpus * machine.nodes} processes this recipe does not run: {e}")
     print(f"alignrl plan: {cfg.get('description') or name} on {machine.nodes} node(s) x {machine.gpus} GPU(s) "
           f"of {machine.gpu_memory_gb:g} GB; per GPU (data-parallel, no sharding):")
     width = max(len(r[0]) for r in est.rows)

@@ -42,6 +42,21 @@ def test_plan_command_prints_the_breakdown_and_exits_by_fit():
     assert "trainer.gradient_checkpointing=true" in small.stdout or "train_batch_size=1" in small.stdout
 
 
+def test_cfg_doubles_only_the_training_forwards_that_run_it_and_a_reference_counts_when_needed():
+    """Flow-GRPO re-scores its steps with CFG (the micro-batch doubles); Flow-RWR's loss runs without CFG and its
+    beta is a temperature (no reference copy); the plan also says when the recipe cannot split over the GPUs."""
+    grpo = estimate(compose(["recipe=flowgrpo_sd35"]), Machine())
+    rwr = estimate(compose(["recipe=flow_rwr_sd35"]), Machine())
+    assert any("CFG doubles it" in k for k, _ in grpo.rows) and not any("CFG" in k for k, _ in rwr.rows)
+    assert grpo.act_plain == pytest.approx(2 * rwr.act_plain)  # same batch of 9, same tokens
+    full = estimate(compose(["recipe=dancegrpo_flux", "algorithm.beta=0.04"]), Machine())
+    assert any(k.startswith("frozen reference") for k, _ in full.rows)
+    assert not any(k.startswith("frozen reference") for k, _ in
+                   estimate(compose(["recipe=flow_rwr_flux", "trainer.finetune=full"]), Machine()).rows)
+    res = run_inprocess("plan", "recipe=draft_flux")
+    assert "does not run" in res.stdout and "do not split over 8 processes" in res.stdout
+
+
 def test_unknown_backbone_is_refused_in_one_line():
     from alignrl.errors import ConfigError
 

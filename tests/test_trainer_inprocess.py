@@ -240,8 +240,11 @@ def test_update_cadence_is_refused_for_a_method_without_transitions(tmp_path):
     from alignrl.config import validate_batch_arithmetic
     from alignrl.errors import ConfigError
 
-    cfg = compose(["recipe=tiny_awm", "trainer.update_by=step"])
-    with pytest.raises(ConfigError, match="trainer.update_by=step .* does not train on them"):
-        validate_batch_arithmetic(cfg, 1)
+    for recipe in ("tiny_awm", "tiny_sft", "tiny_d3po"):  # final images, an offline dataset, D3PO's pairs
+        cfg = compose([f"recipe={recipe}", "trainer.update_by=step"])
+        with pytest.raises(ConfigError, match="trainer.update_by=step .* does not train on them independently"):
+            validate_batch_arithmetic(cfg, 1)
     with pytest.raises(ConfigError, match="update_by='epoch' is not known"):
         _trainer(tmp_path, "trainer.update_by=epoch")
+    with pytest.raises(ConfigError, match="lr_schedule=cosine .* use lr_schedule=constant or update_by=samples"):
+        _trainer(tmp_path, "trainer.update_by=transitions", "trainer.lr_schedule=cosine")

@@ -72,6 +72,7 @@ class D3PO(Stateless):
     human_file: str | None = None  # ranks.jsonl of `alignrl data kind=trajectories`: train on people's rankings
 
     batch_kind: ClassVar[str] = "transitions"
+    splits_transitions: ClassVar[bool] = False  # a pair's two transitions must share an optimizer step
     _diag_keys: ClassVar[tuple] = ("policy_loss", "log_ratio", "clipfrac")
 
     def __post_init__(self):

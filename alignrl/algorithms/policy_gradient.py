@@ -31,9 +31,10 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
     count = 0
     grad_norms = []
     ratio_dev_before_update = 0.0  # on-policy check: the first update's ratios must all be 1
+    stepped = False  # whether an optimizer step has run (a skipped, empty update is not the first)
     for epoch in range(ctx.inner_epochs):
-        for chunk_index, (chunk, rows) in enumerate(update_sets(batch, ctx, by_root, keep_all, epoch)):
-            first_update = epoch == 0 and chunk_index == 0
+        for chunk, rows in update_sets(batch, ctx, by_root, keep_all, epoch):
+            first_update = not stepped
             local_w = float(weight[rows].sum()) if rows else 0.0
             global_w = float(ctx.all_reduce_sum(torch.tensor([local_w], dtype=torch.float64,
                                                              device=ctx.device)).item())
@@ -72,6 +73,7 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
                         sums[key] += float(diag[key].float().sum())
                     count += len(group)
             grad_norms.append(ctx.optimizer_step())
+            stepped = True
     return ctx.summarise(sums, count, ratio_dev_before_update, grad_norms)
 
 

@@ -123,9 +123,9 @@ class PromptCache:
 
 def with_static_shift(pipe, shift: float | None):
     """A flow-matching ``pipe`` on its own schedule (``shift`` None: FLUX's resolution-dependent shift, SD3's
-    static 3) or on a static shift ``s t / (1 + (s - 1) t)`` over ``linspace(1, 0, N + 1)`` (DanceGRPO's and
-    MixGRPO's FLUX schedule: 3). The scheduler itself is replaced, so training, evaluation and an exported
-    pipeline share the schedule."""
+    static 3) or with a static shift ``s t / (1 + (s - 1) t)``. On FLUX, whose grid is ``linspace(1, 1/N, N)``,
+    that is DanceGRPO's and MixGRPO's schedule (3) over ``linspace(1, 0, N + 1)``; on SD3 it sets the shift of
+    SD3's own grid. The scheduler itself is replaced, so training, evaluation and an exported pipeline share it."""
     if shift is None:
         return pipe
     if shift <= 0:

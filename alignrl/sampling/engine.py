@@ -114,6 +114,8 @@ def rollout(backbone: Backbone, plan: RolloutPlan, cond: Conditioning, generator
     the initial latents (default: each sample's generator draws its own)."""
     schedule = backbone.make_schedule(plan.base_steps)
     grid = plan.grid_indices
+    if start is not None and start.shape[0] != len(generators):
+        raise ValueError(f"rollout: {start.shape[0]} initial latents for {len(generators)} samples")
     x = backbone.start_latents(generators, schedule) if start is None else start
     roots = x.shape[0]
     gens = list(generators)

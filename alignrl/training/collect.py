@@ -67,7 +67,8 @@ class RolloutCollector:
                 raise ConfigError("the plans of one iteration must share schedule length, guidance and leaves per root")
             gens = sample_generators(self.seed, iteration, [s.global_index for s in chunk], self.device)
             x_init = None
-            if self.planner.init_same_noise:  # one initial noise per prompt's group, keyed by the prompt
+            if getattr(self.planner, "init_same_noise", False):  # one noise per prompt's group (a planner of
+                # one's own need not declare it), keyed by the prompt
                 x_init = self.backbone.start_latents(sample_generators(
                     self.seed * 31 + 11, iteration, [s.prompt_id for s in chunk], self.device),
                     self.backbone.make_schedule(plan.base_steps))

@@ -100,6 +100,9 @@ class TrainerConfig:
              f"trainer.update_by='{self.update_by}' is not known; use {', '.join(UPDATE_BY)}"),
             (self.transitions_per_update >= 1,
              f"trainer.transitions_per_update={self.transitions_per_update} must be >= 1"),
+            (self.update_by == "samples" or self.lr_schedule == "constant",
+             f"trainer.lr_schedule={self.lr_schedule} counts optimizer steps as updates_per_iteration per iteration, "
+             f"which trainer.update_by={self.update_by} does not fix; use lr_schedule=constant or update_by=samples"),
             (self.max_grad_norm >= 0, f"trainer.max_grad_norm={self.max_grad_norm} must be >= 0 (0: no clipping)"),
             (self.warmup_steps >= 0, f"trainer.warmup_steps={self.warmup_steps} must be >= 0"),
             (self.reward_workers >= 1, f"trainer.reward_workers={self.reward_workers} must be >= 1"),
