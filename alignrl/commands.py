@@ -49,6 +49,19 @@ def _check_start(cfg: DictConfig, run_dir: Path) -> None:
                               f"or choose another run_dir")
 
 
+def _memory_preflight(cfg: DictConfig) -> None:
+    """On a GPU, warn before the models load when `alignrl plan`'s estimate exceeds the GPU's memory."""
+    import torch
+
+    if str(cfg.trainer.get("device", "auto")) == "cpu" or not torch.cuda.is_available():
+        return
+    from alignrl.plan import preflight
+
+    warning = preflight(cfg, float(torch.cuda.get_device_properties(0).total_memory))
+    if warning and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(warning, file=sys.stderr)
+
+
 def train(cfg: DictConfig) -> int:
     run_dir = _run_dir()
     _check_start(cfg, run_dir)
@@ -75,6 +88,7 @@ def train(cfg: DictConfig) -> int:
     else:
         world = nproc * (nodes["nnodes"] if nodes else 1)
     validate_batch_arithmetic(cfg, world)  # before anything loads or spawns
+    _memory_preflight(cfg)
     if nproc > 1 and not _in_distributed_child():
         if nodes is None or nodes["node_rank"] == 0:
             _save_config(cfg, run_dir)

@@ -264,3 +264,17 @@ def run(cfg: DictConfig) -> int:
     for s in suggestions(cfg, est, machine):
         print(f"  to fit: {s}")
     return 0 if est.fits else 1
+
+
+def preflight(cfg: DictConfig, gpu_memory_bytes: float) -> str | None:
+    """A one-line warning when the recipe's estimate does not fit this GPU, before any model loads; None when it
+    fits or the backbone is not one the planner knows (the run then finds out for itself)."""
+    if str(cfg.backbone.get("name", "")) not in KNOWN:
+        return None
+    machine = Machine(1, gpu_memory_bytes / GiB, 1)
+    est = estimate(cfg, machine)
+    if est.fits:
+        return None
+    tips = "; ".join(suggestions(cfg, est, machine)[:2])
+    return (f"alignrl: warning: this recipe needs about {est.total / GiB:.0f} GiB per GPU (alignrl plan) and this GPU "
+            f"has {gpu_memory_bytes / GiB:.0f} GiB; to fit: {tips}")

@@ -57,6 +57,15 @@ def test_cfg_doubles_only_the_training_forwards_that_run_it_and_a_reference_coun
     assert "does not run" in res.stdout and "do not split over 8 processes" in res.stdout
 
 
+def test_preflight_warns_before_loading_when_the_gpu_is_too_small():
+    from alignrl.plan import preflight
+
+    warning = preflight(compose(["recipe=mixgrpo_flux"]), 80 * 1e9)
+    assert warning.startswith("alignrl: warning: this recipe needs about 192 GiB") and "finetune=lora" in warning
+    assert preflight(compose(["recipe=mixgrpo_flux_lora"]), 80 * 1e9) is None
+    assert preflight(compose(["recipe=tiny_flowgrpo"]), 1e9) is None  # the planner cannot tell: no warning
+
+
 def test_unknown_backbone_is_refused_in_one_line():
     from alignrl.errors import ConfigError
 
