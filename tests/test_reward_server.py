@@ -400,10 +400,19 @@ class _JudgeHandler(BaseHTTPRequestHandler):
                 answer = f"First guess Final Score: 1. On reflection...\nFinal Score: {score}"
             self._answer(200, {"choices": [{"message": {"role": "assistant", "content": answer}}]})
         finally:
-            with cls.lock:
-                cls.in_flight -= 1
+            self._done()
+
+    def _done(self):
+        """A request stops counting as in flight once its answer is ready, before it is sent: the client may send
+        its next request the moment it reads this one's answer, before this thread runs again (a loaded machine
+        counted 4 of a limit of 3 when the count dropped after sending)."""
+        if not getattr(self, "_counted_done", False):
+            self._counted_done = True
+            with type(self).lock:
+                type(self).in_flight -= 1
 
     def _answer(self, status, obj):
+        self._done()
         _send_json(self, status, obj)
 
     def log_message(self, *args):
