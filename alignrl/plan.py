@@ -181,7 +181,8 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
             ("text encoders and VAE (frozen)", dtype_bytes * (counts["text"] + counts["vae"]))]
     if lora:
         n_targets = len(t.lora.get("target_modules") or []) or 4
-        p_lora = _lora_params(int(t.lora.rank), counts["width"] or 64, counts["layers"] or 4, n_targets) \
+        # a measured (tiny) backbone has no layer table: 1% of its weights stands in for the adapters
+        p_lora = _lora_params(int(t.lora.rank), counts["width"], counts["layers"], n_targets) \
             if counts["layers"] else 0.01 * P
         per = 8 + opt_bytes
         rows += [("denoiser base (frozen)", dtype_bytes * P),

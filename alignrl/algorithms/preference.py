@@ -159,6 +159,19 @@ def rwr_weights(rewards: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.softmax(rewards.double() / beta, dim=0).to(rewards.dtype) * rewards.shape[0]
 
 
+def varied_groups(rewards: np.ndarray, keys, ok: np.ndarray) -> tuple[list[np.ndarray], float]:
+    """The members (indices where ``ok``) of each prompt group whose rewards differ, and the fraction of groups
+    that carry no preference (fewer than two members, or all rewards tied)."""
+    keys = np.asarray(keys)
+    groups = np.unique(keys)
+    varied = []
+    for k in groups:
+        members = np.nonzero((keys == k) & ok)[0]
+        if len(members) >= 2 and np.ptp(rewards[members]) > 0:
+            varied.append(members)
+    return varied, (len(groups) - len(varied)) / max(len(groups), 1)
+
+
 LOG2 = math.log(2.0)
 
 
@@ -722,20 +735,14 @@ class OnlineDPO(_OnlineFinal):
 
     def advantages(self, rewards, keys, per_reward=None, weights=None) -> AdvantageResult:
         rewards = np.asarray(rewards, dtype=np.float64)
-        keys = np.asarray(keys)
         adv = np.zeros(len(rewards))
         keep = np.zeros(len(rewards), dtype=bool)
-        tied = 0
-        groups = np.unique(keys)
-        for k in groups:
-            members = np.nonzero((keys == k) & np.isfinite(rewards))[0]
-            if len(members) < 2 or np.ptp(rewards[members]) == 0:
-                tied += 1
-                continue
+        varied, tied_frac = varied_groups(rewards, keys, np.isfinite(rewards))
+        for members in varied:
             order = members[np.argsort(-rewards[members], kind="stable")]
             adv[order[0]], adv[order[-1]] = 1.0, -1.0
             keep[order[0]] = keep[order[-1]] = True
-        return AdvantageResult(adv, keep, {"tied_group_frac": tied / max(len(groups), 1),
+        return AdvantageResult(adv, keep, {"tied_group_frac": tied_frac,
                                            "kept_frac": float(keep.mean()) if len(keep) else 0.0})
 
     def train_step(self, batch, adv, ctx) -> dict:
@@ -822,23 +829,18 @@ class FlowRWR(_OnlineFinal):
         rewards = np.asarray(rewards, dtype=np.float64)
         ok = np.isfinite(rewards)
         w = np.zeros(len(rewards))
-        tied = 0
+        tied_frac = 0.0
         if self.normalise == "batch":
             if ok.any():
                 w[ok] = rwr_weights(torch.as_tensor(rewards[ok]), self.beta).numpy()
         else:  # per prompt group: mean 1 within a group; a group whose rewards all tie carries no preference
-            keys = np.asarray(keys)
-            groups = np.unique(keys)
-            for k in groups:
-                members = np.nonzero((keys == k) & ok)[0]
-                if len(members) < 2 or np.ptp(rewards[members]) == 0:
-                    tied += 1
-                    ok[members] = False
-                    continue
+            varied, tied_frac = varied_groups(rewards, keys, ok)
+            ok = np.zeros(len(rewards), dtype=bool)
+            for members in varied:
                 w[members] = rwr_weights(torch.as_tensor(rewards[members]), self.beta).numpy()
-            tied /= max(len(groups), 1)
+                ok[members] = True
         return AdvantageResult(w, ok, {"weight_max": float(w.max(initial=0.0)), "kept_frac": float(ok.mean()),
-                                       "tied_group_frac": float(tied)})
+                                       "tied_group_frac": float(tied_frac)})
 
     def train_step(self, batch, adv, ctx) -> dict:
         if not batch.plan.is_linear or adv.leaf is None:
