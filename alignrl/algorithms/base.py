@@ -175,6 +175,9 @@ class StepContext:
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 scales the loss inside ``backward``)
     update_by: str = "samples"  # samples | step | transitions (trainer.update_by; the transition-trained methods)
     transitions_per_update: int = 12  # update_by transitions: this process's transitions per optimizer step
+    # distributed=fsdp: n -> the largest n over processes; a sharded step pads its forward/backward passes to it
+    # (every pass gathers weights: every process must run as many). The identity when nothing is sharded.
+    balance: Callable[[int], int] = lambda n: n
 
 
 class Stateless:

@@ -55,6 +55,7 @@ class FlowGRPO(GroupRelative):
     best_of_n: int = 0  # DanceGRPO: train only the n/2 best and n/2 worst samples of each group (0: all)
 
     batch_kind = "transitions"
+    supports_sharding = True  # train_on_transitions balances its passes over processes (distributed=fsdp)
 
     def __post_init__(self):
         if self.advantage_aggr not in ("reward", "advantage"):

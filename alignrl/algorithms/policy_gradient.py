@@ -5,7 +5,8 @@ way on any number of ranks). Within a minibatch of roots the transitions are sco
 time, so a linear plan's step k of a minibatch is one forward pass, as sampled. The per-sample loss is the
 algorithm's ``step_loss`` (given each row's root, so losses that couple the images of one root, D3PO's pairs,
 can); transitions are weighted by the plan's loss weights and normalised by their sum
-over all ranks.
+over all ranks. With sharded weights (``distributed=fsdp``) every process runs the same number of passes per
+optimizer step: the ones with fewer pad with passes on their first transition whose loss is multiplied by zero.
 """
 
 from __future__ import annotations
@@ -42,36 +43,45 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
                 continue  # every rank agrees: nothing to learn from this chunk
             in_set = set(rows)
             kept_roots = [r for r in chunk if any(i in in_set for i in by_root.get(r, ()))]
+            groups = []  # one forward/backward pass each
             for m in range(0, len(kept_roots), ctx.train_batch_size):
                 mb_roots = kept_roots[m:m + ctx.train_batch_size]
                 mb_rows = torch.tensor([i for r in mb_roots for i in by_root[r] if i in in_set], dtype=torch.long)
-                for group in step_groups(batch, mb_rows):
-                    spec = batch.t_spec[int(group[0])]
-                    j, j_to = int(batch.t_from[group[0]]), int(batch.t_to[group[0]])
-                    g_dev = group.to(ctx.device)
-                    x = batch.x[g_dev]
-                    cond = backbone.encode_prompts([batch.prompts[int(r)] for r in batch.t_root[group]])
-                    with ctx.autocast():
-                        v = backbone.predict(x, schedule.timesteps[j], cond, batch.plan.guidance_scale)
-                    policy = apply_step(backbone, spec, schedule, j, x, v, next_x=batch.next_x[g_dev], i_to=j_to)
-                    reference = None
-                    if algo.needs_reference:
-                        v_ref = ctx.predict_reference(x, schedule.timesteps[j], cond, batch.plan.guidance_scale)
-                        with torch.no_grad():
-                            reference = apply_step(backbone, spec, schedule, j, x, v_ref, next_x=batch.next_x[g_dev],
-                                                   i_to=j_to)
-                    loss_vec, diag = algo.step_loss(
-                        policy, batch.logp_old[g_dev], adv_t[g_dev], reference,
-                        dt=schedule.sigmas[j_to] - schedule.sigmas[j], mean_old=batch.mean_old[g_dev],
-                        roots=batch.t_root[group].to(ctx.device),
-                    )
-                    w = weight[group].to(ctx.device)
-                    ctx.backward((loss_vec * w).sum() / global_w)
-                    if first_update and "ratio" in diag:
-                        ratio_dev_before_update = max(ratio_dev_before_update, float((diag["ratio"] - 1).abs().max()))
-                    for key in algo.diagnostics:
-                        sums[key] += float(diag[key].float().sum())
-                    count += len(group)
+                groups.extend(step_groups(batch, mb_rows))
+            # sharded weights: every process runs as many passes (padding ones count nothing, see module doc)
+            padding = ctx.balance(len(groups)) - len(groups)
+            for n, group in enumerate(groups + [torch.zeros(1, dtype=torch.long)] * padding):
+                real = n < len(groups)
+                spec = batch.t_spec[int(group[0])]
+                j, j_to = int(batch.t_from[group[0]]), int(batch.t_to[group[0]])
+                g_dev = group.to(ctx.device)
+                x = batch.x[g_dev]
+                cond = backbone.encode_prompts([batch.prompts[int(r)] for r in batch.t_root[group]])
+                with ctx.autocast():
+                    v = backbone.predict(x, schedule.timesteps[j], cond, batch.plan.guidance_scale)
+                policy = apply_step(backbone, spec, schedule, j, x, v, next_x=batch.next_x[g_dev], i_to=j_to)
+                reference = None
+                if algo.needs_reference:
+                    v_ref = ctx.predict_reference(x, schedule.timesteps[j], cond, batch.plan.guidance_scale)
+                    with torch.no_grad():
+                        reference = apply_step(backbone, spec, schedule, j, x, v_ref, next_x=batch.next_x[g_dev],
+                                               i_to=j_to)
+                adv_g = adv_t[g_dev] if real else torch.zeros(len(group), device=ctx.device)  # a dropped row's is NaN
+                loss_vec, diag = algo.step_loss(
+                    policy, batch.logp_old[g_dev], adv_g, reference,
+                    dt=schedule.sigmas[j_to] - schedule.sigmas[j], mean_old=batch.mean_old[g_dev],
+                    roots=batch.t_root[group].to(ctx.device),
+                )
+                if not real:  # a padding pass: the same collectives, no gradient
+                    ctx.backward(loss_vec.sum() * 0.0)
+                    continue
+                w = weight[group].to(ctx.device)
+                ctx.backward((loss_vec * w).sum() / global_w)
+                if first_update and "ratio" in diag:
+                    ratio_dev_before_update = max(ratio_dev_before_update, float((diag["ratio"] - 1).abs().max()))
+                for key in algo.diagnostics:
+                    sums[key] += float(diag[key].float().sum())
+                count += len(group)
             grad_norms.append(ctx.optimizer_step())
             stepped = True
     return ctx.summarise(sums, count, ratio_dev_before_update, grad_norms)

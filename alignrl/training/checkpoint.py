@@ -192,7 +192,9 @@ def verify_checkpoint(path: Path) -> None:
             raise ValueError("no iteration")
     except (OSError, ValueError) as e:
         raise CorruptCheckpoint(path, f"state.json is unreadable ({type(e).__name__}: {str(e)[:80]})") from None
-    required = list(REQUIRED) + (["ema.safetensors"] if state.get("ema") is not None else [])
+    required = [r for r in REQUIRED if not (r == "optimizer.pt" and state.get("optimizer_format") == "dcp")] \
+        + (["ema.safetensors"] if state.get("ema") is not None else []) \
+        + (["optimizer/.metadata"] if state.get("optimizer_format") == "dcp" else [])  # distributed=fsdp
     missing = [r for r in required if not (path / r).is_file()]
     if missing:
         raise CorruptCheckpoint(path, f"{missing[0]} is missing")

@@ -38,6 +38,7 @@ class RunParts:
     seed: int
     finetune: str
     text_encoder: str
+    sharded_optimizer: bool = False  # distributed=fsdp: the optimizer's states in DCP (optimizer/), any process count
 
 
 @dataclass
@@ -102,14 +103,23 @@ class Checkpointer:
         if hasattr(p.algorithm, "save_rank_state"):  # per-process algorithm state (DPOK's replay buffer)
             p.algorithm.save_rank_state(writer.tmp_dir(step) / "rng" / f"algorithm_rank_{self.dist.rank}.safetensors")
         self.dist.barrier()
+        tmp = writer.tmp_dir(step)
+        policy = p.policy
+        gather = policy.sharding.active  # sharded tensors are gathered by every process, written by the main one
+        trainable = policy.trainable_state() if self.is_main or gather else None
+        ema = None
+        if policy.ema is not None and (self.is_main or gather):
+            ema = {k: policy.sharding.full(v) for k, v in policy.ema.state_tensors(policy.trainable_names).items()}
+        if p.sharded_optimizer:  # every process writes its shard of the optimizer's states
+            from alignrl.training.sharding import OPTIMIZER_DIR, save_optimizer
+
+            save_optimizer(policy.denoiser, _inner(p.optimizer), tmp / OPTIMIZER_DIR)
         if self.is_main:
-            tmp = writer.tmp_dir(step)
-            policy = p.policy
-            save_file(policy.trainable_state(), str(tmp / "trainable.safetensors"))
-            if policy.ema is not None:
-                save_file({k: v.cpu() for k, v in policy.ema.state_tensors(policy.trainable_names).items()},
-                          str(tmp / "ema.safetensors"))
-            torch.save(_inner(p.optimizer).state_dict(), tmp / "optimizer.pt")
+            save_file(trainable, str(tmp / "trainable.safetensors"))
+            if ema is not None:
+                save_file(ema, str(tmp / "ema.safetensors"))
+            if not p.sharded_optimizer:
+                torch.save(_inner(p.optimizer).state_dict(), tmp / "optimizer.pt")
             torch.save(p.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             if p.finetune == "lora":
                 policy.export_lora(tmp / "lora")
@@ -118,6 +128,7 @@ class Checkpointer:
                 "train_seconds": counters.train_seconds,
                 "finetune": p.finetune, "trainable": len(policy.trainable_names),
                 "text_encoder": p.text_encoder,
+                "optimizer_format": "dcp" if p.sharded_optimizer else "torch",
                 "prompt_sampler": p.batch_sampler.state_dict(), "planner": p.planner.state_dict(),
                 "algorithm": p.algorithm.state_dict(),
                 "ema": policy.ema.counters() if policy.ema is not None else None,
@@ -228,7 +239,13 @@ class Checkpointer:
                 raise CheckpointError(f"{path / 'ema.safetensors'} holds NaN/inf weights: resume from an earlier "
                                       f"checkpoint (resume=<run>/checkpoints/step_N)")
             loaded["ema"] = ema
-        loaded["optimizer"] = read("optimizer.pt", ckpt.torch_load_trusted)
+        if state.get("optimizer_format") == "dcp":  # read (resharded) when applied: a collective
+            loaded["optimizer"] = None
+        elif p.sharded_optimizer and policy.sharding.active:
+            raise CheckpointError(f"{path} was saved with distributed=ddp; its optimizer states cannot be sharded: "
+                                  f"resume it with distributed=ddp")
+        else:
+            loaded["optimizer"] = read("optimizer.pt", ckpt.torch_load_trusted)
         loaded["lr_scheduler"] = read("lr_scheduler.pt", ckpt.torch_load_trusted)
         rng_name = f"rng/rank_{self.dist.rank}.pt"
         loaded["rng"] = read(rng_name, ckpt.torch_load_trusted) if (path / rng_name).is_file() else None
@@ -250,9 +267,14 @@ class Checkpointer:
         p = self.parts
         state = loaded["state"]
         if loaded["ema"] is not None:
-            p.policy.ema.load_state_tensors(p.policy.trainable_names, loaded["ema"])
+            p.policy.ema.load_state_tensors(p.policy.trainable_names, loaded["ema"], layout=p.policy.sharding.like)
             p.policy.ema.load_counters(state["ema"])
-        _inner(p.optimizer).load_state_dict(loaded["optimizer"])
+        if loaded["optimizer"] is None:
+            from alignrl.training.sharding import OPTIMIZER_DIR, load_optimizer
+
+            load_optimizer(p.policy.denoiser, _inner(p.optimizer), path / OPTIMIZER_DIR)
+        else:
+            _inner(p.optimizer).load_state_dict(loaded["optimizer"])
         p.lr_scheduler.load_state_dict(loaded["lr_scheduler"])
         p.batch_sampler.load_state_dict(state.get("prompt_sampler", state.get("sampler")))  # "sampler" before 12-2026
         p.planner.load_state_dict(state.get("planner", {}))

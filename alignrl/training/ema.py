@@ -49,9 +49,11 @@ class EMA:
     def state_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {n: s.contiguous() for n, s in zip(names, self.shadow)}
 
-    def load_state_tensors(self, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    def load_state_tensors(self, names: list[str], tensors: dict[str, torch.Tensor], layout=None) -> None:
+        """``layout(full, shadow)``: a whole tensor laid out as the shadow (its shard, for sharded weights)."""
         for i, n in enumerate(names):
-            self.shadow[i].copy_(tensors[n].to(self.shadow[i].device))
+            full = tensors[n].to(self.shadow[i].device)
+            self.shadow[i].copy_(layout(full, self.shadow[i]) if layout is not None else full)
 
     def counters(self) -> dict:
         return {"num_updates": self.num_updates, "optimizer_steps": self.optimizer_steps}

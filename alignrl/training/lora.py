@@ -101,8 +101,9 @@ def lora_export(transformer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], 
     return state, meta
 
 
-def load_trainable_file(target, names: list[str], path) -> None:
-    """Copy the tensors of ``path`` into ``target``'s parameters ``names`` (a denoiser module or a backbone)."""
+def load_trainable_file(target, names: list[str], path, layout=None) -> None:
+    """Copy the tensors of ``path`` into ``target``'s parameters ``names`` (a denoiser module or a backbone);
+    ``layout(full, param)`` lays a whole tensor out as the parameter (its shard, for sharded weights)."""
     tensors = load_file(str(path))
     missing = [n for n in names if n not in tensors]
     if missing:
@@ -116,4 +117,4 @@ def load_trainable_file(target, names: list[str], path) -> None:
             if params[n].shape != tensors[n].shape:
                 raise CheckpointError(f"{path}: tensor {n} has shape {tuple(tensors[n].shape)}, "
                                       f"the model expects {tuple(params[n].shape)} (different LoRA rank?)")
-            params[n].copy_(tensors[n])
+            params[n].copy_(layout(tensors[n], params[n]) if layout is not None else tensors[n])

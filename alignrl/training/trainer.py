@@ -39,6 +39,7 @@ from alignrl.training.distributed import Collectives
 from alignrl.training.eval_hook import EvalHook
 from alignrl.training.logging import MetricsLogger
 from alignrl.training.sampler import DatasetSampler, KRepeatPromptSampler, balance_strata
+from alignrl.training.sharding import DistributedConfig, Sharding, check_strategy
 from alignrl.training.trainer_config import TrainerConfig
 from alignrl.trajectories import RecordedCollector, TrajectoryStore
 
@@ -143,6 +144,10 @@ class Trainer:
         self.checkpointer.verify()  # checksums and headers, before the models load
 
         self.finetune = tcfg.finetune
+        self.distributed = DistributedConfig.from_config(cfg.get("distributed"))
+        check_strategy(self.distributed, algorithm=self.algorithm, finetune=self.finetune,
+                       text_encoder=tcfg.text_encoder, mixed_precision=mp)
+        self.sharding = Sharding(self.distributed, self.world, self.device)
         if tcfg.text_encoder != "frozen" and self.algorithm.needs_reference:
             raise ConfigError(f"trainer.text_encoder={tcfg.text_encoder} with a KL or reference term (algorithm "
                               f"{self.algorithm.name}) would need a frozen copy of the text encoder as reference; "
@@ -152,7 +157,7 @@ class Trainer:
         torch.manual_seed(self.seed)
         self.backbone = build_backbone(cfg, self.device)
         self.denoiser = self.backbone.transformer
-        self.policy = Policy.for_training(self.backbone, tcfg, self.algorithm.needs_reference)
+        self.policy = Policy.for_training(self.backbone, tcfg, self.algorithm.needs_reference, self.sharding)
         self.trainable_names, self.params = self.policy.trainable_names, self.policy.params
         self.reference_denoiser, self.ema = self.policy.reference_denoiser, self.policy.ema
 
@@ -183,7 +188,7 @@ class Trainer:
             policy=self.policy, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
             batch_sampler=self.batch_sampler, planner=self.planner, algorithm=self.algorithm,
             backbone_family=self.backbone.family, seed=self.seed, finetune=self.finetune,
-            text_encoder=tcfg.text_encoder))
+            text_encoder=tcfg.text_encoder, sharded_optimizer=self.distributed.sharded))
         self.optimizer_steps = 0
         try:
             self._resume()
@@ -283,7 +288,7 @@ class Trainer:
             summarise=self._update_summary, rank=self.rank, world_size=self.world,
             mixed_precision=self.accelerator.mixed_precision,
             update_by=tcfg.update_by, transitions_per_update=tcfg.transitions_per_update,
-            score=self.reward.score_tensor if self.direct else None,
+            balance=self.sharding.balance, score=self.reward.score_tensor if self.direct else None,
             reward=(lambda images, prompts, metadata: self.reward(images, prompts, metadata)[0]) if self.direct else None,
         )
 
@@ -328,8 +333,11 @@ class Trainer:
         return chunks
 
     def _optimizer_step(self, max_norm: float) -> float:
-        self.dist.sum_gradients(self.params)  # sum of per-rank partial sums = the global mean over the chunk
-        norm = self.accelerator.clip_grad_norm_(self.params, max_norm) if max_norm > 0 else torch.tensor(0.0)
+        if self.sharding.active:  # reduce-scattered (summed) in the backward passes already
+            norm = self.sharding.clip_grad_norm(self.params, max_norm) if max_norm > 0 else 0.0
+        else:
+            self.dist.sum_gradients(self.params)  # sum of per-rank partial sums = the global mean over the chunk
+            norm = self.accelerator.clip_grad_norm_(self.params, max_norm) if max_norm > 0 else torch.tensor(0.0)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -376,7 +384,8 @@ class Trainer:
             self._write_status("running")
             if self.is_main:
                 self.logger.write(
-                    f"alignrl: {self.policy.describe()}; {self.world} process(es); run dir {self.run_dir}"
+                    f"alignrl: {self.policy.describe()}; {self.world} process(es)"
+                    + (f", {self.sharding.describe()}" if self.distributed.sharded else "") + f"; run dir {self.run_dir}"
                     + (f"; resumed from {self.resume_from}" if self.resume_from else "")
                 )
             if self.eval_hook and tcfg.eval_at_start and self.iteration == 0:
