@@ -18,8 +18,10 @@ Estimate, in bytes, per GPU (``P`` denoiser parameters, ``N`` the sharding divis
   native size, scaled by pixels); the built-in tiny and ShapeWorld backbones are measured here, by one training
   forward that sums the tensors autograd saves.
 
-alignrl shards nothing yet (data-parallel only), so ``N`` is 1; the fully sharded figure (``N`` = every GPU) is
-printed beside it for planning. It fits when the total is at most 90% of the GPU's memory.
+With ``distributed=ddp`` (data-parallel) ``N`` is 1 and the fully sharded figure (``N`` = every GPU) is printed
+beside it; with ``distributed=fsdp`` (a full fine-tune) ``N`` is every GPU of the job, plus the shard units in
+flight: two gathered blocks in the gather dtype and one block's unsharded fp32 gradients (a block taken as
+``2 P / L``, an upper figure for unequal blocks). It fits when the total is at most 90% of the GPU's memory.
 """
 
 from __future__ import annotations
@@ -210,8 +212,31 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
                  f"{'with' if ckpt_on else 'without'} gradient checkpointing", act))
     fixed = rows[0][1] + rows[1][1]
     total = fixed + model + act
-    total_sharded = fixed + sharded_model + act
+    block = 2 * P / counts["layers"] if counts["layers"] else P  # a measured backbone: the whole denoiser, at most
+    dist = cfg.get("distributed") or {}
+    gather = dist.get("param_dtype") or ("bf16" if str(t.get("mixed_precision", "no")) == "bf16" else "fp32")
+    gather_bytes = DTYPE_BYTES.get(str(gather), 4)
+    units = 2 * gather_bytes * block + 4 * block
+    total_sharded = fixed + sharded_model + units + act
+    # sampling keeps the whole denoiser gathered (distributed.gather_for_sampling): a peak of its own, no activations
+    sampling_peak = fixed + sharded_model + gather_bytes * P if bool(dist.get("gather_for_sampling", True)) else 0.0
+    if sharded_run(cfg):  # the rows as this run holds them: the model's states divided over every GPU
+        rows = [(f"{label} / {shards}" if label.startswith(("denoiser full", "frozen reference", "EMA")) else label,
+                 value / shards if label.startswith(("denoiser full", "frozen reference", "EMA")) else value)
+                for label, value in rows]
+        rows.insert(-1, ("shard units in flight (2 gathered blocks, 1 block's fp32 grads)", units))
+        total = total_sharded
+        if sampling_peak > total:
+            notes.append(f"sampling peaks higher than training: {sampling_peak / GiB:.1f} GiB with the whole denoiser "
+                         f"gathered in {gather} (distributed.gather_for_sampling)")
+            total = sampling_peak
     return Estimate(rows, act_plain, act_ckpt, total, total_sharded, 0.9 * machine.gpu_memory_gb * GiB, notes)
+
+
+def sharded_run(cfg: DictConfig) -> bool:
+    """Whether the recipe trains with sharded weights (distributed=fsdp on a full fine-tune)."""
+    strategy = str((cfg.get("distributed") or {}).get("strategy", "ddp"))
+    return strategy == "fsdp" and str(cfg.trainer.finetune) == "full"
 
 
 def suggestions(cfg: DictConfig, est: Estimate, machine: Machine) -> list[str]:
@@ -226,10 +251,14 @@ def suggestions(cfg: DictConfig, est: Estimate, machine: Machine) -> list[str]:
     if int(t.train_batch_size) > 1:
         out.append("trainer.train_batch_size=1 (memory only: the same samples, smaller forwards)")
     if str(t.finetune) == "full":
+        if not sharded_run(cfg) and est.total_sharded <= est.limit:
+            out.append(f"distributed=fsdp: sharded full fine-tuning over {machine.gpus * machine.nodes} GPUs "
+                       f"({est.total_sharded / GiB:.1f} GiB each)")
         out.append("trainer.finetune=lora (the recipe's _lora variant where one exists)")
-        if est.total_sharded <= est.limit:
-            out.append(f"sharded full fine-tuning over {machine.gpus * machine.nodes} GPUs "
-                       f"({est.total_sharded / GiB:.1f} GiB each): not in alignrl yet")
+    if sharded_run(cfg) and (cfg.get("distributed") or {}).get("gather_for_sampling", True):
+        out.append("distributed.gather_for_sampling=false (gather one block at a time while sampling: slower)")
+        if (cfg.get("distributed") or {}).get("param_dtype") != "bf16":
+            out.append("distributed.param_dtype=bf16 (gather in bf16: half the bytes)")
     if not out:
         out.append("a GPU with more memory")
     return out
@@ -251,15 +280,19 @@ def run(cfg: DictConfig) -> int:
     except ConfigError as e:
         est.notes.append(f"on {machine.gpus * machine.nodes} processes this recipe does not run: {e}")
     print(f"alignrl plan: {cfg.get('description') or name} on {machine.nodes} node(s) x {machine.gpus} GPU(s) "
-          f"of {machine.gpu_memory_gb:g} GB; per GPU (data-parallel, no sharding):")
+          f"of {machine.gpu_memory_gb:g} GB; per GPU ("
+          + (f"distributed=fsdp, sharded over {machine.gpus * machine.nodes})" if sharded_run(cfg)
+             else "data-parallel, no sharding)") + ":")
     width = max(len(r[0]) for r in est.rows)
     for label, value in est.rows:
         print(f"  {label:<{width}}  {_size(value)}")
     print(f"  {'total':<{width}}  {_size(est.total)}  (limit 90%: {est.limit / GiB:.1f} GiB) -> "
           f"{'fits' if est.fits else 'does not fit'}")
     print(f"  activations per micro-batch: {_size(est.act_plain).strip()} without, {_size(est.act_ckpt).strip()} "
-          f"with gradient checkpointing; fully sharded over {machine.gpus * machine.nodes} GPUs the total would be "
-          f"{_size(est.total_sharded).strip()}; add 10-20% for transients")
+          f"with gradient checkpointing"
+          + ("" if sharded_run(cfg) else f"; fully sharded over {machine.gpus * machine.nodes} GPUs (distributed=fsdp) "
+                                         f"the total would be {_size(est.total_sharded).strip()}")
+          + "; add 10-20% for transients")
     for n in est.notes:
         print(f"  note: {n}")
     for s in suggestions(cfg, est, machine):

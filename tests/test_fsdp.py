@@ -113,3 +113,4 @@ def test_unsupported_sharded_setups_fail_in_one_line(tmp_path, overrides, says):
     proc = run_inprocess("train", f"run_dir={tmp_path / 'run'}", *FAST, "distributed=fsdp", *overrides, cwd=tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr[-2000:]
+

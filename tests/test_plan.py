@@ -12,8 +12,8 @@ from alignrl.plan import GiB, KNOWN, Machine, estimate, suggestions
 from conftest import REPO, run_inprocess
 
 
-def test_mixgrpo_flux_full_fine_tune_needs_sharding_and_its_lora_variant_fits():
-    cfg = compose(["recipe=mixgrpo_flux"])
+def test_mixgrpo_flux_full_fine_tune_fits_only_sharded_and_its_lora_variant_fits():
+    cfg = compose(["recipe=mixgrpo_flux", "distributed=ddp"])  # unsharded: every GPU would hold everything
     est = estimate(cfg, Machine(8, 80, 1))
     rows = dict(est.rows)
     full = [v for k, v in rows.items() if k.startswith("denoiser full")]
@@ -22,7 +22,18 @@ def test_mixgrpo_flux_full_fine_tune_needs_sharding_and_its_lora_variant_fits():
     assert not est.fits and est.total > 170 * GiB
     assert est.total_sharded < est.limit  # sharded over 8 GPUs it would fit
     tips = suggestions(cfg, est, Machine(8, 80, 1))
-    assert any("finetune=lora" in s for s in tips) and any("not in alignrl yet" in s for s in tips)
+    assert any("finetune=lora" in s for s in tips) and tips[0].startswith("distributed=fsdp: sharded full fine-tuning")
+    # the recipe itself shards (distributed=fsdp): states / 8, the blocks in flight, and sampling's gathered copy
+    sharded = estimate(compose(["recipe=mixgrpo_flux"]), Machine(8, 80, 1))
+    srows = dict(sharded.rows)
+    assert srows["denoiser full: fp32 weights, grads, optimizer (16 B/param) / 8"] == pytest.approx(full[0] / 8)
+    block = 2 * KNOWN["flux1_dev"]["denoiser"] / 57
+    assert srows["shard units in flight (2 gathered blocks, 1 block's fp32 grads)"] == pytest.approx(8 * block)  # bf16
+    assert sharded.fits and sharded.total == pytest.approx(  # sampling's peak: the whole denoiser gathered in bf16
+        4 * GiB + rows["text encoders and VAE (frozen)"] + full[0] / 8 + 2 * KNOWN["flux1_dev"]["denoiser"])
+    fp32 = estimate(compose(["recipe=mixgrpo_flux", "distributed.param_dtype=fp32"]), Machine(8, 80, 1))
+    assert not fp32.fits and "distributed.param_dtype=bf16 (gather in bf16: half the bytes)" in \
+        suggestions(compose(["recipe=mixgrpo_flux", "distributed.param_dtype=fp32"]), fp32, Machine(8, 80, 1))
     lora = estimate(compose(["recipe=mixgrpo_flux_lora"]), Machine(8, 80, 1))
     assert lora.fits and lora.total < est.total / 4
     # FLUX at 720px with T5 512: 2025 + 512 tokens; 53 bytes x 57 layers x 3072 wide per token

@@ -670,6 +670,22 @@ def test_every_recipe_has_valid_typed_trainer_settings(recipe):
 
     settings = TrainerConfig.from_config(resolved(recipe)["trainer"])  # the composed recipe (cached)
     assert settings.max_steps >= 1 and settings.optimizer_steps_per_iteration >= 1
+    from alignrl.components import build_algorithm
+    from alignrl.training.sharding import DistributedConfig, check_strategy
+
+    c = resolved(recipe)
+    dist = DistributedConfig.from_config(c["distributed"])
+    if dist.sharded:  # a recipe that shards is one the sharded path supports (else its run would stop at start)
+        check_strategy(dist, algorithm=build_algorithm(OmegaConf.create(c)), finetune=settings.finetune,
+                       text_encoder=settings.text_encoder, mixed_precision=settings.mixed_precision)
+    # the FLUX full fine-tunes of the GRPO family shard the 12B denoiser (alignrl plan); their LoRA variants do not
+    if recipe in SHARDED:
+        assert dist.sharded, recipe
+    if recipe.removesuffix("_lora") in SHARDED:
+        assert dist.sharded == (not recipe.endswith("_lora")), recipe
+
+
+SHARDED = {"dancegrpo_flux", "mixgrpo_flux", "mixgrpo_flash_flux", "branchgrpo_flux", "g2rpo_flux"}
 
 
 def test_trainer_settings_name_the_bad_key():

@@ -45,7 +45,8 @@ UNIT_SINGLES = ("mid_block",)
 @dataclass
 class DistributedConfig:
     strategy: str = "ddp"
-    param_dtype: str | None = None  # the dtype units are gathered and computed in; None: the parameters' own
+    param_dtype: str | None = None  # the dtype units are gathered and computed in; None: as trainer.mixed_precision
+    # (bf16 with bf16 mixed precision, else the parameters' own)
     reduce_dtype: str | None = "fp32"  # the dtype gradients are reduce-scattered in
     reshard_after_forward: bool = True  # free a unit's gathered parameters after its forward (gather again in backward)
     shard_reference: bool = True  # shard the frozen reference copy of a full fine-tune too (else every process holds it)
@@ -123,8 +124,9 @@ class Sharding:
     """The run's sharding: which modules are sharded and how (``distributed=fsdp`` with several processes), or
     nothing at all (``ddp``, or one process), in which case every method is the identity."""
 
-    def __init__(self, settings: DistributedConfig, world: int, device: torch.device):
+    def __init__(self, settings: DistributedConfig, world: int, device: torch.device, mixed_precision: str = "no"):
         self.settings = settings
+        self.param_dtype = settings.param_dtype or ("bf16" if mixed_precision == "bf16" else None)
         self.world = int(world)
         self.device = device
         self.active = settings.sharded and self.world > 1
@@ -155,7 +157,7 @@ class Sharding:
             raise ConfigError(f"distributed=fsdp needs one parameter dtype per model, this denoiser holds "
                               f"{sorted(str(d) for d in dtypes)}; keep the weights in one dtype (backbone.dtype) and "
                               f"set distributed.param_dtype=bf16 for bf16 compute")
-        mp = MixedPrecisionPolicy(param_dtype=DTYPES[self.settings.param_dtype],
+        mp = MixedPrecisionPolicy(param_dtype=DTYPES[self.param_dtype],
                                   reduce_dtype=DTYPES[self.settings.reduce_dtype])
         kw = dict(mesh=self._mesh, mp_policy=mp, reshard_after_forward=self.settings.reshard_after_forward)
         for unit in shard_units(module):

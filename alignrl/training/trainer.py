@@ -147,7 +147,7 @@ class Trainer:
         self.distributed = DistributedConfig.from_config(cfg.get("distributed"))
         check_strategy(self.distributed, algorithm=self.algorithm, finetune=self.finetune,
                        text_encoder=tcfg.text_encoder, mixed_precision=mp)
-        self.sharding = Sharding(self.distributed, self.world, self.device)
+        self.sharding = Sharding(self.distributed, self.world, self.device, mp)
         if tcfg.text_encoder != "frozen" and self.algorithm.needs_reference:
             raise ConfigError(f"trainer.text_encoder={tcfg.text_encoder} with a KL or reference term (algorithm "
                               f"{self.algorithm.name}) would need a frozen copy of the text encoder as reference; "
