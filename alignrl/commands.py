@@ -49,7 +49,7 @@ def _check_start(cfg: DictConfig, run_dir: Path) -> None:
                               f"or choose another run_dir")
 
 
-def _memory_preflight(cfg: DictConfig) -> None:
+def _memory_preflight(cfg: DictConfig, world: int) -> None:
     """On a GPU, warn before the models load when `alignrl plan`'s estimate exceeds the GPU's memory."""
     import torch
 
@@ -57,7 +57,7 @@ def _memory_preflight(cfg: DictConfig) -> None:
         return
     from alignrl.plan import preflight
 
-    warning = preflight(cfg, float(torch.cuda.get_device_properties(0).total_memory))
+    warning = preflight(cfg, float(torch.cuda.get_device_properties(0).total_memory), world)
     if warning and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         print(warning, file=sys.stderr)
 
@@ -88,7 +88,7 @@ def train(cfg: DictConfig) -> int:
     else:
         world = nproc * (nodes["nnodes"] if nodes else 1)
     validate_batch_arithmetic(cfg, world)  # before anything loads or spawns
-    _memory_preflight(cfg)
+    _memory_preflight(cfg, world)
     if nproc > 1 and not _in_distributed_child():
         if nodes is None or nodes["node_rank"] == 0:
             _save_config(cfg, run_dir)

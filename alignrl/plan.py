@@ -220,16 +220,16 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
     total_sharded = fixed + sharded_model + units + act
     # sampling keeps the whole denoiser gathered (distributed.gather_for_sampling): a peak of its own, no activations
     sampling_peak = fixed + sharded_model + gather_bytes * P if bool(dist.get("gather_for_sampling", True)) else 0.0
+    if sampling_peak > total_sharded:
+        notes.append(f"sharded, sampling peaks higher than training: {sampling_peak / GiB:.1f} GiB with the whole "
+                     f"denoiser gathered in {gather} (distributed.gather_for_sampling)")
+        total_sharded = sampling_peak
     if sharded_run(cfg):  # the rows as this run holds them: the model's states divided over every GPU
         rows = [(f"{label} / {shards}" if label.startswith(("denoiser full", "frozen reference", "EMA")) else label,
                  value / shards if label.startswith(("denoiser full", "frozen reference", "EMA")) else value)
                 for label, value in rows]
         rows.insert(-1, ("shard units in flight (2 gathered blocks, 1 block's fp32 grads)", units))
         total = total_sharded
-        if sampling_peak > total:
-            notes.append(f"sampling peaks higher than training: {sampling_peak / GiB:.1f} GiB with the whole denoiser "
-                         f"gathered in {gather} (distributed.gather_for_sampling)")
-            total = sampling_peak
     return Estimate(rows, act_plain, act_ckpt, total, total_sharded, 0.9 * machine.gpu_memory_gb * GiB, notes)
 
 
@@ -300,12 +300,13 @@ def run(cfg: DictConfig) -> int:
     return 0 if est.fits else 1
 
 
-def preflight(cfg: DictConfig, gpu_memory_bytes: float) -> str | None:
-    """A one-line warning when the recipe's estimate does not fit this GPU, before any model loads; None when it
-    fits or the backbone is not one the planner knows (the run then finds out for itself)."""
+def preflight(cfg: DictConfig, gpu_memory_bytes: float, world: int = 1) -> str | None:
+    """A one-line warning when the recipe's estimate does not fit this GPU, before any model loads (a sharded run
+    divides over its ``world`` processes); None when it fits or the backbone is not one the planner knows (the run
+    then finds out for itself)."""
     if str(cfg.backbone.get("name", "")) not in KNOWN:
         return None
-    machine = Machine(1, gpu_memory_bytes / GiB, 1)
+    machine = Machine(max(1, int(world)), gpu_memory_bytes / GiB, 1)
     est = estimate(cfg, machine)
     if est.fits:
         return None

@@ -71,8 +71,11 @@ def test_cfg_doubles_only_the_training_forwards_that_run_it_and_a_reference_coun
 def test_preflight_warns_before_loading_when_the_gpu_is_too_small():
     from alignrl.plan import preflight
 
-    warning = preflight(compose(["recipe=mixgrpo_flux"]), 80 * 1e9)
+    warning = preflight(compose(["recipe=mixgrpo_flux", "distributed=ddp"]), 80 * 1e9)
     assert warning.startswith("alignrl: warning: this recipe needs about 192 GiB") and "finetune=lora" in warning
+    # sharded (the recipe's own distributed=fsdp): fits over 8 processes, not over 2
+    assert preflight(compose(["recipe=mixgrpo_flux"]), 80 * 1e9, world=8) is None
+    assert "needs about 1" in preflight(compose(["recipe=mixgrpo_flux"]), 80 * 1e9, world=2)
     assert preflight(compose(["recipe=mixgrpo_flux_lora"]), 80 * 1e9) is None
     assert preflight(compose(["recipe=tiny_flowgrpo"]), 1e9) is None  # the planner cannot tell: no warning
 
