@@ -588,3 +588,28 @@ def test_ddo_negatives_are_the_references_samples_and_at_the_reference_the_loss_
     out = algo.train_step(batch, None, ctx)
     assert out["policy_loss"] == pytest.approx(3 * np.log(2), rel=1e-6)
     assert out["d_data"] == pytest.approx(0.0, abs=1e-7) and out["d_ref_samples"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_padding_passes_for_sharded_weights_run_but_change_nothing():
+    """distributed=fsdp: a process with fewer passes than the others pads to the agreed count (``ctx.balance``) with
+    passes whose loss is multiplied by zero; the update equals the unpadded one, even with a dropped row (NaN
+    advantage) as the padding row's source."""
+    from alignrl.algorithms.flowgrpo import FlowGRPO
+
+    algo = FlowGRPO(group_size=2, lr=0.1, clip_range=0.2, beta=0.0)
+    results = {}
+    for pad in (0, 3):
+        backbone = FakeBackbone(0.5)
+        batch = transitions_batch(backbone, n=2, steps=3, trained=(0, 1))
+        adv = leaf_advantages(batch, [float("nan"), 1.0], keep=[False, True])  # root 0 dropped (its row 0 pads)
+        ctx, steps = make_context(backbone)
+        passes = []
+        ctx.balance = lambda n, pad=pad: n + pad
+        ctx.backward = lambda loss: (passes.append(float(loss.detach())), loss.backward())
+        out = algo.train_step(batch, adv, ctx)
+        results[pad] = (float(backbone.denoiser.w.detach()), passes, out)
+    w0, passes0, out0 = results[0]
+    w3, passes3, out3 = results[3]
+    assert len(passes3) == len(passes0) + 3 and passes3[-3:] == [0.0, 0.0, 0.0]
+    assert w3 == w0 != 0.5  # the same update; it did train
+    assert out3["policy_loss"] == out0["policy_loss"]  # padding passes count in no diagnostic

@@ -16,7 +16,8 @@ from test_train import _metrics, _weights
 
 ARGS = [*FAST, "trainer.rollout_batch_size=2", "trainer.train_batch_size=2", "trainer.checkpoint_every=1",
         "algorithm.beta=0.04",  # the frozen reference copy enters the loss (and is sharded)
-        "trainer.ema.update_every=1", "trainer.eval_every=2", "eval.num_prompts=3"]  # 2 + 1 prompts per process
+        "trainer.ema.update_every=1", "trainer.eval_every=2", "eval.num_prompts=3",  # 2 + 1 prompts per process
+        "trainer.gradient_checkpointing=true"]  # as the sharded FLUX recipes
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as the launcher gives each process: the same reduction order
 
 
