@@ -78,11 +78,12 @@ def train(cfg: DictConfig) -> int:
         raise ConfigError(f"launcher '{launcher}' is not available; use launcher=local or launcher=slurm")
     if nproc < 1:
         raise ConfigError(f"launcher.nproc_per_node must be >= 1, got {nproc}")
-    from alignrl.slurm import apply_torch_env, torchrun_rendezvous
+    from alignrl.slurm import apply_torch_env, node_address, slurm_hostnames, torchrun_rendezvous
 
     apply_torch_env(nproc)  # an srun task per process: RANK, WORLD_SIZE, MASTER_ADDR, ... from SLURM_*
     # an srun task per node that starts nproc processes: the nodes meet at the first host of the step
-    nodes = torchrun_rendezvous(os.environ, nproc) if nproc > 1 and not _in_distributed_child() else None
+    nodes = torchrun_rendezvous(os.environ, nproc, slurm_hostnames, node_address) \
+        if nproc > 1 and not _in_distributed_child() else None
     if _in_distributed_child():
         world = int(os.environ.get("WORLD_SIZE", nproc))
     else:

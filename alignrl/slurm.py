@@ -113,9 +113,31 @@ def _in_step(env: Mapping[str, str]) -> bool:
     return "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env and "SLURM_JOB_ID" in env
 
 
-def _rendezvous(env: Mapping[str, str], hostnames: Callable[[str], list[str]]) -> tuple[str, str]:
+def node_address(name: str) -> str:
+    """An address for the Slurm node ``name``: the name when it resolves, else the node's ``NodeAddr`` as the
+    controller knows it (node names need not be host names: several slurmd on one host, or clusters that name
+    nodes apart from DNS)."""
+    import socket
+
+    try:
+        socket.getaddrinfo(name, None)
+        return name
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", name], capture_output=True, text=True, timeout=30)
+        m = re.search(r"\bNodeAddr=(\S+)", out.stdout)
+        if out.returncode == 0 and m:
+            return m.group(1)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return name  # torch.distributed then names the host it cannot reach
+
+
+def _rendezvous(env: Mapping[str, str], hostnames: Callable[[str], list[str]],
+                address: Callable[[str], str] = str) -> tuple[str, str]:
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
-    addr = env.get("MASTER_ADDR") or (hostnames(nodelist)[0] if nodelist else "127.0.0.1")
+    addr = env.get("MASTER_ADDR") or (address(hostnames(nodelist)[0]) if nodelist else "127.0.0.1")
     port = env.get("MASTER_PORT") or str(master_port(env["SLURM_JOB_ID"]))
     return addr, port
 
@@ -132,8 +154,8 @@ def _tasks_on_this_node(env: Mapping[str, str], hostnames: Callable[[str], list[
     return counts[min(index, len(counts) - 1)]
 
 
-def torch_env_from_slurm(env: Mapping[str, str], hostnames: Callable[[str], list[str]] = expand_nodelist
-                         ) -> dict[str, str]:
+def torch_env_from_slurm(env: Mapping[str, str], hostnames: Callable[[str], list[str]] = expand_nodelist,
+                         address: Callable[[str], str] = str) -> dict[str, str]:
     """The torch.distributed variables of an srun task running one process of a job (one task per process).
 
     Empty when not in an srun step or when RANK / WORLD_SIZE / LOCAL_RANK are already set (torchrun's own
@@ -141,7 +163,7 @@ def torch_env_from_slurm(env: Mapping[str, str], hostnames: Callable[[str], list
     """
     if not _in_step(env) or any(v in env for v in TORCH_VARS):
         return {}
-    addr, port = _rendezvous(env, hostnames)
+    addr, port = _rendezvous(env, hostnames, address)
     return {
         "RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
@@ -151,7 +173,8 @@ def torch_env_from_slurm(env: Mapping[str, str], hostnames: Callable[[str], list
 
 
 def torchrun_rendezvous(env: Mapping[str, str], nproc_per_node: int,
-                        hostnames: Callable[[str], list[str]] = expand_nodelist) -> dict | None:
+                        hostnames: Callable[[str], list[str]] = expand_nodelist,
+                        address: Callable[[str], str] = str) -> dict | None:
     """torchrun's node layout for an srun step with one task per node (``srun torchrun``-style), or None."""
     if not _in_step(env) or any(v in env for v in TORCH_VARS):
         return None
@@ -159,7 +182,7 @@ def torchrun_rendezvous(env: Mapping[str, str], nproc_per_node: int,
         raise ConfigError(
             f"launcher.nproc_per_node={nproc_per_node} inside an srun step with several tasks on a node: run one "
             f"task per node (srun --ntasks-per-node=1) or one task per process with launcher.nproc_per_node=1")
-    addr, port = _rendezvous(env, hostnames)
+    addr, port = _rendezvous(env, hostnames, address)
     return {"nnodes": int(env["SLURM_STEP_NUM_TASKS"]), "node_rank": int(env["SLURM_PROCID"]),
             "master_addr": addr, "master_port": int(port)}
 
@@ -168,7 +191,7 @@ def apply_torch_env(nproc_per_node: int = 1) -> dict[str, str]:
     """Set the torch.distributed variables of this srun task in ``os.environ`` (see ``torch_env_from_slurm``)."""
     if nproc_per_node != 1:
         return {}
-    derived = torch_env_from_slurm(os.environ, slurm_hostnames)
+    derived = torch_env_from_slurm(os.environ, slurm_hostnames, node_address)
     os.environ.update(derived)
     return derived
 

@@ -244,9 +244,24 @@ def test_dry_run_prints_the_script_when_no_controller_answers(tmp_path, dead_con
         assert "dry run, nothing submitted" in err and not (run / "slurm.json").exists(), (name, err)
 
 
+def free_port_pair() -> int:
+    """A port p such that p and p + 1 are free (the two slurmd daemons listen on consecutive ports)."""
+    for _ in range(100):
+        p = free_port()
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", p))
+                b.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+        return p
+    raise RuntimeError("no two consecutive free ports")
+
+
 @pytest.fixture(scope="module")
 def slurm_cluster():
-    """A private single-node cluster (own state dir, ports and job-id range), stopped after this file."""
+    """A private two-node cluster on this host (two slurmd daemons; own state dir, ports and job-id range), stopped
+    after this file."""
     reason = _ensure_slurm_installed()
     if reason is not None:
         pytest.skip(reason)
@@ -255,7 +270,7 @@ def slurm_cluster():
     lab = Path(tempfile.mkdtemp(prefix="alignrl-slurm-", dir="/tmp"))  # short: munge's socket path is limited
     first_job = 1000 * (os.getpid() % 15 + 1)  # job ids, and so master ports, differ from another session's
     env = dict(os.environ, SLURM_LAB=str(lab), SLURM_LAB_CTLD_PORT=str(free_port()),
-               SLURM_LAB_SLURMD_PORT=str(free_port()), SLURM_LAB_FIRST_JOB_ID=str(first_job),
+               SLURM_LAB_SLURMD_PORT=str(free_port_pair()), SLURM_LAB_FIRST_JOB_ID=str(first_job), SLURM_LAB_NODES="2",
                SLURM_LAB_PROCTRACK="proctrack/pgid", SLURM_LAB_CRED_EXPIRE="10",
                SLURM_LAB_CPUS=str(max(2, os.cpu_count() or 1)))  # 2-task jobs fit on a 1-core runner too
     start = subprocess.run([str(SLURM_DIR / "start-local-slurm.sh"), "--clean"], env=env, capture_output=True,
@@ -342,9 +357,11 @@ def work(tmp_path_factory, slurm_cluster):
 
 @pytest.fixture(scope="module")
 def straight_runs(work):
-    """The same tiny recipe as a 2-task Slurm job and as a local 2-process run (side by side)."""
+    """The same tiny recipe as a 2-node Slurm job (one task on each node) and as a local 2-process run (side by
+    side)."""
     slurm_run, local_run = work / "straight_slurm", work / "straight_local"
-    job_id, proc = _submit(f"run_dir={slurm_run}", *ARGS, "launcher.tasks_per_node=2", "launcher.time=10",
+    job_id, proc = _submit(f"run_dir={slurm_run}", *ARGS, "launcher.nodes=2", "launcher.tasks_per_node=1",
+                           "launcher.time=10",
                            "launcher.signal_lead_s=60", cwd=work)
     local = run_cli("train", f"run_dir={local_run}", *ARGS, "launcher.nproc_per_node=2", cwd=work, env=ONE_THREAD)
     assert local.returncode == 0, local.stderr[-3000:]
@@ -358,7 +375,9 @@ def test_submitted_job_matches_local_two_process_run(straight_runs):
     out = straight_runs["submit"].stdout
     assert f"run dir  {run}" in out and f"{run}/slurm/{job_id}_0_log.out" in out  # printed at submission
     assert straight_runs["info"]["JobState"] == "COMPLETED", _logs(run)
-    assert straight_runs["info"]["NumTasks"] == "2"
+    assert straight_runs["info"]["NumTasks"] == "2" and straight_runs["info"]["NumNodes"] == "2"
+    assert expand_nodelist(straight_runs["info"]["NodeList"]) == [f"{socket.gethostname().split('.')[0]}{i}"
+                                                                  for i in (1, 2)]  # two slurmd, one host
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == 4 and status["slurm_job_id"] == job_id
     assert json.loads((run / "slurm.json").read_text())["job_id"] == job_id

@@ -14,12 +14,17 @@
 #   SLURM_LAB_FIRST_JOB_ID=1       first job id (distinct ranges keep two clusters' jobs apart)
 #   SLURM_LAB_PROCTRACK=auto       proctrack/cgroup when the cgroup v1 freezer is writable, else pgid
 #   SLURM_LAB_FAKE_GPUS=0          N > 0 advertises gpu:N backed by /dev/tty1..N (sets CUDA_VISIBLE_DEVICES only)
+#   SLURM_LAB_NODES=1              N > 1 runs N slurmd daemons on this host as nodes <host>1..<host>N (each with
+#                                  SLURM_LAB_CPUS CPUs and its own port): multi-node jobs on one machine
 set -euo pipefail
 
 lab=${SLURM_LAB:-/tmp/slurmlab}
 cpus=${SLURM_LAB_CPUS:-$(nproc)}
 gpus=${SLURM_LAB_FAKE_GPUS:-0}
 host=$(hostname -s)
+nodes=${SLURM_LAB_NODES:-1}
+names=("$host")
+if [ "$nodes" -gt 1 ]; then names=(); for i in $(seq "$nodes"); do names+=("$host$i"); done; fi
 conf=$lab/etc/slurm.conf
 key=$lab/munge/munge.key
 sock=$lab/munge/munge.socket
@@ -29,23 +34,26 @@ fail() { echo "start-local-slurm: $*" >&2; exit 1; }
 # is PID $2 a live (non-zombie) process named $1?
 is_proc() { [ -n "$2" ] && [ "$(cat "/proc/$2/comm" 2>/dev/null)" = "$1" ] &&
   [ "$(awk '{print $3}' "/proc/$2/stat" 2>/dev/null)" != Z ]; }
-running() { is_proc "$1" "$(cat "$lab/run/$1.pid" 2>/dev/null)"; }
+# daemon $1 with pid file $lab/run/${2:-$1}.pid
+running() { is_proc "$1" "$(cat "$lab/run/${2:-$1}.pid" 2>/dev/null)"; }
 halt() {
-  running "$1" || return 0
-  local pid; pid=$(cat "$lab/run/$1.pid"); kill -TERM "$pid"
+  running "$1" "${2:-$1}" || return 0
+  local pid; pid=$(cat "$lab/run/${2:-$1}.pid"); kill -TERM "$pid"
   for _ in $(seq 100); do is_proc "$1" "$pid" || return 0; sleep 0.1; done
   kill -KILL "$pid"
 }
+any_slurmd() { for n in "${names[@]}"; do running slurmd "slurmd.$n" && return 0; done; return 1; }
 
 [ "$(id -u)" = 0 ] || fail "must run as root"
 for exe in /usr/sbin/munged /usr/sbin/slurmctld /usr/sbin/slurmd /usr/bin/sbatch; do
   [ -x "$exe" ] || fail "$exe missing: apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"
 done
 if [ "${1:-}" = --clean ]; then
-  if running slurmctld || running slurmd; then fail "--clean: stop the cluster first"; fi
+  if running slurmctld || any_slurmd; then fail "--clean: stop the cluster first"; fi
   rm -rf "$lab/state" "$lab/spool" "$lab/log"
 fi
 mkdir -p "$lab"/{etc,state,spool,log,run,munge}
+for n in "${names[@]}"; do mkdir -p "$lab/spool/$n"; done
 chmod 755 "$lab" "$lab/munge"   # munged insists that every user can traverse its socket directory
 
 # munge with a private key, socket and pid file (the packaged /etc/munge and /run/munge are not used)
@@ -86,9 +94,17 @@ gres=""
 : > "$lab/etc/gres.conf"
 if [ "$gpus" -gt 0 ]; then
   gres=" Gres=gpu:$gpus"
-  printf 'AutoDetect=off\nNodeName=%s Name=gpu File=/dev/tty[1-%s]\n' "$host" "$gpus" > "$lab/etc/gres.conf"
+  for n in "${names[@]}"; do
+    printf 'AutoDetect=off\nNodeName=%s Name=gpu File=/dev/tty[1-%s]\n' "$n" "$gpus" >> "$lab/etc/gres.conf"
+  done
 fi
-mem_mb=$(( $(awk '/^MemTotal:/{print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
+mem_mb=$(( $(awk '/^MemTotal:/{print $2}' /proc/meminfo) / 1024 * 9 / 10 / nodes ))
+port=${SLURM_LAB_SLURMD_PORT:-6818}
+node_lines=""
+for i in "${!names[@]}"; do   # one node: the port is SlurmdPort; several: each its own
+  extra=""; [ "$nodes" -gt 1 ] && extra=" Port=$((port + i))"
+  node_lines+="NodeName=${names[$i]} NodeAddr=127.0.0.1 NodeHostname=$host$extra CPUs=$cpus RealMemory=$mem_mb$gres State=UNKNOWN"$'\n'
+done
 
 # DefMemPerCPU: without it CR_Core_Memory gives each job the whole node's memory (one job at a time).
 # cred_expire and the short scheduler intervals make a requeued job start again within ~15 s.
@@ -97,16 +113,16 @@ ClusterName=alignrl-local
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmctldPort=${SLURM_LAB_CTLD_PORT:-6817}
-SlurmdPort=${SLURM_LAB_SLURMD_PORT:-6818}
+SlurmdPort=$port
 AuthType=auth/munge
 CryptoType=crypto/munge
 AuthInfo=socket=$sock,cred_expire=${SLURM_LAB_CRED_EXPIRE:-10}
 StateSaveLocation=$lab/state
-SlurmdSpoolDir=$lab/spool
+SlurmdSpoolDir=$lab/spool/%n
 SlurmctldPidFile=$lab/run/slurmctld.pid
-SlurmdPidFile=$lab/run/slurmd.pid
+SlurmdPidFile=$lab/run/slurmd.%n.pid
 SlurmctldLogFile=$lab/log/slurmctld.log
-SlurmdLogFile=$lab/log/slurmd.log
+SlurmdLogFile=$lab/log/slurmd.%n.log
 MailProg=/bin/true
 FirstJobId=${SLURM_LAB_FIRST_JOB_ID:-1}
 ProctrackType=$proctrack
@@ -124,8 +140,7 @@ ReturnToService=2
 MinJobAge=600
 KillWait=10
 GresTypes=gpu
-NodeName=$host NodeAddr=127.0.0.1 NodeHostname=$host CPUs=$cpus RealMemory=$mem_mb$gres State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+${node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 changed=0
 cmp -s "$conf.new" "$conf" || changed=1
@@ -133,18 +148,22 @@ mv "$conf.new" "$conf"
 echo "export SLURM_CONF=$conf" > "$lab/slurm.env"
 
 # node and partition changes need a daemon restart, not `scontrol reconfigure`
-if [ "$changed" = 1 ]; then halt slurmd; halt slurmctld; fi
+if [ "$changed" = 1 ]; then for n in "${names[@]}"; do halt slurmd "slurmd.$n"; done; halt slurmctld; fi
 running slurmctld || /usr/sbin/slurmctld -f "$conf"
-running slurmd || /usr/sbin/slurmd -f "$conf"
+for n in "${names[@]}"; do running slurmd "slurmd.$n" || /usr/sbin/slurmd -f "$conf" -N "$n"; done
 
 state=""
-for _ in $(seq 120); do   # up to 30 s for the node to accept jobs
-  state=$(sinfo -h -n "$host" -o %t 2>/dev/null || true)
-  case "$state" in
-    idle|mix|alloc|comp) sinfo; echo "slurm is up; now: source $lab/slurm.env"; exit 0 ;;
-    drain|down|drng) scontrol update NodeName="$host" State=RESUME >/dev/null 2>&1 || true ;;
-  esac
+for _ in $(seq 120); do   # up to 30 s for the nodes to accept jobs
+  up=0
+  for n in "${names[@]}"; do
+    state=$(sinfo -h -n "$n" -o %t 2>/dev/null || true)
+    case "$state" in
+      idle|mix|alloc|comp) up=$((up + 1)) ;;
+      drain|down|drng) scontrol update NodeName="$n" State=RESUME >/dev/null 2>&1 || true ;;
+    esac
+  done
+  if [ "$up" = "${#names[@]}" ]; then sinfo; echo "slurm is up; now: source $lab/slurm.env"; exit 0; fi
   sleep 0.25
 done
-tail -n 20 "$lab/log/slurmctld.log" "$lab/log/slurmd.log" >&2
-fail "node $host did not come up (state '$state')"
+tail -n 20 "$lab/log/slurmctld.log" "$lab"/log/slurmd.*.log >&2
+fail "nodes ${names[*]} did not all come up (last state '$state')"

@@ -8,13 +8,15 @@ export SLURM_CONF=$lab/etc/slurm.conf
 
 is_proc() { [ -n "$2" ] && [ "$(cat "/proc/$2/comm" 2>/dev/null)" = "$1" ] &&
   [ "$(awk '{print $3}' "/proc/$2/stat" 2>/dev/null)" != Z ]; }   # a zombie counts as stopped
-running() { is_proc "$1" "$(cat "$lab/run/$1.pid" 2>/dev/null)"; }
+# daemon $1 with pid file $lab/run/${2:-$1}.pid
+running() { is_proc "$1" "$(cat "$lab/run/${2:-$1}.pid" 2>/dev/null)"; }
 halt() {
-  if ! running "$1"; then rm -f "$lab/run/$1.pid"; return 0; fi
-  local pid; pid=$(cat "$lab/run/$1.pid"); kill -TERM "$pid"
+  local file="$lab/run/${2:-$1}.pid"
+  if ! running "$1" "${2:-$1}"; then rm -f "$file"; return 0; fi
+  local pid; pid=$(cat "$file"); kill -TERM "$pid"
   for _ in $(seq 100); do is_proc "$1" "$pid" || break; sleep 0.1; done
   is_proc "$1" "$pid" && kill -KILL "$pid"
-  rm -f "$lab/run/$1.pid"
+  rm -f "$file"
   echo "stopped $1 ($pid)"
 }
 
@@ -29,7 +31,10 @@ if running slurmctld; then
     done
   fi
 fi
-halt slurmd
+for f in "$lab"/run/slurmd.*.pid; do   # one slurmd per node (slurmd.<node>.pid)
+  [ -e "$f" ] && halt slurmd "$(basename "$f" .pid)"
+done
+halt slurmd   # a cluster started before per-node pid files
 halt slurmctld
 halt munged
 # proctrack/cgroup leaves an empty cgroup tree behind
