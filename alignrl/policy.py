@@ -194,7 +194,8 @@ class Policy:
     """
 
     def __init__(self, backbone, finetune: str, lora: dict, text_encoder: str = "frozen", *, ema=None,
-                 reference: bool = False, gradient_checkpointing: bool = False, sharding=None):
+                 reference: bool = False, gradient_checkpointing: bool = False, sharding=None,
+                 compile_backend: str | None = None):
         from alignrl.training.ema import EMA
         from alignrl.training.lora import named_trainable, setup_trainable
         from alignrl.training.sharding import DistributedConfig, Sharding
@@ -213,6 +214,13 @@ class Policy:
             import copy
 
             self.reference_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+        if compile_backend:  # each repeated block compiled in place (before sharding, as FSDP2 expects)
+            from alignrl.training.sharding import shard_units
+
+            for module in (self.denoiser, self.reference_denoiser):
+                for block in shard_units(module) if module is not None else ():
+                    block.compile(backend=compile_backend)
+        if self.reference_denoiser is not None:
             if self.sharding.settings.shard_reference:
                 self.sharding.shard(self.reference_denoiser)
         self.sharding.shard(self.denoiser)  # parameters become DTensors: collected after this
@@ -226,7 +234,7 @@ class Policy:
 
         return cls(backbone, settings.finetune, dataclasses.asdict(settings.lora), settings.text_encoder,
                    ema=settings.ema, reference=needs_reference, gradient_checkpointing=settings.gradient_checkpointing,
-                   sharding=sharding)
+                   sharding=sharding, compile_backend=settings.compile_backend if settings.compile else None)
 
     def ema_weights(self):
         """The EMA weights swapped in (restored on exit); the live ones when the run keeps no EMA. Sharded weights

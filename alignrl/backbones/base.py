@@ -99,6 +99,11 @@ class Schedule:
         return Schedule(self.sigmas.to(device), self.timesteps.to(device))
 
 
+# prompts encoded per text-encoder pass, always (padded with empty prompts): a fixed shape keeps each prompt's
+# embedding independent of its batch-mates
+ENCODE_BATCH = 8
+
+
 @dataclass
 class PromptCache:
     """Per-prompt cache of text embeddings (valid because the text encoders are frozen)."""
@@ -195,20 +200,32 @@ class Backbone:
         raise NotImplementedError
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """Embeddings of ``prompts``. Each distinct prompt is encoded on its own (batch 1), so its
-        embedding is a pure function of the text: it does not depend on which prompts it happened to be
-        batched with, which keeps resumed and multi-process runs bit-identical to single runs. With the
-        cache that costs one text-encoder pass per distinct prompt per run. While the text encoder trains
-        (``train_text_encoder``) nothing is cached and gradients follow the caller's mode."""
+        """Embeddings of ``prompts``. The prompts missing from the cache are encoded together, in batches of
+        exactly ``ENCODE_BATCH`` rows (short ones padded with empty prompts): with one fixed batch shape a row's
+        embedding is a pure function of its text (matmul kernels depend on shapes, not on the other rows; checked
+        bit for bit on every backbone), so it does not depend on which prompts it happened to be batched with, and
+        resumed and multi-process runs stay bit-identical to single runs. With the cache that costs one batch per
+        ``ENCODE_BATCH`` distinct prompts per run. While the text encoder trains (``train_text_encoder``) nothing
+        is cached, each prompt is encoded on its own and gradients follow the caller's mode."""
         prompts = list(prompts)
         if self.text_trainable:
             return Conditioning.cat(self._encode_uncached([p]) for p in prompts)
         with torch.no_grad():
             if self.cache is None:
-                return Conditioning.cat(self._encode_uncached([p]) for p in prompts)
-            for p in self.cache.split(prompts):
-                self.cache.put([p], self._encode_uncached([p]))
+                return self._encode_fixed(prompts)
+            missing = self.cache.split(prompts)
+            if missing:
+                self.cache.put(missing, self._encode_fixed(missing))
             return self.cache.get(prompts)
+
+    def _encode_fixed(self, prompts: list[str]) -> Conditioning:
+        """``prompts`` encoded in batches of exactly ``ENCODE_BATCH`` rows (see ``encode_prompts``)."""
+        n = ENCODE_BATCH
+        parts = []
+        for i in range(0, len(prompts), n):
+            chunk = prompts[i:i + n]
+            parts.append(self._encode_uncached(chunk + [""] * (n - len(chunk))).index(slice(0, len(chunk))))
+        return Conditioning.cat(parts)
 
     def negative_conditioning(self) -> Conditioning:
         """The empty-prompt conditioning used as the CFG negative (batch 1)."""
@@ -216,7 +233,7 @@ class Backbone:
             return self._encode_uncached([""])
         if self._negative is None:
             with torch.no_grad():
-                self._negative = self._encode_uncached([""])
+                self._negative = self._encode_fixed([""])
         return self._negative
 
     def text_encoder_module(self, required: bool = True) -> torch.nn.Module | None:
@@ -288,7 +305,7 @@ class Backbone:
         guidance ``v_u + w (v_c - v_u)``, or once over the prompt rows when CFG is off; float32."""
         use_cfg = self.uses_cfg and guidance_scale > 1.0
         if use_cfg:
-            cond = Conditioning.cat([self.negative_conditioning().expand(x.shape[0]), cond])
+            cond = self._with_negative(cond, x.shape[0])
             x = torch.cat([x, x])
         t = timestep.expand(x.shape[0]) if timestep.ndim == 0 else timestep.repeat(1 + use_cfg)
         out = call(x, t, cond)
@@ -296,6 +313,16 @@ class Backbone:
             uncond, text = out.chunk(2)
             out = uncond + guidance_scale * (text - uncond)
         return out.float()
+
+    def _with_negative(self, cond: Conditioning, n: int) -> Conditioning:
+        """[empty-prompt rows; ``cond``] for CFG, built once per conditioning: a rollout's steps reuse it (the last
+        one is kept; not while the text encoder trains, whose outputs carry gradients)."""
+        memo = getattr(self, "_cfg_memo", None)
+        if memo is not None and memo[0] is cond and memo[1] == n:
+            return memo[2]
+        both = Conditioning.cat([self.negative_conditioning().expand(n), cond])
+        self._cfg_memo = None if self.text_trainable else (cond, n, both)
+        return both
 
     def predict(self, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
                 guidance_scale: float, transformer: torch.nn.Module | None = None) -> torch.Tensor:

@@ -71,6 +71,8 @@ class TrainerConfig:
     lr_schedule: str  # one of LR_SCHEDULES
     warmup_steps: int  # optimizer steps of learning-rate warm-up
     gradient_checkpointing: bool
+    compile: bool  # torch.compile each repeated block of the denoiser (regional compilation)
+    compile_backend: str  # torch.compile's backend: inductor (generated kernels) | aot_eager (tracing only) | ...
     finetune: str  # lora | full
     text_encoder: str  # frozen | full (train the text encoder too; one-text-encoder backbones)
     lora: LoraSettings
@@ -121,6 +123,13 @@ class TrainerConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.compile:
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile_backend not in known:
+                raise ConfigError(f"trainer.compile_backend='{self.compile_backend}' is not a torch.compile backend; "
+                                  f"use inductor or one of {', '.join(sorted(known))}")
 
     @property
     def optimizer_steps_per_iteration(self) -> int:
