@@ -44,8 +44,12 @@ class FakeBackbone:
         sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
         return Schedule(sigmas, sigmas[:-1] * 1000)
 
+    text_trainable = False
+
     def encode_prompts(self, prompts):
-        return list(prompts)
+        from alignrl.backbones.base import Conditioning
+
+        return Conditioning({"row": torch.arange(len(prompts), dtype=torch.float32)[:, None]})
 
     def predict(self, x, timestep, cond, guidance_scale, transformer=None):
         return (transformer or self.denoiser).w * x

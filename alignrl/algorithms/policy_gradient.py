@@ -28,6 +28,9 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
     by_root: dict[int, list[int]] = {}
     for i, r in enumerate(batch.t_root.tolist()):
         by_root.setdefault(r, []).append(i)
+    # the roots' conditioning once (cache hits gathered per pass); a training text encoder encodes per pass, as
+    # each pass's backward needs a graph of its own
+    root_cond = None if getattr(backbone, "text_trainable", False) else backbone.encode_prompts(batch.prompts)
     sums = {k: 0.0 for k in algo.diagnostics}
     count = 0
     grad_norms = []
@@ -56,7 +59,8 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
                 j, j_to = int(batch.t_from[group[0]]), int(batch.t_to[group[0]])
                 g_dev = group.to(ctx.device)
                 x = batch.x[g_dev]
-                cond = backbone.encode_prompts([batch.prompts[int(r)] for r in batch.t_root[group]])
+                cond = root_cond.index(batch.t_root[group]) if root_cond is not None else \
+                    backbone.encode_prompts([batch.prompts[int(r)] for r in batch.t_root[group]])
                 with ctx.autocast():
                     v = backbone.predict(x, schedule.timesteps[j], cond, batch.plan.guidance_scale)
                 policy = apply_step(backbone, spec, schedule, j, x, v, next_x=batch.next_x[g_dev], i_to=j_to)
