@@ -137,23 +137,37 @@ def load_policy(source: RunSource, device, weights: str = "ema"):
         raise ConfigError(f"weights='{weights}' is not known; use ema or live")
     cfg = source.cfg
     path = source.checkpoint
+    sharded = None  # a sharded checkpoint saved without whole weights: its sharded/ directory, and the key to read
     if path is not None:  # before the model loads: the files we need are there
         state = ckpt.load_json(path / "state.json")
         finetune = str(state.get("finetune", cfg.trainer.finetune))
         file = path / ("ema.safetensors" if weights == "ema" else "trainable.safetensors")
         note = f"{weights} weights"
-        if weights == "ema" and not file.is_file():
-            if state.get("ema") is not None:
-                raise CheckpointError(f"{file} is missing although the run kept an EMA; the checkpoint is incomplete "
-                                      f"(use another checkpoint, or eval.weights=live)")
+        if weights == "ema" and state.get("ema") is None:
             file, note = path / "trainable.safetensors", "live weights (the run kept no EMA)"
-        if not file.is_file():
+        if state.get("sharded") and not state.get("whole_weights", True):
+            from alignrl.training.sharding import SHARDED_DIR
+
+            sharded = (path / SHARDED_DIR, "ema" if file.name == "ema.safetensors" else "model")
+            if not (sharded[0] / ".metadata").is_file():
+                raise CheckpointError(f"{sharded[0]} is missing; the checkpoint is incomplete, use another one")
+            note += " (from the sharded checkpoint)"
+        elif weights == "ema" and not file.is_file() and state.get("ema") is not None:
+            raise CheckpointError(f"{file} is missing although the run kept an EMA; the checkpoint is incomplete "
+                                  f"(use another checkpoint, or eval.weights=live)")
+        elif not file.is_file():
             raise CheckpointError(f"{file} is missing; the checkpoint is incomplete, use another one")
     backbone = build_backbone(cfg, device)
     if path is None:
         return backbone, "base model"
     text_mode = str(state.get("text_encoder", cfg.trainer.get("text_encoder", "frozen")))
-    Policy(backbone, finetune, as_dict(cfg.trainer.get("lora")), text_mode).load_trainable(file)
+    policy = Policy(backbone, finetune, as_dict(cfg.trainer.get("lora")), text_mode)
+    if sharded is not None:
+        from alignrl.training.sharding import load_sharded_weights
+
+        load_sharded_weights(policy, *sharded)
+    else:
+        policy.load_trainable(file)
     backbone.transformer.requires_grad_(False).eval()
     if finetune == "full":
         _to_backbone_dtype(backbone)  # training kept fp32 master weights; inference needs none

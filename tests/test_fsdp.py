@@ -4,6 +4,7 @@ processes; it resumes bit for bit from its checkpoint (weights and EMA whole, op
 resumes onto 1 process, and matches a 1-process run of the same global batch."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,33 +35,38 @@ def runs(tmp_path_factory):
                          cwd=root)
     assert proc.returncode == 0, proc.stderr[-4000:]
     step1 = sharded / "checkpoints" / "step_000001"
-    env = dict(__import__("os").environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **ONE_THREAD)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **ONE_THREAD)
     exe = str(Path(sys.executable).with_name("alignrl"))
-    jobs = {  # side by side: resumed on 2 processes, resumed on 1, and a plain 1-process run from the start
-        "resumed": [f"run_dir={root / 'resumed'}", f"resume={step1}", "distributed=fsdp", "launcher.nproc_per_node=2"],
-        "onto_one": [f"run_dir={root / 'onto_one'}", f"resume={step1}", "distributed=fsdp"],
-        "one": [f"run_dir={root / 'one'}", "trainer.max_steps=1"],
-    }
-    procs = {k: subprocess.Popen([exe, "train", *ARGS, *v], cwd=root, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for k, v in jobs.items()}
-    errs = {}
-    for k, p in procs.items():
-        _, errs[k] = p.communicate(timeout=600)
-        assert p.returncode == 0, (k, errs[k][-4000:])
-    return {"root": root, "sharded": sharded, "errs": errs}
+    # side by side: resumed onto 1 process (a child), and resumed on 2 (launched from here); the 1-process run
+    # saves sharded checkpoints without whole weights (distributed.whole_weights=false)
+    one = subprocess.Popen([exe, "train", *ARGS, f"run_dir={root / 'onto_one'}", f"resume={step1}", "distributed=fsdp",
+                            "distributed.whole_weights=false"], cwd=root, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    two = run_inprocess("train", *ARGS, f"run_dir={root / 'resumed'}", f"resume={step1}", "distributed=fsdp",
+                        "launcher.nproc_per_node=2", cwd=root)
+    _, err = one.communicate(timeout=600)
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert one.returncode == 0, err[-4000:]
+    return {"root": root, "sharded": sharded, "onto_one_err": err}
 
 
-def test_sharded_run_checkpoints_whole_weights_and_sharded_optimizer_states(runs):
+def test_sharded_run_checkpoints_sharded_states_and_whole_weights(runs):
     run = runs["sharded"]
     log = (run / "alignrl.log").read_text()
     assert "2 process(es), fsdp over 2 processes (6 shard units)" in log  # 2 blocks + root, twice
     ckpt = run / "checkpoints" / "step_000002"
     state = json.loads((ckpt / "state.json").read_text())
-    assert state["world_size"] == 2 and state["optimizer_format"] == "dcp" and state["optimizer_steps"] == 4
-    assert (ckpt / "optimizer" / ".metadata").is_file() and not (ckpt / "optimizer.pt").exists()
-    assert len(list((ckpt / "optimizer").glob("*.distcp"))) == 2  # one shard file per process
+    assert state["world_size"] == 2 and state["sharded"] and state["whole_weights"] and state["optimizer_steps"] == 4
+    assert (ckpt / "sharded" / ".metadata").is_file() and not (ckpt / "optimizer.pt").exists()
+    assert len(list((ckpt / "sharded").glob("*.distcp"))) == 2  # one shard file per process
     manifest = json.loads((ckpt / "MANIFEST.json").read_text())["files"]
-    assert "optimizer/.metadata" in manifest  # checksummed like every other file
+    assert "sharded/.metadata" in manifest  # checksummed like every other file
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(ckpt / "sharded")).read_metadata().state_dict_metadata
+    assert {k.split(".")[0] for k in keys} == {"model", "ema", "optimizer"}
+    half = [m for k, m in keys.items() if k.startswith("model.") and m.size[0] >= 2]
+    assert half and all(len(m.chunks) == 2 for m in half)  # each process wrote its half of dim 0
     # the whole weights, as `alignrl eval` reads them; trained away from the start, EMA apart from live
     w1, w2, ema = _weights(run, 1), _weights(run, 2), _weights(run, 2, "ema")
     from alignrl.backbones.sd3 import SD3Backbone
@@ -82,26 +88,60 @@ def test_sharded_run_resumes_bit_for_bit(runs):
 
 
 def test_sharded_checkpoint_resumes_onto_one_process(runs):
-    """The optimizer's sharded states load resharded into one unsharded process; the second iteration then
-    matches the 2-process one up to the order gradients are summed in (measured 4.6e-7 here; Adam moves each
-    weight ~lr = 1e-2 per step)."""
+    """The sharded weights, EMA and optimizer states load resharded into one unsharded process, which then
+    trains the second iteration as the 2 processes did: the same samples (the global batch is split, not changed)
+    and the same update up to the order gradients are summed in (measured 4.6e-7; Adam moves each weight ~lr =
+    1e-2 per step). It saves sharded checkpoints without whole weights (read back here from its shards)."""
     full, one = runs["sharded"], runs["root"] / "onto_one"
-    err = runs["errs"]["onto_one"]
-    assert "1 process(es), fsdp (1 process: nothing to shard)" in err and "resumed from" in err
-    assert _max_diff(_weights(full, 2), _weights(one, 2)) < 1e-4
-    assert _max_diff(_weights(full, 2, "ema"), _weights(one, 2, "ema")) < 1e-4
-    assert _max_diff(_weights(full, 1), _weights(one, 2)) > 1e-3  # it did train on
-
-
-def test_two_sharded_processes_match_one_plain_process(runs):
-    """The same global batch on 2 sharded processes and 1 plain one: the same samples, and the same update up to
-    summation order (measured 3.1e-5 against an update of 2e-2)."""
-    sharded, one = runs["sharded"], runs["root"] / "one"
-    a, b = _metrics(sharded)[0], _metrics(one)[0]
-    assert a["reward_mean"] == b["reward_mean"]
+    log = (one / "alignrl.log").read_text()
+    assert "1 process(es), fsdp (1 process: nothing to shard)" in log and "resumed from" in log
+    a, b = _metrics(full)[-1], _metrics(one)[-1]
+    assert a["step"] == b["step"] == 2 and a["reward_mean"] == b["reward_mean"]
     for key in ("policy_loss", "kl", "clipfrac"):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-9), key
-    assert _max_diff(_weights(sharded, 1), _weights(one, 1)) < 1e-4
+    assert _max_diff(_weights(full, 2), _shards(one, 2, "model")) < 1e-4
+    assert _max_diff(_weights(full, 2, "ema"), _shards(one, 2, "ema")) < 1e-4
+    assert _max_diff(_weights(full, 1), _shards(one, 2, "model")) > 1e-3  # it did train on
+
+
+def _shards(run: Path, step: int, key: str) -> dict:
+    """The whole ``key`` tensors (model, ema) of a sharded checkpoint, read in this process."""
+    import torch.distributed.checkpoint as dcp
+
+    d = run / "checkpoints" / f"step_{step:06d}" / "sharded"
+    meta = dcp.FileSystemReader(str(d)).read_metadata().state_dict_metadata
+    state = {key: {k.split(".", 1)[1]: torch.zeros(tuple(m.size), dtype=m.properties.dtype)
+                   for k, m in meta.items() if k.startswith(key + ".")}}
+    dcp.load(state, checkpoint_id=str(d))
+    return state[key]
+
+
+def test_a_checkpoint_without_whole_weights_evaluates_from_its_shards(runs, tmp_path):
+    """distributed.whole_weights=false: the checkpoint holds sharded/ only; `alignrl sample` reads its EMA and live
+    weights from there (the same images as from the whole-weights checkpoint of the same weights)."""
+    one = runs["root"] / "onto_one" / "checkpoints" / "step_000002"
+    state = json.loads((one / "state.json").read_text())
+    assert state["sharded"] and not state["whole_weights"]
+    assert not (one / "trainable.safetensors").exists() and not (one / "ema.safetensors").exists()
+    out = {}
+    for name, ckpt in (("shards", one), ("whole", runs["sharded"] / "checkpoints" / "step_000002")):
+        for weights in ("ema", "live"):
+            folder = tmp_path / f"{name}_{weights}"
+            res = run_inprocess("sample", f"eval.checkpoint={ckpt}", f"eval.out_dir={folder}", f"eval.weights={weights}",
+                                "sample.prompts=[a red circle]", "sample.num_images=2", "sampler.eval_num_steps=4")
+            assert res.returncode == 0, res.stderr[-3000:]
+            out[name, weights] = _pixels(folder)
+    assert (out["shards", "ema"] - out["shards", "live"]).abs().max() > 0  # two different weight sets were read
+    for weights in ("ema", "live"):  # the two runs' step-2 weights agree to 5e-7: the same images up to rounding
+        assert (out["shards", weights] - out["whole", weights]).abs().max() <= 2 / 255, weights
+
+
+def _pixels(folder: Path) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    rows = [json.loads(x) for x in (folder / "prompts.jsonl").read_text().splitlines()]  # the samples, not the grid
+    return torch.stack([torch.from_numpy(np.array(Image.open(folder / r["image"]))).float() / 255 for r in rows])
 
 
 @pytest.mark.parametrize("overrides, says", [

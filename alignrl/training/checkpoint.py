@@ -11,6 +11,9 @@ Layout of ``<run_dir>/checkpoints/step_000123/``::
                             buffer and value network, ReinFlow's noise network)
     state.json              iteration, counters, sampler / planner / stat-tracker state, world size
     lora/                   the adapter in diffusers' LoRA format (``pipe.load_lora_weights``)
+    sharded/                distributed=fsdp: weights, EMA and optimizer states in torch.distributed.checkpoint
+                            form, one file per process (no optimizer.pt; the .safetensors only with
+                            distributed.whole_weights)
     MANIFEST.json           size and CRC-32 of every file above
     COMPLETE                written last: a directory without it is not a checkpoint
 
@@ -192,9 +195,11 @@ def verify_checkpoint(path: Path) -> None:
             raise ValueError("no iteration")
     except (OSError, ValueError) as e:
         raise CorruptCheckpoint(path, f"state.json is unreadable ({type(e).__name__}: {str(e)[:80]})") from None
-    required = [r for r in REQUIRED if not (r == "optimizer.pt" and state.get("optimizer_format") == "dcp")] \
-        + (["ema.safetensors"] if state.get("ema") is not None else []) \
-        + (["optimizer/.metadata"] if state.get("optimizer_format") == "dcp" else [])  # distributed=fsdp
+    required = list(REQUIRED) + (["ema.safetensors"] if state.get("ema") is not None else [])
+    if state.get("sharded"):  # distributed=fsdp: weights, EMA and optimizer states in sharded/ (DCP)
+        whole = state.get("whole_weights", True)
+        required = [r for r in required if r != "optimizer.pt" and (whole or not r.endswith(".safetensors"))]
+        required.append("sharded/.metadata")
     missing = [r for r in required if not (path / r).is_file()]
     if missing:
         raise CorruptCheckpoint(path, f"{missing[0]} is missing")

@@ -3,7 +3,9 @@ loading it into the run's parts, and saving new ones atomically.
 
 The files and their integrity (manifests, checksums, atomic commits, damaged ones set aside) are
 ``alignrl/training/checkpoint.py``; this module decides, over all ranks, what to load and what to write.
-A checkpoint holds ``trainable.safetensors`` (and ``ema.safetensors``), the optimizer and LR-schedule states,
+A checkpoint holds ``trainable.safetensors`` (and ``ema.safetensors``), the optimizer and LR-schedule states
+(with ``distributed=fsdp``: the weights, EMA and optimizer states sharded in ``sharded/``, see
+``alignrl/training/sharding.py``),
 each rank's RNG state, and ``state.json``: counters, the prompt sampler's, planner's and algorithm's states.
 """
 
@@ -38,7 +40,8 @@ class RunParts:
     seed: int
     finetune: str
     text_encoder: str
-    sharded_optimizer: bool = False  # distributed=fsdp: the optimizer's states in DCP (optimizer/), any process count
+    sharded: bool = False  # distributed=fsdp: weights, EMA and optimizer states in DCP (sharded/), any process count
+    whole_weights: bool = True  # with sharded: also trainable.safetensors / ema.safetensors (gathered)
 
 
 @dataclass
@@ -105,20 +108,22 @@ class Checkpointer:
         self.dist.barrier()
         tmp = writer.tmp_dir(step)
         policy = p.policy
-        gather = policy.sharding.active  # sharded tensors are gathered by every process, written by the main one
-        trainable = policy.trainable_state() if self.is_main or gather else None
+        whole = not p.sharded or p.whole_weights
+        gather = whole and policy.sharding.active  # sharded tensors are gathered by every process, written by rank 0
+        trainable = policy.trainable_state() if whole and (self.is_main or gather) else None
         ema = None
-        if policy.ema is not None and (self.is_main or gather):
+        if whole and policy.ema is not None and (self.is_main or gather):
             ema = {k: policy.sharding.full(v) for k, v in policy.ema.state_tensors(policy.trainable_names).items()}
-        if p.sharded_optimizer:  # every process writes its shard of the optimizer's states
-            from alignrl.training.sharding import OPTIMIZER_DIR, save_optimizer
+        if p.sharded:  # every process writes its shards of the weights, the EMA and the optimizer's states
+            from alignrl.training.sharding import SHARDED_DIR, save_sharded
 
-            save_optimizer(policy.denoiser, _inner(p.optimizer), tmp / OPTIMIZER_DIR)
+            save_sharded(policy, _inner(p.optimizer), tmp / SHARDED_DIR)
         if self.is_main:
-            save_file(trainable, str(tmp / "trainable.safetensors"))
+            if trainable is not None:
+                save_file(trainable, str(tmp / "trainable.safetensors"))
             if ema is not None:
                 save_file(ema, str(tmp / "ema.safetensors"))
-            if not p.sharded_optimizer:
+            if not p.sharded:
                 torch.save(_inner(p.optimizer).state_dict(), tmp / "optimizer.pt")
             torch.save(p.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             if p.finetune == "lora":
@@ -128,7 +133,7 @@ class Checkpointer:
                 "train_seconds": counters.train_seconds,
                 "finetune": p.finetune, "trainable": len(policy.trainable_names),
                 "text_encoder": p.text_encoder,
-                "optimizer_format": "dcp" if p.sharded_optimizer else "torch",
+                "sharded": p.sharded, "whole_weights": whole,
                 "prompt_sampler": p.batch_sampler.state_dict(), "planner": p.planner.state_dict(),
                 "algorithm": p.algorithm.state_dict(),
                 "ema": policy.ema.counters() if policy.ema is not None else None,
@@ -221,30 +226,33 @@ class Checkpointer:
         if state.get("finetune") != p.finetune:
             raise CheckpointError(f"{path} was trained with finetune={state.get('finetune')}, "
                                   f"this config says {p.finetune}")
-        loaded = {"state": state, "ema": None}
-        if policy.ema is not None:
-            if state.get("ema") is None:
-                raise CheckpointError(f"{path} has no ema.safetensors: the run was trained with trainer.ema.enabled="
-                                      f"false; continue it with trainer.ema.enabled=false")
-            if not (path / "ema.safetensors").is_file():
-                raise ckpt.CorruptCheckpoint(path, "ema.safetensors is missing although the run keeps an EMA")
-            from safetensors.torch import load_file
+        loaded = {"state": state, "ema": None, "sharded": None, "optimizer": None}
+        sharded = bool(state.get("sharded"))
+        if policy.ema is not None and state.get("ema") is None:
+            raise CheckpointError(f"{path} has no ema.safetensors: the run was trained with trainer.ema.enabled="
+                                  f"false; continue it with trainer.ema.enabled=false")
+        if sharded:  # weights, EMA and optimizer states read (resharded) when applied: a collective
+            from alignrl.training.sharding import SHARDED_DIR
 
-            ema = read("ema.safetensors", lambda f: load_file(str(f)))
-            missing = [n for n in policy.trainable_names if n not in ema]
-            if missing:
-                raise CheckpointError(f"{path / 'ema.safetensors'} lacks {len(missing)} trainable tensors "
-                                      f"(e.g. {missing[0]}); was it written with another LoRA config?")
-            if not all(bool(torch.isfinite(ema[n]).all()) for n in policy.trainable_names):
-                raise CheckpointError(f"{path / 'ema.safetensors'} holds NaN/inf weights: resume from an earlier "
-                                      f"checkpoint (resume=<run>/checkpoints/step_N)")
-            loaded["ema"] = ema
-        if state.get("optimizer_format") == "dcp":  # read (resharded) when applied: a collective
-            loaded["optimizer"] = None
-        elif p.sharded_optimizer and policy.sharding.active:
+            loaded["sharded"] = path / SHARDED_DIR
+        elif p.sharded and policy.sharding.active:
             raise CheckpointError(f"{path} was saved with distributed=ddp; its optimizer states cannot be sharded: "
                                   f"resume it with distributed=ddp")
         else:
+            if policy.ema is not None:
+                if not (path / "ema.safetensors").is_file():
+                    raise ckpt.CorruptCheckpoint(path, "ema.safetensors is missing although the run keeps an EMA")
+                from safetensors.torch import load_file
+
+                ema = read("ema.safetensors", lambda f: load_file(str(f)))
+                missing = [n for n in policy.trainable_names if n not in ema]
+                if missing:
+                    raise CheckpointError(f"{path / 'ema.safetensors'} lacks {len(missing)} trainable tensors "
+                                          f"(e.g. {missing[0]}); was it written with another LoRA config?")
+                if not all(bool(torch.isfinite(ema[n]).all()) for n in policy.trainable_names):
+                    raise CheckpointError(f"{path / 'ema.safetensors'} holds NaN/inf weights: resume from an earlier "
+                                          f"checkpoint (resume=<run>/checkpoints/step_N)")
+                loaded["ema"] = ema
             loaded["optimizer"] = read("optimizer.pt", ckpt.torch_load_trusted)
         loaded["lr_scheduler"] = read("lr_scheduler.pt", ckpt.torch_load_trusted)
         rng_name = f"rng/rank_{self.dist.rank}.pt"
@@ -257,6 +265,8 @@ class Checkpointer:
                                       f"buffer); resume with the number of processes the run was saved with "
                                       f"({state.get('world_size')})")
             loaded["algorithm_rank"] = path / name
+        if sharded:
+            return loaded
         read("trainable.safetensors", policy.load_trainable)
         if not policy.weights_finite():
             raise CheckpointError(f"{path / 'trainable.safetensors'} holds NaN/inf weights: resume from an earlier "
@@ -269,10 +279,15 @@ class Checkpointer:
         if loaded["ema"] is not None:
             p.policy.ema.load_state_tensors(p.policy.trainable_names, loaded["ema"], layout=p.policy.sharding.like)
             p.policy.ema.load_counters(state["ema"])
-        if loaded["optimizer"] is None:
-            from alignrl.training.sharding import OPTIMIZER_DIR, load_optimizer
+        if loaded["sharded"] is not None:
+            from alignrl.training.sharding import load_sharded
 
-            load_optimizer(p.policy.denoiser, _inner(p.optimizer), path / OPTIMIZER_DIR)
+            load_sharded(p.policy, _inner(p.optimizer), loaded["sharded"])
+            if p.policy.ema is not None:
+                p.policy.ema.load_counters(state["ema"])
+            if not p.policy.weights_finite():  # every process agrees (a reduce over the shards)
+                raise CheckpointError(f"{loaded['sharded']} holds NaN/inf weights: resume from an earlier checkpoint "
+                                      f"(resume=<run>/checkpoints/step_N)")
         else:
             _inner(p.optimizer).load_state_dict(loaded["optimizer"])
         p.lr_scheduler.load_state_dict(loaded["lr_scheduler"])

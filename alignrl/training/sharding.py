@@ -19,10 +19,11 @@ Three rules keep every process in step, since each all-gather is a collective ev
 - Gradients are summed, not averaged (divide factor 1): the loop's losses are already normalised by the global
   number of samples, as in the DDP path, so one process and N give the same update.
 
-Checkpoints keep the trainable weights and the EMA whole (``trainable.safetensors``, ``ema.safetensors``: what
-``alignrl eval``, ``sample`` and ``export`` read), gathered to the main process one tensor at a time, and the
-optimizer's states sharded with ``torch.distributed.checkpoint`` (``optimizer/``, keyed by parameter name), so a
-run resumes on any number of processes, also on one.
+Checkpoints are sharded with ``torch.distributed.checkpoint`` (``sharded/``: the trainable weights, the EMA and the
+optimizer's states, keyed by parameter name, each process writing its shards), so a run resumes on any number of
+processes, one included. With ``distributed.whole_weights`` (the default) the main process also writes the whole
+weights and EMA (``trainable.safetensors``, ``ema.safetensors``, gathered one tensor at a time) for other tools;
+``alignrl eval``, ``sample`` and ``export`` read ``sharded/`` when they are absent.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class DistributedConfig:
     reshard_after_forward: bool = True  # free a unit's gathered parameters after its forward (gather again in backward)
     shard_reference: bool = True  # shard the frozen reference copy of a full fine-tune too (else every process holds it)
     gather_for_sampling: bool = True  # keep units gathered through a rollout / evaluation (see the module doc)
+    whole_weights: bool = True  # checkpoints also hold trainable.safetensors / ema.safetensors (gathered to rank 0)
 
     @classmethod
     def from_config(cls, cfg) -> "DistributedConfig":
@@ -241,26 +243,63 @@ class Sharding:
                                  src_data_rank=None)  # each process reads the whole file: no scatter needed
 
 
-# ---------------------------------------------------------------------- optimizer state in DCP
-OPTIMIZER_DIR = "optimizer"
+# ---------------------------------------------------------------------- sharded checkpoints (DCP)
+SHARDED_DIR = "sharded"
 
 
-def save_optimizer(model: torch.nn.Module, optimizer, directory: Path) -> None:
-    """The optimizer's states keyed by parameter name, each process writing its shard (every process calls it)."""
+@contextmanager
+def _one_process_quiet():
+    """DCP warns that it runs in one process when no process group exists; that is intended here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _state(policy, optimizer=None, ema: bool = True, model: bool = True) -> dict:
+    """The tensors a sharded checkpoint holds, by name: the trainable weights (``model``), the EMA (``ema``), the
+    optimizer's states (keyed by parameter name). Views of the live tensors: DCP reads into them in place."""
+    state = {}
+    if model:
+        state["model"] = {n: p.detach() for n, p in zip(policy.trainable_names, policy.params)}
+    if ema and policy.ema is not None:
+        state["ema"] = dict(zip(policy.trainable_names, policy.ema.shadow))
+    if optimizer is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        state["optimizer"] = get_optimizer_state_dict(policy.denoiser, optimizer,
+                                                      options=StateDictOptions(ignore_frozen_params=True))
+    return state
+
+
+def save_sharded(policy, optimizer, directory: Path) -> None:
+    """Weights, EMA and optimizer states with ``torch.distributed.checkpoint``: each process writes its shards
+    (every process calls it); loadable on any number of processes."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    dcp.save({"optimizer": state}, checkpoint_id=str(directory))
+    with _one_process_quiet():
+        dcp.save(_state(policy, optimizer), checkpoint_id=str(directory))
 
 
-def load_optimizer(model: torch.nn.Module, optimizer, directory: Path) -> None:
-    """Load the states ``save_optimizer`` wrote, resharded to this run's processes (every process calls it)."""
+def load_sharded(policy, optimizer, directory: Path) -> None:
+    """Load ``save_sharded``'s checkpoint into the run's tensors, resharded to this run's processes (every process
+    calls it; one process needs no process group)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    options = StateDictOptions(ignore_frozen_params=True)
-    template = {"optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
-    dcp.load(template, checkpoint_id=str(directory))
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=template["optimizer"], options=options)
+    state = _state(policy, optimizer)
+    with _one_process_quiet():
+        dcp.load(state, checkpoint_id=str(directory))
+    set_optimizer_state_dict(policy.denoiser, optimizer, optim_state_dict=state["optimizer"],
+                             options=StateDictOptions(ignore_frozen_params=True))
+
+
+def load_sharded_weights(policy, directory: Path, which: str) -> None:
+    """The ``model`` (live) or ``ema`` weights of a sharded checkpoint into ``policy``'s trainable weights, in one
+    process (``alignrl eval``, ``sample``, ``export`` of a run saved without whole weights)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {which: {n: p.detach() for n, p in zip(policy.trainable_names, policy.params)}}
+    with _one_process_quiet():
+        dcp.load(state, checkpoint_id=str(directory))

@@ -188,7 +188,8 @@ class Trainer:
             policy=self.policy, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
             batch_sampler=self.batch_sampler, planner=self.planner, algorithm=self.algorithm,
             backbone_family=self.backbone.family, seed=self.seed, finetune=self.finetune,
-            text_encoder=tcfg.text_encoder, sharded_optimizer=self.distributed.sharded))
+            text_encoder=tcfg.text_encoder, sharded=self.distributed.sharded,
+            whole_weights=self.distributed.whole_weights))
         self.optimizer_steps = 0
         try:
             self._resume()
