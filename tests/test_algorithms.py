@@ -594,18 +594,23 @@ def test_ddo_negatives_are_the_references_samples_and_at_the_reference_the_loss_
     assert out["d_data"] == pytest.approx(0.0, abs=1e-7) and out["d_ref_samples"] == pytest.approx(0.0, abs=1e-7)
 
 
-def test_padding_passes_for_sharded_weights_run_but_change_nothing():
+@pytest.mark.parametrize("method", ["flowgrpo", "awm"])
+def test_padding_passes_for_sharded_weights_run_but_change_nothing(method):
     """distributed=fsdp: a process with fewer passes than the others pads to the agreed count (``ctx.balance``) with
     passes whose loss is multiplied by zero; the update equals the unpadded one, even with a dropped row (NaN
     advantage) as the padding row's source."""
     from alignrl.algorithms.flowgrpo import FlowGRPO
+    from alignrl.algorithms.matching import AWM
 
-    algo = FlowGRPO(group_size=2, lr=0.1, clip_range=0.2, beta=0.0)
+    algo = FlowGRPO(group_size=2, lr=0.1, clip_range=0.2, beta=0.0) if method == "flowgrpo" else \
+        AWM(group_size=2, num_train_timesteps=2, adv_clip_max=1.0)
     results = {}
     for pad in (0, 3):
         backbone = FakeBackbone(0.5)
-        batch = transitions_batch(backbone, n=2, steps=3, trained=(0, 1))
+        batch = transitions_batch(backbone, n=2, steps=3, trained=(0, 1) if method == "flowgrpo" else ())
         adv = leaf_advantages(batch, [float("nan"), 1.0], keep=[False, True])  # root 0 dropped (its row 0 pads)
+        if method == "awm":  # final-sample methods read the leaves' advantages
+            adv = Advantages(np.array([float("nan"), 1.0]), np.array([False, True]), np.zeros(0), np.zeros(0, bool), {})
         ctx, steps = make_context(backbone)
         passes = []
         ctx.balance = lambda n, pad=pad: n + pad

@@ -50,6 +50,7 @@ class _MatchingBase(GroupRelative):
     num_train_timesteps: int = 6
 
     batch_kind = "final_latents"
+    supports_sharding = True  # train_step balances its passes over processes (distributed=fsdp)
     needs_old_policy = False  # the loss compares with the velocities of the weights that drew the rollouts
     _diag_keys: ClassVar[tuple] = ("policy_loss",)  # a class constant, not a field: subclasses set their own
 
@@ -112,21 +113,30 @@ class _MatchingBase(GroupRelative):
                 total = int(ctx.all_reduce_sum(torch.tensor([len(kept)], device=ctx.device)).item()) * n_t
                 if total == 0:
                     continue
-                for mb in kept.split(ctx.train_batch_size):
-                    cond = backbone.encode_prompts([batch.prompts[int(r)] for r in mb])
-                    for k in range(n_t):
-                        t_idx = idx[mb, k].to(ctx.device)
-                        with ctx.autocast():
-                            v = backbone.predict(x_t[mb, k], schedule.timesteps[t_idx], cond, 1.0)
-                        v_ref = ctx.predict_reference(x_t[mb, k], schedule.timesteps[t_idx], cond, 1.0) \
-                            if self.needs_reference else None
-                        loss_vec, diag = self.matching_loss(
-                            v, v_old[mb, k] if v_old is not None else None, v_ref, x_t[mb, k], x0[mb],
-                            eps[mb, k], sig[mb, k], adv_t[mb], param)
-                        ctx.backward(loss_vec.sum() / total)
-                        for key in self.diagnostics:
-                            sums[key] += float(diag[key].float().sum())
-                        count += len(mb)
+                passes = [(mb, k) for mb in kept.split(ctx.train_batch_size) for k in range(n_t)]
+                # sharded weights: every process runs as many passes (padding ones on row 0 count nothing)
+                padding = ctx.balance(len(passes)) - len(passes)
+                cond = None
+                for n, (mb, k) in enumerate(passes + [(torch.zeros(1, dtype=torch.long), 0)] * padding):
+                    real = n < len(passes)
+                    if k == 0 or not real:
+                        cond = backbone.encode_prompts([batch.prompts[int(r)] for r in mb])
+                    t_idx = idx[mb, k].to(ctx.device)
+                    with ctx.autocast():
+                        v = backbone.predict(x_t[mb, k], schedule.timesteps[t_idx], cond, 1.0)
+                    v_ref = ctx.predict_reference(x_t[mb, k], schedule.timesteps[t_idx], cond, 1.0) \
+                        if self.needs_reference else None
+                    adv_mb = adv_t[mb] if real else torch.zeros(len(mb), device=ctx.device)  # a dropped row's: NaN
+                    loss_vec, diag = self.matching_loss(
+                        v, v_old[mb, k] if v_old is not None else None, v_ref, x_t[mb, k], x0[mb],
+                        eps[mb, k], sig[mb, k], adv_mb, param)
+                    if not real:
+                        ctx.backward(loss_vec.sum() * 0.0)
+                        continue
+                    ctx.backward(loss_vec.sum() / total)
+                    for key in self.diagnostics:
+                        sums[key] += float(diag[key].float().sum())
+                    count += len(mb)
                 grad_norms.append(ctx.optimizer_step())
         return ctx.summarise(sums, count, 0.0, grad_norms)
 

@@ -14,8 +14,9 @@ Three rules keep every process in step, since each all-gather is a collective ev
   unit at the start, none per forward, so processes may run different numbers of forwards (and the forwards are
   about twice as fast); every unit is resharded at the end.
 - A training step runs the same number of forward/backward passes on every process: an algorithm that supports
-  sharding asks ``StepContext.balance(n)`` for the largest count over processes and pads with passes whose loss
-  is multiplied by zero (``policy_gradient.train_on_transitions`` does).
+  sharding (``supports_sharding``) asks ``StepContext.balance(n)`` for the largest count over processes and pads
+  with passes whose loss is multiplied by zero (``policy_gradient.train_on_transitions`` and the matching
+  methods' ``train_step`` do).
 - Gradients are summed, not averaged (divide factor 1): the loop's losses are already normalised by the global
   number of samples, as in the DDP path, so one process and N give the same update.
 
@@ -83,8 +84,9 @@ def check_strategy(settings: DistributedConfig, *, algorithm, finetune: str, tex
     if not settings.sharded:
         return
     if not getattr(algorithm, "supports_sharding", False):
-        raise ConfigError(f"distributed=fsdp supports the per-step (GRPO-family) methods; algorithm "
-                          f"{algorithm.name} does not balance its passes over processes yet: use distributed=ddp")
+        raise ConfigError(f"distributed=fsdp supports the per-step (GRPO-family) and matching (AWM, NFT) methods; "
+                          f"algorithm {algorithm.name} does not balance its passes over processes yet: use "
+                          f"distributed=ddp")
     if text_encoder != "frozen":
         raise ConfigError(f"distributed=fsdp shards the denoiser only; trainer.text_encoder={text_encoder} needs "
                           f"distributed=ddp (or trainer.text_encoder=frozen)")
