@@ -176,11 +176,6 @@ class Backbone:
                 if module.dtype != self.dtype:  # real weights come in the right dtype already
                     module.to(dtype=self.dtype)
                 module.to(self.device)
-        vae = getattr(self.pipe, "vae", None)
-        if self.device.type == "cpu" and isinstance(vae, torch.nn.Module):
-            # CPU convolutions run faster on channels-last weights (the tiny SD3's decode of 16 images: 341 ->
-            # 273 ms, outputs within 4e-6); the values and the saved pipeline are unchanged
-            vae.to(memory_format=torch.channels_last)
         self.pipe.set_progress_bar_config(disable=True)
 
     # ----- modules -------------------------------------------------------------------------------
