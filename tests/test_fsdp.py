@@ -55,6 +55,7 @@ def test_sharded_run_checkpoints_sharded_states_and_whole_weights(runs):
     run = runs["sharded"]
     log = (run / "alignrl.log").read_text()
     assert "2 process(es), fsdp over 2 processes (6 shard units)" in log  # 2 blocks + root, twice
+    assert "sd3 SD3Transformer2DModel 0.08M params" in log  # the model's own class, its whole size
     ckpt = run / "checkpoints" / "step_000002"
     state = json.loads((ckpt / "state.json").read_text())
     assert state["world_size"] == 2 and state["sharded"] and state["whole_weights"] and state["optimizer_steps"] == 4

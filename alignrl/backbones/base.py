@@ -391,4 +391,7 @@ class Backbone:
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.transformer.parameters())
-        return f"{self.family} {type(self.transformer).__name__} {n / 1e6:.2f}M params, {self.resolution}px, dtype {self.dtype}"
+        cls = type(self.transformer)
+        if cls.__name__.startswith("FSDP") and len(cls.__bases__) == 2:  # FSDP2's wrapper: name the model's class
+            cls = cls.__bases__[1]
+        return f"{self.family} {cls.__name__} {n / 1e6:.2f}M params, {self.resolution}px, dtype {self.dtype}"
