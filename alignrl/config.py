@@ -10,7 +10,8 @@ from omegaconf import DictConfig
 
 from alignrl.errors import ConfigError
 
-GROUPS = ("backbone", "sampler", "reward", "algorithm", "trainer", "data", "logger", "launcher", "distributed", "recipe")
+GROUPS = ("backbone", "sampler", "reward", "algorithm", "trainer", "data", "logger", "launcher", "distributed",
+          "recipe")
 
 
 def recipes_dir() -> Path:

@@ -213,30 +213,35 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
     fixed = rows[0][1] + rows[1][1]
     total = fixed + model + act
     block = 2 * P / counts["layers"] if counts["layers"] else P  # a measured backbone: the whole denoiser, at most
-    dist = cfg.get("distributed") or {}
-    gather = dist.get("param_dtype") or ("bf16" if str(t.get("mixed_precision", "no")) == "bf16" else "fp32")
-    gather_bytes = DTYPE_BYTES.get(str(gather), 4)
+    dist = _distributed(cfg)
+    gather = dist.gather_dtype(str(t.get("mixed_precision", "no"))) or "fp32"
+    gather_bytes = DTYPE_BYTES[gather]
     units = 2 * gather_bytes * block + 4 * block
     total_sharded = fixed + sharded_model + units + act
     # sampling keeps the whole denoiser gathered (distributed.gather_for_sampling): a peak of its own, no activations
-    sampling_peak = fixed + sharded_model + gather_bytes * P if bool(dist.get("gather_for_sampling", True)) else 0.0
+    sampling_peak = fixed + sharded_model + gather_bytes * P if dist.gather_for_sampling else 0.0
     if sampling_peak > total_sharded:
         notes.append(f"sharded, sampling peaks higher than training: {sampling_peak / GiB:.1f} GiB with the whole "
                      f"denoiser gathered in {gather} (distributed.gather_for_sampling)")
         total_sharded = sampling_peak
     if sharded_run(cfg):  # the rows as this run holds them: the model's states divided over every GPU
-        rows = [(f"{label} / {shards}" if label.startswith(("denoiser full", "frozen reference", "EMA")) else label,
-                 value / shards if label.startswith(("denoiser full", "frozen reference", "EMA")) else value)
+        divided = ("denoiser full", "frozen reference", "EMA")  # the rows sharded_model divides
+        rows = [(f"{label} / {shards}", value / shards) if label.startswith(divided) else (label, value)
                 for label, value in rows]
         rows.insert(-1, ("shard units in flight (2 gathered blocks, 1 block's fp32 grads)", units))
         total = total_sharded
     return Estimate(rows, act_plain, act_ckpt, total, total_sharded, 0.9 * machine.gpu_memory_gb * GiB, notes)
 
 
+def _distributed(cfg: DictConfig):
+    from alignrl.training.sharding import DistributedConfig
+
+    return DistributedConfig.from_config(cfg.get("distributed"))
+
+
 def sharded_run(cfg: DictConfig) -> bool:
     """Whether the recipe trains with sharded weights (distributed=fsdp on a full fine-tune)."""
-    strategy = str((cfg.get("distributed") or {}).get("strategy", "ddp"))
-    return strategy == "fsdp" and str(cfg.trainer.finetune) == "full"
+    return _distributed(cfg).sharded and str(cfg.trainer.finetune) == "full"
 
 
 def suggestions(cfg: DictConfig, est: Estimate, machine: Machine) -> list[str]:
@@ -255,9 +260,9 @@ def suggestions(cfg: DictConfig, est: Estimate, machine: Machine) -> list[str]:
             out.append(f"distributed=fsdp: sharded full fine-tuning over {machine.gpus * machine.nodes} GPUs "
                        f"({est.total_sharded / GiB:.1f} GiB each)")
         out.append("trainer.finetune=lora (the recipe's _lora variant where one exists)")
-    if sharded_run(cfg) and (cfg.get("distributed") or {}).get("gather_for_sampling", True):
+    if sharded_run(cfg) and _distributed(cfg).gather_for_sampling:
         out.append("distributed.gather_for_sampling=false (gather one block at a time while sampling: slower)")
-        if (cfg.get("distributed") or {}).get("param_dtype") != "bf16":
+        if _distributed(cfg).param_dtype != "bf16":
             out.append("distributed.param_dtype=bf16 (gather in bf16: half the bytes)")
     if not out:
         out.append("a GPU with more memory")

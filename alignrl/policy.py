@@ -234,9 +234,8 @@ class Policy:
             for module in (self.denoiser, self.reference_denoiser):
                 for block in shard_units(module) if module is not None else ():
                     block.compile(backend=compile_backend)
-        if self.reference_denoiser is not None:
-            if self.sharding.settings.shard_reference:
-                self.sharding.shard(self.reference_denoiser)
+        if self.reference_denoiser is not None and self.sharding.settings.shard_reference:
+            self.sharding.shard(self.reference_denoiser)
         self.sharding.shard(self.denoiser)  # parameters become DTensors: collected after this
         self.params = named_trainable(backbone, self.trainable_names)
         self.ema = EMA(self.params, ema.decay, ema.update_every) if ema is not None and ema.enabled else None

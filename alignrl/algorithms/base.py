@@ -19,7 +19,7 @@ Batch kinds:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, ContextManager, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -178,6 +178,15 @@ class StepContext:
     # distributed=fsdp: n -> the largest n over processes; a sharded step pads its forward/backward passes to it
     # (every pass gathers weights: every process must run as many). The identity when nothing is sharded.
     balance: Callable[[int], int] = lambda n: n
+
+
+def balanced_passes(passes: list, ctx: StepContext, filler) -> Iterator[tuple[Any, bool]]:
+    """``(pass, True)`` for each of ``passes``, then ``(filler, False)`` until this process has run as many passes as
+    the process with the most (``ctx.balance``: none are added when nothing is sharded). With sharded weights every
+    pass gathers them, so every process must run as many; a padding pass reaches the same collectives (its forward
+    and backward) and its caller multiplies its loss by zero."""
+    for i in range(ctx.balance(len(passes))):
+        yield (passes[i], True) if i < len(passes) else (filler, False)
 
 
 class Stateless:

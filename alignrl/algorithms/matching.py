@@ -35,7 +35,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from alignrl.algorithms.base import Advantages, GroupRelative, RolloutBatch, StepContext
+from alignrl.algorithms.base import Advantages, GroupRelative, RolloutBatch, StepContext, balanced_passes
 from alignrl.errors import ConfigError
 from alignrl.sampling.engine import sample_generators
 from alignrl.sampling.kernels import mean_over_dims
@@ -114,11 +114,8 @@ class _MatchingBase(GroupRelative):
                 if total == 0:
                     continue
                 passes = [(mb, k) for mb in kept.split(ctx.train_batch_size) for k in range(n_t)]
-                # sharded weights: every process runs as many passes (padding ones on row 0 count nothing)
-                padding = ctx.balance(len(passes)) - len(passes)
                 cond = None
-                for n, (mb, k) in enumerate(passes + [(torch.zeros(1, dtype=torch.long), 0)] * padding):
-                    real = n < len(passes)
+                for (mb, k), real in balanced_passes(passes, ctx, (torch.zeros(1, dtype=torch.long), 0)):  # row 0
                     if k == 0 or not real:
                         cond = backbone.encode_prompts([batch.prompts[int(r)] for r in mb])
                     t_idx = idx[mb, k].to(ctx.device)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from alignrl.algorithms.base import Advantages, RolloutBatch, StepContext
+from alignrl.algorithms.base import Advantages, RolloutBatch, StepContext, balanced_passes
 from alignrl.sampling.engine import apply_step
 
 
@@ -30,7 +30,7 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
         by_root.setdefault(r, []).append(i)
     # the roots' conditioning once (cache hits gathered per pass); a training text encoder encodes per pass, as
     # each pass's backward needs a graph of its own
-    root_cond = None if getattr(backbone, "text_trainable", False) else backbone.encode_prompts(batch.prompts)
+    root_cond = None if backbone.text_trainable else backbone.encode_prompts(batch.prompts)
     sums = {k: 0.0 for k in algo.diagnostics}
     count = 0
     grad_norms = []
@@ -51,10 +51,7 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
                 mb_roots = kept_roots[m:m + ctx.train_batch_size]
                 mb_rows = torch.tensor([i for r in mb_roots for i in by_root[r] if i in in_set], dtype=torch.long)
                 groups.extend(step_groups(batch, mb_rows))
-            # sharded weights: every process runs as many passes (padding ones count nothing, see module doc)
-            padding = ctx.balance(len(groups)) - len(groups)
-            for n, group in enumerate(groups + [torch.zeros(1, dtype=torch.long)] * padding):
-                real = n < len(groups)
+            for group, real in balanced_passes(groups, ctx, torch.zeros(1, dtype=torch.long)):  # padding: row 0
                 spec = batch.t_spec[int(group[0])]
                 j, j_to = int(batch.t_from[group[0]]), int(batch.t_to[group[0]])
                 g_dev = group.to(ctx.device)

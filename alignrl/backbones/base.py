@@ -161,6 +161,7 @@ class Backbone:
         self.cache = PromptCache() if cache_prompts else None
         self.text_trainable = False  # set by train_text_encoder(): no cache, gradients reach the text encoder
         self._negative: Conditioning | None = None
+        self._cfg_memo: tuple | None = None  # (cond, rows, [negative; cond]) of the last CFG call (guided)
         self._schedules: dict[int, Schedule] = {}
         multiple = self.latent_multiple()
         if self.resolution % multiple:
@@ -317,7 +318,7 @@ class Backbone:
     def _with_negative(self, cond: Conditioning, n: int) -> Conditioning:
         """[empty-prompt rows; ``cond``] for CFG, built once per conditioning: a rollout's steps reuse it (the last
         one is kept; not while the text encoder trains, whose outputs carry gradients)."""
-        memo = getattr(self, "_cfg_memo", None)
+        memo = self._cfg_memo
         if memo is not None and memo[0] is cond and memo[1] == n:
             return memo[2]
         both = Conditioning.cat([self.negative_conditioning().expand(n), cond])

@@ -57,9 +57,9 @@ class DistributedConfig:
 
     @classmethod
     def from_config(cls, cfg) -> "DistributedConfig":
-        from omegaconf import OmegaConf
+        from alignrl.components import as_dict
 
-        raw = OmegaConf.to_container(cfg, resolve=True) if cfg is not None and not isinstance(cfg, dict) else dict(cfg or {})
+        raw = as_dict(cfg)
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -76,6 +76,11 @@ class DistributedConfig:
     @property
     def sharded(self) -> bool:
         return self.strategy == "fsdp"
+
+    def gather_dtype(self, mixed_precision: str) -> str | None:
+        """The dtype blocks are gathered and run in: ``param_dtype``, else bf16 when training in bf16, else the
+        weights' own (None)."""
+        return self.param_dtype or ("bf16" if mixed_precision == "bf16" else None)
 
 
 def check_strategy(settings: DistributedConfig, *, algorithm, finetune: str, text_encoder: str,
@@ -130,7 +135,7 @@ class Sharding:
 
     def __init__(self, settings: DistributedConfig, world: int, device: torch.device, mixed_precision: str = "no"):
         self.settings = settings
-        self.param_dtype = settings.param_dtype or ("bf16" if mixed_precision == "bf16" else None)
+        self.param_dtype = settings.gather_dtype(mixed_precision)
         self.world = int(world)
         self.device = device
         self.active = settings.sharded and self.world > 1
@@ -203,14 +208,10 @@ class Sharding:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return int(t.item())
 
-    @staticmethod
-    def local(t: torch.Tensor) -> torch.Tensor:
-        return t.to_local() if _is_dtensor(t) else t
-
     def all_finite(self, tensors: list[torch.Tensor]) -> bool:
         """Whether every process's part of every tensor has a finite L2 norm (one fused norm, one reduce)."""
         with torch.no_grad():
-            local = [self.local(t) for t in tensors]
+            local = [t.to_local() for t in tensors] if self.active else tensors  # sharded: every trainable is a DTensor
             ok = bool(torch.stack(torch._foreach_norm(local, 2.0)).isfinite().all()) if local else True
         if not self.active:
             return ok
