@@ -12,7 +12,10 @@ start, the issue's goals checked, the per-iteration time split and the machine l
     python scripts/bench_shapes.py --recipes shapes_flowgrpo -- eval.images_per_prompt=4   # overrides for all
 
 Runs go to --out/<recipe>; the load before, during and after each run goes to --out/arena.json. A run
-directory that exists already is refused (pass --reuse, or another --out).
+directory that exists already is refused (pass --reuse, or another --out). Each finished run's small files
+(metrics.jsonl, config.yaml, status.json) and its arena.json entry are also copied to --archive
+(docs/arena_runs, kept in the repository), so the report can be rebuilt after the run directories are gone:
+--reuse reads a recipe from --out when its run is there, else from --archive.
 """
 
 from __future__ import annotations
@@ -95,9 +98,10 @@ def check_args(args) -> list[float]:
     out = Path(args.out)
     for r in args.recipes:
         run_dir = out / r
-        if args.reuse and not (run_dir / "metrics.jsonl").is_file():
-            raise ConfigError(f"--reuse: {run_dir / 'metrics.jsonl'} is missing; run {r} first (without --reuse) "
-                              f"or drop it from --recipes")
+        if args.reuse and not (run_dir / "metrics.jsonl").is_file() \
+                and not (Path(args.archive) / r / "metrics.jsonl").is_file():
+            raise ConfigError(f"--reuse: {run_dir / 'metrics.jsonl'} is missing (and {r} is not in --archive "
+                              f"{args.archive}); run {r} first (without --reuse) or drop it from --recipes")
         if not args.reuse and run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(f"{run_dir} exists already; rebuild the report from it with --reuse, or pass another "
                               f"--out (or remove it) to train again")
@@ -109,6 +113,29 @@ def train_command(recipe: str, run_dir: Path, minutes: float, every: float, over
             f"trainer.max_minutes={minutes:g}", "trainer.max_steps=1000000", "trainer.eval_at_start=true",
             "trainer.eval_every=0", f"trainer.eval_every_minutes={every:g}", "trainer.checkpoint_every=0",
             "trainer.log_images_every=0", "logger.progress_bar=false", *overrides]
+
+
+ARCHIVED = ("metrics.jsonl", "config.yaml", "status.json")
+
+
+def archive_run(run_dir: Path, entry: dict, archive: Path) -> Path:
+    """Copy a run's report inputs (a few hundred kB) and its arena entry to ``archive/<recipe>/``, atomically
+    per file; checkpoints and images stay in the run directory."""
+    dest = archive / run_dir.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ARCHIVED:
+        if (run_dir / name).is_file():
+            atomic_write_text(dest / name, (run_dir / name).read_text())
+    atomic_write_text(dest / arena.RECORD, json.dumps(entry, indent=2) + "\n")
+    return dest
+
+
+def load_archived(archive: Path, recipe: str) -> tuple[Path, dict] | None:
+    """(run directory, arena entry) of an archived run, or None."""
+    dest = archive / recipe
+    if not (dest / "metrics.jsonl").is_file():
+        return None
+    return dest, read_json(dest / arena.RECORD)
 
 
 def run_recipe(cmd: list[str]) -> dict:
@@ -152,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(REPO / "outputs" / "arena"), help="run directories and arena.json")
     p.add_argument("--doc", default=str(REPO / "docs" / "arena.md"))
     p.add_argument("--plot", default=str(REPO / "docs" / "arena.png"))
+    p.add_argument("--archive", default=str(REPO / "docs" / "arena_runs"),
+                   help="where each run's metrics, config, status and arena entry are kept ('' : nowhere)")
     p.add_argument("--reuse", action="store_true", help="rebuild the report from the runs in --out; train nothing")
     p.add_argument("--busy-load", type=float, default=1.5,
                    help="flag a run when the load besides its own exceeded this (the machine was not idle)")
@@ -187,8 +216,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"own CPU {entry['cpu_cores']} cores", flush=True)
             if entry["exit_code"] != 0:
                 failed.append(recipe)
+            elif args.archive:
+                print(f"[bench_shapes] {recipe}: archived in {archive_run(out / recipe, entry, Path(args.archive))}",
+                      flush=True)
 
-    runs = [arena.load_run(out / r, r, entries.get(r)) for r in args.recipes]
+    runs = []
+    for r in args.recipes:
+        archived = load_archived(Path(args.archive), r) if args.archive else None
+        if not (out / r / "metrics.jsonl").is_file() and archived is not None:
+            entries.setdefault(r, archived[1])
+            runs.append(arena.load_run(archived[0], r, archived[1]))
+        else:
+            runs.append(arena.load_run(out / r, r, entries.get(r)))
     used = [entries[r] for r in args.recipes if r in entries]
     commands = list(dict.fromkeys(e.get("arena_command") for e in used if e.get("arena_command")))
     nprocs = sorted({e["nproc"] for e in used if e.get("nproc")})

@@ -216,13 +216,38 @@ def test_script_reuse_writes_report_and_plot(tmp_path, capsys):
     assert capsys.readouterr().out.count(BEGIN) == 1
 
 
+def test_archived_runs_rebuild_the_report_after_the_run_directories_are_gone(tmp_path):
+    bench = bench_module()
+    out, archive = tmp_path / "runs", tmp_path / "archive"
+    write_run(out / "shapes_flowgrpo", synthetic_rows(LINEAR))
+    (out / "shapes_flowgrpo" / "checkpoints").mkdir()
+    (out / "shapes_flowgrpo" / "checkpoints" / "big.safetensors").write_bytes(b"x" * 1000)
+    entry = {"started": "2026-01-02T03:04:05+00:00", "wall_s": 2000.0, "exit_code": 0, "nproc": 2, "minutes": 30.0,
+             "command": "python -m alignrl.cli train recipe=shapes_flowgrpo"}
+    (out / "arena.json").write_text(json.dumps({"runs": {"shapes_flowgrpo": entry}}))
+    dest = bench.archive_run(out / "shapes_flowgrpo", entry, archive)
+    assert sorted(p.name for p in dest.iterdir()) == ["arena.json", "config.yaml", "metrics.jsonl", "status.json"]
+    doc, plot = tmp_path / "arena.md", tmp_path / "arena.png"
+    args = ["--recipes", "shapes_flowgrpo", "--reuse", "--out", str(out), "--doc", str(doc), "--plot", str(plot)]
+    assert bench.main([*args, "--archive", str(archive)]) == 0
+    from_runs = doc.read_text()
+    import shutil
+    shutil.rmtree(out)
+    assert bench.main([*args, "--archive", ""]) == 2  # nowhere to read it from
+    assert bench.main([*args, "--archive", str(archive)]) == 0
+    rebuilt = doc.read_text()
+    # the same tables, read from the archive (the runs table names where each run was read)
+    assert rebuilt == from_runs.replace(str(out / "shapes_flowgrpo"), str(archive / "shapes_flowgrpo"))
+    assert "Measured 2026-01-02." in rebuilt and "python -m alignrl.cli train recipe=shapes_flowgrpo" in rebuilt
+
+
 @pytest.mark.parametrize("args, message", [
     (["--recipes", "no_such_recipe"], "unknown recipe no_such_recipe (ShapeWorld recipes: "),
     (["--recipes", "shapes_flowgrpo", "trainer.lr=1"], "looks like an override; put overrides after '--'"),
     (["--eval-minutes", "0", "40"], "--eval-minutes 40: marks must lie in 0..--minutes (30)"),
     (["--eval-minutes", "0", "10", "15", "--eval-every", "10"], "--eval-every 10 does not land on the marks 15"),
     (["--recipes", "shapes_flowgrpo", "shapes_flowgrpo"], "names shapes_flowgrpo twice"),
-    (["--reuse"], "metrics.jsonl is missing; run shapes_flowgrpo first"),
+    (["--reuse"], "metrics.jsonl is missing (and shapes_flowgrpo is not in --archive"),
     (["--existing"], "exists already; rebuild the report from it with --reuse"),
 ])
 def test_script_refuses_bad_arguments_before_running(tmp_path, capsys, args, message):
@@ -232,7 +257,7 @@ def test_script_refuses_bad_arguments_before_running(tmp_path, capsys, args, mes
         (tmp_path / "shapes_flowgrpo" / "metrics.jsonl").write_text("")
         args = []
     assert bench.main([*args, "--out", str(tmp_path), "--doc", str(tmp_path / "a.md"),
-                       "--plot", str(tmp_path / "a.png")]) == 2
+                       "--plot", str(tmp_path / "a.png"), "--archive", str(tmp_path / "archive")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bench_shapes: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "a.md").exists() and not (tmp_path / "arena.json").exists()
