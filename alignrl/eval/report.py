@@ -12,6 +12,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Images (B, 3, H, W) in [0, 1] as PIL images; videos (B, F, 3, H, W) as one filmstrip each (the frames side
+    by side, left to right)."""
+    if images.ndim == 5:
+        from alignrl.eval.video import filmstrips
+
+        images = filmstrips(images)
     arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
 

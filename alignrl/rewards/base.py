@@ -2,7 +2,10 @@
 
 A reward is a callable ``score(images, prompts, metadata) -> (scores, info)``:
 
-- ``images``: float tensor (B, 3, H, W) in [0, 1] on the CPU (rewards move it where they need it)
+- ``images``: float tensor (B, 3, H, W) in [0, 1] on the CPU (rewards move it where they need it); videos are
+  (B, F, 3, H, W). A reward whose class sets ``video = True`` takes the clips whole; every other reward is applied
+  frame by frame and its frame scores reduced per clip by the reward's ``frames`` option (``mean`` (default),
+  ``min``, ``first`` or ``last``; the last two score only that frame)
 - ``prompts``: list of B strings; ``metadata``: list of B dicts (may be empty dicts)
 - ``scores``: float64 numpy array (B,); NaN/inf marks a sample the reward could not score
 - ``info``: dict of extra per-batch numbers to log
@@ -15,7 +18,7 @@ the recipe (``reward: {name: {weight: 1.0, option: ...}}``). ``differentiable`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -44,7 +47,39 @@ def available_rewards() -> list[str]:
 
 
 def _import_builtins() -> None:
-    from alignrl.rewards import clip, jpeg, ocr, optional, pixel, remote, shapes, vlm  # noqa: F401  (they register)
+    from alignrl.rewards import clip, jpeg, ocr, optional, pixel, remote, shapes, video, vlm  # noqa: F401  (they register)
+
+
+FRAME_REDUCTIONS = ("mean", "min", "first", "last")
+
+
+def frames_option(value: Any, name: str) -> str:
+    v = str(value)
+    if v not in FRAME_REDUCTIONS:
+        raise ConfigError(f"reward.{name}.frames={value!r}: how a video's frame scores are reduced is one of "
+                          f"{', '.join(FRAME_REDUCTIONS)}")
+    return v
+
+
+class FrameWise:
+    """How an image reward scores videos (B, F, 3, H, W): the frames it scores, flattened into one image batch
+    with each clip's prompt and metadata repeated, and the reduction of their scores back to one per clip."""
+
+    def __init__(self, videos: torch.Tensor, prompts: list[str], metadata: list[dict], reduction: str):
+        self.reduction, self.batch = reduction, videos.shape[0]
+        pick = {"first": slice(0, 1), "last": slice(-1, None)}.get(reduction, slice(None))
+        clips = videos[:, pick]
+        self.frames = clips.shape[1]
+        self.images = clips.flatten(0, 1)
+        self.prompts = [p for p in prompts for _ in range(self.frames)]
+        self.metadata = [m for m in metadata for _ in range(self.frames)]
+
+    def reduce(self, scores):
+        """(B * F,) frame scores -> (B,) clip scores (numpy or torch; a NaN frame makes its clip NaN)."""
+        per_clip = scores.reshape(self.batch, self.frames)
+        if self.reduction == "min":
+            return per_clip.min(1) if isinstance(per_clip, np.ndarray) else per_clip.min(1).values
+        return per_clip.mean(1)
 
 
 class Reward:
@@ -52,6 +87,7 @@ class Reward:
 
     reward_name = "reward"
     differentiable = False  # score_tensor keeps the graph from the images to the scores
+    video = False  # takes (B, F, 3, H, W) clips whole; else videos are scored frame by frame
     # names of per-sample metrics the reward returns in info["per_sample"] (evaluation tables use them)
     per_sample_keys: tuple[str, ...] = ()
 
@@ -98,6 +134,7 @@ class WeightedReward:
 
     rewards: dict[str, Reward]
     weights: dict[str, float]
+    frames: dict[str, str] = field(default_factory=dict)  # per reward: how its frame scores reduce per video
 
     @classmethod
     def from_config(cls, spec: Mapping[str, Any]) -> "WeightedReward":
@@ -109,9 +146,10 @@ class WeightedReward:
         """
         if not spec:
             raise ConfigError("no reward configured; pick one with reward=<name> (see `alignrl recipes --rewards`)")
-        rewards, weights = {}, {}
+        rewards, weights, frames = {}, {}, {}
         for name, value in spec.items():
             options = dict(value) if isinstance(value, Mapping) else {"weight": value}
+            frames[name] = frames_option(options.pop("frames", "mean"), name)
             raw = options.pop("weight", 1.0)
             try:
                 weight = float(raw)
@@ -127,7 +165,13 @@ class WeightedReward:
                 # the options live under reward.<name> in this config: say so in the message
                 raise type(e)(str(e).replace(f"reward.{kind}.", f"reward.{name}.")) from None
             weights[name] = weight
-        return cls(rewards, weights)
+        return cls(rewards, weights, frames)
+
+    def _frame_wise(self, name: str, fn, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
+        """A ``FrameWise`` view when ``images`` are videos and reward ``name`` scores images, else None."""
+        if images.ndim != 5 or getattr(fn, "video", False):
+            return None
+        return FrameWise(images, prompts, metadata, self.frames.get(name, "mean"))
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
         total = np.zeros(len(prompts), dtype=np.float64)
@@ -135,11 +179,23 @@ class WeightedReward:
         per_sample: dict[str, np.ndarray] = {}
         info: dict = {}
         for name, fn in self.rewards.items():
+            view = self._frame_wise(name, fn, images, prompts, metadata)
             try:
-                scores, extra = fn(images, prompts, metadata)
+                if view is None:
+                    scores, extra = fn(images, prompts, metadata)
+                else:
+                    scores, extra = fn(view.images, view.prompts, view.metadata)
             except Exception as e:  # name the reward in the error; the trainer stops with it
                 raise RewardError(f"reward '{name}' raised {type(e).__name__}: {e}") from e
             scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+            if view is not None:
+                if scores.shape[0] != len(view.prompts):
+                    raise RewardError(f"reward '{name}' returned {scores.shape[0]} scores for {len(view.prompts)} "
+                                      f"frames")
+                scores = view.reduce(scores)
+                if extra and "per_sample" in extra:
+                    extra = {**extra, "per_sample": {m: view.reduce(np.asarray(a, dtype=np.float64))
+                                                     for m, a in extra["per_sample"].items()}}
             if scores.shape[0] != len(prompts):
                 raise RewardError(f"reward '{name}' returned {scores.shape[0]} scores for {len(prompts)} images")
             per_reward[name] = scores
@@ -170,8 +226,13 @@ class WeightedReward:
         """The weighted total (B,) with the graph of every nonzero-weight reward."""
         total = torch.zeros(len(prompts), device=images.device)
         for name, fn in self.gradient_rewards.items():
+            view = self._frame_wise(name, fn, images, prompts, metadata)
             try:
-                scores = fn.score_tensor(images, prompts, metadata).to(images.device).float().reshape(-1)
+                if view is None:
+                    scores = fn.score_tensor(images, prompts, metadata).to(images.device).float().reshape(-1)
+                else:
+                    scores = view.reduce(fn.score_tensor(view.images, view.prompts, view.metadata)
+                                         .to(images.device).float().reshape(-1))
             except Exception as e:  # name the reward in the error; the trainer stops with it
                 raise RewardError(f"reward '{name}' raised {type(e).__name__}: {e}") from e
             if scores.shape[0] != len(prompts):

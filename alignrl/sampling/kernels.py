@@ -86,6 +86,26 @@ def flow_sde_step(x, v, sigma, sigma_next, *, noise_level: float, sigma_max_guar
     return StepResult(next_x=next_x, mean=mean, std=std, logp_mean_per_dim=logp, std_t=std_t)
 
 
+def wan_sde_step(x, v, sigma, sigma_next, *, noise_level: float, sigma_max_guard, noise=None,
+                 next_x=None) -> StepResult:
+    """Flow-GRPO's SDE step as its Wan2.1 trainer runs it: the mean of ``flow_sde_step`` with
+    ``std_t = a * sigmas[1] * sigma`` (the reference: ``a = 1``, ``sigma_min + (sigma_max - sigma_min) sigma`` with
+    ``sigma_max = sigmas[1]`` and ``sigma_min = sigmas[-1] = 0``), so the noise shrinks linearly with sigma and
+    never divides by ``1 - sigma``."""
+    x, v = x.float(), v.float()
+    s = _per_sample(sigma, x)
+    dt = _per_sample(sigma_next, x) - s
+    std_t = noise_level * torch.as_tensor(sigma_max_guard, dtype=torch.float32, device=x.device) * s
+    mean = x * (1 + std_t**2 / (2 * s) * dt) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
+    std = std_t * torch.sqrt(-dt)
+    if next_x is None:
+        if noise is None:
+            raise ValueError("wan_sde_step needs noise to sample or next_x to score")
+        next_x = mean + std * noise.float()
+    logp = gaussian_logp_mean_per_dim(next_x.float(), mean, std)
+    return StepResult(next_x=next_x, mean=mean, std=std, logp_mean_per_dim=logp, std_t=std_t)
+
+
 def cps_step(x, v, sigma, sigma_next, *, noise_level: float, noise=None, next_x=None, **_unused) -> StepResult:
     """Coefficients-Preserving Sampling (arXiv 2509.05952).
 
@@ -202,5 +222,6 @@ KernelFn = Callable[..., StepResult]
 
 # Stochastic kernels by name; "ode" is the deterministic Euler step and "dpm2m" the deterministic
 # DPM-Solver++(2M) step (the engine carries its multistep state).
-KERNELS: dict[str, KernelFn] = {"sde": flow_sde_step, "cps": cps_step, "dance": dance_sde_step, "ddim": ddim_step}
+KERNELS: dict[str, KernelFn] = {"sde": flow_sde_step, "cps": cps_step, "dance": dance_sde_step, "ddim": ddim_step,
+                                "wan": wan_sde_step}
 DETERMINISTIC = ("ode", "dpm2m")
