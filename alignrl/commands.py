@@ -344,17 +344,23 @@ def sample(cfg: DictConfig) -> int:
             ids = [p_idx * num + j for j in range(num)]
             gens = sample_generators(seed, 0, ids, backbone.device)
             images = backbone.decode(rollout(backbone, plan, cond, gens, record=False).final).cpu()
-            for j, im in enumerate(to_pil(images)):
+            for j, im in enumerate(to_pil(images)):  # a video's PNG is its filmstrip
                 name = f"{p_idx:03d}_{j:02d}.png"
                 im.save(out_dir / name)
-                index.append(json.dumps({"image": name, "prompt": prompt, "seed": sample_seed(seed, ids[j]),
-                                         **metadata[p_idx]}))
+                entry = {"image": name, "prompt": prompt, "seed": sample_seed(seed, ids[j])}
+                if images.ndim == 5:
+                    from alignrl.eval.video import write_videos
+
+                    write_videos(out_dir, images[j:j + 1], [name[:-4]])
+                    entry["video"] = name[:-4] + ".mp4"
+                index.append(json.dumps({**entry, **metadata[p_idx]}))
             all_images.append(images)
             captions += [prompt] * num
     # prompts.jsonl pairs each image with its prompt and noise seed: `alignrl reward-check images=<this folder>`
     # reads it, and the seed reproduces the image with an exported pipeline (README: Export)
     ckpt.atomic_write_text(out_dir / "prompts.jsonl", "\n".join(index) + "\n")
     grid = save_grid(out_dir / "grid.png", torch.cat(all_images)[:64], captions[:64])
-    print(f"alignrl: {len(prompts) * num} images from {model} ({plan.num_steps} ODE steps, guidance "
+    what = "videos (MP4, GIF and a filmstrip PNG each)" if all_images[0].ndim == 5 else "images"
+    print(f"alignrl: {len(prompts) * num} {what} from {model} ({plan.num_steps} ODE steps, guidance "
           f"{plan.guidance_scale:g}) in {out_dir} (grid: {grid})", file=sys.stderr)
     return 0

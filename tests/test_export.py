@@ -31,6 +31,8 @@ CASES = {  # name: recipe overrides (2 iterations x 2 updates, EMA after every u
     # evaluation with DPM-Solver++(2M): the export ships diffusers' DPMSolverMultistepScheduler and the grid
     "sd15_lora": ["recipe=tiny_ddpo", "trainer.finetune=lora", "algorithm.lr=5e-2", "sampler.eval_solver=dpm2m"],
     "sdxl_full": ["recipe=tiny_ddpo", "backbone=tiny_sdxl", "algorithm.lr=1e-2"],
+    # video: the exported WanPipeline (first-order UniPC = alignrl's Euler) and its LoRA; PNGs are filmstrips
+    "wan_lora": ["recipe=tiny_flowgrpo_wan", "trainer.finetune=lora", "algorithm.lr=5e-2"],
 }
 PROMPTS = "sample.prompts=[a red circle, a photo of a blue boat]"
 LOADER = r"""
@@ -49,7 +51,11 @@ for job in jobs:
         gens = [torch.Generator().manual_seed(s) for s in job["seeds"]]
         if remote:
             return pipe(job["prompts"], generator=gens, **info["call"])
-        return pipe(prompt=job["prompts"], generator=gens, output_type="pt", **info["call"]).images
+        result = pipe(prompt=job["prompts"], generator=gens, output_type="pt", **info["call"])
+        if hasattr(result, "frames"):  # videos (B, F, 3, H, W) as the filmstrips alignrl sample writes
+            b, f, c, h, w = result.frames.shape
+            return result.frames.permute(0, 2, 3, 1, 4).reshape(b, c, h, f * w)
+        return result.images
     out[job["name"] + "/export"] = run(DiffusionPipeline.from_pretrained(job["export"], trust_remote_code=remote))
     for i, lora in enumerate(job.get("loras", [])):
         base = DiffusionPipeline.from_pretrained(job["base"], trust_remote_code=remote)
@@ -149,6 +155,12 @@ def test_eval_runs_on_every_backbone(exported, name):
         metrics = json.loads((folder / "metrics.json").read_text())
         assert metrics[key + "num_images"] == 2 and np.isfinite(metrics[key + "reward_mean"])
         assert "step_000002" in metrics["model"] and (folder / "grid.png").is_file()
+    if name.startswith("wan"):  # a video backbone's eval writes MP4s that decode back to its frames
+        from alignrl.eval.video import read_mp4
+
+        frames, fps = read_mp4(out / "videos" / "000.mp4")
+        assert frames.shape == (5, 32, 32, 3) and fps == 16 and frames.std() > 1
+        assert (out / "videos" / "001.gif").stat().st_size > 0 and "videos/000.mp4" in (out / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if "lora" in n])

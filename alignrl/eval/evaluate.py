@@ -242,6 +242,11 @@ def write_report(out_dir: Path, result: EvalResult, title: str, details: dict, g
     if result.images is not None and len(result.images):
         k = min(grid_size, len(result.images))
         paths["grid"] = save_grid(out_dir / "grid.png", result.images[:k], result.captions[:k])
+        if result.images.ndim == 5:  # videos: the grid holds filmstrips; the first grid_size clips as MP4 and GIF
+            from alignrl.eval.video import write_videos
+
+            paths["videos"] = out_dir / "videos"
+            write_videos(paths["videos"], result.images[:k], [f"{i:03d}" for i in range(k)])
     chart = report_chart(out_dir / "chart.png", result)
     if chart is not None:
         paths["chart"] = chart
@@ -259,6 +264,10 @@ def write_report(out_dir: Path, result: EvalResult, title: str, details: dict, g
     lines += [f"- {k}: {v}" for k, v in details.items()]
     if "grid" in paths:
         lines += ["", "![samples](grid.png)"]
+    if "videos" in paths:
+        lines += ["", "Videos (MP4, GIF previews):", ""]
+        lines += [f"- {c}: [videos/{i:03d}.mp4](videos/{i:03d}.mp4) ![](videos/{i:03d}.gif)"
+                  for i, c in enumerate(result.captions[:k])]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     paths["summary"] = out_dir / "summary.md"
     return paths

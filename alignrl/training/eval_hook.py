@@ -43,6 +43,11 @@ class EvalHook:
                 path = self.run_dir / "eval" / (f"step_{step:06d}" + (f"_{name}" if name else "") + ".png")
                 self.grids["eval" + (f"_{name}" if name else "")] = path
                 save_grid(path, result.images[:k], result.captions[:k])
+                if result.images.ndim == 5:  # a video backbone: the first clip as MP4 too (wandb logs it)
+                    from alignrl.eval.video import write_mp4
+
+                    self.grids["eval_video" + (f"_{name}" if name else "")] = write_mp4(path.with_suffix(".mp4"),
+                                                                                       result.images[0])
         if self.is_main and results:
             (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "eval" / f"step_{step:06d}.json").write_text(json.dumps(metrics, indent=2))

@@ -227,7 +227,7 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict, images: dict | None = None) -> None:
         """Append a row to metrics.jsonl (and wandb, with ``images``: name -> PNG path, logged as
-        ``images/<name>``); redraw the plots when ``logger.plot_every_s`` has passed."""
+        ``images/<name>``; an .mp4 or .gif path is logged as a video); redraw the plots when ``logger.plot_every_s`` has passed."""
         if not self.enabled:
             return
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
@@ -243,7 +243,8 @@ class MetricsLogger:
                     continue
                 import wandb
 
-                payload[f"images/{name}"] = wandb.Image(str(path), caption=f"{name}, step {step}")
+                media = wandb.Video if Path(path).suffix in (".mp4", ".gif") else wandb.Image
+                payload[f"images/{name}"] = media(str(path), caption=f"{name}, step {step}")
             self.wandb.log(payload, step=step)
         if time.monotonic() >= self._next_plot_at:
             self.refresh_plots()
