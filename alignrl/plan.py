@@ -43,6 +43,11 @@ KNOWN = {
     "sd35_medium": dict(denoiser=2.243e9, text=123.1e6 + 694.7e6 + 4.762e9, vae=83.8e6, family="sd3", layers=24,
                         width=1536),
     "flux1_dev": dict(denoiser=11.90e9, text=123.1e6 + 4.762e9, vae=83.8e6, family="flux", layers=57, width=3072),
+    # Wan2.1: UMT5-XXL text encoder, the 3D VAE; per-model activation coefficients (measured, see TOKEN_COEFF)
+    "wan21_t2v_1_3b": dict(denoiser=1.419e9, text=5.681e9, vae=126.9e6, family="wan", layers=30, width=1536,
+                           coeff=98.0),
+    "wan21_t2v_14b": dict(denoiser=14.29e9, text=5.681e9, vae=126.9e6, family="wan", layers=40, width=5120,
+                          coeff=83.0),
 }
 # Activation coefficients (bytes per token per layer per unit width, bf16, flash attention).
 TOKEN_COEFF = {"sd3": 71.0, "flux": 53.0}
@@ -160,6 +165,14 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
             side, plain1, ckpt1 = UNET_ACT[name]
             scale = (res / side) ** 2
             act_plain, act_ckpt = plain1 * GiB * scale * micro, ckpt1 * GiB * scale * micro
+        elif counts["family"] == "wan":  # video: tokens = latent frames x (H/16) x (W/16); text by cross-attention
+            frames = (int(b.get("num_frames", 33)) - 1) // 4 + 1
+            s = frames * (res // 16) * (int(b.get("width") or res) // 16)
+            L, d, c = counts["layers"], counts["width"], counts["coeff"]
+            act_plain = c * L * micro * s * d
+            act_ckpt = 2 * L * micro * s * d + c * micro * s * d
+            notes.append(f"video: {frames} latent frames x {res // 16} x {int(b.get('width') or res) // 16} patches "
+                         f"= {s} tokens per sample (frames multiply the activations)")
         else:
             patches = (res // 16) ** 2
             text = int(b.get("max_sequence_length", 256)) + (77 if counts["family"] == "sd3" else 0)
@@ -171,7 +184,8 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
         act_plain, act_ckpt = act1 * micro, ck1 * micro
         notes.append("activations measured here: one training forward of this backbone (fp32 on CPU)")
     else:
-        raise ConfigError(f"alignrl plan knows the backbones sd15, sdxl, sd35_medium, flux1_dev and the built-in tiny "
+        raise ConfigError(f"alignrl plan knows the backbones sd15, sdxl, sd35_medium, flux1_dev, wan21_t2v_1_3b, "
+                          f"wan21_t2v_14b and the built-in tiny "
                           f"and ShapeWorld ones, not '{name}'; plan with the published backbone of the same size")
     P = counts["denoiser"]
     shards = machine.gpus * machine.nodes
@@ -183,6 +197,8 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
             ("text encoders and VAE (frozen)", dtype_bytes * (counts["text"] + counts["vae"]))]
     if lora:
         n_targets = len(t.lora.get("target_modules") or []) or 4
+        if counts.get("family") == "wan":  # a suffix such as to_q matches both attentions of a block (attn1, attn2)
+            n_targets *= 2
         # a measured (tiny) backbone has no layer table: 1% of its weights stands in for the adapters
         p_lora = _lora_params(int(t.lora.rank), counts["width"], counts["layers"], n_targets) \
             if counts["layers"] else 0.01 * P

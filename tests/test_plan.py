@@ -41,6 +41,22 @@ def test_mixgrpo_flux_full_fine_tune_fits_only_sharded_and_its_lora_variant_fits
     assert est.act_ckpt < est.act_plain / 10
 
 
+def test_video_tokens_are_frames_times_patches_and_the_14b_fits_only_sharded():
+    """Wan2.1: tokens = latent frames x (H/16) x (W/16). The 1.3B at 33 frames, 240x416 is 9 x 15 x 26 = 3510
+    tokens: 98 B x 30 layers x 1536 wide per token, 14.7 GiB per video without checkpointing (backbones.md's
+    measured figure); CFG doubles the micro-batch of the GRPO loss."""
+    cfg = compose(["recipe=flowgrpo_wan21", "trainer.train_batch_size=1"])
+    est = estimate(cfg, Machine(1, 80, 1))
+    assert est.act_plain == pytest.approx(2 * 98 * 30 * 3510 * 1536) and est.fits
+    assert 14.6 * GiB < est.act_plain / 2 < 14.8 * GiB
+    more = estimate(compose(["recipe=flowgrpo_wan21", "trainer.train_batch_size=1", "backbone.num_frames=81"]),
+                    Machine(1, 80, 1))
+    assert more.act_plain == pytest.approx(est.act_plain * 21 / 9)  # 81 frames: 21 latent frames
+    big = compose(["recipe=flowgrpo_wan21_14b"])
+    assert estimate(big, Machine(8, 80, 1)).fits
+    assert not estimate(compose(["recipe=flowgrpo_wan21_14b", "distributed=ddp"]), Machine(8, 80, 1)).fits
+
+
 def test_plan_command_prints_the_breakdown_and_exits_by_fit():
     res = run_inprocess("plan", "recipe=flowgrpo_sd35", "machine.gpu_memory_gb=141")
     assert res.returncode == 0, res.stderr

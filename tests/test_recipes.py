@@ -98,6 +98,11 @@ EXPECTED = {
                               sampler="FlowGRPOPlanner", T=6, noise=0.9, cfg=3.5, eval_T=6, sampler_keys=FG,
                               algorithm_keys=PPO, batches=(16, 16, 2),
                               **{**TINY, "backbone": "tiny_flux", "finetune": "lora"}),
+    # video: the tiny Wan2.1 (5 frames, 32px) with the Wan SDE and frame-wise JPEG compressibility
+    "tiny_flowgrpo_wan": row("flowgrpo", beta=0.0, global_std=True, clip=1e-2, std_eps=1e-4, K=8, lr=1e-2,
+                             sampler="FlowGRPOPlanner", T=6, noise=1.0, cfg=4.5, eval_T=6,
+                             sampler_keys={**FG, "sde_type": "wan"}, algorithm_keys=PPO, batches=(16, 16, 2),
+                             **{**TINY, "backbone": "tiny_wan"}),
     "tiny_flowgrpo_fast": row("flowgrpo", beta=0.0, global_std=True, clip=1e-2, std_eps=1e-4, K=8, lr=1e-2,
                               sampler="FastPlanner", T=6, noise=0.7, cfg=4.5, eval_T=6,
                               sampler_keys={"window_size": 2}, algorithm_keys=PPO, batches=(16, 16, 2), **TINY),
@@ -701,7 +706,7 @@ def test_every_recipe_builds_its_parts_and_has_valid_typed_settings(recipe):
         assert dist.sharded == (not recipe.endswith("_lora")), recipe
 
 
-SHARDED = {"dancegrpo_flux", "mixgrpo_flux", "mixgrpo_flash_flux", "branchgrpo_flux", "g2rpo_flux"}
+SHARDED = {"dancegrpo_flux", "mixgrpo_flux", "mixgrpo_flash_flux", "branchgrpo_flux", "g2rpo_flux", "flowgrpo_wan21_14b"}
 
 
 def test_trainer_settings_name_the_bad_key():

@@ -111,9 +111,21 @@ def test_image_rewards_score_videos_frame_by_frame(frames, expect):
     assert shape == (2 * n, 3, 8, 8) and prompts == ["a"] * n + ["b"] * n and metadata[n] == {"k": 2}
 
 
+def test_strided_mean_of_positive_frames_is_the_reference_video_ocr_reduction():
+    """Flow-GRPO's video OCR: every 4th frame (0, 4, 8, ...), the mean of those scoring above 0, 0 when none."""
+    per_frame = torch.tensor([[0.5, 9, 9, 9, 0.0, 9, 9, 9, 0.7], [0.0, 9, 9, 9, 0.0, 9, 9, 9, 0.0]])
+    videos = per_frame[:, :, None, None, None].expand(2, 9, 3, 2, 2).contiguous()
+    reward = WeightedReward.from_config({"frame_mean": {"frames": "mean_positive", "frame_stride": 4,
+                                                        "_target_": "test_wan.FrameMean"}})
+    total, _ = reward(videos, ["a", "b"], [{}, {}])
+    assert np.allclose(total, [0.6, 0.0]) and reward.rewards["frame_mean"].calls[0][0] == (6, 3, 2, 2)
+
+
 def test_frames_option_is_checked_and_a_nan_frame_drops_the_clip():
     with pytest.raises(ConfigError, match=r"reward.jpeg_compressibility.frames='median': .* mean, min, first, last"):
         WeightedReward.from_config({"jpeg_compressibility": {"frames": "median"}})
+    with pytest.raises(ConfigError, match=r"reward.ocr.frame_stride=0: score every k-th frame"):
+        WeightedReward.from_config({"ocr": {"frame_stride": 0}})
 
     class NanOnFirstFrame(Reward):
         def __call__(self, images, prompts, metadata):

@@ -5,7 +5,8 @@ A reward is a callable ``score(images, prompts, metadata) -> (scores, info)``:
 - ``images``: float tensor (B, 3, H, W) in [0, 1] on the CPU (rewards move it where they need it); videos are
   (B, F, 3, H, W). A reward whose class sets ``video = True`` takes the clips whole; every other reward is applied
   frame by frame and its frame scores reduced per clip by the reward's ``frames`` option (``mean`` (default),
-  ``min``, ``first`` or ``last``; the last two score only that frame)
+  ``min``, ``first`` or ``last``: the last two score only that frame; ``mean_positive``: the mean of the frames
+  scoring above 0, 0 when none does, as Flow-GRPO's video OCR reward) over every ``frame_stride``-th frame
 - ``prompts``: list of B strings; ``metadata``: list of B dicts (may be empty dicts)
 - ``scores``: float64 numpy array (B,); NaN/inf marks a sample the reward could not score
 - ``info``: dict of extra per-batch numbers to log
@@ -50,24 +51,32 @@ def _import_builtins() -> None:
     from alignrl.rewards import clip, jpeg, ocr, optional, pixel, remote, shapes, video, vlm  # noqa: F401  (they register)
 
 
-FRAME_REDUCTIONS = ("mean", "min", "first", "last")
+FRAME_REDUCTIONS = ("mean", "min", "first", "last", "mean_positive")
 
 
-def frames_option(value: Any, name: str) -> str:
+def frames_option(value: Any, stride: Any, name: str) -> tuple[str, int]:
     v = str(value)
     if v not in FRAME_REDUCTIONS:
         raise ConfigError(f"reward.{name}.frames={value!r}: how a video's frame scores are reduced is one of "
                           f"{', '.join(FRAME_REDUCTIONS)}")
-    return v
+    try:
+        k = int(stride)
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1 or str(k) != str(stride).strip():
+        raise ConfigError(f"reward.{name}.frame_stride={stride!r}: score every k-th frame, k a positive integer")
+    return v, k
 
 
 class FrameWise:
-    """How an image reward scores videos (B, F, 3, H, W): the frames it scores, flattened into one image batch
-    with each clip's prompt and metadata repeated, and the reduction of their scores back to one per clip."""
+    """How an image reward scores videos (B, F, 3, H, W): the frames it scores (every ``stride``-th from the first;
+    only the first or last for those reductions), flattened into one image batch with each clip's prompt and
+    metadata repeated, and the reduction of their scores back to one per clip."""
 
-    def __init__(self, videos: torch.Tensor, prompts: list[str], metadata: list[dict], reduction: str):
+    def __init__(self, videos: torch.Tensor, prompts: list[str], metadata: list[dict], reduction: str,
+                 stride: int = 1):
         self.reduction, self.batch = reduction, videos.shape[0]
-        pick = {"first": slice(0, 1), "last": slice(-1, None)}.get(reduction, slice(None))
+        pick = {"first": slice(0, 1), "last": slice(-1, None)}.get(reduction, slice(None, None, stride))
         clips = videos[:, pick]
         self.frames = clips.shape[1]
         self.images = clips.flatten(0, 1)
@@ -79,6 +88,15 @@ class FrameWise:
         per_clip = scores.reshape(self.batch, self.frames)
         if self.reduction == "min":
             return per_clip.min(1) if isinstance(per_clip, np.ndarray) else per_clip.min(1).values
+        if self.reduction == "mean_positive":
+            positive = per_clip > 0
+            count = positive.sum(1)
+            total = (per_clip * positive).sum(1)
+            if isinstance(per_clip, np.ndarray):
+                out = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+                return np.where(np.isnan(per_clip).any(1), np.nan, out)
+            out = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+            return torch.where(per_clip.isnan().any(1), torch.full_like(out, float("nan")), out)
         return per_clip.mean(1)
 
 
@@ -134,7 +152,7 @@ class WeightedReward:
 
     rewards: dict[str, Reward]
     weights: dict[str, float]
-    frames: dict[str, str] = field(default_factory=dict)  # per reward: how its frame scores reduce per video
+    frames: dict[str, tuple[str, int]] = field(default_factory=dict)  # per reward: (reduction, frame stride)
 
     @classmethod
     def from_config(cls, spec: Mapping[str, Any]) -> "WeightedReward":
@@ -149,7 +167,7 @@ class WeightedReward:
         rewards, weights, frames = {}, {}, {}
         for name, value in spec.items():
             options = dict(value) if isinstance(value, Mapping) else {"weight": value}
-            frames[name] = frames_option(options.pop("frames", "mean"), name)
+            frames[name] = frames_option(options.pop("frames", "mean"), options.pop("frame_stride", 1), name)
             raw = options.pop("weight", 1.0)
             try:
                 weight = float(raw)
@@ -171,7 +189,7 @@ class WeightedReward:
         """A ``FrameWise`` view when ``images`` are videos and reward ``name`` scores images, else None."""
         if images.ndim != 5 or getattr(fn, "video", False):
             return None
-        return FrameWise(images, prompts, metadata, self.frames.get(name, "mean"))
+        return FrameWise(images, prompts, metadata, *self.frames.get(name, ("mean", 1)))
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
         total = np.zeros(len(prompts), dtype=np.float64)
