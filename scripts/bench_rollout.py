@@ -5,13 +5,14 @@
    same tiny model, steps, batch, guidance and starting latents (both from cached prompt embeddings,
    both decoding to images), timed alternately in one run, for SD3 (``StableDiffusion3Pipeline``, target
    <= 1.10), SD1.5 and SDXL (``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` with DDIM, eta 0,
-   which the engine's ODE equals; target <= 1.05); prints the ratio engine / pipeline.
+   which the engine's ODE equals; target <= 1.05) and Wan2.1 video (``WanPipeline`` with first-order UniPC without
+   corrector, the engine's Euler on Wan's sigma grid; 9 frames; target <= 1.05); prints the ratio engine / pipeline.
 2. Iteration split: a short run of the tiny recipe with timing hooks on the denoiser's forward and on
    backward; prints rollout / reward wait / update / other, and the share of the iteration spent
    outside model forward/backward and VAE decode (target < 10%).
 
     python scripts/bench_rollout.py [--batch 8] [--steps 8] [--repeats 20] [--iterations 6] [--device cpu]
-                                    [--backbone all|sd3|sd15|sdxl] [--sampling-only]
+                                    [--backbone all|sd3|sd15|sdxl|wan] [--sampling-only]
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ import torch
 def _tiny(family: str, args):
     from alignrl.backbones.sd3 import SD3Backbone
     from alignrl.backbones.unet import SD15Backbone, SDXLBackbone
+    from alignrl.backbones.wan import WanBackbone
 
+    if family == "wan":
+        return WanBackbone.tiny(device=args.device, resolution=args.resolution, num_frames=args.frames)
     if family == "sd3":
         return SD3Backbone.tiny(device=args.device, resolution=args.resolution)
     return {"sd15": SD15Backbone, "sdxl": SDXLBackbone}[family].tiny(device=args.device, resolution=args.resolution)
@@ -37,6 +41,9 @@ def _tiny(family: str, args):
 def _pipeline_kwargs(family: str, bb, cond, neg) -> dict:
     """The pipeline's own arguments for the cached embeddings (each pipeline names them its way)."""
     t = cond.tensors
+    if family == "wan":
+        return {"prompt_embeds": t["prompt_embeds"], "negative_prompt_embeds": neg.tensors["prompt_embeds"],
+                "num_frames": bb.num_frames}
     if family == "sd15":
         return {"prompt_embeds": t["prompt_embeds"], "negative_prompt_embeds": neg.tensors["prompt_embeds"],
                 "eta": 0.0}
@@ -55,7 +62,9 @@ def bench_sampling(args, family: str = "sd3") -> dict:
     from alignrl.sampling.plans import ode_plan
 
     bb = _tiny(family, args)
-    if family != "sd3":
+    if family == "wan":
+        bb.pipe.scheduler = bb.euler_scheduler()
+    elif family != "sd3":
         bb.pipe.scheduler = DDIMScheduler.from_config(bb.pipe.scheduler.config)
     prompts = [f"a photo of a red cat number {i}" for i in range(args.batch)]
     cond = bb.encode_prompts(prompts)
@@ -69,8 +78,9 @@ def bench_sampling(args, family: str = "sd3") -> dict:
 
     def pipeline():
         latents = bb.initial_noise(sample_generators(0, 0, range(args.batch), device=bb.device))
-        return bb.pipe(latents=latents, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                       output_type="pt", height=args.resolution, width=args.resolution, **call).images
+        out = bb.pipe(latents=latents, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      output_type="pt", height=args.resolution, width=args.resolution, **call)
+        return out.frames if family == "wan" else out.images
 
     with torch.no_grad():
         a, b = engine(), pipeline()  # warm-up, and the outputs must agree
@@ -164,19 +174,21 @@ def main():
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--iterations", type=int, default=6)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backbone", default="all", choices=["all", "sd3", "sd15", "sdxl"],
+    p.add_argument("--frames", type=int, default=9, help="video frames (wan; 4k+1)")
+    p.add_argument("--backbone", default="all", choices=["all", "sd3", "sd15", "sdxl", "wan"],
                    help="whose engine-vs-pipeline sampling to time (all: one after another)")
     p.add_argument("--sampling-only", action="store_true", help="skip the iteration split")
     args = p.parse_args()
     torch.set_grad_enabled(True)
 
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    targets = {"sd3": 1.10, "sd15": 1.05, "sdxl": 1.05}
+    targets = {"sd3": 1.10, "sd15": 1.05, "sdxl": 1.05, "wan": 1.05}
     pipes = {"sd3": "StableDiffusion3Pipeline", "sd15": "StableDiffusionPipeline (DDIM)",
-             "sdxl": "StableDiffusionXLPipeline (DDIM)"}
-    for family in (("sd3", "sd15", "sdxl") if args.backbone == "all" else (args.backbone,)):
+             "sdxl": "StableDiffusionXLPipeline (DDIM)", "wan": "WanPipeline (UniPC order 1)"}
+    for family in (("sd3", "sd15", "sdxl", "wan") if args.backbone == "all" else (args.backbone,)):
         s = bench_sampling(args, family)
-        print(f"sampling {args.batch} images x {args.steps} ODE steps, CFG {args.guidance}, {args.resolution}px "
+        what = f"videos ({args.frames} frames)" if family == "wan" else "images"
+        print(f"sampling {args.batch} {what} x {args.steps} ODE steps, CFG {args.guidance}, {args.resolution}px "
               f"(tiny {family}), median of {args.repeats}:")
         print(f"  {'rollout engine':<34} {s['engine_s'] * 1000:8.1f} ms")
         print(f"  {pipes[family]:<34} {s['pipeline_s'] * 1000:8.1f} ms")
