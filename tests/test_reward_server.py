@@ -952,3 +952,32 @@ def test_cli_refuses_an_open_host_without_a_token_before_binding(tmp_path):
     assert len(lines) == 1 and "no token is set" in lines[0] and "serve.insecure=true" in lines[0], result.stderr
     with socket.socket() as s:  # the port was never bound
         s.bind(("0.0.0.0", port))
+
+
+# ------------------------------------------------------------------------------------ videos
+def test_videos_travel_whole_as_safetensors_and_limits_count_frames():
+    """A server whose reward takes clips (a video reward beside a frame-wise image reward) scores (B, F, 3, H, W)
+    requests exactly as in-process; the pixel limits count every frame, and PNG refuses videos in one line."""
+    local = WeightedReward.from_config({"motion": 1.0, "jpeg_compressibility": {"weight": 0.5, "frames": "min"}})
+    videos = torch.rand(6, 5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    videos[:3] = videos[:3, :1]  # three still clips, three noisy ones
+    prompts = [f"clip {i}" for i in range(6)]
+    expected, expected_info = local(videos, prompts, [{}] * 6)
+    # 5 frames of 16x16 = 1280 pixels a clip: a 3000-pixel request holds 2 clips
+    with running_server(local, max_batch=8, max_request_pixels=3000, max_inflight_pixels=6000) as url:
+        client = RemoteReward(url=url, format="safetensors", video=True, retries=0)
+        scores, info = client(videos, prompts, [{}] * 6)
+        np.testing.assert_array_equal(scores, expected)
+        np.testing.assert_array_equal(info["per_sample"]["motion"], expected_info["per_reward"]["motion"])
+        assert info["requests"] == 3  # 6 clips, 2 per request under the frame-counting pixel limit
+        assert expected_info["per_reward"]["motion"][:3].max() == 0 < expected_info["per_reward"]["motion"][3:].min()
+        body, ctype = encode_request(videos[:3], prompts[:3], [{}] * 3, "safetensors")  # 3 clips: 3840 pixels
+        r = httpx.post(url + "/score", content=body, headers={"content-type": ctype})
+        assert r.status_code == 413 and "max_request_pixels=3000" in r.json()["error"]
+        with pytest.raises(RewardError, match="got videos but reward.remote.video is false"):
+            RemoteReward(url=url, format="safetensors", retries=0)(videos, prompts, [{}] * 6)
+        client.close()
+    with pytest.raises(ValueError, match="videos travel as safetensors, not PNG"):
+        encode_request(videos, prompts, [{}] * 6, "png")
+    with pytest.raises(ConfigError, match="reward.remote.video=true sends clips, which travel as safetensors"):
+        RemoteReward(url="http://127.0.0.1:1", video=True, check_on_start=False)

@@ -5,9 +5,10 @@
 - ``application/json``: ``{"protocol": 1, "prompts": [str], "metadata": [object], "images": [str]}``, each
   image a base64 PNG (8-bit RGB, lossless for uint8 images), all the same size. ``metadata`` may be left
   out (empty dicts).
-- ``application/octet-stream``: a safetensors file holding one tensor ``images`` (B, 3, H, W), float32 in
-  [0, 1] (exact floats) or uint8, with ``prompts`` and ``metadata`` as JSON strings (and ``protocol``) in
-  its ``__metadata__`` header.
+- ``application/octet-stream``: a safetensors file holding one tensor ``images`` (B, 3, H, W), or videos
+  (B, F, 3, H, W), float32 in [0, 1] (exact floats) or uint8, with ``prompts`` and ``metadata`` as JSON strings
+  (and ``protocol``) in its ``__metadata__`` header. Videos travel only this way; one prompt per clip. The
+  server's limits count clips against ``max_batch`` and every frame's pixels against the pixel limits.
 
 The answer is JSON: ``{"protocol": 1, "scores": [float|null], "per_reward": {name: [float|null]},
 "per_sample": {key: [float|null]}, "info": {key: float|null}}``; null stands for NaN/inf (could not score).
@@ -68,7 +69,7 @@ class ProtocolError(ValueError):
 
 @dataclass
 class ScoreRequest:
-    images: torch.Tensor  # (B, 3, H, W), uint8 or float32 in [0, 1]
+    images: torch.Tensor  # (B, 3, H, W) or videos (B, F, 3, H, W), uint8 or float32 in [0, 1]
     prompts: list[str]
     metadata: list[dict]
 
@@ -107,6 +108,8 @@ def encode_request(images: torch.Tensor, prompts: list[str], metadata: list[dict
     from alignrl.rewards.jpeg import to_uint8
 
     metadata = [dict(m or {}) for m in metadata] if metadata else [{} for _ in prompts]
+    if images.ndim == 5 and fmt == "png":
+        raise ValueError("videos travel as safetensors, not PNG: set the remote reward's format=safetensors")
     if fmt == "png":
         body = {"protocol": PROTOCOL_VERSION, "prompts": list(prompts), "metadata": metadata,
                 "images": [encode_png(im) for im in to_uint8(images)]}
@@ -180,7 +183,8 @@ def _check_count(n: int, max_images: int) -> None:
 
 
 def _check_size(what: str, n: int, height: int, width: int, limits: Limits) -> None:
-    """Refuse zero-sized images (422) and sizes over the server's pixel limits (413), before decoding."""
+    """Refuse zero-sized images (422) and sizes over the server's pixel limits (413), before decoding; ``n``
+    counts images, or every frame of every clip."""
     if height < 1 or width < 1:
         raise ProtocolError(f"{what} is {width}x{height}: zero-sized; send images of at least 1x1 pixels")
     if height * width > limits.max_pixels:
@@ -218,11 +222,12 @@ class PendingRequest:
     prompts: list[str]
     metadata: list[dict]
     _decode: Any
+    frames: int = 1  # frames per clip (1: images)
 
     @property
     def pixels(self) -> int:
         """Decoded pixels (per channel-triple) the request will hold: what the server's budget counts."""
-        return self.n * self.height * self.width
+        return self.n * self.frames * self.height * self.width
 
     def decode(self) -> ScoreRequest:
         return ScoreRequest(self._decode(), self.prompts, self.metadata)
@@ -336,17 +341,21 @@ def _inspect_safetensors(body: bytes, limits: Limits) -> PendingRequest:
     dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
     if not isinstance(dtype, str) or dtype not in ST_DTYPES:
         raise ProtocolError(f"'images' must be float32 or uint8 (F32 or U8), got {str(dtype)[:20]}")
-    if not isinstance(shape, list) or len(shape) != 4 or not all(_is_count(s) for s in shape) or shape[1] != 3:
-        raise ProtocolError(f"'images' must have shape (B, 3, H, W) of non-negative integers, "
-                            f"got {json.dumps(shape)[:80]}")
+    if not isinstance(shape, list) or len(shape) not in (4, 5) or not all(_is_count(s) for s in shape) \
+            or shape[-3] != 3:
+        raise ProtocolError(f"'images' must have shape (B, 3, H, W), or (B, F, 3, H, W) for videos, of non-negative "
+                            f"integers, got {json.dumps(shape)[:80]}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
         raise ProtocolError(f"safetensors data_offsets must be two non-negative integers, got "
                             f"{json.dumps(offsets)[:80]}", status=400)
-    b, _, h, w = shape
+    video = len(shape) == 5
+    b, f, h, w = (shape[0], shape[1], shape[3], shape[4]) if video else (shape[0], 1, shape[2], shape[3])
     _check_count(b, limits.max_images)
-    _check_size("each image", b, h, w, limits)  # bounded ints from here on: the arithmetic below is cheap
+    if video and f < 1:
+        raise ProtocolError("videos have no frames; send clips of at least 1 frame")
+    _check_size("each frame" if video else "each image", b * f, h, w, limits)  # bounded ints from here on
     torch_dtype, itemsize = ST_DTYPES[dtype]
-    nbytes = b * 3 * h * w * itemsize
+    nbytes = b * f * 3 * h * w * itemsize
     data_bytes = len(body) - 8 - n
     if offsets != [0, nbytes] or data_bytes != nbytes:
         raise ProtocolError(f"safetensors data_offsets {offsets} and the body's {data_bytes} data bytes do not match "
@@ -361,12 +370,13 @@ def _inspect_safetensors(body: bytes, limits: Limits) -> PendingRequest:
     start = 8 + n
 
     def decode() -> torch.Tensor:
-        data = np.frombuffer(body, dtype=np.uint8 if itemsize == 1 else "<f4", count=b * 3 * h * w, offset=start)
+        data = np.frombuffer(body, dtype=np.uint8 if itemsize == 1 else "<f4", count=b * f * 3 * h * w,
+                             offset=start)
         if isinstance(body, bytearray) and sys.byteorder == "little" and start % itemsize == 0:
             images = torch.from_numpy(data)  # a view of the (writable) body: no copy
         else:
             images = torch.from_numpy(data.astype(data.dtype.newbyteorder("="), copy=True))
-        images = images.view(b, 3, h, w)
+        images = images.view(b, f, 3, h, w) if video else images.view(b, 3, h, w)
         if torch_dtype == torch.float32:
             if not torch.isfinite(images).all():
                 raise ProtocolError("images contain NaN or inf")
@@ -374,7 +384,7 @@ def _inspect_safetensors(body: bytes, limits: Limits) -> PendingRequest:
                 raise ProtocolError("float32 images must lie in [0, 1]")
         return images
 
-    return PendingRequest(b, h, w, prompts, metadata, decode)
+    return PendingRequest(b, h, w, prompts, metadata, decode, f)
 
 
 def inspect_request(body: bytes | bytearray, content_type: str, limits: Limits) -> PendingRequest:

@@ -8,8 +8,10 @@ Options: ``url`` (required), ``token`` or ``token_file`` (a file holding it, kep
 connection errors, timeouts, 5xx and 429; waits ``backoff * 2**k`` seconds, at least any ``Retry-After``),
 ``format`` (``png``: uint8-exact, small; ``safetensors``: exact float32), ``batch_size`` (images per request;
 default: the server's max_batch; never more than its ``max_request_pixels`` take), ``check_on_start`` (GET
-/health and /info in the constructor, so a dead server or a wrong token fails before any model loads). 4xx
-answers are not retried. The protocol is in ``alignrl.rewards.protocol``.
+/health and /info in the constructor, so a dead server or a wrong token fails before any model loads), ``video``
+(true: send whole clips (B, F, 3, H, W), as safetensors, to a server whose reward takes videos; false: a video
+backbone's frames go as images, scored frame by frame on this side's ``frames:`` reduction). 4xx answers are not
+retried. The protocol is in ``alignrl.rewards.protocol``.
 
 ``info`` holds ``per_sample`` (the server's per-reward scores under their names, and its per-sample
 metrics), the server's batch numbers averaged over requests, and ``requests`` / ``request_s``.
@@ -49,8 +51,15 @@ def _error_text(response) -> str:
 class RemoteReward(Reward):
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 120.0, retries: int = 3,
                  backoff: float = 0.5, format: str = "png", batch_size: int | None = None,
-                 check_on_start: bool = True, token_file: str | None = None):
+                 check_on_start: bool = True, token_file: str | None = None, video: bool = False):
         import httpx
+
+        # video: the server's reward takes whole clips (B, F, 3, H, W; its own video or frame-wise rewards); else
+        # the client's WeightedReward sends video frames as images
+        self.video = bool(video)
+        if self.video and format != "safetensors":
+            raise ConfigError("reward.remote.video=true sends clips, which travel as safetensors: set "
+                              "reward.remote.format=safetensors")
 
         if not url:
             raise ConfigError("reward 'remote' needs the server's address: reward.remote.url=http://127.0.0.1:8000 "
@@ -164,8 +173,9 @@ class RemoteReward(Reward):
         self.server_info = info
         return info
 
-    def per_request(self, size, wanted: int) -> int:
-        """Images per request: ``wanted``, lowered to what the server's pixel limits take (from /info)."""
+    def per_request(self, size, wanted: int, frames: int = 1) -> int:
+        """Images (or clips of ``frames`` frames) per request: ``wanted``, lowered to what the server's pixel
+        limits take (from /info; they count every frame)."""
         info = self.server_info or {}
         height, width = (int(v) for v in size)
         per_image, per_request = info.get("max_image_pixels"), info.get("max_request_pixels")
@@ -173,7 +183,10 @@ class RemoteReward(Reward):
             raise RewardError(f"remote: images are {width}x{height}, over the server's serve.max_image_pixels="
                               f"{per_image}; send smaller images or raise the server's limit")
         if per_request and height * width:
-            wanted = min(wanted, max(1, int(per_request) // (height * width)))
+            if frames * height * width > int(per_request):
+                raise RewardError(f"remote: one clip of {frames} frames of {width}x{height} is over the server's "
+                                  f"serve.max_request_pixels={per_request}; raise the server's limit")
+            wanted = min(wanted, max(1, int(per_request) // (frames * height * width)))
         return wanted
 
     def close(self) -> None:
@@ -187,7 +200,10 @@ class RemoteReward(Reward):
             raise RewardError(f"remote: {images.shape[0]} images, {n} prompts, {len(metadata)} metadata")
         if n == 0:
             return np.zeros(0), {}
-        step = self.per_request(images.shape[-2:], self.batch_size or n)
+        if images.ndim == 5 and not self.video:
+            raise RewardError("remote: got videos but reward.remote.video is false (the server scores images); set "
+                              "video=true when the server's reward takes clips")
+        step = self.per_request(images.shape[-2:], self.batch_size or n, images.shape[1] if images.ndim == 5 else 1)
         scores, per_sample, info_sums = [], {}, {}
         t0 = time.perf_counter()
         chunks = list(range(0, n, step))
