@@ -305,7 +305,14 @@ def make_dataset(cfg: DictConfig) -> int:
             images = torch.cat(images)
             scores, _ = reward(images, [prompt] * k, [meta] * k)
             names = []
-            for j, im in enumerate(to_pil(images)):
+            if images.ndim == 5:  # videos: an H.264 MP4 per clip (written atomically), what offline training reads
+                from alignrl.eval.video import write_mp4
+
+                for j in range(len(images)):
+                    name = f"images/{i:05d}_{j:02d}.mp4"
+                    write_mp4(out / name, images[j])
+                    names.append(name)
+            for j, im in enumerate(to_pil(images) if images.ndim == 4 else []):
                 name = f"images/{i:05d}_{j:02d}.png"
                 tmp = out / (name + ".tmp.png")
                 im.save(tmp)

@@ -112,6 +112,9 @@ class ImageDataset:
                 if not img.is_file():
                     raise ConfigError(f"{row.where}: image '{img}' does not exist (paths are relative to the "
                                       f"dataset file's folder, or to data.offline.root)")
+                if img.suffix.lower() in VIDEO_SUFFIXES:  # a video: its container and stream header
+                    sizes[_video_size(img, row.where)] = sizes.get(_video_size(img, row.where), 0) + 1
+                    continue
                 try:
                     with Image.open(img) as im:
                         im.verify()
@@ -143,6 +146,65 @@ def load_image_tensor(path: Path, resolution: int):
         im = im.crop((left, top, left + resolution, top + resolution))
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv")
+
+
+def _video_size(path: Path, where: str) -> tuple[int, int]:
+    """(width, height) of a video file's first video stream; a one-line error when it has none or cannot open."""
+    from alignrl.errors import ConfigError
+
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return int(stream.codec_context.width), int(stream.codec_context.height)
+    except (IndexError, OSError, ValueError) as e:
+        raise ConfigError(f"{where}: video '{path}' cannot be read ({e}); replace or remove the row") from None
+
+
+def load_video_tensor(path: Path, height: int, width: int, frames: int):
+    """A video as a (frames, 3, height, width) float tensor in [-1, 1]: each frame resized on its short side and
+    centre-cropped. The clip must hold exactly ``frames`` frames (the video backbone's ``num_frames``)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from alignrl.errors import ConfigError
+    from alignrl.eval.video import read_mp4
+
+    raw, _ = read_mp4(path)
+    if raw.shape[0] != frames:
+        raise ConfigError(f"{path}: {raw.shape[0]} frames, the backbone samples {frames}; cut the clips to "
+                          f"{frames} frames or set backbone.num_frames={raw.shape[0]} (if it is 4k+1)")
+    out = []
+    for frame in raw:
+        im = Image.fromarray(frame)
+        w, h = im.size
+        s = max(height / h, width / w)
+        im = im.resize((max(width, round(w * s)), max(height, round(h * s))), Image.Resampling.BICUBIC)
+        w, h = im.size
+        left, top = (w - width) // 2, (h - height) // 2
+        im = im.crop((left, top, left + width, top + height))
+        out.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_media_tensor(path: Path, backbone):
+    """What ``backbone.encode`` takes for one file, in [-1, 1]: an image (3, H, W), or for a video backbone a clip
+    (F, 3, H, W) from a video file."""
+    from alignrl.errors import ConfigError
+
+    if getattr(backbone, "is_video", False):
+        if Path(path).suffix.lower() not in VIDEO_SUFFIXES:
+            raise ConfigError(f"{path}: {backbone.family} trains on videos; the dataset must name video files "
+                              f"({', '.join(VIDEO_SUFFIXES)}), e.g. made by `alignrl data` with a video recipe")
+        return load_video_tensor(path, backbone.resolution, backbone.width, backbone.num_frames)
+    if Path(path).suffix.lower() in VIDEO_SUFFIXES:
+        raise ConfigError(f"{path} is a video; {backbone.family} trains on images")
+    return load_image_tensor(path, backbone.resolution)
 
 
 def _text(raw: dict, keys: tuple[str, ...], where: str, what: str) -> str:
@@ -264,7 +326,7 @@ class LatentCache:
                 todo.append(i)
         for start in range(0, len(todo), batch_size):
             idx = todo[start:start + batch_size]
-            images = torch.stack([load_image_tensor(paths[i], self.backbone.resolution) for i in idx]) / 2 + 0.5
+            images = torch.stack([load_media_tensor(paths[i], self.backbone) for i in idx]) / 2 + 0.5
             z = self.backbone.encode(images).float().cpu()
             for j, i in enumerate(idx):
                 f = self.directory / f"{keys[i]}.safetensors"
