@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+import torch
 from conftest import FAST, run_cli
 from PIL import Image
 
@@ -138,9 +139,15 @@ def test_wandb_mode_env_wins_and_images_reach_wandb(tmp_path, monkeypatch):
     run = tmp_path / "on"
     Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "rollouts.png")
     Image.new("RGB", (16, 16), (0, 0, 255)).save(tmp_path / "eval.png")
+    from alignrl.eval.video import write_mp4  # a video backbone's eval clip goes to wandb as a video
+
+    write_mp4(tmp_path / "eval_video.mp4", torch.rand(5, 3, 16, 16))
     logger = make_logger(run, kind="wandb", mode="disabled", progress_bar=False, plots=False)
     assert logger.wandb is not None
-    logger.log(1, {"reward_mean": 1.0}, images={"rollouts": tmp_path / "rollouts.png", "eval": tmp_path / "eval.png"})
+    logger.log(1, {"reward_mean": 1.0}, images={"rollouts": tmp_path / "rollouts.png", "eval": tmp_path / "eval.png",
+                                                "eval_video": tmp_path / "eval_video.mp4"})
     logger.close()
     media = list(run.glob("wandb/offline-run-*/files/media/images/**/*.png"))
     assert sorted(p.name.split("_")[0] for p in media) == ["eval", "rollouts"]
+    videos = list(run.glob("wandb/offline-run-*/files/media/videos/**/*.mp4"))
+    assert len(videos) == 1 and videos[0].name.startswith("eval_video")
