@@ -94,7 +94,10 @@ def kto_loss(e_th: torch.Tensor, e_ref: torch.Tensor, desirable: torch.Tensor, b
     lam = lambda_d * y + lambda_u * (1 - y)
     loss = lam * (1 - h)
     with torch.no_grad():
-        diag = {"implicit_acc": ((2 * y - 1) * (g - z) > 0).float(), "reward_margin": g.detach()}
+        # signed_margin: (2y - 1) g, positive where the policy (against the reference) fits desirable images better
+        # and undesirable ones worse; unlike implicit_acc it does not depend on the reference point z
+        diag = {"implicit_acc": ((2 * y - 1) * (g - z) > 0).float(), "reward_margin": g.detach(),
+                "signed_margin": ((2 * y - 1) * g).detach()}
     return loss, diag
 
 
@@ -363,7 +366,7 @@ class DiffusionKTO(OfflineMethod):
     lambda_undesirable: float = 1.0
 
     batch_kind: ClassVar[str] = "labels"
-    _diag_keys: ClassVar[tuple] = ("policy_loss", "implicit_acc", "reward_margin")
+    _diag_keys: ClassVar[tuple] = ("policy_loss", "implicit_acc", "reward_margin", "signed_margin")
 
     def prepare_chunk(self, ctx, schedule, batch, rows, idx, eps, prompts):
         g_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
