@@ -622,3 +622,42 @@ def test_padding_passes_for_sharded_weights_run_but_change_nothing(method):
     assert len(passes3) == len(passes0) + 3 and passes3[-3:] == [0.0, 0.0, 0.0]
     assert w3 == w0 != 0.5  # the same update; it did train
     assert out3["policy_loss"] == out0["policy_loss"]  # padding passes count in no diagnostic
+
+
+@pytest.mark.parametrize("method", ["diffusion_dpo", "diffusion_kto", "sft"])
+def test_offline_padding_passes_run_the_forwards_but_change_nothing(method):
+    """distributed=fsdp for the offline methods: padding passes (a blank image, policy and reference forwards, loss x
+    0) bring a process to the agreed pass count, KTO's reference-point forwards included; the update and every
+    diagnostic equal the unpadded step's."""
+    from alignrl.algorithms.base import OfflineBatch
+    from alignrl.algorithms.preference import SFT, DiffusionDPO, DiffusionKTO
+
+    x0 = torch.randn(3, 2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for pad in (0, 2):
+        backbone = FakeBackbone(0.5)
+        ctx, _ = make_context(backbone, reference_w=0.3)
+        if method == "diffusion_dpo":
+            algo, batch = DiffusionDPO(beta=10.0), OfflineBatch(kind="pairs", prompts=["a", "b", "c"], latents=x0,
+                                                                 global_index=np.arange(3), row_ids=np.arange(3))
+        elif method == "diffusion_kto":
+            algo = DiffusionKTO(beta=10.0)
+            batch = OfflineBatch(kind="labels", prompts=["a", "b", "c"], latents=x0[:, :1], global_index=np.arange(3),
+                                 row_ids=np.arange(3), labels=torch.tensor([1.0, 0.0, 1.0]))
+        else:
+            algo, batch = SFT(), _captions_batch()
+        calls = []
+        predict = backbone.predict
+        backbone.predict = lambda *a, **k: (calls.append(1), predict(*a, **k))[1]
+        passes = []
+        ctx.balance = lambda n, pad=pad: n + pad
+        ctx.backward = lambda loss: (passes.append(float(loss.detach())), loss.backward())
+        out = algo.train_step(batch, None, ctx)
+        results[pad] = (float(backbone.denoiser.w.detach()), passes, out, len(calls))
+    (w0, p0, out0, f0), (w2, p2, out2, f2) = results[0], results[2]
+    assert len(p2) == len(p0) + 2 and p2[-2:] == [0.0, 0.0]
+    assert w2 == w0 != 0.5 and out2 == out0
+    # each padding pass ran the forwards a real pass runs (policy, and reference where used; KTO's reference-point
+    # pass too), so sharded weights are gathered as often on every process
+    per_pass = {"diffusion_dpo": 2, "diffusion_kto": 4, "sft": 1}[method]
+    assert f2 == f0 + 2 * per_pass

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from alignrl.algorithms.advantages import AdvantageResult
-from alignrl.algorithms.base import Stateless
+from alignrl.algorithms.base import Stateless, balanced_passes
 from alignrl.errors import ConfigError
 from alignrl.sampling.kernels import mean_over_dims
 from alignrl.sampling.parameterisation import TIME_SAMPLINGS, deterministic_step, sample_t
@@ -244,6 +244,7 @@ class OfflineMethod(Stateless):
     batch_kind: ClassVar[str] = "pairs"
     uses_reference: ClassVar[bool] = True
     _diag_keys: ClassVar[tuple] = ("policy_loss",)
+    supports_sharding = True  # train_step balances its passes over processes (distributed=fsdp)
 
     def __post_init__(self):
         _check_settings(self.lr, self.time_sampling, self.draws_per_row, "draws_per_row")
@@ -285,6 +286,14 @@ class OfflineMethod(Stateless):
         """Per optimizer step, before its losses (KTO's reference point); nothing by default."""
         return {}
 
+    def padding_errors(self, ctx, schedule, batch) -> torch.Tensor:
+        """The policy's (and, when the method uses it, the reference's) forward on one blank image: a padding pass
+        of a sharded step (``balanced_passes``), which must reach the same weight gathers as a real one."""
+        x0 = torch.zeros(1, *batch.latents.shape[2:], device=ctx.device)
+        zero = torch.zeros(1, dtype=torch.long)
+        e_th, _ = denoising_errors(ctx, schedule, x0, [""], zero, torch.zeros_like(x0), self.needs_reference)
+        return e_th
+
     def row_losses(self, batch, rows, e_th, e_ref, extra: dict):
         """(len(rows),) losses and per-row diagnostics from (len(rows), k) errors."""
         raise NotImplementedError
@@ -306,22 +315,25 @@ class OfflineMethod(Stateless):
                 if total == 0:
                     continue
                 extra = self.prepare_chunk(ctx, schedule, batch, chunk, idx, eps, prompts)
-                for mb in chunk.split(ctx.train_batch_size):
+                passes = [(mb, d) for mb in chunk.split(ctx.train_batch_size) for d in range(self.draws_per_row)]
+                for (mb, d), real in balanced_passes(passes, ctx, (None, 0)):
+                    if not real:  # distributed=fsdp: another process has more rows; the same gathers, no gradient
+                        ctx.backward(self.padding_errors(ctx, schedule, batch).sum() * 0.0)
+                        continue
                     x0 = batch.latents[mb].to(ctx.device).float().flatten(0, 1)  # (B k, ...)
                     rows_prompts = [prompts[int(r)] for r in mb for _ in range(k)]
-                    for d in range(self.draws_per_row):
-                        i_d = idx[mb, d].repeat_interleave(k)
-                        e_d = eps[mb.to(ctx.device), d].repeat_interleave(k, dim=0)  # shared by a row's images
-                        e_th, e_ref = self.errors(ctx, schedule, batch, mb, x0, rows_prompts, i_d, e_d,
-                                                  self.needs_reference)
-                        e_th = e_th.view(len(mb), k)
-                        e_ref = e_ref.view(len(mb), k) if e_ref is not None else None
-                        loss, diag = self.row_losses(batch, mb, e_th, e_ref, extra)
-                        ctx.backward(loss.sum() / total)
-                        diag["policy_loss"] = loss.detach()
-                        for key in self.diagnostics:
-                            sums[key] += float(diag[key].float().sum())
-                        count += len(mb)
+                    i_d = idx[mb, d].repeat_interleave(k)
+                    e_d = eps[mb.to(ctx.device), d].repeat_interleave(k, dim=0)  # shared by a row's images
+                    e_th, e_ref = self.errors(ctx, schedule, batch, mb, x0, rows_prompts, i_d, e_d,
+                                              self.needs_reference)
+                    e_th = e_th.view(len(mb), k)
+                    e_ref = e_ref.view(len(mb), k) if e_ref is not None else None
+                    loss, diag = self.row_losses(batch, mb, e_th, e_ref, extra)
+                    ctx.backward(loss.sum() / total)
+                    diag["policy_loss"] = loss.detach()
+                    for key in self.diagnostics:
+                        sums[key] += float(diag[key].float().sum())
+                    count += len(mb)
                 grad_norms.append(ctx.optimizer_step())
         return ctx.summarise(sums, count, 0.0, grad_norms)
 
@@ -370,13 +382,16 @@ class DiffusionKTO(OfflineMethod):
 
     def prepare_chunk(self, ctx, schedule, batch, rows, idx, eps, prompts):
         g_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        passes = [(mb, d) for mb in rows.split(ctx.train_batch_size) for d in range(self.draws_per_row)]
         with torch.no_grad():
-            for mb in rows.split(ctx.train_batch_size):
+            for (mb, d), real in balanced_passes(passes, ctx, (None, 0)):
+                if not real:  # distributed=fsdp: the gathers of a pass another process runs
+                    self.padding_errors(ctx, schedule, batch)
+                    continue
                 x0 = batch.latents[mb, 0].to(ctx.device).float()
-                for d in range(self.draws_per_row):
-                    e_th, e_ref = self.errors(ctx, schedule, batch, mb, x0, [prompts[int(r)] for r in mb],
-                                              idx[mb, d], eps[mb.to(ctx.device), d], True)
-                    g_sum += (e_ref - e_th).double().sum()
+                e_th, e_ref = self.errors(ctx, schedule, batch, mb, x0, [prompts[int(r)] for r in mb],
+                                          idx[mb, d], eps[mb.to(ctx.device), d], True)
+                g_sum += (e_ref - e_th).double().sum()
         n = ctx.all_reduce_sum(torch.tensor([float(len(rows) * self.draws_per_row)], dtype=torch.float64,
                                             device=ctx.device))
         g_total = ctx.all_reduce_sum(g_sum.reshape(1))
@@ -549,6 +564,8 @@ def sample_ode(ctx, prompts: list[str], x_T: torch.Tensor, steps: int, *, refere
 class _SamplesNegatives:
     """Shared by DRO and DDO: each row's own sample of its prompt, drawn without gradient in chunks of the
     train batch, from an initial noise (and a recorded step) keyed by (seed, iteration, row position)."""
+
+    supports_sharding = False  # their sampling chunks are not balanced over processes yet (distributed=fsdp)
 
     sample_steps: int
 
