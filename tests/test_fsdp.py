@@ -150,7 +150,7 @@ def _pixels(folder: Path) -> torch.Tensor:
 
 @pytest.mark.parametrize("overrides, says", [
     (["trainer.finetune=lora"], "distributed=fsdp shards full fine-tunes"),
-    (["recipe=tiny_online_dpo"], "does not balance its passes over processes"),
+    (["recipe=tiny_refl"], "does not balance its passes over processes"),
     (["distributed.strategy=zero3"], "distributed.strategy='zero3' is not known"),
     (["distributed.param_dtype=int8"], "distributed.param_dtype=int8 is not known"),
 ])

@@ -218,6 +218,16 @@ def denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference: bool):
                      ctx.backbone.encode_prompts(prompts), reference, sigma)
 
 
+def padding_errors(ctx, schedule, shape, reference: bool) -> torch.Tensor:
+    """The policy's (and with ``reference`` the reference's) forward on one blank image of latent ``shape``: a padding
+    pass of a sharded step (``balanced_passes``), which reaches the same weight gathers as a real pass. Returns the
+    policy's error (1,), with its graph; the caller backpropagates it times zero, or drops it without gradient."""
+    x0 = torch.zeros(1, *shape, device=ctx.device)
+    zero = torch.zeros(1, dtype=torch.long)
+    e_th, _ = denoising_errors(ctx, schedule, x0, [""], zero, torch.zeros_like(x0), reference)
+    return e_th
+
+
 # ------------------------------------------------------------------------------------------------ methods
 @dataclass
 class OfflineMethod(Stateless):
@@ -287,12 +297,8 @@ class OfflineMethod(Stateless):
         return {}
 
     def padding_errors(self, ctx, schedule, batch) -> torch.Tensor:
-        """The policy's (and, when the method uses it, the reference's) forward on one blank image: a padding pass
-        of a sharded step (``balanced_passes``), which must reach the same weight gathers as a real one."""
-        x0 = torch.zeros(1, *batch.latents.shape[2:], device=ctx.device)
-        zero = torch.zeros(1, dtype=torch.long)
-        e_th, _ = denoising_errors(ctx, schedule, x0, [""], zero, torch.zeros_like(x0), self.needs_reference)
-        return e_th
+        """A padding pass of this method (the reference's forward too when it uses one)."""
+        return padding_errors(ctx, schedule, tuple(batch.latents.shape[2:]), self.needs_reference)
 
     def row_losses(self, batch, rows, e_th, e_ref, extra: dict):
         """(len(rows),) losses and per-row diagnostics from (len(rows), k) errors."""
@@ -315,7 +321,7 @@ class OfflineMethod(Stateless):
                 if total == 0:
                     continue
                 extra = self.prepare_chunk(ctx, schedule, batch, chunk, idx, eps, prompts)
-                passes = [(mb, d) for mb in chunk.split(ctx.train_batch_size) for d in range(self.draws_per_row)]
+                passes = [(mb, d) for mb in chunk.split(ctx.train_batch_size) if len(mb) for d in range(self.draws_per_row)]
                 for (mb, d), real in balanced_passes(passes, ctx, (None, 0)):
                     if not real:  # distributed=fsdp: another process has more rows; the same gathers, no gradient
                         ctx.backward(self.padding_errors(ctx, schedule, batch).sum() * 0.0)
@@ -382,7 +388,7 @@ class DiffusionKTO(OfflineMethod):
 
     def prepare_chunk(self, ctx, schedule, batch, rows, idx, eps, prompts):
         g_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        passes = [(mb, d) for mb in rows.split(ctx.train_batch_size) for d in range(self.draws_per_row)]
+        passes = [(mb, d) for mb in rows.split(ctx.train_batch_size) if len(mb) for d in range(self.draws_per_row)]
         with torch.no_grad():
             for (mb, d), real in balanced_passes(passes, ctx, (None, 0)):
                 if not real:  # distributed=fsdp: the gathers of a pass another process runs
@@ -721,6 +727,7 @@ class _OnlineFinal(Stateless):
 
     batch_kind: ClassVar[str] = "final_latents"
     _diag_keys: ClassVar[tuple] = ("policy_loss",)
+    supports_sharding = True  # train_step balances its passes over processes (distributed=fsdp)
 
     def __post_init__(self):
         _check_settings(self.lr, self.time_sampling, self.draws_per_sample, "draws_per_sample")
@@ -779,16 +786,21 @@ class OnlineDPO(_OnlineFinal):
         # (prompt, winner/loser, draw, [e_th, e_ref, scored]) over all ranks, before any update
         table = torch.zeros((n_prompts, 2, self.draws_per_sample, 3), dtype=torch.float64, device=ctx.device)
         ctx.denoiser.eval()
+        shape = tuple(x0.shape[1:])
+        scoring = [(mb, d) for mb in torch.as_tensor(mine, dtype=torch.long).split(ctx.train_batch_size) if len(mb)
+                   for d in range(self.draws_per_sample)]
         with torch.no_grad():
-            for mb in torch.as_tensor(mine, dtype=torch.long).split(ctx.train_batch_size):
+            for (mb, d), real in balanced_passes(scoring, ctx, (None, 0)):
+                if not real:  # distributed=fsdp: the gathers of a pass another process runs
+                    padding_errors(ctx, schedule, shape, True)
+                    continue
                 prompts = [batch.prompts[int(batch.leaf_root[i])] for i in mb]
-                for d in range(self.draws_per_sample):
-                    e_th, e_ref = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
+                e_th, e_ref = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
                                                eps[mb.to(ctx.device), d], True)
-                    for j, i in enumerate(mb.tolist()):
-                        slot = 0 if adv.leaf[i] > 0 else 1
-                        table[int(prompt_ids[i]), slot, d] = torch.stack([e_th[j], e_ref[j],
-                                                                          torch.ones_like(e_th[j])]).double()
+                for j, i in enumerate(mb.tolist()):
+                    slot = 0 if adv.leaf[i] > 0 else 1
+                    table[int(prompt_ids[i]), slot, d] = torch.stack([e_th[j], e_ref[j],
+                                                                      torch.ones_like(e_th[j])]).double()
         table = ctx.all_reduce_sum(table)
         paired = (table[:, 0, 0, 2] > 0) & (table[:, 1, 0, 2] > 0)  # both images of the pair were scored
         d_w = table[:, 0, :, 0] - table[:, 0, :, 1]
@@ -806,15 +818,19 @@ class OnlineDPO(_OnlineFinal):
                 rows = [i for i in chunk.tolist() if adv.leaf_keep[i]]
                 if int(ctx.all_reduce_sum(torch.tensor([float(len(rows))], device=ctx.device)).item()) == 0:
                     continue
-                for mb in torch.as_tensor(rows, dtype=torch.long).split(ctx.train_batch_size):
+                passes = [(mb, d) for mb in torch.as_tensor(rows, dtype=torch.long).split(ctx.train_batch_size)
+                          if len(mb) for d in range(self.draws_per_sample)]
+                for (mb, d), real in balanced_passes(passes, ctx, (None, 0)):
+                    if not real:  # distributed=fsdp: another process has more images; no gradient
+                        ctx.backward(padding_errors(ctx, schedule, shape, False).sum() * 0.0)
+                        continue
                     prompts = [batch.prompts[int(batch.leaf_root[i])] for i in mb]
                     sign = torch.tensor([1.0 if adv.leaf[i] > 0 else -1.0 for i in mb.tolist()], device=ctx.device)
                     ok = paired[torch.as_tensor(prompt_ids[mb.numpy()], device=ctx.device)].float()
-                    for d in range(self.draws_per_sample):
-                        e_th, _ = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
+                    e_th, _ = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
                                                eps[mb.to(ctx.device), d], False)
-                        c = coef[torch.as_tensor(prompt_ids[mb.numpy()], device=ctx.device), d].float()
-                        ctx.backward((sign * c * ok * e_th).sum() / total)
+                    c = coef[torch.as_tensor(prompt_ids[mb.numpy()], device=ctx.device), d].float()
+                    ctx.backward((sign * c * ok * e_th).sum() / total)
                 grad_norms.append(ctx.optimizer_step())
         # the pair sums are global already (from the reduced table): rank 0 reports them, the others nothing
         first = ctx.rank == 0
@@ -880,15 +896,19 @@ class FlowRWR(_OnlineFinal):
                                                               device=ctx.device)).item())
                 if total == 0:
                     continue
-                for mb in rows.split(ctx.train_batch_size):
+                passes = [(mb, d) for mb in rows.split(ctx.train_batch_size) if len(mb)
+                          for d in range(self.draws_per_sample)]
+                for (mb, d), real in balanced_passes(passes, ctx, (None, 0)):
+                    if not real:  # distributed=fsdp: another process has more images; no gradient
+                        ctx.backward(padding_errors(ctx, schedule, tuple(x0.shape[1:]), False).sum() * 0.0)
+                        continue
                     prompts = [batch.prompts[int(batch.leaf_root[i])] for i in mb]
-                    for d in range(self.draws_per_sample):
-                        e_th, _ = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
+                    e_th, _ = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
                                                eps[mb.to(ctx.device), d], False)
-                        loss = w_all[mb.to(ctx.device)] * e_th
-                        ctx.backward(loss.sum() / total)
-                        sums["policy_loss"] += float(loss.detach().sum())
-                        sums["weight_max"] += float(w_all[mb.to(ctx.device)].max()) * len(mb)
-                        count += len(mb)
+                    loss = w_all[mb.to(ctx.device)] * e_th
+                    ctx.backward(loss.sum() / total)
+                    sums["policy_loss"] += float(loss.detach().sum())
+                    sums["weight_max"] += float(w_all[mb.to(ctx.device)].max()) * len(mb)
+                    count += len(mb)
                 grad_norms.append(ctx.optimizer_step())
         return ctx.summarise(sums, count, 0.0, grad_norms)
