@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from alignrl.algorithms.base import Stateless
+from alignrl.algorithms.base import Stateless, balanced_passes
 from alignrl.errors import ConfigError
 from alignrl.sampling.differentiable import adjoint_backward, grad_sample, ode_states
 
@@ -52,6 +52,7 @@ class RewardGradient(Stateless):
     loss_scale: float = 1.0
 
     batch_kind: ClassVar[str] = "prompts"
+    supports_sharding = True  # train_step balances its microbatches over processes (distributed=fsdp)
     _diag_keys: ClassVar[tuple] = ("policy_loss", "reward_mean", "grad_steps")
 
     def __post_init__(self):
@@ -107,6 +108,20 @@ class RewardGradient(Stateless):
         ctx.backward(loss.sum() / total)
         return float(loss.detach().sum()), float(r.detach().sum()), steps
 
+    @staticmethod
+    def blank(ctx):
+        """The inputs of a padding microbatch: the empty prompt's conditioning and a zero initial latent."""
+        return ctx.backbone.encode_prompts([""]), torch.zeros(1, *ctx.backbone.latent_shape(), device=ctx.device)
+
+    def padding_pass(self, ctx, draw, schedule) -> None:
+        """distributed=fsdp: a microbatch another process has and this one lacks. The same denoiser calls as a real
+        one (the sampler's forwards, and in the backward the recomputed ones), so the sharded weights are gathered
+        and their gradients reduced as often on every process; the loss is multiplied by zero (the decode and the
+        reward touch no sharded weight and are skipped)."""
+        cond, x_T = self.blank(ctx)
+        latents, _ = self.sample(ctx, cond, x_T, schedule, draw)
+        ctx.backward(latents.float().sum() * 0.0)
+
     def train_step(self, batch, adv, ctx) -> dict:
         from alignrl.sampling.engine import sample_generators
 
@@ -121,7 +136,11 @@ class RewardGradient(Stateless):
                 if total == 0:
                     continue
                 draw = self.draw(sample_generators(ctx.seed * 23 + 11, ctx.iteration, [epoch * 10_000 + c])[0])
-                for mb in chunk.split(ctx.train_batch_size):
+                mbs = [mb for mb in chunk.split(ctx.train_batch_size) if len(mb)]
+                for mb, real in balanced_passes(mbs, ctx, None):
+                    if not real:
+                        self.padding_pass(ctx, draw, schedule)
+                        continue
                     loss_sum, r_sum, steps = self.microbatch_loss(ctx, batch, mb, draw, schedule, total)
                     sums["policy_loss"] += loss_sum
                     sums["reward_mean"] += r_sum
@@ -205,6 +224,19 @@ class DRaFTLV(RewardGradient):
         return loss_sum, r_sum, 1
 
 
+    def padding_pass(self, ctx, draw, schedule) -> None:
+        from alignrl.sampling.differentiable import _predict
+
+        backbone, param = ctx.backbone, ctx.backbone.parameterisation
+        cond, x_T = self.blank(ctx)
+        x0, _ = ode_states(backbone, cond, x_T, schedule, self.guidance_scale, ctx.autocast)
+        s, timestep = schedule.sigmas[-2], schedule.timesteps[-1].expand(1)
+        for _ in range(self.lv_samples):
+            pred = _predict(backbone, param.add_noise(x0, torch.zeros_like(x0), s), timestep, cond,
+                            self.guidance_scale, ctx.autocast, self.checkpoint)
+            ctx.backward(pred.float().sum() * 0.0)
+
+
 @dataclass
 class AlignProp(RewardGradient):
     name: str = "alignprop"
@@ -257,6 +289,13 @@ class AdjointDPM(RewardGradient):
             raise ConfigError("algorithm adjointdpm does not support fp16 loss scaling (the adjoint passes each "
                               "step's gradient on through the loop's backward); use trainer.mixed_precision=bf16")
         return super().train_step(batch, adv, ctx)
+
+    def padding_pass(self, ctx, draw, schedule) -> None:
+        cond, x_T = self.blank(ctx)
+        x_final, states = ode_states(ctx.backbone, cond, x_T, schedule, self.guidance_scale, ctx.autocast,
+                                     keep=self.states == "store")
+        adjoint_backward(ctx.backbone, cond, x_final, torch.zeros_like(x_final), schedule, self.guidance_scale,
+                         backward=ctx.backward, states=states, refine=self.refine, autocast=ctx.autocast)
 
     def microbatch_loss(self, ctx, batch, mb, draw, schedule, total):
         backbone = ctx.backbone

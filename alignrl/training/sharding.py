@@ -89,10 +89,10 @@ def check_strategy(settings: DistributedConfig, *, algorithm, finetune: str, tex
     if not settings.sharded:
         return
     if not getattr(algorithm, "supports_sharding", False):
-        raise ConfigError(f"distributed=fsdp supports the per-step (GRPO-family), matching (AWM, NFT), offline "
-                          f"preference (Diffusion-DPO, Flow-DPO, SmPO, KTO, RankDPO, SFT) and online preference "
-                          f"(online DPO, Flow-RWR) methods; algorithm {algorithm.name} does not balance its passes "
-                          f"over processes yet: use distributed=ddp")
+        raise ConfigError(f"distributed=fsdp supports the GRPO family (DDPO included), AWM, DiffusionNFT, the "
+                          f"offline and online preference methods but DRO and DDO, and the reward-gradient methods; "
+                          f"algorithm {algorithm.name} does not balance its passes over processes yet: use "
+                          f"distributed=ddp")
     if text_encoder != "frozen":
         raise ConfigError(f"distributed=fsdp shards the denoiser only; trainer.text_encoder={text_encoder} needs "
                           f"distributed=ddp (or trainer.text_encoder=frozen)")
