@@ -128,14 +128,18 @@ def test_offline_resume_mid_epoch_is_exact(tmp_path, datasets):
     assert [r["epoch"] for r in _metrics(split)] == pytest.approx([r["epoch"] for r in _metrics(straight)])
 
 
-def test_offline_two_processes_match_one(tmp_path, datasets):
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_offline_two_processes_match_one(tmp_path, datasets, distributed):
+    """Diffusion-DPO on 2 processes against one on the same rows, noise and global batch; with distributed=fsdp the
+    weights and the frozen reference are sharded over the two."""
     args = [f"data.offline.path={datasets['pairs']}", "recipe=tiny_diffusion_dpo", "trainer.max_steps=2",
             "trainer.eval_every=0", "trainer.checkpoint_every=1", "data.offline.rows_per_iteration=8",
             "trainer.train_batch_size=2", *QUIET]
     one = tmp_path / "one"
     assert run_cli("train", f"run_dir={one}", *args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}).returncode == 0
     two = tmp_path / "two"
-    proc = run_inprocess("train", f"run_dir={two}", *args, "launcher.nproc_per_node=2", cwd=tmp_path)
+    proc = run_inprocess("train", f"run_dir={two}", *args, f"distributed={distributed}", "launcher.nproc_per_node=2",
+                         cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     m1, m2 = _metrics(one), _metrics(two)
     assert m1[0]["policy_loss"] == pytest.approx(m2[0]["policy_loss"], rel=1e-5)  # the same rows, noise, loss
@@ -145,35 +149,8 @@ def test_offline_two_processes_match_one(tmp_path, datasets):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
     assert max(float((w1[k] - later[k]).abs().max()) for k in w1) > 5e-4  # the update itself is larger
     assert m1[1]["policy_loss"] == pytest.approx(m2[1]["policy_loss"], rel=1e-3)
-
-
-def test_offline_sharded_two_processes_match_one(tmp_path, datasets):
-    """distributed=fsdp for an offline method: Diffusion-DPO with its frozen reference sharded too, 2 processes,
-    against one unsharded process on the same rows, noise and global batch."""
-    args = [f"data.offline.path={datasets['pairs']}", "recipe=tiny_diffusion_dpo", "trainer.max_steps=2",
-            "trainer.eval_every=0", "trainer.checkpoint_every=1", "data.offline.rows_per_iteration=8",
-            "trainer.train_batch_size=2", *QUIET]
-    one = tmp_path / "one"
-    assert run_cli("train", f"run_dir={one}", *args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}).returncode == 0
-    two = tmp_path / "two"
-    proc = run_inprocess("train", f"run_dir={two}", *args, "distributed=fsdp", "launcher.nproc_per_node=2",
-                         cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "fsdp over 2 processes" in (two / "alignrl.log").read_text()
-    m1, m2 = _metrics(one), _metrics(two)
-    assert m1[0]["policy_loss"] == pytest.approx(m2[0]["policy_loss"], rel=1e-5)
-    w1, w2, later = _weights(one, 1), _weights(two, 1), _weights(one, 2)
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
-    assert max(float((w1[k] - later[k]).abs().max()) for k in w1) > 5e-4
-    assert json.loads((two / "checkpoints" / "step_000002" / "state.json").read_text())["sharded"]
-
-
-def _online(tmp_path, method, steps):
-    run = tmp_path / method
-    proc = run_inprocess("train", f"recipe=tiny_{method}", f"run_dir={run}", f"trainer.max_steps={steps}",
-                         "trainer.eval_every=0", "trainer.checkpoint_every=0", *QUIET, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return _metrics(run)
+    sharded = json.loads((two / "checkpoints" / "step_000002" / "state.json").read_text()).get("sharded", False)
+    assert sharded == (distributed == "fsdp")
 
 
 def test_online_dpo_sharded_two_processes_match_one(tmp_path):

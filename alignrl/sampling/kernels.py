@@ -65,45 +65,41 @@ def flow_sde_std_t(sigma, sigma_max_guard, noise_level: float) -> torch.Tensor:
     return noise_level * torch.sqrt(sigma / denom)
 
 
+def _reverse_sde(name: str, x, v, s, dt, std_t, noise, next_x) -> StepResult:
+    """The Euler-Maruyama step of the marginal-preserving reverse SDE of a rectified flow for a noise scale
+    ``std_t``: mean = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt,
+    next_x = mean + std_t sqrt(-dt) eps; sampled with ``noise``, or ``next_x`` re-scored."""
+    mean = x * (1 + std_t**2 / (2 * s) * dt) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
+    std = std_t * torch.sqrt(-dt)
+    if next_x is None:
+        if noise is None:
+            raise ValueError(f"{name} needs noise to sample or next_x to score")
+        next_x = mean + std * noise.float()
+    logp = gaussian_logp_mean_per_dim(next_x.float(), mean, std)
+    return StepResult(next_x=next_x, mean=mean, std=std, logp_mean_per_dim=logp, std_t=std_t)
+
+
 def flow_sde_step(x, v, sigma, sigma_next, *, noise_level: float, sigma_max_guard, noise=None,
                   next_x=None) -> StepResult:
-    """Flow-GRPO's SDE step (the marginal-preserving reverse SDE of a rectified flow), Euler-Maruyama.
-
-    mean = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt,
-    next_x = mean + std_t sqrt(-dt) eps. ``sigma_max_guard`` is ``sigmas[1]`` of the schedule.
-    """
+    """Flow-GRPO's SDE step (``_reverse_sde``) with ``std_t = a sqrt(sigma / (1 - sigma))``. ``sigma_max_guard`` is
+    ``sigmas[1]`` of the schedule."""
     x, v = x.float(), v.float()
     s = _per_sample(sigma, x)
     dt = _per_sample(sigma_next, x) - s
     std_t = _per_sample(flow_sde_std_t(torch.as_tensor(sigma, device=x.device), sigma_max_guard, noise_level), x)
-    mean = x * (1 + std_t**2 / (2 * s) * dt) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
-    std = std_t * torch.sqrt(-dt)
-    if next_x is None:
-        if noise is None:
-            raise ValueError("flow_sde_step needs noise to sample or next_x to score")
-        next_x = mean + std * noise.float()
-    logp = gaussian_logp_mean_per_dim(next_x.float(), mean, std)
-    return StepResult(next_x=next_x, mean=mean, std=std, logp_mean_per_dim=logp, std_t=std_t)
+    return _reverse_sde("flow_sde_step", x, v, s, dt, std_t, noise, next_x)
 
 
 def wan_sde_step(x, v, sigma, sigma_next, *, noise_level: float, sigma_max_guard, noise=None,
                  next_x=None) -> StepResult:
-    """Flow-GRPO's SDE step as its Wan2.1 trainer runs it: the mean of ``flow_sde_step`` with
-    ``std_t = a * sigmas[1] * sigma`` (the reference: ``a = 1``, ``sigma_min + (sigma_max - sigma_min) sigma`` with
-    ``sigma_max = sigmas[1]`` and ``sigma_min = sigmas[-1] = 0``), so the noise shrinks linearly with sigma and
-    never divides by ``1 - sigma``."""
+    """Flow-GRPO's SDE step as its Wan2.1 trainer runs it: ``_reverse_sde`` with ``std_t = a * sigmas[1] * sigma``
+    (the reference: ``a = 1``, ``sigma_min + (sigma_max - sigma_min) sigma`` with ``sigma_max = sigmas[1]`` and
+    ``sigma_min = sigmas[-1] = 0``), so the noise shrinks linearly with sigma and never divides by ``1 - sigma``."""
     x, v = x.float(), v.float()
     s = _per_sample(sigma, x)
     dt = _per_sample(sigma_next, x) - s
     std_t = noise_level * torch.as_tensor(sigma_max_guard, dtype=torch.float32, device=x.device) * s
-    mean = x * (1 + std_t**2 / (2 * s) * dt) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
-    std = std_t * torch.sqrt(-dt)
-    if next_x is None:
-        if noise is None:
-            raise ValueError("wan_sde_step needs noise to sample or next_x to score")
-        next_x = mean + std * noise.float()
-    logp = gaussian_logp_mean_per_dim(next_x.float(), mean, std)
-    return StepResult(next_x=next_x, mean=mean, std=std, logp_mean_per_dim=logp, std_t=std_t)
+    return _reverse_sde("wan_sde_step", x, v, s, dt, std_t, noise, next_x)
 
 
 def cps_step(x, v, sigma, sigma_next, *, noise_level: float, noise=None, next_x=None, **_unused) -> StepResult:
