@@ -73,6 +73,7 @@ class D3PO(Stateless):
 
     batch_kind: ClassVar[str] = "transitions"
     splits_transitions: ClassVar[bool] = False  # a pair's two transitions must share an optimizer step
+    supports_sharding = True  # train_on_transitions balances its passes over processes (distributed=fsdp)
     _diag_keys: ClassVar[tuple] = ("policy_loss", "log_ratio", "clipfrac")
 
     def __post_init__(self):
