@@ -153,6 +153,14 @@ def test_offline_two_processes_match_one(tmp_path, datasets, distributed):
     assert sharded == (distributed == "fsdp")
 
 
+def _online(tmp_path, method, steps):
+    run = tmp_path / method
+    proc = run_inprocess("train", f"recipe=tiny_{method}", f"run_dir={run}", f"trainer.max_steps={steps}",
+                         "trainer.eval_every=0", "trainer.checkpoint_every=0", *QUIET, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _metrics(run)
+
+
 def test_online_dpo_sharded_two_processes_match_one(tmp_path):
     """distributed=fsdp for an online method: a process may keep no image of an iteration (its group tied, or its
     winners and losers sit on the other process) and then pads every pass; 2 sharded processes match one process
