@@ -144,6 +144,7 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
     t, b = cfg.trainer, cfg.backbone
     name = str(b.get("name", ""))
     dtype_bytes = DTYPE_BYTES.get(str(b.get("dtype", "fp32")), 4)
+    frozen_bytes = DTYPE_BYTES.get(str(b.get("frozen_dtype") or b.get("dtype", "fp32")), 4)  # text encoders, VAE
     batch = int(t.train_batch_size)
     from alignrl.components import build_algorithm
     from alignrl.config import _batch_kind
@@ -194,7 +195,7 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
     on_cpu = str(t.get("device", "auto")) == "cpu"
     rows = [("CUDA context, allocator, NCCL" if not on_cpu else "CUDA context (none: a CPU recipe)",
              0.0 if on_cpu else OVERHEAD),
-            ("text encoders and VAE (frozen)", dtype_bytes * (counts["text"] + counts["vae"]))]
+            ("text encoders and VAE (frozen)", frozen_bytes * (counts["text"] + counts["vae"]))]
     if lora:
         n_targets = len(t.lora.get("target_modules") or []) or 4
         if counts.get("family") == "wan":  # a suffix such as to_q matches both attentions of a block (attn1, attn2)

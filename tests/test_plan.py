@@ -54,6 +54,9 @@ def test_video_tokens_are_frames_times_patches_and_the_14b_fits_only_sharded():
     assert more.act_plain == pytest.approx(est.act_plain * 21 / 9)  # 81 frames: 21 latent frames
     big = compose(["recipe=flowgrpo_wan21_14b"])
     assert estimate(big, Machine(8, 80, 1)).fits
+    frozen = {k: dict(estimate(compose(["recipe=flowgrpo_wan21_14b", f"backbone.frozen_dtype={k}"]),
+                                    Machine(8, 80, 1)).rows)["text encoders and VAE (frozen)"] for k in ("bf16", "fp32")}
+    assert frozen["fp32"] == pytest.approx(2 * frozen["bf16"]) == pytest.approx(4 * (5.681e9 + 126.9e6))
     assert not estimate(compose(["recipe=flowgrpo_wan21_14b", "distributed=ddp"]), Machine(8, 80, 1)).fits
 
 

@@ -152,7 +152,8 @@ class Backbone:
     remote_code: bool = False  # an exported pipeline needs trust_remote_code (it ships its own pipeline.py)
 
     def __init__(self, pipe, *, resolution: int, max_sequence_length: int, device="cpu",
-                 dtype: str | torch.dtype = "fp32", cache_prompts: bool = True):
+                 dtype: str | torch.dtype = "fp32", cache_prompts: bool = True,
+                 frozen_dtype: str | torch.dtype | None = None):
         self.pipe = pipe
         self.resolution = int(resolution)
         self.max_sequence_length = int(max_sequence_length)
@@ -169,13 +170,18 @@ class Backbone:
                 f"backbone.resolution={self.resolution} must be a multiple of {multiple} for {self.family}; "
                 f"use {self.resolution - self.resolution % multiple or multiple}"
             )
-        for module in self.frozen_modules():
+        # frozen_dtype: the text encoders' and VAE's dtype when it differs from the denoiser's (a full fine-tune
+        # holding fp32 master weights keeps its frozen parts in bf16, as the references' inference dtype)
+        self.frozen_dtype = parse_dtype(frozen_dtype) if frozen_dtype else self.dtype
+        frozen = self.frozen_modules()
+        for module in frozen:
             module.requires_grad_(False)
             module.eval()
         for module in self.pipe.components.values():
             if isinstance(module, torch.nn.Module):
-                if module.dtype != self.dtype:  # real weights come in the right dtype already
-                    module.to(dtype=self.dtype)
+                want = self.frozen_dtype if any(module is f for f in frozen) else self.dtype
+                if module.dtype != want:  # real weights come in the right dtype already
+                    module.to(dtype=want)
                 module.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
 

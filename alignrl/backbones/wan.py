@@ -59,26 +59,29 @@ class WanBackbone(Backbone):
     def from_pretrained(cls, pretrained: str, *, resolution: int = 240, width: int | None = 416,
                         num_frames: int = 33, max_sequence_length: int = 512, dtype: str = "bf16", device="cpu",
                         revision: str | None = None, variant: str | None = None, cache_prompts: bool = True,
-                        flow_shift: float | None = None):
+                        flow_shift: float | None = None, frozen_dtype: str | None = None):
         """Real weights (hub id such as ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``, or a local diffusers directory).
-        ``resolution`` is the height; ``width`` null means square."""
+        ``resolution`` is the height; ``width`` null means square; ``frozen_dtype`` (null: ``dtype``) is the UMT5
+        encoder's and the VAE's."""
         from diffusers import WanPipeline
 
-        pipe = WanPipeline.from_pretrained(pretrained, **dtype_kwarg(parse_dtype(dtype)), revision=revision,
-                                           variant=variant)
+        pipe = WanPipeline.from_pretrained(pretrained, **dtype_kwarg(parse_dtype(dtype)),
+                                           revision=revision, variant=variant)
         return cls(with_flow_shift(pipe, flow_shift), resolution=resolution, width=width, num_frames=num_frames,
-                   max_sequence_length=max_sequence_length, device=device, dtype=dtype, cache_prompts=cache_prompts)
+                   max_sequence_length=max_sequence_length, device=device, dtype=dtype, cache_prompts=cache_prompts,
+                   frozen_dtype=frozen_dtype)
 
     @classmethod
     def tiny(cls, *, seed: int = 0, resolution: int = 32, width: int | None = None, num_frames: int = 5,
              max_sequence_length: int = 16, num_layers: int = 2, heads: int = 2, head_dim: int = 12,
              vae_dim: int = 8, dtype: str = "fp32", device="cpu", cache_prompts: bool = True,
-             flow_shift: float | None = None):
+             flow_shift: float | None = None, frozen_dtype: str | None = None):
         """A random-init Wan2.1 of the real classes (offline tokenizer), seeded so every process agrees."""
         pipe = build_tiny_wan_pipeline(seed=seed, num_layers=num_layers, heads=heads, head_dim=head_dim,
                                        vae_dim=vae_dim)
         return cls(with_flow_shift(pipe, flow_shift), resolution=resolution, width=width, num_frames=num_frames,
-                   max_sequence_length=max_sequence_length, device=device, dtype=dtype, cache_prompts=cache_prompts)
+                   max_sequence_length=max_sequence_length, device=device, dtype=dtype, cache_prompts=cache_prompts,
+                   frozen_dtype=frozen_dtype)
 
     def frozen_modules(self):
         return [m for m in (self.pipe.text_encoder, self.pipe.vae) if m is not None]
