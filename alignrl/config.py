@@ -107,12 +107,17 @@ def expand_reward_weights(overrides: list[str]) -> list[str]:
     """``reward={pickscore: 1.0, ocr: 0.5}`` -> ``reward=[pickscore,ocr] reward.pickscore.weight=1.0 ...``.
 
     ``reward`` is a config group, so Hydra cannot take a dict for it; this spelling is expanded before
-    Hydra sees the overrides. Other overrides pass through unchanged.
+    Hydra sees the overrides. ``reward.<name>.frames=`` and ``reward.<name>.frame_stride=`` (how any reward scores
+    videos; its YAML need not list them) are set as Hydra's ``++`` upserts. Other overrides pass through unchanged.
     """
     out = []
     for ov in overrides:
         key, _, value = ov.partition("=")
         value = value.strip()
+        parts = key.strip().split(".")
+        if len(parts) == 3 and parts[0] == "reward" and parts[2] in ("frames", "frame_stride"):
+            out.append(f"++{key.strip()}={value}")
+            continue
         if key.strip() != "reward" or not (value.startswith("{") and value.endswith("}")):
             out.append(ov)
             continue

@@ -36,13 +36,18 @@ def find_images(spec: str) -> tuple[list[Path], Path]:
     """The image files named by a folder or a glob (sorted), and the folder they sit in."""
     if not spec:
         raise ConfigError("no images given; pass images=<folder or glob>, e.g. images=outputs/samples")
+    from alignrl.imagedata import VIDEO_SUFFIXES
+
     path = Path(spec).expanduser()
+    media = IMAGE_SUFFIXES + VIDEO_SUFFIXES
     if path.is_dir():
-        files, folder = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), path
+        files, folder = sorted(p for p in path.iterdir() if p.suffix.lower() in media), path
     else:
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True)
-                       if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).suffix.lower() in media)
         folder = files[0].parent if files else path.parent
+    videos = [f for f in files if f.suffix.lower() in VIDEO_SUFFIXES]
+    if videos:  # a video sample folder also holds each clip's filmstrip PNG: the clips are what is scored
+        files = videos
     if not files:
         raise ConfigError(f"images='{spec}' names no image files ({', '.join(IMAGE_SUFFIXES)}); "
                           f"give a folder or a glob such as 'samples/*.png'")
@@ -73,9 +78,13 @@ def pair_prompts(files: list[Path], folder: Path, spec) -> tuple[list[Path], lis
         return files, [spec] * len(files), [{} for _ in files], "one prompt for all images"
     # the prompt-set reader (.jsonl: "prompt" + metadata fields; .txt: a prompt per line); "image" names the file
     table = PromptSet._parse(path.read_text(encoding="utf-8"), path.name, str(path), "prompts")
-    named = [m.get("image") is not None for m in table.metadata]
+    # videos are named under "video" (alignrl sample's prompts.jsonl names a clip's filmstrip under "image")
+    key = "video" if files and all(f.suffix.lower() not in IMAGE_SUFFIXES for f in files) else "image"
+    named = [m.get(key) is not None for m in table.metadata]
     if any(named):
-        by_name = {str(m.pop("image")): (p, m) for p, m, n in zip(table.prompts, table.metadata, named) if n}
+        by_name = {str(m.pop(key)): (p, m) for p, m, n in zip(table.prompts, table.metadata, named) if n}
+        for m in by_name.values():
+            m[1].pop("image" if key == "video" else "video", None)
         skipped = [f.name for f in files if f.name not in by_name]
         files = [f for f in files if f.name in by_name]
         if not files:
@@ -94,7 +103,19 @@ def pair_prompts(files: list[Path], folder: Path, spec) -> tuple[list[Path], lis
 
 
 def load_image(path: Path) -> torch.Tensor:
+    """An image (3, H, W), or a video file's clip (F, 3, H, W), in [0, 1]."""
     from PIL import Image
+
+    from alignrl.imagedata import VIDEO_SUFFIXES
+
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        from alignrl.eval.video import read_mp4
+
+        try:
+            frames, _ = read_mp4(path)
+        except (OSError, ValueError, IndexError) as e:
+            raise ConfigError(f"cannot read video '{path}': {e}") from None
+        return torch.from_numpy(frames.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
 
     try:
         with Image.open(path) as im:
@@ -115,7 +136,7 @@ def reward_check(reward, files: list[Path], prompts: list[str], metadata: list[d
     bar = console_progress(len(files), "scoring", "img", enabled=progress)
     i = 0
     while i < len(files):
-        # one batch holds consecutive images of one size (rewards take a (B, 3, H, W) tensor)
+        # one batch holds consecutive images (or clips) of one size: rewards take (B, 3, H, W) or (B, F, 3, H, W)
         images = [load_image(files[i])]
         j = i + 1
         while j < len(files) and j - i < batch_size:
@@ -126,7 +147,7 @@ def reward_check(reward, files: list[Path], prompts: list[str], metadata: list[d
             j += 1
         total, info = reward(torch.stack(images), prompts[i:j], metadata[i:j])
         for k in range(j - i):
-            row = {"image": files[i + k].name, "prompt": prompts[i + k], "total": _num(total[k])}
+            row = {"image": files[i + k].name, "prompt": prompts[i + k], "total": _num(total[k])}  # or a video
             row.update({n: _num(info["per_reward"][n][k]) for n in names})
             rows.append(row)
         bar.update(j - i)
