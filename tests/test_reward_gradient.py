@@ -360,11 +360,12 @@ def test_adjoint_refuses_fp16_loss_scaling_in_one_line():
         AdjointDPM(num_steps=3).train_step(_prompt_batch(), None, ctx)
 
 
-@pytest.mark.parametrize("recipe", ["tiny_refl", "tiny_draft_lv", "tiny_alignprop", "tiny_adjointdpm"])
+@pytest.mark.parametrize("recipe", ["tiny_refl", "tiny_draft_lv", "tiny_alignprop", "tiny_adjointdpm", "tiny_reinflow"])
 def test_padding_microbatches_for_sharded_weights_change_nothing(tmp_path, recipe):
     """distributed=fsdp: a process with fewer microbatches pads with passes that make the same denoiser calls (the
-    sampler's forwards, the backward's recomputations; the adjoint's steps) with a loss of zero: the update equals
-    the unpadded one while the denoiser ran more often."""
+    sampler's forwards, the backward's recomputations; the adjoint's steps; ReinFlow's chain log-probability) with a
+    loss of zero: the update equals the unpadded one while the denoiser ran more often (ReinFlow's noise network
+    included)."""
     from test_plans import _trainer
 
     results = {}
@@ -379,7 +380,9 @@ def test_padding_microbatches_for_sharded_weights_change_nothing(tmp_path, recip
             m = t.run_iteration()
         finally:
             t.reward_runner.close()
-        results[pad] = ([p.detach().clone() for p in t.params], m, len(calls))
+        noise_net = getattr(t.algorithm, "noise_net", None)
+        extra = [p.detach().clone() for p in noise_net.parameters()] if noise_net is not None else []
+        results[pad] = ([p.detach().clone() for p in t.params] + extra, m, len(calls))
     (w0, m0, c0), (w2, m2, c2) = results[0], results[2]
     assert all(torch.equal(a, b) for a, b in zip(w0, w2)) and m2["policy_loss"] == m0["policy_loss"]
     assert c2 > c0

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from alignrl.algorithms.advantages import AdvantageResult, GroupStatTracker
-from alignrl.algorithms.base import PromptBatch, StepContext, Stateless
+from alignrl.algorithms.base import PromptBatch, StepContext, Stateless, balanced_passes
 from alignrl.errors import ConfigError
 from alignrl.sampling.engine import sample_generators
 
@@ -73,6 +73,7 @@ class ReinFlow(Stateless):
     std_eps: float = 1e-4
 
     batch_kind: ClassVar[str] = "prompts"
+    supports_sharding = True  # train_step balances its passes over processes (distributed=fsdp)
     differentiates_reward: ClassVar[bool] = False
     _diag_keys: ClassVar[tuple] = ("policy_loss", "ratio", "clipfrac", "entropy", "noise_std")
 
@@ -223,8 +224,14 @@ class ReinFlow(Stateless):
                                                               device=ctx.device)).item())
                 if total == 0:
                     continue
-                for m in range(0, len(keep), ctx.train_batch_size):
-                    mb = keep[m:m + ctx.train_batch_size]
+                mbs = [keep[m:m + ctx.train_batch_size] for m in range(0, len(keep), ctx.train_batch_size)]
+                for mb, real in balanced_passes(mbs, ctx, None):
+                    if not real:  # distributed=fsdp: the same calls on this process's first chain, no gradient
+                        first = torch.zeros(1, dtype=torch.long, device=ctx.device)
+                        logp, entropy, _ = self.chain_logp(ctx, chains[first], cond.index(first), text[first],
+                                                           schedule)
+                        ctx.backward((logp.sum() + entropy.sum()) * 0.0)
+                        continue
                     mbd = mb.to(ctx.device)
                     logp, entropy, std = self.chain_logp(ctx, chains[mbd], cond.index(mbd), text[mbd], schedule)
                     logp = logp.clamp(-self.logp_clip, self.logp_clip)

@@ -89,8 +89,9 @@ def check_strategy(settings: DistributedConfig, *, algorithm, finetune: str, tex
     if not settings.sharded:
         return
     if not getattr(algorithm, "supports_sharding", False):
-        raise ConfigError(f"distributed=fsdp supports the GRPO family (DDPO, D3PO included), AWM, DiffusionNFT, the "
-                          f"offline and online preference methods but DRO and DDO, and the reward-gradient methods; "
+        raise ConfigError(f"distributed=fsdp supports the GRPO family (DDPO, D3PO included), AWM, DiffusionNFT, "
+                          f"ReinFlow, the offline and online preference methods but DRO and DDO, and the "
+                          f"reward-gradient methods; "
                           f"algorithm {algorithm.name} does not balance its passes over processes yet: use "
                           f"distributed=ddp")
     if text_encoder != "frozen":
