@@ -117,6 +117,7 @@ class DPOK(Stateless):
     kl_warmup: int = -1  # the KL term counts from iterations after this one
 
     batch_kind: ClassVar[str] = "transitions"
+    supports_sharding = True  # a fixed number of passes per update on every rank (distributed=fsdp)
     replay: ClassVar[bool] = True  # updates draw from the buffer, not the iteration's own samples
     _diag_keys: ClassVar[tuple] = ("policy_loss", "kl", "ratio", "clipfrac", "advantage", "value_loss")
 
@@ -218,7 +219,10 @@ class DPOK(Stateless):
                             [batch.prompts[int(r)] for r in batch.t_root[rows]])
         self.iterations += 1
         sums = {k: 0.0 for k in self.diagnostics}
-        if len(self.buffer) == 0:
+        # every rank agrees: while any rank's buffer is empty, none trains (every rank then makes the same number
+        # of forward/backward passes, as sharded weights need)
+        empty = float(ctx.all_reduce_sum(torch.tensor([float(len(self.buffer) == 0)], device=ctx.device)).item())
+        if empty > 0:
             return ctx.summarise(sums, 0, 0.0, [])
         text_dim = int(self._text(ctx, [self.buffer.prompts[0]]).shape[1])
         self._ensure_value(ctx, text_dim, schedule.num_steps)

@@ -89,9 +89,8 @@ def check_strategy(settings: DistributedConfig, *, algorithm, finetune: str, tex
     if not settings.sharded:
         return
     if not getattr(algorithm, "supports_sharding", False):
-        raise ConfigError(f"distributed=fsdp supports the GRPO family (DDPO, D3PO included), AWM, DiffusionNFT, "
-                          f"ReinFlow, the offline and online preference methods but DRO and DDO, and the "
-                          f"reward-gradient methods; "
+        raise ConfigError(f"distributed=fsdp supports every method but Diffusion-DRO, DDO and SPO (they sample "
+                          f"inside their step); "
                           f"algorithm {algorithm.name} does not balance its passes over processes yet: use "
                           f"distributed=ddp")
     if text_encoder != "frozen":
