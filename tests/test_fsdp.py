@@ -164,10 +164,10 @@ def test_unsupported_sharded_setups_fail_in_one_line(tmp_path, overrides, says):
                                                ("tiny_diffusion_dpo", True), ("tiny_online_dpo", True),
                                                ("tiny_refl", True), ("tiny_adjointdpm", True), ("tiny_nft", True),
                                                ("tiny_d3po", True), ("tiny_ddpo", True), ("tiny_dpok", True),
-                                               ("tiny_spo", False), ("tiny_reinflow", True)])
+                                               ("tiny_spo", True), ("tiny_reinflow", True)])
 def test_which_methods_shard(recipe, supported):
-    """Methods that balance their passes over processes shard; DRO and DDO (they sample inside the step) and SPO
-    refuse in one line naming the fix."""
+    """Methods that balance their passes over processes shard; DRO and DDO (they sample inside the step) refuse in
+    one line naming the fix."""
     from alignrl.components import build_algorithm
     from alignrl.config import compose
     from alignrl.errors import ConfigError

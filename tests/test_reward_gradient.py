@@ -360,11 +360,12 @@ def test_adjoint_refuses_fp16_loss_scaling_in_one_line():
         AdjointDPM(num_steps=3).train_step(_prompt_batch(), None, ctx)
 
 
-@pytest.mark.parametrize("recipe", ["tiny_refl", "tiny_draft_lv", "tiny_alignprop", "tiny_adjointdpm", "tiny_reinflow"])
+@pytest.mark.parametrize("recipe", ["tiny_refl", "tiny_draft_lv", "tiny_alignprop", "tiny_adjointdpm", "tiny_reinflow",
+                                    "tiny_spo"])
 def test_padding_microbatches_for_sharded_weights_change_nothing(tmp_path, recipe):
     """distributed=fsdp: a process with fewer microbatches pads with passes that make the same denoiser calls (the
-    sampler's forwards, the backward's recomputations; the adjoint's steps; ReinFlow's chain log-probability) with a
-    loss of zero: the update equals the unpadded one while the denoiser ran more often (ReinFlow's noise network
+    sampler's forwards, the backward's recomputations; the adjoint's steps; ReinFlow's chain log-probability; an
+    SPO pair's policy and reference forwards) with a loss of zero: the update equals the unpadded one while the denoiser ran more often (ReinFlow's noise network
     included)."""
     from test_plans import _trainer
 

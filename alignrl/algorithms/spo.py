@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alignrl.algorithms.base import PromptBatch, StepContext, Stateless
+from alignrl.algorithms.base import PromptBatch, StepContext, Stateless, balanced_passes
 from alignrl.algorithms.d3po import clamped_log_ratio
 from alignrl.errors import ConfigError
 from alignrl.sampling.engine import apply_step, sample_generators
@@ -69,6 +69,7 @@ class SPO(Stateless):
     score_scale: float = 1.0  # multiplies the reward before the threshold rule
 
     batch_kind: ClassVar[str] = "prompts"
+    supports_sharding = True  # train_step balances its pair passes over processes (distributed=fsdp)
     differentiates_reward: ClassVar[bool] = False  # the reward only ranks candidates
     _diag_keys: ClassVar[tuple] = ("policy_loss", "log_ratio", "clipfrac", "score_gap")
 
@@ -154,6 +155,18 @@ class SPO(Stateless):
                          torch.tensor(kept["step"]), torch.tensor(kept["row"]), torch.tensor(kept["gap"]), final)
 
     # ----- the update --------------------------------------------------------------------------------------
+    def padding_pass(self, ctx: StepContext, schedule, shape: tuple) -> None:
+        """A pair's forwards (policy and reference) on a blank input at zero loss: the weight gathers and gradient
+        reductions of a pass that another process runs (distributed=fsdp)."""
+        backbone = ctx.backbone
+        x = torch.zeros(2, *shape, device=ctx.device)
+        cond = backbone.encode_prompts([""] * 2)
+        timestep = schedule.timesteps[torch.zeros(2, dtype=torch.long, device=ctx.device)]
+        with ctx.autocast():
+            v = backbone.predict(x, timestep, cond, self.guidance_scale)
+        ctx.predict_reference(x, timestep, cond, self.guidance_scale)
+        ctx.backward(v.float().sum() * 0.0)
+
     def pair_loss(self, ctx: StepContext, batch: PromptBatch, pairs: StepPairs, idx: torch.Tensor, schedule):
         """Per-pair losses (with gradient) and diagnostics of the pairs ``idx``."""
         backbone = ctx.backbone
@@ -198,8 +211,12 @@ class SPO(Stateless):
                 if total == 0:
                     continue  # every rank agrees: no pair passed the threshold in this chunk
                 ctx.denoiser.train()
-                for m in range(0, len(pairs), ctx.train_batch_size):
-                    idx = torch.arange(m, min(m + ctx.train_batch_size, len(pairs)))
+                idxs = [torch.arange(m, min(m + ctx.train_batch_size, len(pairs)))
+                        for m in range(0, len(pairs), ctx.train_batch_size)]
+                for idx, real in balanced_passes(idxs, ctx, None):
+                    if not real:  # distributed=fsdp: another process has more pairs
+                        self.padding_pass(ctx, schedule, tuple(pairs.x.shape[1:]))
+                        continue
                     loss, diag = self.pair_loss(ctx, batch, pairs, idx, schedule)
                     ctx.backward(loss.sum() / total)
                     for key in self.diagnostics:

@@ -89,7 +89,7 @@ def check_strategy(settings: DistributedConfig, *, algorithm, finetune: str, tex
     if not settings.sharded:
         return
     if not getattr(algorithm, "supports_sharding", False):
-        raise ConfigError(f"distributed=fsdp supports every method but Diffusion-DRO, DDO and SPO (they sample "
+        raise ConfigError(f"distributed=fsdp supports every method but Diffusion-DRO and DDO (they sample "
                           f"inside their step); "
                           f"algorithm {algorithm.name} does not balance its passes over processes yet: use "
                           f"distributed=ddp")
