@@ -624,13 +624,13 @@ def test_padding_passes_for_sharded_weights_run_but_change_nothing(method):
     assert out3["policy_loss"] == out0["policy_loss"]  # padding passes count in no diagnostic
 
 
-@pytest.mark.parametrize("method", ["diffusion_dpo", "diffusion_kto", "sft"])
+@pytest.mark.parametrize("method", ["diffusion_dpo", "diffusion_kto", "sft", "ddo"])
 def test_offline_padding_passes_run_the_forwards_but_change_nothing(method):
     """distributed=fsdp for the offline methods: padding passes (a blank image, policy and reference forwards, loss x
     0) bring a process to the agreed pass count, KTO's reference-point forwards included; the update and every
     diagnostic equal the unpadded step's."""
     from alignrl.algorithms.base import OfflineBatch
-    from alignrl.algorithms.preference import SFT, DiffusionDPO, DiffusionKTO
+    from alignrl.algorithms.preference import DDO, SFT, DiffusionDPO, DiffusionKTO
 
     x0 = torch.randn(3, 2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     results = {}
@@ -644,6 +644,8 @@ def test_offline_padding_passes_run_the_forwards_but_change_nothing(method):
             algo = DiffusionKTO(beta=10.0)
             batch = OfflineBatch(kind="labels", prompts=["a", "b", "c"], latents=x0[:, :1], global_index=np.arange(3),
                                  row_ids=np.arange(3), labels=torch.tensor([1.0, 0.0, 1.0]))
+        elif method == "ddo":  # it samples the reference's negatives inside the step: those chunks pad too
+            algo, batch = DDO(sample_steps=3, alpha=2.0, beta=10.0), _captions_batch()
         else:
             algo, batch = SFT(), _captions_batch()
         calls = []
@@ -659,5 +661,6 @@ def test_offline_padding_passes_run_the_forwards_but_change_nothing(method):
     assert w2 == w0 != 0.5 and out2 == out0
     # each padding pass ran the forwards a real pass runs (policy, and reference where used; KTO's reference-point
     # pass too), so sharded weights are gathered as often on every process
-    per_pass = {"diffusion_dpo": 2, "diffusion_kto": 4, "sft": 1}[method]
+    # (DDO: a padded sampling chunk is 3 reference steps, a padded training pass a policy and a reference forward)
+    per_pass = {"diffusion_dpo": 2, "diffusion_kto": 4, "sft": 1, "ddo": 5}[method]
     assert f2 == f0 + 2 * per_pass

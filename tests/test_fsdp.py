@@ -160,26 +160,23 @@ def test_unsupported_sharded_setups_fail_in_one_line(tmp_path, overrides, says):
 
 
 
-@pytest.mark.parametrize("recipe, supported", [("tiny_ddo", False), ("tiny_diffusion_dro", False),
-                                               ("tiny_diffusion_dpo", True), ("tiny_online_dpo", True),
-                                               ("tiny_refl", True), ("tiny_adjointdpm", True), ("tiny_nft", True),
-                                               ("tiny_d3po", True), ("tiny_ddpo", True), ("tiny_dpok", True),
-                                               ("tiny_spo", True), ("tiny_reinflow", True)])
-def test_which_methods_shard(recipe, supported):
-    """Methods that balance their passes over processes shard; DRO and DDO (they sample inside the step) refuse in
-    one line naming the fix."""
+@pytest.mark.parametrize("recipe", ["tiny_ddo", "tiny_diffusion_dro", "tiny_diffusion_dpo", "tiny_online_dpo",
+                                    "tiny_refl", "tiny_adjointdpm", "tiny_nft", "tiny_d3po", "tiny_ddpo", "tiny_dpok",
+                                    "tiny_spo", "tiny_reinflow"])
+def test_every_shipped_method_shards_and_a_method_of_ones_own_must_say_so(recipe):
+    """Every shipped method balances its passes over processes; an algorithm that does not declare
+    ``supports_sharding`` (a user's own, through ``_target_``) is refused in one line naming the fix."""
+    from types import SimpleNamespace
+
     from alignrl.components import build_algorithm
     from alignrl.config import compose
     from alignrl.errors import ConfigError
     from alignrl.training.sharding import DistributedConfig, check_strategy
 
     cfg = compose([f"recipe={recipe}", "distributed=fsdp", "run_dir=/tmp/alignrl-test-fsdp"])
-    dist, algorithm = DistributedConfig.from_config(cfg.distributed), build_algorithm(cfg)
-    check = lambda: check_strategy(dist, algorithm=algorithm, finetune="full", text_encoder="frozen",  # noqa: E731
-                                   mixed_precision="no")
-    if supported:
-        check()
-    else:
-        with pytest.raises(ConfigError, match=f"algorithm {algorithm.name} does not balance its passes over "
-                                              f"processes yet: use distributed=ddp"):
-            check()
+    dist = DistributedConfig.from_config(cfg.distributed)
+    kw = dict(finetune="full", text_encoder="frozen", mixed_precision="no")
+    check_strategy(dist, algorithm=build_algorithm(cfg), **kw)
+    own = SimpleNamespace(name="my_method")
+    with pytest.raises(ConfigError, match="algorithm my_method does not declare supports_sharding = True"):
+        check_strategy(dist, algorithm=own, **kw)

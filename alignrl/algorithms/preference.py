@@ -571,7 +571,7 @@ class _SamplesNegatives:
     """Shared by DRO and DDO: each row's own sample of its prompt, drawn without gradient in chunks of the
     train batch, from an initial noise (and a recorded step) keyed by (seed, iteration, row position)."""
 
-    supports_sharding = False  # their sampling chunks are not balanced over processes yet (distributed=fsdp)
+    supports_sharding = True  # the sampling chunks and the step's passes are balanced over processes (fsdp)
 
     sample_steps: int
 
@@ -596,7 +596,12 @@ class _SamplesNegatives:
         x_T, step = torch.stack(x_T), torch.stack(steps)
         ctx.denoiser.eval()
         outs = []
-        for mb in torch.arange(len(batch)).split(ctx.train_batch_size):
+        mbs = [mb for mb in torch.arange(len(batch)).split(ctx.train_batch_size) if len(mb)]
+        for mb, real in balanced_passes(mbs, ctx, None):
+            if not real:  # distributed=fsdp: the forwards of a chunk another process samples; nothing kept
+                sample_ode(ctx, [""], torch.zeros(1, *shape, device=ctx.device), self.sample_steps,
+                           reference=reference)
+                continue
             out = sample_ode(ctx, [batch.prompts[int(r)] for r in mb], x_T[mb].to(ctx.device), self.sample_steps,
                              reference=reference, record=step[mb] if record else None)
             outs.append(out if isinstance(out, tuple) else (out,))

@@ -89,10 +89,10 @@ def check_strategy(settings: DistributedConfig, *, algorithm, finetune: str, tex
     if not settings.sharded:
         return
     if not getattr(algorithm, "supports_sharding", False):
-        raise ConfigError(f"distributed=fsdp supports every method but Diffusion-DRO and DDO (they sample "
-                          f"inside their step); "
-                          f"algorithm {algorithm.name} does not balance its passes over processes yet: use "
-                          f"distributed=ddp")
+        raise ConfigError(f"distributed=fsdp needs every process to run as many forward/backward passes (every "
+                          f"shipped method pads to the largest count); algorithm {algorithm.name} does not declare "
+                          f"supports_sharding = True: use distributed=ddp, or balance its passes with "
+                          f"alignrl.algorithms.base.balanced_passes and declare it")
     if text_encoder != "frozen":
         raise ConfigError(f"distributed=fsdp shards the denoiser only; trainer.text_encoder={text_encoder} needs "
                           f"distributed=ddp (or trainer.text_encoder=frozen)")
