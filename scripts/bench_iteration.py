@@ -4,7 +4,8 @@
 Runs a recipe's iterations (default: the CPU default, tiny_flowgrpo) through the real Trainer with timing hooks
 on the denoiser's forward, backward, the VAE decode and the optimizer step, and splits each iteration into
 
-    model     denoiser forward + backward + VAE decode + optimizer step (the work a loop cannot avoid)
+    model     denoiser forward + backward + VAE decode + optimizer step, and the text encoders' forwards on
+              prompts the cache has not seen yet (the work a loop cannot avoid)
     reward    waiting for the reward (it scores while the next batch samples)
     overhead  everything else: plans, noise, log-probs, advantages, gathers, bookkeeping
 
@@ -40,6 +41,10 @@ class Clock:
         self.sync = (lambda: torch.cuda.synchronize()) if cuda else (lambda: None)
         trainer.denoiser.register_forward_pre_hook(lambda *_: self._begin())
         trainer.denoiser.register_forward_hook(lambda *_: self._end())
+        for module in trainer.backbone.frozen_modules():  # the text encoders (new prompts); the VAE is decode's
+            if module is not trainer.backbone.vae:
+                module.register_forward_pre_hook(lambda *_: self._begin())
+                module.register_forward_hook(lambda *_: self._end())
         self._wrap(trainer.accelerator, "backward")
         self._wrap(trainer.backbone, "decode")
         self._wrap(trainer.optimizer, "step")
