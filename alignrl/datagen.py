@@ -304,20 +304,17 @@ def make_dataset(cfg: DictConfig) -> int:
                     images.append(backbone.decode(rollout(backbone, plan, cond, gens, record=False).final).cpu())
             images = torch.cat(images)
             scores, _ = reward(images, [prompt] * k, [meta] * k)
-            names = []
+            names = [f"images/{i:05d}_{j:02d}.{'mp4' if images.ndim == 5 else 'png'}" for j in range(len(images))]
             if images.ndim == 5:  # videos: an H.264 MP4 per clip (written atomically), what offline training reads
                 from alignrl.eval.video import write_mp4
 
-                for j in range(len(images)):
-                    name = f"images/{i:05d}_{j:02d}.mp4"
-                    write_mp4(out / name, images[j])
-                    names.append(name)
-            for j, im in enumerate(to_pil(images) if images.ndim == 4 else []):
-                name = f"images/{i:05d}_{j:02d}.png"
-                tmp = out / (name + ".tmp.png")
-                im.save(tmp)
-                os.replace(tmp, out / name)
-                names.append(name)
+                for name, clip in zip(names, images):
+                    write_mp4(out / name, clip)
+            else:
+                for name, im in zip(names, to_pil(images)):
+                    tmp = out / (name + ".tmp.png")
+                    im.save(tmp)
+                    os.replace(tmp, out / name)
             rows = rows_for_prompt(kind, prompt, names, np.asarray(scores), pairing=pairing,
                                    margin=settings["margin"], label_fraction=fraction, meta={"prompt_id": i, **meta})
             skipped += not rows

@@ -113,7 +113,8 @@ class ImageDataset:
                     raise ConfigError(f"{row.where}: image '{img}' does not exist (paths are relative to the "
                                       f"dataset file's folder, or to data.offline.root)")
                 if img.suffix.lower() in VIDEO_SUFFIXES:  # a video: its container and stream header
-                    sizes[_video_size(img, row.where)] = sizes.get(_video_size(img, row.where), 0) + 1
+                    size = _video_size(img, row.where)
+                    sizes[size] = sizes.get(size, 0) + 1
                     continue
                 try:
                     with Image.open(img) as im:
@@ -132,20 +133,26 @@ class ImageDataset:
 def load_image_tensor(path: Path, resolution: int):
     """An image as a (3, resolution, resolution) float tensor in [-1, 1]: resized on its short side and
     centre-cropped (the VAE's input range)."""
-    import numpy as np
     import torch
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        s = resolution / min(w, h)
-        im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.Resampling.BICUBIC)
-        w, h = im.size
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-        im = im.crop((left, top, left + resolution, top + resolution))
-        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        arr = _fit(im.convert("RGB"), resolution, resolution)
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _fit(im, height: int, width: int):
+    """A PIL image resized (bicubic) until it covers ``height`` x ``width``, centre-cropped to it, as an
+    (height, width, 3) float32 array in [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = im.size
+    s = max(height / h, width / w)
+    im = im.resize((max(width, round(w * s)), max(height, round(h * s))), Image.Resampling.BICUBIC)
+    w, h = im.size
+    left, top = (w - width) // 2, (h - height) // 2
+    return np.asarray(im.crop((left, top, left + width, top + height)), dtype=np.float32) / 127.5 - 1.0
 
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv")
@@ -179,17 +186,8 @@ def load_video_tensor(path: Path, height: int, width: int, frames: int):
     if raw.shape[0] != frames:
         raise ConfigError(f"{path}: {raw.shape[0]} frames, the backbone samples {frames}; cut the clips to "
                           f"{frames} frames or set backbone.num_frames={raw.shape[0]} (if it is 4k+1)")
-    out = []
-    for frame in raw:
-        im = Image.fromarray(frame)
-        w, h = im.size
-        s = max(height / h, width / w)
-        im = im.resize((max(width, round(w * s)), max(height, round(h * s))), Image.Resampling.BICUBIC)
-        w, h = im.size
-        left, top = (w - width) // 2, (h - height) // 2
-        im = im.crop((left, top, left + width, top + height))
-        out.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+    frames = np.stack([_fit(Image.fromarray(frame), height, width) for frame in raw])
+    return torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
 
 
 def load_media_tensor(path: Path, backbone):
@@ -197,7 +195,7 @@ def load_media_tensor(path: Path, backbone):
     (F, 3, H, W) from a video file."""
     from alignrl.errors import ConfigError
 
-    if getattr(backbone, "is_video", False):
+    if backbone.is_video:
         if Path(path).suffix.lower() not in VIDEO_SUFFIXES:
             raise ConfigError(f"{path}: {backbone.family} trains on videos; the dataset must name video files "
                               f"({', '.join(VIDEO_SUFFIXES)}), e.g. made by `alignrl data` with a video recipe")

@@ -166,18 +166,17 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
             side, plain1, ckpt1 = UNET_ACT[name]
             scale = (res / side) ** 2
             act_plain, act_ckpt = plain1 * GiB * scale * micro, ckpt1 * GiB * scale * micro
-        elif counts["family"] == "wan":  # video: tokens = latent frames x (H/16) x (W/16); text by cross-attention
-            frames = (int(b.get("num_frames", 33)) - 1) // 4 + 1
-            s = frames * (res // 16) * (int(b.get("width") or res) // 16)
-            L, d, c = counts["layers"], counts["width"], counts["coeff"]
-            act_plain = c * L * micro * s * d
-            act_ckpt = 2 * L * micro * s * d + c * micro * s * d
-            notes.append(f"video: {frames} latent frames x {res // 16} x {int(b.get('width') or res) // 16} patches "
-                         f"= {s} tokens per sample (frames multiply the activations)")
-        else:
-            patches = (res // 16) ** 2
-            text = int(b.get("max_sequence_length", 256)) + (77 if counts["family"] == "sd3" else 0)
-            s, L, d, c = patches + text, counts["layers"], counts["width"], TOKEN_COEFF[counts["family"]]
+        else:  # transformers: c bytes per token, layer and unit of width; S tokens per sample
+            if counts["family"] == "wan":  # video: latent frames x (H/16) x (W/16); text enters by cross-attention
+                frames = (int(b.get("num_frames", 33)) - 1) // 4 + 1
+                rows, cols = res // 16, int(b.get("width") or res) // 16
+                s = frames * rows * cols
+                notes.append(f"video: {frames} latent frames x {rows} x {cols} patches = {s} tokens per sample "
+                             f"(frames multiply the activations)")
+            else:
+                text = int(b.get("max_sequence_length", 256)) + (77 if counts["family"] == "sd3" else 0)
+                s = (res // 16) ** 2 + text
+            L, d, c = counts["layers"], counts["width"], counts.get("coeff") or TOKEN_COEFF[counts["family"]]
             act_plain = c * L * micro * s * d
             act_ckpt = 2 * L * micro * s * d + c * micro * s * d
     elif name.startswith(("tiny", "shapes")):

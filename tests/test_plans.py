@@ -367,10 +367,10 @@ LEARNING = {
 }
 
 
-def assert_reward_rises(tmp_path, recipe: str, n: int) -> None:
-    """``n`` iterations of ``recipe`` through the trainer: the last four iterations' mean training reward beats the
-    first four's by more than their mean within-batch std."""
-    t = _trainer(tmp_path, recipe, f"trainer.max_steps={n}")
+def assert_reward_rises(tmp_path, recipe: str, n: int, *overrides: str) -> None:
+    """``n`` iterations of ``recipe`` (with ``overrides``) through the trainer: the last four iterations' mean
+    training reward beats the first four's by more than their mean within-batch std."""
+    t = _trainer(tmp_path, recipe, f"trainer.max_steps={n}", *overrides)
     rewards, stds = [], []
     try:
         for _ in range(n):

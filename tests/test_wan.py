@@ -185,22 +185,10 @@ def test_tiny_wan_raises_its_reward(tmp_path, reward):
     and each video reward alone (the JPEG term's weight 0). Measured on 2 cores, the last four of 24 iterations
     against the first four, in first-four within-batch stds: JPEG 2.3 (-1.229 -> -1.166; at 12 iterations only
     0.95), motion 2.1 (0.162 -> 0.171), temporal consistency 1.6 (0.467 -> 0.519). The test asks for > 1."""
-    from test_plans import _trainer
+    from test_plans import assert_reward_rises
 
     extra = [] if reward == "jpeg_compressibility" else [f"reward={reward}", "reward.jpeg_compressibility.weight=0"]
-    t = _trainer(tmp_path, "tiny_flowgrpo_wan", "trainer.max_steps=24", *extra)
-    rewards, stds = [], []
-    try:
-        for _ in range(24):
-            t.timing = {}
-            m = t.run_iteration()
-            t.iteration += 1
-            rewards.append(m["reward_mean"])
-            stds.append(m["reward_std"])
-    finally:
-        t.reward_runner.close()
-    first, last = np.mean(rewards[:4]), np.mean(rewards[-4:])
-    assert last - first > np.mean(stds[:4]), (reward, first, last, np.mean(stds[:4]))
+    assert_reward_rises(tmp_path, "tiny_flowgrpo_wan", 24, *extra)
 
 
 def test_tiny_wan_resumes_exactly(tmp_path):

@@ -223,7 +223,6 @@ class DRaFTLV(RewardGradient):
             r_sum += float(r.detach().sum()) / self.lv_samples
         return loss_sum, r_sum, 1
 
-
     def padding_pass(self, ctx, draw, schedule) -> None:
         from alignrl.sampling.differentiable import _predict
 

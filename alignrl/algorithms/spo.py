@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from alignrl.algorithms.base import PromptBatch, StepContext, Stateless, balanced_passes
 from alignrl.algorithms.d3po import clamped_log_ratio
+from alignrl.algorithms.preference import padding_errors
 from alignrl.errors import ConfigError
 from alignrl.sampling.engine import apply_step, sample_generators
 from alignrl.sampling.kernels import ddim_step
@@ -155,18 +156,6 @@ class SPO(Stateless):
                          torch.tensor(kept["step"]), torch.tensor(kept["row"]), torch.tensor(kept["gap"]), final)
 
     # ----- the update --------------------------------------------------------------------------------------
-    def padding_pass(self, ctx: StepContext, schedule, shape: tuple) -> None:
-        """A pair's forwards (policy and reference) on a blank input at zero loss: the weight gathers and gradient
-        reductions of a pass that another process runs (distributed=fsdp)."""
-        backbone = ctx.backbone
-        x = torch.zeros(2, *shape, device=ctx.device)
-        cond = backbone.encode_prompts([""] * 2)
-        timestep = schedule.timesteps[torch.zeros(2, dtype=torch.long, device=ctx.device)]
-        with ctx.autocast():
-            v = backbone.predict(x, timestep, cond, self.guidance_scale)
-        ctx.predict_reference(x, timestep, cond, self.guidance_scale)
-        ctx.backward(v.float().sum() * 0.0)
-
     def pair_loss(self, ctx: StepContext, batch: PromptBatch, pairs: StepPairs, idx: torch.Tensor, schedule):
         """Per-pair losses (with gradient) and diagnostics of the pairs ``idx``."""
         backbone = ctx.backbone
@@ -214,8 +203,9 @@ class SPO(Stateless):
                 idxs = [torch.arange(m, min(m + ctx.train_batch_size, len(pairs)))
                         for m in range(0, len(pairs), ctx.train_batch_size)]
                 for idx, real in balanced_passes(idxs, ctx, None):
-                    if not real:  # distributed=fsdp: another process has more pairs
-                        self.padding_pass(ctx, schedule, tuple(pairs.x.shape[1:]))
+                    if not real:  # distributed=fsdp: another process has more pairs (a policy and a reference
+                        # forward on a blank input at zero loss, as a pair's pass makes)
+                        ctx.backward(padding_errors(ctx, schedule, tuple(pairs.x.shape[1:]), True).sum() * 0.0)
                         continue
                     loss, diag = self.pair_loss(ctx, batch, pairs, idx, schedule)
                     ctx.backward(loss.sum() / total)

@@ -150,6 +150,7 @@ class Backbone:
     prediction_type: str = "flow"  # what the network itself predicts: flow, epsilon or v_prediction
     default_lora_targets: tuple[str, ...] = ()
     remote_code: bool = False  # an exported pipeline needs trust_remote_code (it ships its own pipeline.py)
+    is_video: bool = False  # samples are clips: latents (C, F', h, w), decode gives (B, F, 3, H, W)
 
     def __init__(self, pipe, *, resolution: int, max_sequence_length: int, device="cpu",
                  dtype: str | torch.dtype = "fp32", cache_prompts: bool = True,

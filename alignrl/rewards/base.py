@@ -83,21 +83,22 @@ class FrameWise:
         self.prompts = [p for p in prompts for _ in range(self.frames)]
         self.metadata = [m for m in metadata for _ in range(self.frames)]
 
-    def reduce(self, scores):
-        """(B * F,) frame scores -> (B,) clip scores (numpy or torch; a NaN frame makes its clip NaN)."""
+    def reduce(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B * F,) frame scores -> (B,) clip scores (a NaN frame makes its clip NaN); keeps the graph."""
         per_clip = scores.reshape(self.batch, self.frames)
         if self.reduction == "min":
-            return per_clip.min(1) if isinstance(per_clip, np.ndarray) else per_clip.min(1).values
+            return per_clip.min(1).values
         if self.reduction == "mean_positive":
             positive = per_clip > 0
             count = positive.sum(1)
-            total = (per_clip * positive).sum(1)
-            if isinstance(per_clip, np.ndarray):
-                out = np.where(count > 0, total / np.maximum(count, 1), 0.0)
-                return np.where(np.isnan(per_clip).any(1), np.nan, out)
-            out = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+            out = torch.where(count > 0, (per_clip * positive).sum(1) / count.clamp(min=1), torch.zeros_like(count,
+                              dtype=per_clip.dtype))
             return torch.where(per_clip.isnan().any(1), torch.full_like(out, float("nan")), out)
         return per_clip.mean(1)
+
+    def reduce_numpy(self, values) -> np.ndarray:
+        """``reduce`` of per-frame numbers (scores, per-sample metrics) in float64."""
+        return self.reduce(torch.as_tensor(np.asarray(values, dtype=np.float64))).numpy()
 
 
 class Reward:
@@ -210,10 +211,9 @@ class WeightedReward:
                 if scores.shape[0] != len(view.prompts):
                     raise RewardError(f"reward '{name}' returned {scores.shape[0]} scores for {len(view.prompts)} "
                                       f"frames")
-                scores = view.reduce(scores)
+                scores = view.reduce_numpy(scores)
                 if extra and "per_sample" in extra:
-                    extra = {**extra, "per_sample": {m: view.reduce(np.asarray(a, dtype=np.float64))
-                                                     for m, a in extra["per_sample"].items()}}
+                    extra = {**extra, "per_sample": {m: view.reduce_numpy(a) for m, a in extra["per_sample"].items()}}
             if scores.shape[0] != len(prompts):
                 raise RewardError(f"reward '{name}' returned {scores.shape[0]} scores for {len(prompts)} images")
             per_reward[name] = scores
