@@ -37,10 +37,11 @@ def tiny_flux():
     return FluxBackbone.tiny()
 
 
-def run_inprocess(*args, cwd=None, env=None):
+def run_inprocess(*args, cwd=None, env=None, threads: int | None = None):
     """Run ``alignrl <args>`` through the console script's own entry point in this process (no interpreter start
     and imports: seconds faster); returns a CompletedProcess like ``run_cli``. For tests that need no process of
-    their own (signals, several processes and a terminal-less stderr do)."""
+    their own (signals, several processes and a terminal-less stderr do). ``threads``: torch's intra-op threads for
+    the run (1: the reduction order of a launcher's worker, for 1-vs-N-process comparisons), restored after."""
     import contextlib
     import io
     import traceback
@@ -52,8 +53,11 @@ def run_inprocess(*args, cwd=None, env=None):
     AcceleratorState._reset_state()  # a process-wide singleton: each run sets its own
     out, err = io.StringIO(), io.StringIO()
     old_cwd, old_env, old_argv = os.getcwd(), dict(os.environ), list(sys.argv)
+    old_threads = torch.get_num_threads()
     code = 0
     try:
+        if threads is not None:
+            torch.set_num_threads(threads)
         os.chdir(cwd or old_cwd)
         os.environ.update(env or {})
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -65,6 +69,7 @@ def run_inprocess(*args, cwd=None, env=None):
                 traceback.print_exc()
                 code = 1
     finally:
+        torch.set_num_threads(old_threads)
         os.chdir(old_cwd)
         os.environ.clear()
         os.environ.update(old_env)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from alignrl.imagedata import ImageDataset
-from conftest import run_cli, run_inprocess
+from conftest import run_inprocess
 
 KINDS = {"diffusion_dpo": "pairs", "flow_dpo": "pairs", "smpo": "pairs", "diffusion_kto": "labels", "rankdpo": "lists",
          "sft": "captions", "diffusion_dro": "captions", "ddo": "captions"}
@@ -128,17 +128,17 @@ def test_offline_resume_mid_epoch_is_exact(tmp_path, datasets):
     assert [r["epoch"] for r in _metrics(split)] == pytest.approx([r["epoch"] for r in _metrics(straight)])
 
 
-@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_offline_two_processes_match_one(tmp_path, datasets, distributed):
-    """Diffusion-DPO on 2 processes against one on the same rows, noise and global batch; with distributed=fsdp the
-    weights and the frozen reference are sharded over the two."""
+def test_offline_two_processes_match_one(tmp_path, datasets):
+    """Diffusion-DPO on 2 processes against one on the same rows, noise and global batch, the weights and the frozen
+    reference sharded over the two (distributed=fsdp). The rows each process reads are the same with
+    distributed=ddp, whose gradient sum is the loop's own (tests/test_train_multiprocess.py)."""
     args = [f"data.offline.path={datasets['pairs']}", "recipe=tiny_diffusion_dpo", "trainer.max_steps=2",
             "trainer.eval_every=0", "trainer.checkpoint_every=1", "data.offline.rows_per_iteration=8",
             "trainer.train_batch_size=2", *QUIET]
     one = tmp_path / "one"
-    assert run_cli("train", f"run_dir={one}", *args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    assert run_inprocess("train", f"run_dir={one}", *args, cwd=tmp_path, threads=1).returncode == 0
     two = tmp_path / "two"
-    proc = run_inprocess("train", f"run_dir={two}", *args, f"distributed={distributed}", "launcher.nproc_per_node=2",
+    proc = run_inprocess("train", f"run_dir={two}", *args, "distributed=fsdp", "launcher.nproc_per_node=2",
                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     m1, m2 = _metrics(one), _metrics(two)
@@ -150,7 +150,7 @@ def test_offline_two_processes_match_one(tmp_path, datasets, distributed):
     assert max(float((w1[k] - later[k]).abs().max()) for k in w1) > 5e-4  # the update itself is larger
     assert m1[1]["policy_loss"] == pytest.approx(m2[1]["policy_loss"], rel=1e-3)
     sharded = json.loads((two / "checkpoints" / "step_000002" / "state.json").read_text()).get("sharded", False)
-    assert sharded == (distributed == "fsdp")
+    assert sharded
 
 
 def _online(tmp_path, method, steps):
@@ -170,7 +170,7 @@ def test_online_dpo_sharded_two_processes_match_one(tmp_path):
             "trainer.rollout_batch_size=4", "trainer.train_batch_size=2", "trainer.eval_every=0",
             "trainer.checkpoint_every=1", *QUIET]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert run_cli("train", f"run_dir={one}", *args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    assert run_inprocess("train", f"run_dir={one}", *args, cwd=tmp_path, threads=1).returncode == 0
     proc = run_inprocess("train", f"run_dir={two}", *args, "distributed=fsdp", "launcher.nproc_per_node=2",
                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -392,14 +392,13 @@ def test_padding_microbatches_for_sharded_weights_change_nothing(tmp_path, recip
 def test_refl_sharded_two_processes_match_one(tmp_path):
     """distributed=fsdp for the reward-gradient family: ReFL's differentiable sampler through sharded weights on 2
     processes against one unsharded process (measured: 1.1e-7 after an update of 1e-3)."""
-    from conftest import run_cli
     from safetensors.torch import load_file
 
     args = ["recipe=tiny_refl", "trainer.max_steps=1", "trainer.eval_every=0", "trainer.checkpoint_every=1",
             "trainer.log_images_every=0", "logger.progress_bar=false", "logger.plots=false",
             "trainer.rollout_batch_size=4", "trainer.train_batch_size=4"]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert run_cli("train", f"run_dir={one}", *args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    assert run_inprocess("train", f"run_dir={one}", *args, cwd=tmp_path, threads=1).returncode == 0
     proc = run_inprocess("train", f"run_dir={two}", *args, "distributed=fsdp", "launcher.nproc_per_node=2",
                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]

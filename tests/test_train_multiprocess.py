@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAST, run_cli, run_inprocess
+from conftest import FAST, run_inprocess
 from test_train import _metrics, _sigterm_after_first_step, _weights
 
 
@@ -14,7 +14,7 @@ def test_two_processes_match_one(tmp_path):
             "trainer.checkpoint_every=1"]
     one = tmp_path / "one"
     # one thread each, as the launcher gives each of the 2 processes, so matmuls reduce in the same order
-    assert run_cli("train", f"run_dir={one}", *args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    assert run_inprocess("train", f"run_dir={one}", *args, cwd=tmp_path, threads=1).returncode == 0
     two = tmp_path / "two"
     proc = run_inprocess("train", f"run_dir={two}", *args, "launcher.nproc_per_node=2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
