@@ -23,6 +23,22 @@ def test_noise_bounds_hold_then_anneal():
         assert top() == pytest.approx(want), it
 
 
+def test_noise_bounds_that_the_clamp_would_swallow_are_refused():
+    """A chain whose largest std gives a log-likelihood above the clamp has no gradient (measured: with sigma bounds
+    0.02 to 0.1 the tiny runs at lr 1e-2 and 3e-3 were identical); such bounds are refused in one line."""
+    from alignrl.algorithms.reinflow import clamp_free_std, expected_logp_per_dim
+    from alignrl.errors import ConfigError
+
+    assert expected_logp_per_dim(0.1) == pytest.approx(0.88, abs=0.01)
+    assert expected_logp_per_dim(clamp_free_std(1.0)) == pytest.approx(1.0)
+    eps = torch.randn(200_000, generator=torch.Generator().manual_seed(0)).clamp(-3, 3)
+    empirical = float((-(eps**2) / 2 - math.log(0.05) - 0.5 * math.log(2 * math.pi)).mean())
+    assert empirical == pytest.approx(expected_logp_per_dim(0.05), abs=0.02)  # the clipped draws' E[eps^2] ~ 1
+    with pytest.raises(ConfigError, match=r"sigma_max=0.08 .* raise sigma_max above 0.089"):
+        ReinFlow(sigma_min=0.02, sigma_max=0.08)
+    ReinFlow(sigma_min=0.02, sigma_max=0.24)  # the clamp reaches only the lowest stds: allowed
+
+
 def test_chain_log_likelihood_is_the_gaussian_chain_density(tmp_path):
     """Sampled chains stay within the noise bounds and the clip, and chain_logp equals the Gaussian density of every
     transition (torch.distributions), summed and divided by steps and dimensions."""

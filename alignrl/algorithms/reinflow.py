@@ -39,6 +39,18 @@ from alignrl.sampling.engine import sample_generators
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def expected_logp_per_dim(std: float) -> float:
+    """A transition's expected Gaussian log-density per dimension at ``std`` (E[eps^2] ~ 1): -1/2 - log std -
+    log sqrt(2 pi). It grows as the std shrinks: at std 0.1 it is 0.88, and below ``clamp_free_std(1.0)`` = 0.089 it
+    passes the reference's clamp of +-1, where chains stop giving the policy a gradient."""
+    return -0.5 - math.log(std) - LOG_SQRT_2PI
+
+
+def clamp_free_std(logp_clip: float) -> float:
+    """The std below which a transition's expected log-density per dimension exceeds ``logp_clip``."""
+    return math.exp(-(logp_clip + 0.5 + LOG_SQRT_2PI))
+
+
 class NoiseNet(nn.Module):
     """log s^2 per channel from (step, mean text embedding): MLP -> tanh -> [log s_min^2, log s_max^2]."""
 
@@ -89,6 +101,12 @@ class ReinFlow(Stateless):
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if expected_logp_per_dim(self.sigma_max) >= self.logp_clip:
+            raise ConfigError(
+                f"algorithm.sigma_max={self.sigma_max} gives a chain a log-likelihood of about "
+                f"{expected_logp_per_dim(self.sigma_max):.2f} per dimension, above algorithm.logp_clip={self.logp_clip}: "
+                f"the clamp would take every chain's gradient; raise sigma_max above "
+                f"{clamp_free_std(self.logp_clip):.3f} or logp_clip above {expected_logp_per_dim(self.sigma_max):.2f}")
         self.noise_net: NoiseNet | None = None
         self.noise_optimizer: torch.optim.Optimizer | None = None
         self._pending: dict | None = None
