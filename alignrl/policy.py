@@ -238,7 +238,24 @@ class Policy:
             self.sharding.shard(self.reference_denoiser)
         self.sharding.shard(self.denoiser)  # parameters become DTensors: collected after this
         self.params = named_trainable(backbone, self.trainable_names)
-        self.ema = EMA(self.params, ema.decay, ema.update_every) if ema is not None and ema.enabled else None
+        self._ema_settings = ema if ema is not None and ema.enabled else None
+        self.ema = EMA(self.params, ema.decay, ema.update_every) if self._ema_settings is not None else None
+
+    def wrap_optimizer(self, optimizer, max_grad_norm: float):
+        """The optimizer the loop steps: DeepSpeed's around ``optimizer`` with distributed=zero2|zero3 (the EMA then
+        follows this process's part of each weight: a ZeRO-3 partition), else ``optimizer``."""
+        from alignrl.training.ema import EMA
+
+        wrapped = self.sharding.wrap(self.denoiser, optimizer, max_grad_norm)
+        if self.ema is not None and self.sharding.local(self.params)[0] is not self.params[0]:
+            s = self._ema_settings
+            self.ema = EMA(self.sharding.local(self.params), s.decay, s.update_every)  # weights not yet trained
+        return wrapped
+
+    def ema_state(self) -> dict:
+        """The EMA weights whole and on the CPU, by name (every process must call it when they are sharded)."""
+        return {n: self.sharding.full(s, p).contiguous()
+                for n, s, p in zip(self.trainable_names, self.ema.shadow, self.params)}
 
     @classmethod
     def for_training(cls, backbone, settings, needs_reference: bool, sharding=None) -> "Policy":
@@ -258,13 +275,11 @@ class Policy:
     def weights(self, which: str):
         """A context with ``live`` or ``ema`` weights in place (the rollout weights of NFT), for sampling: with
         sharded weights they are gathered once for the block (every process enters it together)."""
-        from contextlib import nullcontext
-
         if which == "ema" and self.ema is None:
             raise ConfigError("the EMA weights were asked for, but trainer.ema.enabled=false")
         if which not in WEIGHTS:
             raise ConfigError(f"policy weights '{which}' are not known; use live or ema")
-        with (self.ema.swapped() if which == "ema" else nullcontext()), self.sharding.gathered():
+        with self.sharding.weights(self.ema if which == "ema" else None, self.params):
             yield
 
     def predict_reference(self, x, timestep, cond, guidance_scale, autocast=None):
@@ -282,7 +297,7 @@ class Policy:
     def trainable_state(self) -> dict:
         """The trainable tensors by name, whole and on the CPU (what ``trainable.safetensors`` holds). Sharded ones
         are gathered: every process must call it."""
-        return {n: self.sharding.full(p).contiguous() for n, p in zip(self.trainable_names, self.params)}
+        return self.sharding.trainable_state(self.trainable_names, self.params)
 
     def weights_finite(self) -> bool:
         """Whether every trainable tensor's L2 norm is finite (no NaN/inf, nor weights past ~1e19 whose squares
@@ -294,6 +309,11 @@ class Policy:
     def load_trainable(self, file) -> None:
         from alignrl.training.lora import load_trainable_file
 
+        if self.sharding.owns_update:  # DeepSpeed keeps fp32 master copies (and ZeRO-3 partitions) to fill too
+            from safetensors.torch import load_file
+
+            self.sharding.load_weights(load_file(str(file)), self.trainable_names, self.params, file)
+            return
         load_trainable_file(self.backbone, self.trainable_names, file, layout=self.sharding.like)
 
     def export_lora(self, directory) -> None:
@@ -305,6 +325,6 @@ class Policy:
         self.backbone.save_lora(str(directory), state, meta)
 
     def describe(self) -> str:
-        n = sum(p.numel() for p in self.params)
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.params)  # ZeRO-3 partitions: the whole sizes
         return (f"{self.backbone.describe()}; {len(self.trainable_names)} trainable tensors ({n / 1e6:.3f}M params, "
                 f"{self.finetune})")

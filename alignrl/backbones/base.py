@@ -398,7 +398,7 @@ class Backbone:
                 "max_sequence_length": self.max_sequence_length}
 
     def describe(self) -> str:
-        n = sum(p.numel() for p in self.transformer.parameters())
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.transformer.parameters())  # ZeRO-3: whole sizes
         cls = type(self.transformer)
         if cls.__name__.startswith("FSDP") and len(cls.__bases__) == 2:  # FSDP2's wrapper: name the model's class
             cls = cls.__bases__[1]

@@ -24,6 +24,7 @@ from alignrl.runs import read_json
 from alignrl.training import checkpoint as ckpt
 from alignrl.training.control import one_line
 from alignrl.training.distributed import Collectives
+from alignrl.training.sharding import _inner
 
 
 @dataclass
@@ -60,8 +61,6 @@ class Resumed:
     saved_at_step: int | None  # the step a good checkpoint of this run stands at (None: a foreign one)
 
 
-def _inner(optimizer):
-    return optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
 
 
 class Checkpointer:
@@ -111,9 +110,10 @@ class Checkpointer:
         whole = not p.sharded or p.whole_weights
         gather = whole and policy.sharding.active  # sharded tensors are gathered by every process, written by rank 0
         trainable = policy.trainable_state() if whole and (self.is_main or gather) else None
-        ema = None
-        if whole and policy.ema is not None and (self.is_main or gather):
-            ema = {k: policy.sharding.full(v) for k, v in policy.ema.state_tensors(policy.trainable_names).items()}
+        ema = policy.ema_state() if whole and policy.ema is not None and (self.is_main or gather) else None
+        # the optimizer's states in the ddp layout; distributed=zero2|zero3 gathers them from every process
+        optimizer_state = policy.sharding.optimizer_state_dict(p.optimizer) \
+            if not p.sharded and (self.is_main or policy.sharding.owns_update) else None
         if p.sharded:  # every process writes its shards of the weights, the EMA and the optimizer's states
             from alignrl.training.sharding import SHARDED_DIR, save_sharded
 
@@ -123,8 +123,8 @@ class Checkpointer:
                 save_file(trainable, str(tmp / "trainable.safetensors"))
             if ema is not None:
                 save_file(ema, str(tmp / "ema.safetensors"))
-            if not p.sharded:
-                torch.save(_inner(p.optimizer).state_dict(), tmp / "optimizer.pt")
+            if optimizer_state is not None:
+                torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(p.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             if p.finetune == "lora":
                 policy.export_lora(tmp / "lora")
@@ -231,6 +231,9 @@ class Checkpointer:
         if policy.ema is not None and state.get("ema") is None:
             raise CheckpointError(f"{path} has no ema.safetensors: the run was trained with trainer.ema.enabled="
                                   f"false; continue it with trainer.ema.enabled=false")
+        if sharded and policy.sharding.owns_update:
+            raise CheckpointError(f"{path} was saved with distributed=fsdp (sharded states); resume it with "
+                                  f"distributed=fsdp, or from a ddp, zero2 or zero3 run's checkpoint")
         if sharded:  # weights, EMA and optimizer states read (resharded) when applied: a collective
             from alignrl.training.sharding import SHARDED_DIR
 
@@ -289,7 +292,7 @@ class Checkpointer:
                 raise CheckpointError(f"{loaded['sharded']} holds NaN/inf weights: resume from an earlier checkpoint "
                                       f"(resume=<run>/checkpoints/step_N)")
         else:
-            _inner(p.optimizer).load_state_dict(loaded["optimizer"])
+            p.policy.sharding.load_optimizer_state_dict(p.optimizer, loaded["optimizer"])
         p.lr_scheduler.load_state_dict(loaded["lr_scheduler"])
         p.batch_sampler.load_state_dict(state.get("prompt_sampler", state.get("sampler")))  # "sampler" before 12-2026
         p.planner.load_state_dict(state.get("planner", {}))

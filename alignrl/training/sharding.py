@@ -37,7 +37,7 @@ import torch
 
 from alignrl.errors import ConfigError
 
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")  # zero2|zero3: DeepSpeed ZeRO (alignrl/training/zero.py)
 DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # where each backbone family keeps its repeated blocks (the shard units), in forward order
 UNIT_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "down_blocks", "up_blocks")
@@ -54,6 +54,7 @@ class DistributedConfig:
     shard_reference: bool = True  # shard the frozen reference copy of a full fine-tune too (else every process holds it)
     gather_for_sampling: bool = True  # keep units gathered through a rollout / evaluation (see the module doc)
     whole_weights: bool = True  # checkpoints also hold trainable.safetensors / ema.safetensors (gathered to rank 0)
+    deepspeed: dict | None = None  # zero2|zero3: merged into the DeepSpeed engine's config (alignrl/training/zero.py)
 
     @classmethod
     def from_config(cls, cfg) -> "DistributedConfig":
@@ -66,8 +67,8 @@ class DistributedConfig:
             raise ConfigError(f"distributed.{unknown[0]} is not a setting; known: {', '.join(sorted(known))}")
         out = cls(**raw)
         if out.strategy not in STRATEGIES:
-            raise ConfigError(f"distributed.strategy='{out.strategy}' is not known; use distributed=ddp or "
-                              f"distributed=fsdp (DeepSpeed ZeRO is not built in)")
+            raise ConfigError(f"distributed.strategy='{out.strategy}' is not known; use distributed=ddp, fsdp, zero2 "
+                              f"or zero3")
         for key in ("param_dtype", "reduce_dtype"):
             if getattr(out, key) not in DTYPES:
                 raise ConfigError(f"distributed.{key}={getattr(out, key)} is not known; use null, fp32, bf16 or fp16")
@@ -84,24 +85,43 @@ class DistributedConfig:
 
 
 def check_strategy(settings: DistributedConfig, *, algorithm, finetune: str, text_encoder: str,
-                   mixed_precision: str) -> None:
-    """Refuse what the sharded path does not support, before any model loads."""
-    if not settings.sharded:
+                   mixed_precision: str, optimizer: str = "adamw") -> None:
+    """Refuse what the sharded paths (fsdp, zero2, zero3) do not support, before any model loads."""
+    name = settings.strategy
+    if name == "ddp":
         return
+    if name in ("zero2", "zero3"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"distributed={name} needs DeepSpeed, which is not installed; pip install "
+                              f"'alignrl[deepspeed]' (or use distributed=fsdp)")
+        if optimizer != "adamw":
+            raise ConfigError(f"distributed={name} keeps AdamW's states in DeepSpeed's partitions; "
+                              f"trainer.optimizer.name={optimizer} needs distributed=ddp or fsdp")
     if not getattr(algorithm, "supports_sharding", False):
-        raise ConfigError(f"distributed=fsdp needs every process to run as many forward/backward passes (every "
+        raise ConfigError(f"distributed={name} needs every process to run as many forward/backward passes (every "
                           f"shipped method pads to the largest count); algorithm {algorithm.name} does not declare "
                           f"supports_sharding = True: use distributed=ddp, or balance its passes with "
                           f"alignrl.algorithms.base.balanced_passes and declare it")
     if text_encoder != "frozen":
-        raise ConfigError(f"distributed=fsdp shards the denoiser only; trainer.text_encoder={text_encoder} needs "
+        raise ConfigError(f"distributed={name} shards the denoiser only; trainer.text_encoder={text_encoder} needs "
                           f"distributed=ddp (or trainer.text_encoder=frozen)")
     if mixed_precision == "fp16":
-        raise ConfigError("distributed=fsdp trains with fp32 or bf16 (fp16 loss scaling of sharded gradients is not "
-                          "supported); use trainer.mixed_precision=bf16")
+        raise ConfigError(f"distributed={name} trains with fp32 or bf16 (fp16 loss scaling of sharded gradients is "
+                          f"not supported); use trainer.mixed_precision=bf16")
     if finetune != "full":
-        raise ConfigError(f"distributed=fsdp shards full fine-tunes (the whole denoiser trains); a {finetune} run's "
+        raise ConfigError(f"distributed={name} shards full fine-tunes (the whole denoiser trains); a {finetune} run's "
                           f"trained weights are small: use distributed=ddp, or trainer.finetune=full")
+
+
+def make_sharding(settings: DistributedConfig, world: int, device: torch.device, mixed_precision: str = "no"):
+    """The run's sharding for ``distributed.strategy``: ``Sharding`` (ddp, fsdp) or ``ZeroSharding`` (zero2, zero3)."""
+    if settings.strategy in ("zero2", "zero3"):
+        from alignrl.training.zero import ZeroSharding
+
+        return ZeroSharding(settings, world, device, mixed_precision)
+    return Sharding(settings, world, device, mixed_precision)
 
 
 def shard_units(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -116,6 +136,11 @@ def shard_units(module: torch.nn.Module) -> list[torch.nn.Module]:
         if isinstance(block, torch.nn.Module):
             units.append(block)
     return units
+
+
+def _inner(optimizer):
+    """The torch optimizer inside accelerate's wrapper."""
+    return optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
 
 
 def _fsdp():
@@ -142,6 +167,32 @@ class Sharding:
         self.active = settings.sharded and self.world > 1
         self.modules: list[torch.nn.Module] = []  # the sharded roots (denoiser, reference)
         self._mesh = None
+
+    @property
+    def owns_update(self) -> bool:
+        """Whether the strategy runs the backward passes and the optimizer step itself (DeepSpeed's engine)."""
+        return False
+
+    def wrap(self, denoiser: torch.nn.Module, optimizer, max_grad_norm: float):
+        """The optimizer the loop steps (DeepSpeed's, built around the loop's; here the loop's own)."""
+        return optimizer
+
+    def local(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This process's part of each parameter (FSDP's DTensors are their own parts)."""
+        return list(params)
+
+    def trainable_state(self, names: list[str], params: list[torch.Tensor]) -> dict:
+        """The tensors whole and on the CPU, by name (every process must call it: sharded ones are gathered)."""
+        return {n: self.full(p).contiguous() for n, p in zip(names, params)}
+
+    @staticmethod
+    def optimizer_state_dict(optimizer) -> dict:
+        """The optimizer's ``state_dict()`` (the torch optimizer inside accelerate's wrapper)."""
+        return _inner(optimizer).state_dict()
+
+    @staticmethod
+    def load_optimizer_state_dict(optimizer, saved: dict) -> None:
+        _inner(optimizer).load_state_dict(saved)
 
     def describe(self) -> str:
         if not self.settings.sharded:
@@ -200,6 +251,15 @@ class Sharding:
                 m.reshard()  # every unit: the root's reshard() alone leaves the blocks gathered
                 m.set_reshard_after_forward(self.settings.reshard_after_forward, recurse=False)
 
+    @contextmanager
+    def weights(self, ema, params: list[torch.Tensor]):
+        """Sampling weights for the block: the EMA's (``ema``) swapped in, or the live ones (``ema=None``), gathered
+        once (every process enters it together)."""
+        from contextlib import nullcontext
+
+        with (ema.swapped() if ema is not None else nullcontext()), self.gathered():
+            yield
+
     # ------------------------------------------------------------------ collectives on parameters
     def balance(self, count: int) -> int:
         """The largest of the processes' pass counts (the count each pads to); ``count`` when not sharded."""
@@ -231,8 +291,9 @@ class Sharding:
         torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
         return float(total)
 
-    def full(self, t: torch.Tensor) -> torch.Tensor:
-        """The whole tensor on the CPU (an all-gather for a sharded one: every process must call it)."""
+    def full(self, t: torch.Tensor, param: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole tensor on the CPU (an all-gather for a sharded one: every process must call it); ``param``:
+        the parameter ``t`` is laid out as (``t`` itself here)."""
         t = t.detach()
         return (t.full_tensor() if _is_dtensor(t) else t).cpu()
 

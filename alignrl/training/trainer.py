@@ -39,7 +39,7 @@ from alignrl.training.distributed import Collectives
 from alignrl.training.eval_hook import EvalHook
 from alignrl.training.logging import MetricsLogger
 from alignrl.training.sampler import DatasetSampler, KRepeatPromptSampler, balance_strata
-from alignrl.training.sharding import DistributedConfig, Sharding, check_strategy
+from alignrl.training.sharding import DistributedConfig, check_strategy, make_sharding
 from alignrl.training.trainer_config import TrainerConfig
 from alignrl.trajectories import RecordedCollector, TrajectoryStore
 
@@ -146,8 +146,8 @@ class Trainer:
         self.finetune = tcfg.finetune
         self.distributed = DistributedConfig.from_config(cfg.get("distributed"))
         check_strategy(self.distributed, algorithm=self.algorithm, finetune=self.finetune,
-                       text_encoder=tcfg.text_encoder, mixed_precision=mp)
-        self.sharding = Sharding(self.distributed, self.world, self.device, mp)
+                       text_encoder=tcfg.text_encoder, mixed_precision=mp, optimizer=tcfg.optimizer.name)
+        self.sharding = make_sharding(self.distributed, self.world, self.device, mp)
         if tcfg.text_encoder != "frozen" and self.algorithm.needs_reference:
             raise ConfigError(f"trainer.text_encoder={tcfg.text_encoder} with a KL or reference term (algorithm "
                               f"{self.algorithm.name}) would need a frozen copy of the text encoder as reference; "
@@ -168,7 +168,11 @@ class Trainer:
             tcfg.lr_schedule, optimizer=self.optimizer, num_warmup_steps=tcfg.warmup_steps,
             num_training_steps=self.max_steps * tcfg.optimizer_steps_per_iteration,
         )
-        self.optimizer = acc.prepare_optimizer(self.optimizer)  # fp16 loss scaling when asked
+        if self.sharding.owns_update:  # distributed=zero2|zero3: DeepSpeed's engine around the optimizer
+            self.optimizer = self.policy.wrap_optimizer(self.optimizer, tcfg.max_grad_norm)
+            self.ema = self.policy.ema  # over this process's partitions with ZeRO-3
+        else:
+            self.optimizer = acc.prepare_optimizer(self.optimizer)  # fp16 loss scaling when asked
         if self.algorithm.rollout_weights == "ema" and self.ema is None:
             raise ConfigError(f"algorithm.old_policy=ema ({self.algorithm.name}) needs the EMA: set "
                               "trainer.ema.enabled=true, or algorithm.old_policy=sampling")
@@ -281,7 +285,8 @@ class Trainer:
             backbone=self.backbone, denoiser=self.denoiser, device=self.device, seed=self.seed,
             iteration=self.iteration, train_batch_size=self.layout["train_batch_size"],
             updates_per_iteration=self.layout["updates_per_iteration"], inner_epochs=tcfg.inner_epochs,
-            autocast=self.autocast, backward=self.accelerator.backward,
+            autocast=self.autocast,
+            backward=self.sharding.backward if self.sharding.owns_update else self.accelerator.backward,
             optimizer_step=lambda: self._optimizer_step(tcfg.max_grad_norm), all_reduce_sum=self.dist.all_reduce_sum,
             update_chunks=lambda global_index, epoch: self._update_chunks(
                 global_index, self.layout["updates_per_iteration"], epoch),
@@ -334,14 +339,17 @@ class Trainer:
         return chunks
 
     def _optimizer_step(self, max_norm: float) -> float:
-        if self.sharding.active:  # reduce-scattered (summed) in the backward passes already
+        if self.sharding.owns_update:  # DeepSpeed: reduce, clip, step and zero the gradients in one call
+            norm = self.sharding.step()
+        elif self.sharding.active:  # reduce-scattered (summed) in the backward passes already
             norm = self.sharding.clip_grad_norm(self.params, max_norm) if max_norm > 0 else 0.0
         else:
             self.dist.sum_gradients(self.params)  # sum of per-rank partial sums = the global mean over the chunk
             norm = self.accelerator.clip_grad_norm_(self.params, max_norm) if max_norm > 0 else torch.tensor(0.0)
-        self.optimizer.step()
+        if not self.sharding.owns_update:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
         if not self.policy.weights_finite():  # the same weights on every rank: all stop here together
             raise AlignError(
@@ -386,7 +394,7 @@ class Trainer:
             if self.is_main:
                 self.logger.write(
                     f"alignrl: {self.policy.describe()}; {self.world} process(es)"
-                    + (f", {self.sharding.describe()}" if self.distributed.sharded else "") + f"; run dir {self.run_dir}"
+                    + (f", {self.sharding.describe()}" if self.distributed.strategy != "ddp" else "") + f"; run dir {self.run_dir}"
                     + (f"; resumed from {self.resume_from}" if self.resume_from else "")
                 )
             if self.eval_hook and tcfg.eval_at_start and self.iteration == 0:
