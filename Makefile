@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 # The CPU wheel on these machines; on a GPU box set TORCH to the build you want (make TORCH=torch==2.13.0 ...).
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.alignrl-installed
+# DeepSpeed ships as a source package that builds against the torch above (hence --no-build-isolation)
+DEEPSPEED ?= deepspeed==0.19.8
 
 .PHONY: install run test bench clean
 
@@ -13,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"   # first, so nothing below pulls another torch build
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-build-isolation "$(DEEPSPEED)"   # distributed=zero2|zero3 (tests/test_zero.py)
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" >/dev/null   # its CPU op, built once now rather than in the first test
 	touch $(STAMP)
 
 install: $(STAMP)

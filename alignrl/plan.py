@@ -237,9 +237,14 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
     # sampling keeps the whole denoiser gathered (distributed.gather_for_sampling): a peak of its own, no activations
     sampling_peak = fixed + sharded_model + gather_bytes * P if dist.gather_for_sampling else 0.0
     if sampling_peak > total_sharded:
-        notes.append(f"sharded, sampling peaks higher than training: {sampling_peak / GiB:.1f} GiB with the whole "
-                     f"denoiser gathered in {gather} (distributed.gather_for_sampling)")
+        if dist.strategy not in ("zero2", "zero3"):
+            notes.append(f"sharded, sampling peaks higher than training: {sampling_peak / GiB:.1f} GiB with the whole "
+                         f"denoiser gathered in {gather} (distributed.gather_for_sampling)")
         total_sharded = sampling_peak
+    if dist.strategy in ("zero2", "zero3") and not lora:  # DeepSpeed's layout (alignrl/training/zero.py)
+        rows, total = _zero_rows(rows, dist.strategy, P, shards, per, dtype_bytes * P if needs_reference else 0.0,
+                                 4 * trainable if bool(t.ema.get("enabled", False)) else 0.0, units, notes)
+        return Estimate(rows, act_plain, act_ckpt, total, total_sharded, 0.9 * machine.gpu_memory_gb * GiB, notes)
     if sharded_run(cfg):  # the rows as this run holds them: the model's states divided over every GPU
         divided = ("denoiser full", "frozen reference", "EMA")  # the rows sharded_model divides
         rows = [(f"{label} / {shards}", value / shards) if label.startswith(divided) else (label, value)
@@ -249,10 +254,49 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
     return Estimate(rows, act_plain, act_ckpt, total, total_sharded, 0.9 * machine.gpu_memory_gb * GiB, notes)
 
 
+def _zero_rows(rows: list, strategy: str, P: float, shards: int, per: float, reference: float, ema: float,
+               units: float, notes: list) -> tuple[list, float]:
+    """A full fine-tune's rows under DeepSpeed ZeRO over ``shards`` GPUs: DeepSpeed keeps an fp32 master copy of
+    each partition beside the weights (4 B/param more); ZeRO-2 keeps the whole weights and the EMA in every process
+    and splits the gradients, Adam's moments and the master copy; ZeRO-3 splits all of them (and the EMA) and adds
+    the modules in flight. The KL reference stays whole in every process."""
+    fixed = rows[:2]
+    act = rows[-1]
+    if strategy == "zero2":
+        body = [("denoiser full: fp32 weights (whole in every process)", 4 * P),
+                (f"gradients, Adam's moments, fp32 master / {shards} ({per:.0f} B/param)",
+                 per * P / shards)]
+        if ema:
+            body.append(("EMA of the trainable weights (fp32, whole)", ema))
+    else:
+        body = [(f"denoiser full: fp32 weights, grads, Adam, fp32 master / {shards} ({per + 4:.0f} B/param)",
+                 (per + 4) * P / shards),
+                ("modules in flight (2 gathered blocks, 1 block's fp32 grads)", units)]
+        if ema:
+            body.append((f"EMA of the trainable weights (fp32) / {shards}", ema / shards))
+    if reference:
+        body.append(("frozen reference for the KL (a whole copy in every process)", reference))
+    out = fixed + body + [act]
+    total = sum(v for _, v in out)
+    if strategy == "zero3":  # sampling gathers the whole denoiser (fp32 weights) once per batch, no activations
+        sampling = total - act[1] - units + 4 * P
+        if sampling > total:
+            notes.append(f"zero3: sampling peaks higher than training: {sampling / GiB:.1f} GiB with the whole denoiser "
+                         f"gathered in fp32 (the total counts it; distributed=fsdp gathers in bf16)")
+            total = sampling
+    return out, total
+
+
 def _distributed(cfg: DictConfig):
     from alignrl.training.sharding import DistributedConfig
 
     return DistributedConfig.from_config(cfg.get("distributed"))
+
+
+def _zero(cfg: DictConfig) -> str | None:
+    """``zero2`` or ``zero3`` when the recipe is a full fine-tune under DeepSpeed ZeRO, else None."""
+    strategy = _distributed(cfg).strategy
+    return strategy if strategy in ("zero2", "zero3") and str(cfg.trainer.finetune) == "full" else None
 
 
 def sharded_run(cfg: DictConfig) -> bool:
@@ -303,6 +347,7 @@ def run(cfg: DictConfig) -> int:
     print(f"alignrl plan: {cfg.get('description') or name} on {machine.nodes} node(s) x {machine.gpus} GPU(s) "
           f"of {machine.gpu_memory_gb:g} GB; per GPU ("
           + (f"distributed=fsdp, sharded over {machine.gpus * machine.nodes})" if sharded_run(cfg)
+             else f"distributed={_zero(cfg)}, DeepSpeed over {machine.gpus * machine.nodes})" if _zero(cfg)
              else "data-parallel, no sharding)") + ":")
     width = max(len(r[0]) for r in est.rows)
     for label, value in est.rows:
@@ -311,7 +356,7 @@ def run(cfg: DictConfig) -> int:
           f"{'fits' if est.fits else 'does not fit'}")
     print(f"  activations per micro-batch: {_size(est.act_plain).strip()} without, {_size(est.act_ckpt).strip()} "
           f"with gradient checkpointing"
-          + ("" if sharded_run(cfg) else f"; fully sharded over {machine.gpus * machine.nodes} GPUs (distributed=fsdp) "
+          + ("" if sharded_run(cfg) or _zero(cfg) else f"; fully sharded over {machine.gpus * machine.nodes} GPUs (distributed=fsdp) "
                                          f"the total would be {_size(est.total_sharded).strip()}")
           + "; add 10-20% for transients")
     for n in est.notes:

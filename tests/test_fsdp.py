@@ -150,7 +150,7 @@ def _pixels(folder: Path) -> torch.Tensor:
 
 @pytest.mark.parametrize("overrides, says", [
     (["trainer.finetune=lora"], "distributed=fsdp shards full fine-tunes"),
-    (["distributed.strategy=zero3"], "distributed.strategy='zero3' is not known"),
+    (["distributed.strategy=zero1"], "distributed.strategy='zero1' is not known; use distributed=ddp, fsdp, zero2 or zero3"),
     (["distributed.param_dtype=int8"], "distributed.param_dtype=int8 is not known"),
 ])
 def test_unsupported_sharded_setups_fail_in_one_line(tmp_path, overrides, says):
