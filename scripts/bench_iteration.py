@@ -36,6 +36,7 @@ class Clock:
     def __init__(self, trainer):
         self.trainer = trainer
         self.total = 0.0
+        self.segments = 0  # model segments ended this iteration (each hands the caches back to the loop)
         self._start: list[float] = []
         cuda = trainer.device.type == "cuda"
         self.sync = (lambda: torch.cuda.synchronize()) if cuda else (lambda: None)
@@ -61,6 +62,7 @@ class Clock:
         if start is not None:
             self.sync()
             self.total += time.perf_counter() - start
+            self.segments += 1
 
     def _wrap(self, owner, name):
         fn = getattr(owner, name)
@@ -89,12 +91,47 @@ def build(recipe: str, run_dir: str, overrides: list[str]):
 
 
 def one_iteration(trainer, clock) -> dict:
-    clock.total = 0.0
+    clock.total, clock.segments = 0.0, 0
     m = trainer.run_iteration()
     trainer.iteration += 1
     it, wait = m["time/iteration"], m.get("time/reward_wait", 0.0)
     return {"iteration": it, "model": clock.total, "reward": wait, "overhead": it - clock.total - wait,
-            "rollout": m.get("time/rollout", 0.0), "update": m.get("time/update", 0.0)}
+            "rollout": m.get("time/rollout", 0.0), "update": m.get("time/update", 0.0), "segments": clock.segments}
+
+
+def first_op_after_model(trainer, reps: int = 30) -> dict:
+    """The loop's first small operation right after a model segment, against the same operation again at once
+    (median seconds): a gather of 8 latent rows, as the update loop makes, after the VAE decode, a denoiser
+    forward, and a forward and backward. The difference is paid once per model segment whatever the operation (the model's large
+    tensors evicted the caches the loop's code and data were in)."""
+    bb = trainer.backbone
+    lat = torch.randn(8, *bb.latent_shape(), device=trainer.device)
+    rows = torch.randn(160, *bb.latent_shape(), device=trainer.device)
+    idx = torch.randperm(160, device=trainer.device)[:8]
+    cond = bb.encode_prompts(["a photo"] * 8)
+    t = bb.make_schedule(8).timesteps[0]
+    def backward():
+        with torch.enable_grad():
+            bb.predict(lat, t, cond, 1.0).square().mean().backward()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    segments = {"VAE decode": lambda: bb.decode(lat),
+                "denoiser forward": lambda: bb.predict(lat, t, cond, 1.0),
+                "denoiser forward and backward": backward}
+    out = {}
+    with torch.no_grad():
+        for name, run in segments.items():
+            cold, warm = [], []
+            for _ in range(reps):
+                run()
+                a = time.perf_counter()
+                rows.index_select(0, idx)
+                b = time.perf_counter()
+                rows.index_select(0, idx)
+                warm.append(time.perf_counter() - b)
+                cold.append(b - a)
+            out[name] = (statistics.median(cold), statistics.median(warm))
+    return out
 
 
 def summary(rows: list[dict], key: str) -> tuple[float, float]:
@@ -145,6 +182,18 @@ def main():
         share = [x["overhead"] / x["iteration"] for x in r]
         print(f"    overhead share of the iteration: min {min(share):.2%}, median {statistics.median(share):.2%} "
               f"(target < 2%)")
+        segs = statistics.median(x["segments"] for x in r)
+        print(f"    model segments per iteration (median): {segs:g}")
+    t, _ = trainers["eager"]
+    probe = first_op_after_model(t)
+    for name, (cold, warm) in probe.items():
+        print(f"  first loop operation after a {name}: {cold * 1e6:.0f} us, the same again at once {warm * 1e6:.0f} us")
+    extra = statistics.median(cold - warm for cold, warm in probe.values())
+    segs = statistics.median(x["segments"] for x in rows["eager"])
+    med = statistics.median(x["iteration"] for x in rows["eager"])
+    print(f"  eager: {segs:g} model segments x {extra * 1e6:.0f} us = {segs * extra * 1000:.1f} ms of the overhead "
+          f"({segs * extra / med:.2%} of the median iteration) is the loop refilling the caches each model segment "
+          f"evicts; it moves with the number of segments, not with the loop's own operations")
     if args.compile:
         ratio = [c["iteration"] / e["iteration"] for e, c in zip(rows["eager"], rows["compiled"])]
         model = [c["model"] / e["model"] for e, c in zip(rows["eager"], rows["compiled"])]

@@ -65,6 +65,9 @@ class Conditioning:
             idx = torch.as_tensor(list(idx), dtype=torch.long)
         if isinstance(idx, torch.Tensor):
             idx = idx.to(next(iter(self.tensors.values())).device)
+            if idx.dtype != torch.bool:  # index_select: several times faster than v[idx] inside the loop (measured)
+                return Conditioning({k: v.index_select(0, idx.reshape(-1)) if idx.ndim <= 1 else v[idx]
+                                     for k, v in self.tensors.items()})
         return Conditioning({k: v[idx] for k, v in self.tensors.items()})
 
     def expand(self, batch_size: int) -> "Conditioning":
