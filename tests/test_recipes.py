@@ -342,8 +342,8 @@ GRADIENT_EXPECTED = {
                            base=TINY_G, steps=40, extra={"truncation_mean": 4.0, "truncation_std": 1.0}),
     "tiny_adjointdpm": grow("adjointdpm", lr=1e-3, T=6, cfg=1.0, loss="negative", groups=8, batches=(8, 8, 1),
                             base=TINY_G, steps=40, extra={"states": "reconstruct"}),
-    # ShapeWorld: 8-step ODE at guidance 3, 32 slots per iteration, full fine-tune at 1e-5, shapes_soft
-    **{f"shapes_{m}": grow(m, lr=1e-5, T=8, cfg=3.0, loss="negative", groups=32, batches=(32, 16, 1),
+    # ShapeWorld: 8-step ODE at guidance 3, 18 slots per iteration (3 a tag), full fine-tune at 1e-5, shapes_soft
+    **{f"shapes_{m}": grow(m, lr=1e-5, T=8, cfg=3.0, loss="negative", groups=18, batches=(18, 9, 1),
                            base={**SHAPES, "reward": ["shapes_geneval", "shapes_soft"]}, steps=1000000,
                            extra=e)
        for m, e in (("refl", {"refl_low": 5}), ("draft", {"last_k": 1}), ("draft_lv", {"lv_samples": 2}),
@@ -695,6 +695,8 @@ def test_every_recipe_builds_its_parts_and_has_valid_typed_settings(recipe):
     inspect.signature(get_method(spec.pop("_target_"))).bind(**spec, device="cpu")
     settings = TrainerConfig.from_config(c["trainer"])
     assert settings.max_steps >= 1 and settings.optimizer_steps_per_iteration >= 1
+    if recipe.startswith(("shapes_", "tiny_")):  # the built-in prompt sets: the prompt sampler as `train` builds it
+        _check_prompt_sampler(cfg, algorithm)
     dist = DistributedConfig.from_config(c["distributed"])
     if dist.sharded:  # else its run would stop at start
         check_strategy(dist, algorithm=algorithm, finetune=settings.finetune, text_encoder=settings.text_encoder,
@@ -704,6 +706,23 @@ def test_every_recipe_builds_its_parts_and_has_valid_typed_settings(recipe):
         assert dist.sharded, recipe
     if recipe.removesuffix("_lora") in SHARDED:
         assert dist.sharded == (not recipe.endswith("_lora")), recipe
+
+
+def _check_prompt_sampler(cfg, algorithm) -> None:
+    """The training prompts, the batch arithmetic over them and the prompt sampler with its balancing, as
+    ``alignrl train`` checks them before any model loads (an online method on its built-in prompts). The
+    ShapeWorld reward-gradient recipes once asked for 32 balanced prompts a tag where single_object has 3."""
+    from alignrl.algorithms.base import OFFLINE_KINDS
+    from alignrl.config import validate_batch_arithmetic
+    from alignrl.data import PromptSet
+    from alignrl.training.sampler import KRepeatPromptSampler, balance_strata
+
+    if algorithm.batch_kind in OFFLINE_KINDS or getattr(algorithm, "human_file", None):
+        return
+    prompts = PromptSet.load(cfg.data.train, "data.train")
+    validate_batch_arithmetic(cfg, 1, num_prompts=len(prompts))
+    KRepeatPromptSampler(num_prompts=len(prompts), groups_per_iteration=int(cfg.data.groups_per_iteration),
+                         group_size=int(algorithm.group_size), strata=balance_strata(prompts, cfg.data.get("balance")))
 
 
 SHARDED = {"dancegrpo_flux", "mixgrpo_flux", "mixgrpo_flash_flux", "branchgrpo_flux", "g2rpo_flux", "flowgrpo_wan21_14b"}
