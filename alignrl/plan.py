@@ -243,7 +243,8 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
         total_sharded = sampling_peak
     if dist.strategy in ("zero2", "zero3") and not lora:  # DeepSpeed's layout (alignrl/training/zero.py)
         rows, total = _zero_rows(rows, dist.strategy, P, shards, per, dtype_bytes * P if needs_reference else 0.0,
-                                 4 * trainable if bool(t.ema.get("enabled", False)) else 0.0, units, notes)
+                                 4 * trainable if bool(t.ema.get("enabled", False)) else 0.0,
+                                 3 * 4 * block, dist.deepspeed or {}, notes)  # ZeRO-3 gathers fp32 blocks
         return Estimate(rows, act_plain, act_ckpt, total, total_sharded, 0.9 * machine.gpu_memory_gb * GiB, notes)
     if sharded_run(cfg):  # the rows as this run holds them: the model's states divided over every GPU
         divided = ("denoiser full", "frozen reference", "EMA")  # the rows sharded_model divides
@@ -255,13 +256,23 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
 
 
 def _zero_rows(rows: list, strategy: str, P: float, shards: int, per: float, reference: float, ema: float,
-               units: float, notes: list) -> tuple[list, float]:
+               units: float, extra: dict, notes: list) -> tuple[list, float]:
     """A full fine-tune's rows under DeepSpeed ZeRO over ``shards`` GPUs: DeepSpeed keeps an fp32 master copy of
     each partition beside the weights (4 B/param more); ZeRO-2 keeps the whole weights and the EMA in every process
     and splits the gradients, Adam's moments and the master copy; ZeRO-3 splits all of them (and the EMA) and adds
-    the modules in flight. The KL reference stays whole in every process."""
+    the modules in flight (two gathered fp32 blocks and one block's fp32 gradients). The KL reference stays whole
+    in every process. DeepSpeed's communication buckets (fp32; its defaults, or ``distributed.deepspeed``'s
+    ``zero_optimization`` sizes) count too."""
     fixed = rows[:2]
     act = rows[-1]
+    zo = dict(extra.get("zero_optimization") or {})
+    reduce_b = float(zo.get("reduce_bucket_size", 5e8))
+    if strategy == "zero2":
+        buckets = ("DeepSpeed buckets: reduce + all-gather (fp32)",
+                   4 * (reduce_b + float(zo.get("allgather_bucket_size", 5e8))))
+    else:
+        buckets = ("DeepSpeed buckets: reduce + prefetch (fp32)",
+                   4 * (reduce_b + float(zo.get("stage3_prefetch_bucket_size", 5e7))))
     if strategy == "zero2":
         body = [("denoiser full: fp32 weights (whole in every process)", 4 * P),
                 (f"gradients, Adam's moments, fp32 master / {shards} ({per:.0f} B/param)",
@@ -276,10 +287,11 @@ def _zero_rows(rows: list, strategy: str, P: float, shards: int, per: float, ref
             body.append((f"EMA of the trainable weights (fp32) / {shards}", ema / shards))
     if reference:
         body.append(("frozen reference for the KL (a whole copy in every process)", reference))
+    body.append(buckets)
     out = fixed + body + [act]
     total = sum(v for _, v in out)
     if strategy == "zero3":  # sampling gathers the whole denoiser (fp32 weights) once per batch, no activations
-        sampling = total - act[1] - units + 4 * P
+        sampling = total - act[1] - units - buckets[1] + 4 * P
         if sampling > total:
             notes.append(f"zero3: sampling peaks higher than training: {sampling / GiB:.1f} GiB with the whole denoiser "
                          f"gathered in fp32 (the total counts it; distributed=fsdp gathers in bf16)")

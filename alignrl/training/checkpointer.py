@@ -108,7 +108,7 @@ class Checkpointer:
         tmp = writer.tmp_dir(step)
         policy = p.policy
         whole = not p.sharded or p.whole_weights
-        gather = whole and policy.sharding.active  # sharded tensors are gathered by every process, written by rank 0
+        gather = whole and policy.sharding.gathers  # sharded tensors are gathered by every process, written by rank 0
         trainable = policy.trainable_state() if whole and (self.is_main or gather) else None
         ema = policy.ema_state() if whole and policy.ema is not None and (self.is_main or gather) else None
         # the optimizer's states in the ddp layout; distributed=zero2|zero3 gathers them from every process
@@ -271,7 +271,7 @@ class Checkpointer:
         if sharded:
             return loaded
         read("trainable.safetensors", policy.load_trainable)
-        if not policy.weights_finite():
+        if not policy.weights_finite(local_only=True):  # no collective here: load() agrees on the outcome
             raise CheckpointError(f"{path / 'trainable.safetensors'} holds NaN/inf weights: resume from an earlier "
                                   f"checkpoint (resume=<run>/checkpoints/step_N)")
         return loaded

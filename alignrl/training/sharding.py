@@ -173,6 +173,11 @@ class Sharding:
         """Whether the strategy runs the backward passes and the optimizer step itself (DeepSpeed's engine)."""
         return False
 
+    @property
+    def gathers(self) -> bool:
+        """Whether whole weights are gathered from every process's shards (checkpoints: every process calls)."""
+        return self.active
+
     def wrap(self, denoiser: torch.nn.Module, optimizer, max_grad_norm: float):
         """The optimizer the loop steps (DeepSpeed's, built around the loop's; here the loop's own)."""
         return optimizer
@@ -269,12 +274,13 @@ class Sharding:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return int(t.item())
 
-    def all_finite(self, tensors: list[torch.Tensor]) -> bool:
-        """Whether every process's part of every tensor has a finite L2 norm (one fused norm, one reduce)."""
+    def all_finite(self, tensors: list[torch.Tensor], local_only: bool = False) -> bool:
+        """Whether every process's part of every tensor has a finite L2 norm (one fused norm, one reduce; with
+        ``local_only`` this process's part, no collective)."""
         with torch.no_grad():
             local = [t.to_local() for t in tensors] if self.active else tensors  # sharded: every trainable is a DTensor
             ok = bool(torch.stack(torch._foreach_norm(local, 2.0)).isfinite().all()) if local else True
-        if not self.active:
+        if not self.active or local_only:
             return ok
         flag = torch.tensor([0 if ok else 1], dtype=torch.long, device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)

@@ -10,6 +10,8 @@ and N processes give the result one process would with the same global batch.
 
 from __future__ import annotations
 
+import math
+
 import os
 import time
 from contextlib import nullcontext
@@ -341,6 +343,12 @@ class Trainer:
     def _optimizer_step(self, max_norm: float) -> float:
         if self.sharding.owns_update:  # DeepSpeed: reduce, clip, step and zero the gradients in one call
             norm = self.sharding.step()
+            if not math.isfinite(norm):  # DeepSpeed skipped the step; the weights stay finite
+                raise AlignError(
+                    f"the update diverged: the gradients are not finite (NaN/inf) at optimizer step "
+                    f"{self.optimizer_steps + 1} (iteration {self.iteration + 1}), so DeepSpeed skipped it and the run "
+                    f"stops; lower algorithm.lr (now {float(self.algorithm.lr):g}) or trainer.max_grad_norm and "
+                    f"resume from the last checkpoint (resume=auto)")
         elif self.sharding.active:  # reduce-scattered (summed) in the backward passes already
             norm = self.sharding.clip_grad_norm(self.params, max_norm) if max_norm > 0 else 0.0
         else:

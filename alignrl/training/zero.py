@@ -96,7 +96,12 @@ class ZeroSharding(Sharding):
     def describe(self) -> str:
         if not self.active:
             return f"{self.settings.strategy} (1 process: nothing to split)"
-        return f"deepspeed zero-{self.stage} over {self.world} processes"
+        out = f"deepspeed zero-{self.stage} over {self.world} processes"
+        if self.partitioned and self.denoiser is not None:  # DeepSpeed keeps small weights whole (persistence)
+            params = list(self.denoiser.parameters())
+            whole = sum(bool(getattr(p, "ds_persist", False)) for p in params)
+            out += f" ({whole} of {len(params)} weight tensors kept whole)"
+        return out
 
     def shard(self, module: torch.nn.Module) -> torch.nn.Module:
         return module  # the engine is built in wrap(), around the optimizer
@@ -134,7 +139,9 @@ class ZeroSharding(Sharding):
         self.engine.backward(loss * self.world)  # DeepSpeed averages over processes; the loop's losses sum
 
     def step(self) -> float:
-        """Reduce, clip, step the optimizer, zero the gradients; the gradient norm before clipping."""
+        """Reduce, clip, step the optimizer, zero the gradients; the gradient norm before clipping. DeepSpeed skips
+        the step when the norm is not finite (the weights stay finite): the caller treats that as the divergence
+        the other strategies detect in the weights."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
@@ -142,13 +149,15 @@ class ZeroSharding(Sharding):
     # ------------------------------------------------------------------ sampling
     @contextmanager
     def gathered(self):
-        """ZeRO-3: every weight of the denoiser gathered for the block (sampling runs no collective per forward)."""
+        """ZeRO-3: every weight of the denoiser gathered for the block, with ZeRO-3's per-module hooks taken off
+        (they would free each module's weights after its forward and gather them again in the next: a collective
+        per forward, which processes sampling different numbers of images cannot all reach); put back on exit."""
         if not self.partitioned:
             yield
             return
-        import deepspeed
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-        with deepspeed.zero.GatheredParameters(list(self.denoiser.parameters()), modifier_rank=None):
+        with unwrap_model_for_generation(self.engine):
             yield
 
     @contextmanager
@@ -164,38 +173,54 @@ class ZeroSharding(Sharding):
             if ema is None:
                 yield
                 return
-            whole = [self.full(s, p).to(p.device, p.dtype) for s, p in zip(ema.shadow, params)]
-            backup = [p.detach().clone() for p in params]
+            # the live weights stay in the partitions (ds_tensor), which the gathered copies are freed back to on
+            # exit; only the small parameters ZeRO-3 keeps whole need their live values put back
+            backup = {i: p.detach().clone() for i, p in enumerate(params) if getattr(p, "ds_persist", False)}
             with torch.no_grad():
-                for p, w in zip(params, whole):
-                    p.copy_(w)
+                for s, p in zip(ema.shadow, params):
+                    p.copy_(self._gather_flat(s, p.device)[:p.ds_numel].view_as(p))
             try:
                 yield
             finally:
                 with torch.no_grad():
-                    for p, b in zip(params, backup):
-                        p.copy_(b)
+                    for i, b in backup.items():
+                        params[i].copy_(b)
 
     # ------------------------------------------------------------------ collectives on parameters
-    def all_finite(self, tensors: list[torch.Tensor]) -> bool:
-        """Whether every process's part of every tensor has a finite L2 norm (one fused norm, one reduce)."""
+    @property
+    def gathers(self) -> bool:
+        return self.partitioned  # ZeRO-2 keeps the whole weights in every process
+
+    def all_finite(self, tensors: list[torch.Tensor], local_only: bool = False) -> bool:
+        """Whether every process's part of every tensor has a finite L2 norm (one fused norm, one reduce; with
+        ``local_only`` this process's part, no collective)."""
         local = [t for t in self.local(tensors) if t.numel()]
         with torch.no_grad():
             ok = bool(torch.stack(torch._foreach_norm(local, 2.0)).isfinite().all()) if local else True
-        if not self.active:
+        if not self.active or local_only:
             return ok
         flag = torch.tensor([0 if ok else 1], dtype=torch.long, device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return not bool(flag.item())
 
+    def _gather_flat(self, part: torch.Tensor, device) -> torch.Tensor:
+        """Every process's ``part`` (a ZeRO-3 partition: equal sizes, the last padded) in rank order, flat, on
+        ``device`` (every process must call it)."""
+        out = torch.empty(part.numel() * self.world, dtype=part.dtype, device=self.device)
+        torch.distributed.all_gather_into_tensor(out, part.detach().reshape(-1).to(self.device).contiguous())
+        return out.to(device)
+
     def full(self, t: torch.Tensor, param: torch.Tensor | None = None) -> torch.Tensor:
         """The whole tensor on the CPU. ZeRO-3: ``t`` is a partition of ``param`` (its ``ds_tensor`` or an EMA
-        shadow of it), all-gathered (every process must call it)."""
+        shadow of it), all-gathered (every process must call it); only the main process keeps it (the others get
+        an empty tensor: checkpoints are written by the main process, and a 12B model's whole weights in every
+        process's host memory would not fit)."""
         if not self.partitioned or param is None:
             return t.detach().cpu()
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        torch.distributed.all_gather(parts, t.detach().contiguous())
-        return torch.cat(parts)[:param.ds_numel].view(param.ds_shape).cpu()
+        flat = self._gather_flat(t, self.device)
+        if self.rank != 0:
+            return torch.empty(0)
+        return flat[:param.ds_numel].view(param.ds_shape).cpu()
 
     def like(self, full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``full`` as ``target`` holds it: this process's ZeRO-3 partition when ``target`` is one."""
@@ -216,7 +241,7 @@ class ZeroSharding(Sharding):
 
     def load_weights(self, tensors: dict, names: list[str], params: list[torch.Tensor], path) -> None:
         """Whole weights (a checkpoint's ``path``) into the live parameters and DeepSpeed's fp32 master copies."""
-        from deepspeed.utils import safe_set_full_fp32_param
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
 
         from alignrl.errors import CheckpointError
 
@@ -228,19 +253,22 @@ class ZeroSharding(Sharding):
         with torch.no_grad():
             for n, p in zip(names, params):
                 full = tensors[n]
-                if self.partitioned:
-                    p.ds_tensor.copy_(self.like(full.to(p.ds_tensor.device, p.ds_tensor.dtype), p.ds_tensor))
+                if self.partitioned:  # this process's part (padded), into the partition and its fp32 master
+                    part = self.like(full.to(p.ds_tensor.device, p.ds_tensor.dtype), p.ds_tensor)
+                    p.ds_tensor.copy_(part)
+                    safe_set_local_fp32_param(p, part.to(self.device, torch.float32).reshape(-1))
                     if p.numel() == p.ds_numel:  # a small parameter ZeRO-3 keeps whole between forwards
                         p.copy_(full)
                 else:
                     p.copy_(full)
-                safe_set_full_fp32_param(p, full.to(self.device, torch.float32))
+                    safe_set_full_fp32_param(p, full.to(self.device, torch.float32))
 
     def optimizer_state_dict(self, optimizer) -> dict:
         """The optimizer's states as a plain torch AdamW's ``state_dict()`` over the original parameters (every
         process must call it: the partitions are gathered)."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
+        keep = self.rank == 0  # every process takes part in the gathers; the main process writes the file
         inner = optimizer.optimizer  # the loop's AdamW, its groups now over DeepSpeed's flat partitions
         steps = [s.get("step") for s in inner.state.values() if "step" in s]
         state, groups, index = {}, [], 0
@@ -250,9 +278,12 @@ class ZeroSharding(Sharding):
                 if steps:
                     entry = {"step": steps[0].detach().clone().cpu() if torch.is_tensor(steps[0]) else steps[0]}
                     for key in ADAM_STATES:
-                        entry[key] = safe_get_full_optimizer_state(p, key).detach().reshape(p.ds_shape if self.partitioned
-                                                                                            else p.shape).cpu()
-                    state[index] = entry
+                        value = safe_get_full_optimizer_state(p, key)  # a collective
+                        if keep:
+                            entry[key] = value.detach().reshape(p.ds_shape if self.partitioned else p.shape).cpu()
+                        del value
+                    if keep:
+                        state[index] = entry
                 ids.append(index)
                 index += 1
             groups.append({k: v for k, v in group.items() if k != "params"} | {"params": ids})
@@ -277,7 +308,7 @@ class ZeroSharding(Sharding):
 
     def load_optimizer_state_dict(self, optimizer, saved: dict) -> None:
         """A plain AdamW ``state_dict()`` (from any strategy and process count) into DeepSpeed's partitions."""
-        from deepspeed.utils import safe_set_full_optimizer_state
+        from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
 
         inner = optimizer.optimizer
         self._init_states(optimizer)
@@ -296,9 +327,11 @@ class ZeroSharding(Sharding):
                     continue
                 step = entry["step"]
                 for key in ADAM_STATES:
-                    safe_set_full_optimizer_state(p, entry[key].to(self.device, torch.float32).reshape(-1)
-                                                  if self.partitioned else entry[key].to(self.device, torch.float32),
-                                                  key)
+                    value = entry[key].to(self.device, torch.float32)
+                    if self.partitioned:  # this process's part (padded), as load_weights
+                        safe_set_local_optimizer_state(p, self.like(value, p.ds_tensor).reshape(-1), key)
+                    else:
+                        safe_set_full_optimizer_state(p, value, key)
         if step is not None:
             for s in inner.state.values():
                 if "step" in s:
