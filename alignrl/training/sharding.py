@@ -183,8 +183,8 @@ class Sharding:
         return optimizer
 
     def local(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """This process's part of each parameter (FSDP's DTensors are their own parts)."""
-        return list(params)
+        """This process's part of each parameter: a sharded DTensor's local shard, else the parameter."""
+        return [t.to_local() for t in params] if self.active else list(params)
 
     def trainable_state(self, names: list[str], params: list[torch.Tensor]) -> dict:
         """The tensors whole and on the CPU, by name (every process must call it: sharded ones are gathered)."""
@@ -278,7 +278,7 @@ class Sharding:
         """Whether every process's part of every tensor has a finite L2 norm (one fused norm, one reduce; with
         ``local_only`` this process's part, no collective)."""
         with torch.no_grad():
-            local = [t.to_local() for t in tensors] if self.active else tensors  # sharded: every trainable is a DTensor
+            local = [t for t in self.local(tensors) if t.numel()]
             ok = bool(torch.stack(torch._foreach_norm(local, 2.0)).isfinite().all()) if local else True
         if not self.active or local_only:
             return ok

@@ -85,8 +85,7 @@ class ZeroSharding(Sharding):
         super().__init__(settings, world, device, mixed_precision)
         self.stage = ZERO_STAGES[settings.strategy]
         self.active = self.world > 1
-        self.engine = None
-        self.denoiser = None
+        self.engine = None  # DeepSpeed's engine (its ``module`` is the denoiser), once wrap() ran
         self.param_groups: list[list[torch.nn.Parameter]] = []  # the optimizer's groups before DeepSpeed flattens them
 
     @property
@@ -97,8 +96,8 @@ class ZeroSharding(Sharding):
         if not self.active:
             return f"{self.settings.strategy} (1 process: nothing to split)"
         out = f"deepspeed zero-{self.stage} over {self.world} processes"
-        if self.partitioned and self.denoiser is not None:  # DeepSpeed keeps small weights whole (persistence)
-            params = list(self.denoiser.parameters())
+        if self.partitioned and self.engine is not None:  # DeepSpeed keeps small weights whole (persistence)
+            params = list(self.engine.module.parameters())
             whole = sum(bool(getattr(p, "ds_persist", False)) for p in params)
             out += f" ({whole} of {len(params)} weight tensors kept whole)"
         return out
@@ -123,7 +122,7 @@ class ZeroSharding(Sharding):
         config = deepspeed_config(self.stage, max_grad_norm, self.settings.deepspeed)
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=denoiser, optimizer=optimizer, config=config,
                                                           dist_init_required=False)
-        self.engine, self.denoiser = engine, denoiser
+        self.engine = engine
         # the loop calls the denoiser, not the engine: what the engine does before each forward (a new pass's
         # gradients are added to, not taken for another phase of the previous backward) is done here
         denoiser.register_forward_pre_hook(lambda *_: ds_optimizer.clear_backward_seen_flag())
@@ -190,18 +189,6 @@ class ZeroSharding(Sharding):
     @property
     def gathers(self) -> bool:
         return self.partitioned  # ZeRO-2 keeps the whole weights in every process
-
-    def all_finite(self, tensors: list[torch.Tensor], local_only: bool = False) -> bool:
-        """Whether every process's part of every tensor has a finite L2 norm (one fused norm, one reduce; with
-        ``local_only`` this process's part, no collective)."""
-        local = [t for t in self.local(tensors) if t.numel()]
-        with torch.no_grad():
-            ok = bool(torch.stack(torch._foreach_norm(local, 2.0)).isfinite().all()) if local else True
-        if not self.active or local_only:
-            return ok
-        flag = torch.tensor([0 if ok else 1], dtype=torch.long, device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return not bool(flag.item())
 
     def _gather_flat(self, part: torch.Tensor, device) -> torch.Tensor:
         """Every process's ``part`` (a ZeRO-3 partition: equal sizes, the last padded) in rank order, flat, on
