@@ -2,7 +2,8 @@
 default recipe as a full fine-tune with its KL reference, the EMA, gradient checkpointing and an evaluation whose 3
 prompts split unevenly over the processes. ZeRO-2 and ZeRO-3 give the same run; ZeRO-3 resumes bit for bit from its
 checkpoint; a ZeRO checkpoint (the ddp layout) resumes onto 1 plain process, which then trains the next iteration as
-the 2 ZeRO processes did (the check that ZeRO's update is ddp's: sums over processes, every pass accumulated)."""
+the 2 ZeRO processes did (the check that ZeRO's update is ddp's: sums over processes, every pass accumulated), and onto
+3 ZeRO-3 processes with padded partitions and DeepSpeed's offload, which train it alike too."""
 
 import json
 import os
@@ -23,10 +24,14 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="DeepSpeed is not installed (make install installs it; pip install -e . does not)")
 
 
+# 3 groups of 4: 12 samples split over 1, 2 and 3 processes (passes of 1 sample: 6 and 4 per process divide)
+ZARGS = [*ARGS, "data.groups_per_iteration=3", "trainer.train_batch_size=1"]
+
+
 def _launch(*args, cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **ONE_THREAD)
     exe = str(Path(sys.executable).with_name("alignrl"))
-    return subprocess.Popen([exe, "train", *ARGS, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([exe, "train", *ZARGS, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -39,6 +44,11 @@ def _wait(proc: subprocess.Popen) -> str:
 # every ZeRO-3 weight partitioned (DeepSpeed keeps parameters under 1e5 elements whole by default, which on the
 # tiny model would be all of them): sampling, EMA swaps, checkpoints and resume go through the partitions
 ZERO3 = ["distributed=zero3", "distributed.deepspeed={zero_optimization:{stage3_param_persistence_threshold:0}}"]
+# on 3 processes no weight's size divides by the process count, so the last partitions are padded; with the
+# optimizer's states and the weights offloaded to the host (DeepSpeed's offload on the loop's own AdamW)
+UNEVEN = ["distributed=zero3", "launcher.nproc_per_node=3",
+          "distributed.deepspeed={zero_optimization:{stage3_param_persistence_threshold:0,"
+          "offload_param:{device:cpu},offload_optimizer:{device:cpu}}}"]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +64,9 @@ def runs(tmp_path_factory):
     resumed = _launch(f"run_dir={root / 'resumed'}", *ZERO3, "launcher.nproc_per_node=2",
                       f"resume={root / 'zero3' / 'checkpoints' / 'step_000001'}", cwd=root)
     _wait(one), _wait(resumed)
+    # the same checkpoint onto 3 ZeRO-3 processes with padded partitions and offload
+    _wait(_launch(f"run_dir={root / 'uneven'}", *UNEVEN, f"resume={root / 'zero2' / 'checkpoints' / 'step_000001'}",
+                  cwd=root))
     return root
 
 
@@ -82,17 +95,16 @@ def test_zero_runs_checkpoint_in_the_ddp_layout(runs):
 
 
 def test_zero2_and_zero3_train_alike(runs):
-    """The same update whether the weights are whole (ZeRO-2) or split (ZeRO-3) in every process, up to the order
-    gradients are summed in (measured 2e-6 each against ddp); the evaluation samples with the EMA weights gathered
-    (before the ZeRO-3 weights were swapped in whole, its small parameters kept their live values: off by 0.017)."""
+    """The same first iteration whether the weights are whole (ZeRO-2) or split (ZeRO-3) in every process, up to the
+    order gradients are summed in (Adam's first step, about lr x sign(g), magnifies that for near-zero gradients:
+    measured 1.1e-5 with 3 passes per process and update, 2e-6 with 2). The second iteration is compared from one
+    checkpoint below: from here on JPEG sizes, a step function of the pixels, can tell the two runs apart."""
     for name in ("trainable", "ema"):
-        assert _max_diff(_weights(runs / "zero2", 2, name), _weights(runs / "zero3", 2, name)) < 1e-5, name
-    a, b = _metrics(runs / "zero2"), _metrics(runs / "zero3")
-    for x, y in zip(a, b):
-        assert x["reward_mean"] == y["reward_mean"]
-        for key in ("policy_loss", "kl", "grad_norm"):
-            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-9), key
-    assert a[-1]["eval/reward_mean"] == pytest.approx(b[-1]["eval/reward_mean"], abs=1e-3)
+        assert _max_diff(_weights(runs / "zero2", 1, name), _weights(runs / "zero3", 1, name)) < 5e-5, name
+    x, y = _metrics(runs / "zero2")[0], _metrics(runs / "zero3")[0]
+    assert x["step"] == y["step"] == 1 and x["reward_mean"] == y["reward_mean"]
+    for key in ("policy_loss", "kl", "grad_norm"):
+        assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-9), key
 
 
 def test_zero3_resumes_bit_for_bit(runs):
@@ -120,6 +132,30 @@ def test_a_zero_checkpoint_resumes_onto_one_plain_process(runs):
     for name in ("trainable", "ema"):
         assert _max_diff(_weights(zero, 2, name), _weights(one, 2, name)) < 1e-5, name
     assert _max_diff(_weights(zero, 1), _weights(one, 2)) > 1e-3  # it did train on
+
+
+def test_zero3_with_padded_partitions_and_offload_resumes_and_trains_as_one_process(runs):
+    """A ZeRO-2 checkpoint resumed onto 3 ZeRO-3 processes (every weight's size leaves the last partition padded)
+    with the weights and the optimizer's states offloaded to the host: the second iteration samples what 1 ddp
+    process samples from the same checkpoint and trains to the same weights up to the order of a 3-way sum. (Such
+    a run once stopped as diverged: the finiteness check read the padding, unset memory; it is NaN only at times,
+    so the unit test below pins that down.)"""
+    uneven, one = runs / "uneven", runs / "onto_one"
+    log = (uneven / "alignrl.log").read_text()
+    assert "3 process(es), deepspeed zero-3 over 3 processes (0 of 66 weight tensors kept whole)" in log
+    assert "resumed from" in log
+    a, b = _metrics(one)[-1], _metrics(uneven)[-1]
+    assert a["step"] == b["step"] == 2 and a["reward_mean"] == b["reward_mean"]
+    for key in ("policy_loss", "kl", "grad_norm"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-9), key
+    for name in ("trainable", "ema"):  # measured 7e-7
+        assert _max_diff(_weights(one, 2, name), _weights(uneven, 2, name)) < 1e-5, name
+    # the evaluation samples with the EMA weights gathered from padded partitions (before ZeRO-3's weights were
+    # swapped in whole, its small parameters kept their live values: off by 0.017)
+    assert a["eval/reward_mean"] == pytest.approx(b["eval/reward_mean"], abs=1e-3)
+    saved = torch.load(uneven / "checkpoints" / "step_000002" / "optimizer.pt", weights_only=True)
+    assert sorted(tuple(s["exp_avg"].shape) for s in saved["state"].values()) == \
+        sorted(tuple(t.shape) for t in _weights(uneven, 2).values())
 
 
 @pytest.mark.parametrize("overrides, says", [
@@ -177,3 +213,26 @@ def test_plan_counts_deepspeeds_layout():
     training3 = sum(rows["zero3"].values())
     assert est["zero3"].total > training3 and any("gathered in fp32" in n for n in est["zero3"].notes)
     assert est["zero2"].total > est["fsdp"].total and not est["zero2"].fits and est["fsdp"].fits
+
+
+def test_finiteness_check_reads_a_padded_partition_without_its_padding(monkeypatch):
+    """ZeRO-3 pads the last partitions of a weight whose size does not divide by the process count with unset
+    memory; the divergence check reads each partition's own elements only (with the padding read, a 3-process run
+    stopped as diverged after its first step, though its weights were finite)."""
+    from types import SimpleNamespace
+
+    from alignrl.training.sharding import DistributedConfig
+    from alignrl.training.zero import ZeroSharding
+
+    sharding = ZeroSharding(DistributedConfig(strategy="zero3"), world=3, device=torch.device("cpu"))
+    monkeypatch.setattr(ZeroSharding, "rank", property(lambda self: 2))
+    # 8 elements over 3 processes: partitions of 3, the last holds elements 6 and 7 and one padding slot
+    param = SimpleNamespace(ds_numel=8, ds_tensor=torch.tensor([1.0, 2.0, float("nan")]))
+    assert [t.tolist() for t in sharding.local([param], padded=False)] == [[1.0, 2.0]]
+    assert sharding.local([param])[0] is param.ds_tensor  # gathers need the equal, padded sizes
+    assert sharding.all_finite([param], local_only=True)
+    param.ds_tensor[1] = float("inf")
+    assert not sharding.all_finite([param], local_only=True)
+    monkeypatch.setattr(ZeroSharding, "rank", property(lambda self: 0))  # a whole partition, no padding
+    param.ds_tensor = torch.tensor([1.0, 2.0, 3.0])
+    assert [t.tolist() for t in sharding.local([param], padded=False)] == [[1.0, 2.0, 3.0]]

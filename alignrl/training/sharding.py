@@ -182,8 +182,10 @@ class Sharding:
         """The optimizer the loop steps (DeepSpeed's, built around the loop's; here the loop's own)."""
         return optimizer
 
-    def local(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """This process's part of each parameter: a sharded DTensor's local shard, else the parameter."""
+    def local(self, params: list[torch.Tensor], padded: bool = True) -> list[torch.Tensor]:
+        """This process's part of each parameter: a sharded DTensor's local shard, else the parameter. ``padded``:
+        keep a partition's padding (ZeRO-3's partitions are equal in size, the last ones padded with unset memory:
+        gathers need it, checks must skip it); FSDP's local shards carry none."""
         return [t.to_local() for t in params] if self.active else list(params)
 
     def trainable_state(self, names: list[str], params: list[torch.Tensor]) -> dict:
@@ -278,7 +280,7 @@ class Sharding:
         """Whether every process's part of every tensor has a finite L2 norm (one fused norm, one reduce; with
         ``local_only`` this process's part, no collective)."""
         with torch.no_grad():
-            local = [t for t in self.local(tensors) if t.numel()]
+            local = [t for t in self.local(tensors, padded=False) if t.numel()]
             ok = bool(torch.stack(torch._foreach_norm(local, 2.0)).isfinite().all()) if local else True
         if not self.active or local_only:
             return ok

@@ -63,6 +63,9 @@ def deepspeed_config(stage: int, max_grad_norm: float, extra: dict | None = None
         "gradient_clipping": float(max_grad_norm),
         "zero_optimization": {"stage": stage, "overlap_comm": False, "contiguous_gradients": True},
         "zero_allow_untested_optimizer": True,  # the loop's own torch AdamW
+        # offload_optimizer steps the loop's AdamW on the host copy (DeepSpeedCPUAdam is not used: its states
+        # would leave the checkpoint's plain AdamW layout)
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2 ** 62,
         "wall_clock_breakdown": False,
     }
@@ -128,9 +131,19 @@ class ZeroSharding(Sharding):
         denoiser.register_forward_pre_hook(lambda *_: ds_optimizer.clear_backward_seen_flag())
         return ds_optimizer
 
-    def local(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """This process's part of each parameter: its ZeRO-3 partition, else the parameter."""
-        return [p.ds_tensor for p in params] if self.partitioned else list(params)
+    def local(self, params: list[torch.Tensor], padded: bool = True) -> list[torch.Tensor]:
+        """This process's part of each parameter: its ZeRO-3 partition, else the parameter. A size that does not
+        divide by the process count leaves the last partitions padded with unset memory (NaN at times: a finiteness
+        check over it failed on 3 processes, measured); ``padded=False`` leaves the padding out."""
+        if not self.partitioned:
+            return list(params)
+        if padded:
+            return [p.ds_tensor for p in params]
+        out = []
+        for p in params:
+            size = p.ds_tensor.numel()
+            out.append(p.ds_tensor.narrow(0, 0, max(0, min(size, p.ds_numel - self.rank * size))))
+        return out
 
     # ------------------------------------------------------------------ the update
     def backward(self, loss: torch.Tensor) -> None:
