@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""How well ``shapes_soft`` (the judge's differentiable surrogate) tracks the exact judge on the model's own
-samples: the shipped ShapeWorld model samples each eval prompt (20-step ODE, guidance 3, the arena's setting),
-both rewards score every image against its prompt, and the Pearson and Spearman correlations of the surrogate
-with the exact partial credit are printed, overall and per tag.
+"""How well the judge's differentiable surrogates (``shapes_soft``: colour masks; ``shapes_seg``: the segmenter
+distilled from the judge) track the exact judge on the model's own samples: the shipped ShapeWorld model samples
+each eval prompt (20-step ODE, guidance 3, the arena's setting), the rewards score every image against its prompt,
+and the Pearson and Spearman correlations of each surrogate with the exact partial credit are printed, overall and
+per tag.
 
     python scripts/check_shapes_soft.py --split held_out --images 2
 """
@@ -20,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from alignrl.rewards.shapes import ShapesGenEval, ShapesSoft  # noqa: E402
+from alignrl.rewards.shapes import ShapesGenEval, ShapesSeg, ShapesSoft  # noqa: E402
 from alignrl.sampling.engine import rollout, sample_generators  # noqa: E402
 from alignrl.sampling.plans import ode_plan  # noqa: E402
 from alignrl.shapes.model import ShapesBackbone  # noqa: E402
@@ -54,17 +55,18 @@ def main() -> int:
     images = torch.cat(images)
     prompts = [m["prompt"] for m in metas]
     exact, _ = ShapesGenEval()(images, prompts, metas)
-    soft, _ = ShapesSoft()(images, prompts, metas)
     print(f"{len(metas)} images of the shipped model ({args.split}, {args.images} per prompt, {args.steps}-step ODE, "
-          f"guidance {args.guidance})")
-    print(f"overall: Pearson {np.corrcoef(soft, exact)[0, 1]:.3f}, Spearman {spearman(soft, exact):.3f}; "
-          f"mean exact partial {exact.mean():.3f}, mean surrogate {soft.mean():.3f}")
-    for tag in TAGS:
-        idx = [i for i, m in enumerate(metas) if m["tag"] == tag]
-        if len(idx) > 2 and np.std(exact[idx]) > 0 and np.std(soft[idx]) > 0:
-            print(f"  {tag:14s} n={len(idx):3d}  Pearson {np.corrcoef(soft[idx], exact[idx])[0, 1]:.3f}")
-        else:
-            print(f"  {tag:14s} n={len(idx):3d}  (constant: no correlation)")
+          f"guidance {args.guidance}); mean exact partial {exact.mean():.3f}")
+    for name, reward in (("shapes_soft", ShapesSoft()), ("shapes_seg", ShapesSeg())):
+        score, _ = reward(images, prompts, metas)
+        print(f"{name}: Pearson {np.corrcoef(score, exact)[0, 1]:.3f}, Spearman {spearman(score, exact):.3f}; "
+              f"mean {score.mean():.3f}")
+        for tag in TAGS:
+            idx = [i for i, m in enumerate(metas) if m["tag"] == tag]
+            if len(idx) > 2 and np.std(exact[idx]) > 0 and np.std(score[idx]) > 0:
+                print(f"  {tag:14s} n={len(idx):3d}  Pearson {np.corrcoef(score[idx], exact[idx])[0, 1]:.3f}")
+            else:
+                print(f"  {tag:14s} n={len(idx):3d}  (constant: no correlation)")
     print(f"# load after: {os.getloadavg()}")
     return 0
 

@@ -342,9 +342,9 @@ GRADIENT_EXPECTED = {
                            base=TINY_G, steps=40, extra={"truncation_mean": 4.0, "truncation_std": 1.0}),
     "tiny_adjointdpm": grow("adjointdpm", lr=1e-3, T=6, cfg=1.0, loss="negative", groups=8, batches=(8, 8, 1),
                             base=TINY_G, steps=40, extra={"states": "reconstruct"}),
-    # ShapeWorld: 8-step ODE at guidance 3, 18 slots per iteration (3 a tag), full fine-tune at 1e-5, shapes_soft
+    # ShapeWorld: 8-step ODE at guidance 3, 18 slots per iteration (3 a tag), full fine-tune at 1e-5, shapes_seg
     **{f"shapes_{m}": grow(m, lr=1e-5, T=8, cfg=3.0, loss="negative", groups=18, batches=(18, 9, 1),
-                           base={**SHAPES, "reward": ["shapes_geneval", "shapes_soft"]}, steps=1000000,
+                           base={**SHAPES, "reward": ["shapes_geneval", "shapes_seg"]}, steps=1000000,
                            extra=e)
        for m, e in (("refl", {"refl_low": 5}), ("draft", {"last_k": 1}), ("draft_lv", {"lv_samples": 2}),
                     ("alignprop", {"truncation_mean": 6.0}), ("adjointdpm", {"states": "reconstruct"}))},

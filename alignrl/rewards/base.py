@@ -14,7 +14,7 @@ A reward is a callable ``score(images, prompts, metadata) -> (scores, info)``:
 Register with ``@register_reward("name")`` on a class whose constructor takes keyword options from
 the recipe (``reward: {name: {weight: 1.0, option: ...}}``). ``differentiable`` on a reward says its
 ``score_tensor`` keeps the autograd graph from the images to the scores (the reward-gradient methods need it:
-``smoothness``, ``shapes_soft``, and the CLIP family and HPSv2 with ``differentiable: true``).
+``smoothness``, ``shapes_soft``, ``shapes_seg``, and the CLIP family and HPSv2 with ``differentiable: true``).
 """
 
 from __future__ import annotations

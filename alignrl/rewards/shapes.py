@@ -56,22 +56,35 @@ class ShapesSoft(Reward):
     def __init__(self, tau: float = 10.0):
         self.tau = float(tau)
 
-    def _conditions(self, image, meta):
+    def _mask_fns(self, images):
+        """Per image, a function from a prompt clause to its (H, W) soft mask: here each pixel's soft membership
+        of the clause's colour (of an uncoloured clause: the strongest colour, whatever the shape)."""
+        return [self._masks(img) for img in images]
+
+    def _masks(self, image):
         import torch
 
-        from alignrl.shapes.judge import COLOR_TOL, MIN_AREA, REL_MARGIN
+        from alignrl.shapes.judge import COLOR_TOL
         from alignrl.shapes.world import COLORS
 
         x = image.float() * 255.0  # (3, H, W)
         masks = {name: torch.sigmoid((COLOR_TOL - (x - torch.tensor(rgb, dtype=x.dtype, device=x.device)
                                                    .view(3, 1, 1)).abs()) / self.tau).prod(dim=0)
                  for name, rgb in COLORS.items()}
+        return lambda clause: masks[clause["color"]] if clause["color"] else \
+            torch.stack(list(masks.values())).max(dim=0).values
+
+    def _conditions(self, mask_of, image, meta):
+        import torch
+
+        from alignrl.shapes.judge import MIN_AREA, REL_MARGIN
+
         conds, centroids = [], []
-        h, w = x.shape[-2:]
-        ys = torch.arange(h, dtype=x.dtype, device=x.device).view(h, 1)
-        xs = torch.arange(w, dtype=x.dtype, device=x.device).view(1, w)
+        h, w = image.shape[-2:]
+        ys = torch.arange(h, dtype=torch.float32, device=image.device).view(h, 1)
+        xs = torch.arange(w, dtype=torch.float32, device=image.device).view(1, w)
         for clause in meta["objects"]:
-            m = masks[clause["color"]] if clause["color"] else torch.stack(list(masks.values())).max(dim=0).values
+            m = mask_of(clause)
             area = m.sum()
             conds.append(torch.sigmoid((area - MIN_AREA) / 3.0))
             if clause.get("count"):
@@ -90,8 +103,9 @@ class ShapesSoft(Reward):
 
         metadata = list(metadata or [])
         if len(metadata) != images.shape[0] or any("objects" not in m for m in metadata):
-            raise ValueError("shapes_soft needs ShapeWorld metadata for every image (use data=shapes prompt sets)")
-        return torch.stack([self._conditions(img, m).mean() for img, m in zip(images, metadata)])
+            raise ValueError(f"{self.reward_name} needs ShapeWorld metadata for every image (use data=shapes prompt sets)")
+        return torch.stack([self._conditions(mask_of, img, m).mean()
+                            for mask_of, img, m in zip(self._mask_fns(images), images, metadata)])
 
     def __call__(self, images, prompts, metadata):
         import torch
@@ -99,3 +113,43 @@ class ShapesSoft(Reward):
         with torch.no_grad():
             scores = self.score_tensor(images, prompts, metadata)
         return scores.cpu().double().numpy(), {}
+
+
+@register_reward("shapes_seg")
+class ShapesSeg(ShapesSoft):
+    """The judge's differentiable surrogate that sees shapes: ``shapes_soft``'s sub-conditions (presence by area,
+    counts by area over the shape's typical area, relations by soft centroids), with each clause's mask read from
+    the segmenter distilled from the judge (:mod:`alignrl.shapes.segmenter`): the probability that a pixel belongs
+    to an object of the clause's colour and shape (summed over colours for an uncoloured clause), sharpened by
+    ``sigmoid(sharpness (p - 1/2))`` so that a faint probability spread over the background does not add up to an
+    object. ``segmenter``: a folder with other weights (default: the package's)."""
+
+    def __init__(self, segmenter: str | None = None, sharpness: float = 12.0, model=None):
+        self.folder = segmenter
+        self.sharpness = float(sharpness)
+        self._model = model
+
+    @property
+    def model(self):
+        if self._model is None:
+            from alignrl.shapes import segmenter
+
+            self._model = segmenter.load(self.folder)
+        return self._model
+
+    def _mask_fns(self, images):
+        import torch
+
+        from alignrl.shapes.judge import CLASSES
+
+        probs = self.model.to(images.device)(images.float()).softmax(dim=1)  # (B, 13, H, W): one pass
+        sharp = torch.sigmoid(self.sharpness * (probs[:, 1:] - 0.5))  # (B, 12, H, W), CLASSES order
+        index = {cs: i for i, cs in enumerate(CLASSES)}
+
+        def masks(row):
+            def mask_of(clause):
+                if clause["color"]:
+                    return row[index[(clause["color"], clause["shape"])]]
+                return sum(row[i] for (_, shape), i in index.items() if shape == clause["shape"])
+            return mask_of
+        return [masks(row) for row in sharp]

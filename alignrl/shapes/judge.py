@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alignrl.shapes.world import COLORS, TAGS
+from alignrl.shapes.world import COLORS, SHAPES, TAGS
 
 COLOR_TOL = 100  # per channel, out of 255
 MIN_AREA = 12  # pixels; smaller blobs are noise
@@ -142,18 +142,34 @@ def classify_shape(pts: np.ndarray) -> str:
     return "circle"
 
 
-def detect(image: np.ndarray) -> list[Detection]:
-    """Objects in one (H, W, 3) uint8 image."""
+def _objects(image: np.ndarray):
+    """(colour, shape, (y, x) pixels) of each object in one (H, W, 3) uint8 image."""
     img = image.astype(np.int16)
-    found = []
     for name, rgb in COLORS.items():
         mask = np.all(np.abs(img - np.array(rgb, dtype=np.int16)) <= COLOR_TOL, axis=-1)
         for pts in _components(mask):
-            if len(pts) < MIN_AREA:
-                continue
-            found.append(Detection(classify_shape(pts), name, len(pts), float(pts[:, 1].mean()),
-                                   float(pts[:, 0].mean())))
-    return found
+            if len(pts) >= MIN_AREA:
+                yield name, classify_shape(pts), pts
+
+
+def detect(image: np.ndarray) -> list[Detection]:
+    """Objects in one (H, W, 3) uint8 image."""
+    return [Detection(shape, color, len(pts), float(pts[:, 1].mean()), float(pts[:, 0].mean()))
+            for color, shape, pts in _objects(image)]
+
+
+# the classes of ``label_map``: 0 is background, then every (colour, shape)
+CLASSES = [(c, s) for c in COLORS for s in SHAPES]
+
+
+def label_map(image: np.ndarray) -> np.ndarray:
+    """(H, W) int64: each pixel's object as the judge sees it, 1 + its index in ``CLASSES`` (0: no object; the
+    colour masks of the 4 colours do not overlap at ``COLOR_TOL`` 100). What ``shapes_seg`` is trained to
+    predict."""
+    out = np.zeros(image.shape[:2], dtype=np.int64)
+    for color, shape, pts in _objects(image):
+        out[pts[:, 0], pts[:, 1]] = 1 + CLASSES.index((color, shape))
+    return out
 
 
 def _matches(d: Detection, clause: dict) -> bool:

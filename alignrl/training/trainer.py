@@ -139,8 +139,9 @@ class Trainer:
         if self.direct and getattr(self.algorithm, "differentiates_reward", True) and not self.reward.differentiable:
             plain = self.reward.not_differentiable
             raise ConfigError(f"algorithm {self.algorithm.name} backpropagates the reward, but {', '.join(plain)} "
-                              f"cannot be differentiated; use a differentiable reward (smoothness, shapes_soft, or "
-                              f"pickscore/aesthetic/clipscore/hpsv2 with reward.<name>.differentiable=true), or give "
+                              f"cannot be differentiated; use a differentiable reward (smoothness, shapes_soft, "
+                              f"shapes_seg, or pickscore/aesthetic/clipscore/hpsv2 with "
+                              f"reward.<name>.differentiable=true), or give "
                               f"it weight 0 to only log it")
         self._max_nonfinite = tcfg.max_nonfinite_iterations
         self.checkpointer.verify()  # checksums and headers, before the models load
