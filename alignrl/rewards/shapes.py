@@ -59,20 +59,17 @@ class ShapesSoft(Reward):
     def _mask_fns(self, images):
         """Per image, a function from a prompt clause to its (H, W) soft mask: here each pixel's soft membership
         of the clause's colour (of an uncoloured clause: the strongest colour, whatever the shape)."""
-        return [self._masks(img) for img in images]
-
-    def _masks(self, image):
         import torch
 
         from alignrl.shapes.judge import COLOR_TOL
         from alignrl.shapes.world import COLORS
 
-        x = image.float() * 255.0  # (3, H, W)
-        masks = {name: torch.sigmoid((COLOR_TOL - (x - torch.tensor(rgb, dtype=x.dtype, device=x.device)
-                                                   .view(3, 1, 1)).abs()) / self.tau).prod(dim=0)
-                 for name, rgb in COLORS.items()}
-        return lambda clause: masks[clause["color"]] if clause["color"] else \
-            torch.stack(list(masks.values())).max(dim=0).values
+        x = images.float() * 255.0  # (B, 3, H, W)
+        rgb = torch.tensor(list(COLORS.values()), dtype=x.dtype, device=x.device).view(1, -1, 3, 1, 1)
+        masks = torch.sigmoid((COLOR_TOL - (x[:, None] - rgb).abs()) / self.tau).prod(dim=2)  # (B, colours, H, W)
+        names = {name: i for i, name in enumerate(COLORS)}
+        return [lambda clause, m=m: m[names[clause["color"]]] if clause["color"] else m.max(dim=0).values
+                for m in masks]
 
     def _conditions(self, mask_of, image, meta):
         import torch
@@ -140,16 +137,11 @@ class ShapesSeg(ShapesSoft):
     def _mask_fns(self, images):
         import torch
 
-        from alignrl.shapes.judge import CLASSES
+        from alignrl.shapes.world import COLORS, SHAPES
 
         probs = self.model.to(images.device)(images.float()).softmax(dim=1)  # (B, 13, H, W): one pass
-        sharp = torch.sigmoid(self.sharpness * (probs[:, 1:] - 0.5))  # (B, 12, H, W), CLASSES order
-        index = {cs: i for i, cs in enumerate(CLASSES)}
-
-        def masks(row):
-            def mask_of(clause):
-                if clause["color"]:
-                    return row[index[(clause["color"], clause["shape"])]]
-                return sum(row[i] for (_, shape), i in index.items() if shape == clause["shape"])
-            return mask_of
-        return [masks(row) for row in sharp]
+        sharp = torch.sigmoid(self.sharpness * (probs[:, 1:] - 0.5))  # judge.CLASSES order: colour-major
+        sharp = sharp.unflatten(1, (len(COLORS), len(SHAPES)))  # (B, colours, shapes, H, W)
+        c, s = {name: i for i, name in enumerate(COLORS)}, {name: i for i, name in enumerate(SHAPES)}
+        return [lambda clause, m=m: m[c[clause["color"]], s[clause["shape"]]] if clause["color"]
+                else m[:, s[clause["shape"]]].sum(dim=0) for m in sharp]
