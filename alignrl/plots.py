@@ -3,7 +3,7 @@
 matplotlib is imported on first use and drawn on its Agg canvas directly (no pyplot, no display, no global
 backend switch), so importing this module is cheap and it works on headless nodes.
 
-- ``write_run_plots(run_dir)``: ``run_dir/plots/{reward,kl,clipfrac,eval}.png`` from metrics.jsonl, each
+- ``write_run_plots(run_dir)``: ``run_dir/plots/{reward,kl,clipfrac,eval,early_stop}.png`` from metrics.jsonl, each
   metric against the iteration and against training wall-clock (``train_seconds``). MetricsLogger refreshes
   them during training (throttled) and when it closes.
 - ``plot_runs({name: rows}, out)``: reward (and eval reward) of several runs on one chart (``alignrl runs --plot``).
@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 PLOTS_DIR = "plots"
-RUN_FIGURES = ("reward", "kl", "clipfrac", "eval")  # the files write_run_plots owns in PLOTS_DIR
+RUN_FIGURES = ("reward", "kl", "clipfrac", "eval", "early_stop")  # the files write_run_plots owns in PLOTS_DIR
 _DPI = 90
 _MARKERS_UP_TO = 40  # points per line drawn with markers (so a single logged step is visible)
 _SMOOTH_FROM = 60  # longer lines get a moving average over a faint raw line
@@ -118,6 +118,13 @@ def run_panels(curves: Curves) -> dict[str, list[tuple[str, list[str]]]]:
         evaluation.append((f"eval per tag ({column})", per_tag))
     if evaluation:
         figures["eval"] = evaluation
+    guard = [(label, [k]) for label, k in (("early stop: watched", "early_stop/metric"),
+                                           ("early stop: trained", "early_stop/trained"),
+                                           ("evaluations in a row counted bad", "early_stop/bad_evals"))
+             if curves.has(k)]
+    if guard:  # trainer.early_stop: the watched metric with its best so far, the trained one beside it
+        guard[0] = (guard[0][0], ["early_stop/metric", *present(["early_stop/best"])])
+        figures["early_stop"] = guard
     return figures
 
 

@@ -236,3 +236,17 @@ def test_finiteness_check_reads_a_padded_partition_without_its_padding(monkeypat
     monkeypatch.setattr(ZeroSharding, "rank", property(lambda self: 0))  # a whole partition, no padding
     param.ds_tensor = torch.tensor([1.0, 2.0, 3.0])
     assert [t.tolist() for t in sharding.local([param], padded=False)] == [[1.0, 2.0, 3.0]]
+
+
+def test_one_process_zero_is_the_ddp_path_and_saves_and_resumes_its_optimizer(tmp_path):
+    """distributed=zero2 on one process splits nothing: the loop's own optimizer, whose states the checkpoint keeps
+    and a resume restores exactly as a run that never stopped (it used to fail at the first save)."""
+    common = ["recipe=tiny_refl", "logger.progress_bar=false", "trainer.eval_every=0", "trainer.log_images_every=0",
+              "distributed=zero2"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    r = run_inprocess("train", *common, "trainer.max_steps=2", f"run_dir={whole}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert run_inprocess("train", *common, "trainer.max_steps=1", f"run_dir={part}").returncode == 0
+    assert run_inprocess("train", *common, "trainer.max_steps=2", f"run_dir={part}", "resume=auto").returncode == 0
+    a, b = (_weights(d, 2) for d in (whole, part))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -51,6 +51,7 @@ from alignrl.errors import CheckpointError
 STEP_RE = re.compile(r"^step_(\d+)$")
 OLD_RE = re.compile(r"^step_(\d+)\.old$")  # the previous copy of a step being saved again
 MARKER = "COMPLETE"
+BEST = "BEST"  # checkpoints/BEST: the step of the best evaluation (trainer.early_stop.keep_best), never pruned
 MANIFEST = "MANIFEST.json"
 REQUIRED = ("state.json", "trainable.safetensors", "optimizer.pt", "lr_scheduler.pt")
 _CHUNK = 8 << 20
@@ -466,11 +467,26 @@ class CheckpointWriter:
         replaced when the run saves those steps again."""
         if self.keep <= 0:
             return []
-        found = [p for p in list_checkpoints(self.root) if newest is None or step_of(p) <= newest]
+        best = best_step(self.root.parent)
+        found = [p for p in list_checkpoints(self.root) if (newest is None or step_of(p) <= newest)
+                 and step_of(p) != best]
         removed = found[: -self.keep]
         for old in removed:
             remove_checkpoint(old)
         return removed
+
+
+def mark_best(run_dir: Path, step: int) -> None:
+    """Name ``step`` as the run's best checkpoint (kept through pruning)."""
+    atomic_write_text(Path(run_dir) / "checkpoints" / BEST, f"{int(step)}\n")
+
+
+def best_step(run_dir: Path) -> int | None:
+    """The step ``checkpoints/BEST`` names (None: no such file, or one that does not hold a step)."""
+    try:
+        return int((Path(run_dir) / "checkpoints" / BEST).read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return None
 
 
 def load_json(path: Path) -> dict:

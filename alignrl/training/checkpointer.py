@@ -43,6 +43,7 @@ class RunParts:
     text_encoder: str
     sharded: bool = False  # distributed=fsdp: weights, EMA and optimizer states in DCP (sharded/), any process count
     whole_weights: bool = True  # with sharded: also trainable.safetensors / ema.safetensors (gathered)
+    early_stop: Any = None  # alignrl.training.early_stop.EarlyStop when trainer.early_stop watches a metric
 
 
 @dataclass
@@ -139,6 +140,8 @@ class Checkpointer:
                 "ema": policy.ema.counters() if policy.ema is not None else None,
                 "backbone": p.backbone_family, "seed": p.seed,
             }
+            if p.early_stop is not None:
+                state["early_stop"] = p.early_stop.state_dict()
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
             writer.commit(step)
         self.dist.barrier()
@@ -297,6 +300,8 @@ class Checkpointer:
         p.batch_sampler.load_state_dict(state.get("prompt_sampler", state.get("sampler")))  # "sampler" before 12-2026
         p.planner.load_state_dict(state.get("planner", {}))
         p.algorithm.load_state_dict(state.get("algorithm", {}))
+        if p.early_stop is not None:  # a checkpoint from before the guard was on: it starts afresh
+            p.early_stop.load_state_dict(state.get("early_stop"))
         if loaded.get("algorithm_rank") is not None:
             p.algorithm.load_rank_state(loaded["algorithm_rank"])
         if loaded["rng"] is not None:

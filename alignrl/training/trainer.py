@@ -38,6 +38,7 @@ from alignrl.training.checkpointer import Checkpointer, Counters, RunParts
 from alignrl.training.collect import RolloutCollector, StopRequested, iteration_generator
 from alignrl.training.control import RunControl, one_line
 from alignrl.training.distributed import Collectives
+from alignrl.training.early_stop import EarlyStop
 from alignrl.training.eval_hook import EvalHook
 from alignrl.training.logging import MetricsLogger
 from alignrl.training.sampler import DatasetSampler, KRepeatPromptSampler, balance_strata
@@ -151,6 +152,11 @@ class Trainer:
         check_strategy(self.distributed, algorithm=self.algorithm, finetune=self.finetune,
                        text_encoder=tcfg.text_encoder, mixed_precision=mp, optimizer=tcfg.optimizer.name)
         self.sharding = make_sharding(self.distributed, self.world, self.device, mp)
+        if tcfg.decay_to_base and self.distributed.strategy in ("zero2", "zero3"):  # on any number of processes
+            raise ConfigError(f"trainer.decay_to_base is not supported with distributed={self.distributed.strategy} "
+                              f"(DeepSpeed owns the weights' update); use distributed=ddp or fsdp, or "
+                              f"trainer.decay_to_base=0")
+        self.early_stop = EarlyStop(tcfg.early_stop) if tcfg.early_stop.enabled else None
         if tcfg.text_encoder != "frozen" and self.algorithm.needs_reference:
             raise ConfigError(f"trainer.text_encoder={tcfg.text_encoder} with a KL or reference term (algorithm "
                               f"{self.algorithm.name}) would need a frozen copy of the text encoder as reference; "
@@ -163,6 +169,9 @@ class Trainer:
         self.policy = Policy.for_training(self.backbone, tcfg, self.algorithm.needs_reference, self.sharding)
         self.trainable_names, self.params = self.policy.trainable_names, self.policy.params
         self.reference_denoiser, self.ema = self.policy.reference_denoiser, self.policy.ema
+        # the weights the run starts from (rebuilt identically on resume: pretrained weights, seeded adapters),
+        # which trainer.decay_to_base pulls toward; this process's shards only with distributed=fsdp
+        self._base_weights = [p.detach().clone() for p in self.params] if tcfg.decay_to_base else None
 
         self.optimizer = tcfg.build_optimizer(self.params, float(self.algorithm.lr))
         from diffusers.optimization import get_scheduler
@@ -196,7 +205,7 @@ class Trainer:
             batch_sampler=self.batch_sampler, planner=self.planner, algorithm=self.algorithm,
             backbone_family=self.backbone.family, seed=self.seed, finetune=self.finetune,
             text_encoder=tcfg.text_encoder, sharded=self.distributed.sharded,
-            whole_weights=self.distributed.whole_weights))
+            whole_weights=self.distributed.whole_weights, early_stop=self.early_stop))
         self.optimizer_steps = 0
         try:
             self._resume()
@@ -358,6 +367,8 @@ class Trainer:
         if not self.sharding.owns_update:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self._base_weights is not None:
+                self._decay_to_base()
         self.lr_scheduler.step()
         self.optimizer_steps += 1
         if not self.policy.weights_finite():  # the same weights on every rank: all stop here together
@@ -369,6 +380,30 @@ class Trainer:
         if self.ema is not None:
             self.ema.step()
         return float(norm)
+
+    @torch.no_grad()
+    def _decay_to_base(self) -> None:
+        """Decoupled decay toward the starting weights (as AdamW's weight decay is toward zero): each weight moves
+        the fraction lr * decay_to_base of its distance to its starting value."""
+        fraction = min(1.0, float(self.lr_scheduler.get_last_lr()[0]) * self.settings.decay_to_base)
+        for p, base in zip(self.params, self._base_weights):
+            p.lerp_(base, fraction)
+
+    def _watch(self, step: int, metrics: dict) -> tuple[bool, bool]:
+        """trainer.early_stop: log its view of this evaluation; (new best, stop now), agreed by every process."""
+        if self.early_stop is None:
+            return False, False
+        log, new_best, stop = self.early_stop.observe(step, metrics)
+        metrics.update(log)
+        decided = self.dist.broadcast_int(int(new_best) + 2 * int(stop))  # the main process's decision
+        return bool(decided & 1), bool(decided & 2)
+
+    def _keep_best(self) -> None:
+        """trainer.early_stop.keep_best: a checkpoint of this (best) evaluation's step, kept through pruning."""
+        if self._last_saved_step != self.iteration:
+            self.save_checkpoint()
+        if self.is_main:
+            ckpt.mark_best(self.run_dir, self.iteration)
 
     # ------------------------------------------------------------------ main loop
     def train(self) -> str:
@@ -406,10 +441,21 @@ class Trainer:
                     + (f", {self.sharding.describe()}" if self.distributed.strategy != "ddp" else "") + f"; run dir {self.run_dir}"
                     + (f"; resumed from {self.resume_from}" if self.resume_from else "")
                 )
+            stopped_early = self.early_stop is not None and self.early_stop.stopped_at is not None and \
+                self.early_stop.bad_evals >= self.early_stop.s.patience
+            if stopped_early:  # resumed after the guard stopped the run, with the same patience
+                self.logger.write(f"alignrl: this run stopped early at step {self.early_stop.stopped_at} "
+                                  f"({self.early_stop.reason()}); nothing to train: raise trainer.early_stop.patience "
+                                  f"or set trainer.early_stop.metric=null to continue it")
             if self.eval_hook and tcfg.eval_at_start and self.iteration == 0:
-                self.logger.log(0, {"train_seconds": 0.0, **self.eval_hook.evaluate(0)})
+                first = {"train_seconds": 0.0, **self.eval_hook.evaluate(0)}
+                new_best, _ = self._watch(0, first)
+                self.logger.log(0, first)
                 last_eval_step = 0
-            while self.iteration < self.max_steps and not (budget_s and self.train_seconds >= budget_s):
+                if new_best and tcfg.early_stop.keep_best:
+                    self._keep_best()
+            while not stopped_early and self.iteration < self.max_steps and \
+                    not (budget_s and self.train_seconds >= budget_s):
                 try:
                     metrics = self.run_iteration()
                 except _StopNow:
@@ -425,15 +471,27 @@ class Trainer:
                             step % every("log_images_every") == 0 and self._last_batch.preview is not None:
                         images["rollouts"] = self._save_rollout_grid(step)
                     timed_eval = eval_every_s and int(self.train_seconds // eval_every_s) > int(before // eval_every_s)
+                    new_best = stop_early = False
                     if self.eval_hook and ((every("eval_every") and step % every("eval_every") == 0) or timed_eval):
                         metrics.update(self.eval_hook.evaluate(step))
                         last_eval_step = step
                         images.update(self.eval_hook.grids)
+                        new_best, stop_early = self._watch(step, metrics)
                     self.logger.log(step, metrics, images)
                     self.logger.progress(step, metrics)
                     self._write_status("running")  # a killed run still shows where it stopped
                     if every("checkpoint_every") and step % every("checkpoint_every") == 0:
                         self.save_checkpoint()
+                    if new_best and tcfg.early_stop.keep_best:
+                        self._keep_best()
+                    if stop_early:
+                        if self._last_saved_step != self.iteration:
+                            self.save_checkpoint()
+                        best = ckpt.best_step(self.run_dir) if tcfg.early_stop.keep_best else None
+                        self.logger.write(f"alignrl: {self.early_stop.reason()}; checkpoint saved at step "
+                                          f"{self.iteration}" + (f", the best at {self.run_dir / 'checkpoints' / ckpt.step_dir_name(best)}"
+                                                                  if best is not None else ""))
+                        break
                 if metrics is None or self.control.stop_agreed():
                     if self._last_saved_step != self.iteration:
                         self.save_checkpoint()

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from alignrl.errors import ConfigError
+from alignrl.training.early_stop import EarlyStopSettings
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -85,6 +86,8 @@ class TrainerConfig:
     eval_every_minutes: float | None  # also evaluate every N minutes of training wall-clock
     eval_at_start: bool  # evaluate the starting model as step 0
     log_images_every: int  # iterations between rollout grids (0: off)
+    decay_to_base: float  # per optimizer step, weights -= lr * decay_to_base * (weights - the run's starting weights)
+    early_stop: EarlyStopSettings  # stop when an evaluation metric stops improving (alignrl/training/early_stop.py)
 
     def __post_init__(self):
         checks = [
@@ -119,6 +122,10 @@ class TrainerConfig:
              f"trainer.optimizer.name='{self.optimizer.name}' is not known; use {' or '.join(OPTIMIZERS)}"),
             (0 <= self.ema.decay < 1, f"trainer.ema.decay={self.ema.decay} must be in [0, 1)"),
             (self.ema.update_every >= 1, f"trainer.ema.update_every={self.ema.update_every} must be >= 1"),
+            (self.decay_to_base >= 0, f"trainer.decay_to_base={self.decay_to_base} must be >= 0 (0: off)"),
+            (not self.early_stop.enabled or self.eval_every > 0 or self.eval_every_minutes,
+             f"trainer.early_stop watches {self.early_stop.metric}, but the run never evaluates; set "
+             f"trainer.eval_every or trainer.eval_every_minutes"),
         ]
         for ok, message in checks:
             if not ok:

@@ -266,6 +266,8 @@ class ZeroSharding(Sharding):
     def optimizer_state_dict(self, optimizer) -> dict:
         """The optimizer's states as a plain torch AdamW's ``state_dict()`` over the original parameters (every
         process must call it: the partitions are gathered)."""
+        if not self.active:  # one process: the loop's own optimizer, no engine (the ddp path)
+            return Sharding.optimizer_state_dict(optimizer)
         from deepspeed.utils import safe_get_full_optimizer_state
 
         keep = self.rank == 0  # every process takes part in the gathers; the main process writes the file
@@ -308,6 +310,8 @@ class ZeroSharding(Sharding):
 
     def load_optimizer_state_dict(self, optimizer, saved: dict) -> None:
         """A plain AdamW ``state_dict()`` (from any strategy and process count) into DeepSpeed's partitions."""
+        if not self.active:
+            return Sharding.load_optimizer_state_dict(optimizer, saved)
         from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
 
         inner = optimizer.optimizer
