@@ -10,7 +10,8 @@ Estimate, in bytes, per GPU (``P`` denoiser parameters, ``N`` the sharding divis
   gradient, Adam's two moments); a full fine-tune keeps 16 bytes per parameter (fp32 master weight, gradient and
   Adam's moments) divided by ``N``;
 - the frozen reference (a KL weight > 0): nothing with LoRA (the adapters are switched off), a copy in the
-  backbone's dtype for a full fine-tune; the EMA: an fp32 copy of the trainable weights;
+  backbone's dtype for a full fine-tune; the EMA: an fp32 copy of the trainable weights, and another for
+  ``trainer.decay_to_base`` (the starting weights it pulls toward);
 - activations of one training micro-batch (``trainer.train_batch_size``, doubled when CFG runs in the training
   forward), with and without gradient checkpointing. The published backbones use per-token coefficients measured
   on their real configurations (a meta-device forward summing saved tensors, flash attention:
@@ -223,6 +224,10 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
         rows.append(("EMA of the trainable weights (fp32)", 4 * trainable))
         model += 4 * trainable
         sharded_model += 4 * trainable / shards
+    if float(t.get("decay_to_base", 0.0) or 0.0) > 0:  # the starting weights it pulls toward (refused with ZeRO)
+        rows.append(("starting weights for trainer.decay_to_base (fp32)", 4 * trainable))
+        model += 4 * trainable
+        sharded_model += 4 * trainable / shards
     act = act_ckpt if ckpt_on else act_plain
     rows.append((f"activations, micro-batch {micro}{' (CFG doubles it)' if cfg_in_loss else ''}, "
                  f"{'with' if ckpt_on else 'without'} gradient checkpointing", act))
@@ -247,7 +252,7 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
                                  3 * 4 * block, dist.deepspeed or {}, notes)  # ZeRO-3 gathers fp32 blocks
         return Estimate(rows, act_plain, act_ckpt, total, total_sharded, 0.9 * machine.gpu_memory_gb * GiB, notes)
     if sharded_run(cfg):  # the rows as this run holds them: the model's states divided over every GPU
-        divided = ("denoiser full", "frozen reference", "EMA")  # the rows sharded_model divides
+        divided = ("denoiser full", "frozen reference", "EMA", "starting weights")  # the rows sharded_model divides
         rows = [(f"{label} / {shards}", value / shards) if label.startswith(divided) else (label, value)
                 for label, value in rows]
         rows.insert(-1, ("shard units in flight (2 gathered blocks, 1 block's fp32 grads)", units))

@@ -151,3 +151,12 @@ def test_tiny_activation_estimate_against_the_measured_peak():
     peak = float(subprocess.run([sys.executable, "-c", PEAK, "128"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip().splitlines()[-1])
     assert 1.0 <= peak / many <= 2.0, (peak, many)
+
+
+def test_decay_to_base_counts_one_fp32_copy_of_the_trainable_weights_sharded_with_them():
+    base = estimate(compose(["recipe=mixgrpo_flux"]), Machine(8, 80, 1))
+    held = estimate(compose(["recipe=mixgrpo_flux", "trainer.decay_to_base=100"]), Machine(8, 80, 1))
+    rows = dict(held.rows)
+    assert rows["starting weights for trainer.decay_to_base (fp32) / 8"] == pytest.approx(
+        4 * KNOWN["flux1_dev"]["denoiser"] / 8)
+    assert "starting weights for trainer.decay_to_base (fp32) / 8" not in dict(base.rows)
