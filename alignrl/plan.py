@@ -224,7 +224,8 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
         rows.append(("EMA of the trainable weights (fp32)", 4 * trainable))
         model += 4 * trainable
         sharded_model += 4 * trainable / shards
-    if float(t.get("decay_to_base", 0.0) or 0.0) > 0:  # the starting weights it pulls toward (refused with ZeRO)
+    if float(t.get("decay_to_base", 0.0) or 0.0) > 0 and \
+            _distributed(cfg).strategy not in ("zero2", "zero3"):  # the weights it pulls toward (ZeRO refuses it)
         rows.append(("starting weights for trainer.decay_to_base (fp32)", 4 * trainable))
         model += 4 * trainable
         sharded_model += 4 * trainable / shards

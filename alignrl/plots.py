@@ -118,12 +118,12 @@ def run_panels(curves: Curves) -> dict[str, list[tuple[str, list[str]]]]:
         evaluation.append((f"eval per tag ({column})", per_tag))
     if evaluation:
         figures["eval"] = evaluation
-    guard = [(label, [k]) for label, k in (("early stop: watched", "early_stop/metric"),
-                                           ("early stop: trained", "early_stop/trained"),
-                                           ("evaluations in a row counted bad", "early_stop/bad_evals"))
-             if curves.has(k)]
-    if guard:  # trainer.early_stop: the watched metric with its best so far, the trained one beside it
-        guard[0] = (guard[0][0], ["early_stop/metric", *present(["early_stop/best"])])
+    # trainer.early_stop: the watched metric with its best so far, the trained one beside it, the count
+    guard = [(label, keys) for label, keys in (
+        ("early stop: watched (and best)", present(["early_stop/metric", "early_stop/best"])),
+        ("early stop: trained", present(["early_stop/trained"])),
+        ("evaluations in a row counted bad", present(["early_stop/bad_evals"]))) if keys]
+    if guard:
         figures["early_stop"] = guard
     return figures
 

@@ -58,10 +58,27 @@ def test_state_round_trips_and_a_resumed_guard_counts_on():
     a = EarlyStop(settings(patience=3))
     feed(a, [0.5, 0.6, 0.55])
     b = EarlyStop(settings(patience=3))
-    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b.load_state_dict(json.loads(json.dumps(a.state_dict()))) is None
     assert b.state_dict() == a.state_dict() and b.bad_evals == 1
+    # a resumed run evaluating the step it resumed at again: nothing changes
+    assert b.observe(20, {"eval/w": 0.1})[1:] == (False, False) and b.bad_evals == 1
     assert not b.observe(40, {"eval/w": 0.58})[2]
     assert b.observe(50, {"eval/w": 0.59})[2] and "best 0.6 at step 10" in b.reason()
+    # a guard that now watches another metric or direction starts afresh, and says why
+    for other in (settings(patience=3, mode="min"), settings(patience=3, metric="eval/x")):
+        c = EarlyStop(other)
+        assert "start afresh" in c.load_state_dict(a.state_dict()) and c.best is None and c.bad_evals == 0
+
+
+def test_watched_metrics_must_lie_under_an_evaluation_set():
+    EarlyStop(settings(metric="eval/in_dist/judge_mean")).check_names(["eval/held_out", "eval/in_dist"])
+    EarlyStop(settings(metric="eval/judge_mean")).check_names(["eval"])
+    with pytest.raises(ConfigError, match="lies under none of the evaluation's sets; name one under eval/held_out/"):
+        EarlyStop(settings(metric="eval/judge_mean")).check_names(["eval/held_out", "eval/in_dist"])
+    with pytest.raises(ConfigError, match="trained='eval/train/x'"):
+        EarlyStop(settings(metric="eval/held_out/a", trained="eval/train/x")).check_names(["eval/held_out"])
+    with pytest.raises(ConfigError, match="has no evaluation prompts"):
+        EarlyStop(settings()).check_names([])
 
 
 def test_bad_settings_and_an_unknown_metric_are_one_line_errors():
@@ -106,17 +123,27 @@ def test_early_stop_ends_the_run_keeps_the_best_checkpoint_plots_and_resumes_whe
     assert ckpts == ["step_000000", "step_000002"], ckpts
     assert (tmp_path / "checkpoints" / "BEST").read_text().strip() == "0"
 
-    # resumed with the same guard: nothing to train
+    # resumed with the same guard: nothing to train, nothing evaluated again
     r = run_inprocess("train", *TINY, *guard, f"run_dir={tmp_path}", "resume=auto")
     assert r.returncode == 0 and "stopped early at step 2" in r.stdout + r.stderr, r.stderr[-3000:]
     assert json.loads((tmp_path / "status.json").read_text())["step"] == 2
-    # more patience: the counter goes on from 2 and the run stops at the next evaluation
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(rows)
+    # more patience: the counter goes on from 2 and the run stops at the next evaluation; a BEST left naming
+    # another step (a crash between saving the best and naming it) is set right from the guard's own state
+    (tmp_path / "checkpoints" / "BEST").write_text("7\n")
     r = run_inprocess("train", *TINY, *guard[:2], "trainer.early_stop.patience=3", "trainer.early_stop.keep_best=true",
                       f"run_dir={tmp_path}", "resume=auto")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "status.json").read_text())["step"] == 3
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["early_stop/bad_evals"] for row in rows if row.get("step") == 3 and "early_stop/bad_evals" in row] == [3]
+    assert (tmp_path / "checkpoints" / "BEST").read_text().strip() == "0"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["step_000000", "step_000003"]
+    # the guard off: nothing is protected any more and BEST goes; pruning keeps the newest checkpoint only
+    r = run_inprocess("train", *TINY, "trainer.max_steps=4", f"run_dir={tmp_path}", "resume=auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (tmp_path / "checkpoints" / "BEST").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["step_000004"]
 
 
 def _trainer(tmp_path, *overrides):

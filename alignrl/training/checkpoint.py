@@ -51,7 +51,7 @@ from alignrl.errors import CheckpointError
 STEP_RE = re.compile(r"^step_(\d+)$")
 OLD_RE = re.compile(r"^step_(\d+)\.old$")  # the previous copy of a step being saved again
 MARKER = "COMPLETE"
-BEST = "BEST"  # checkpoints/BEST: the step of the best evaluation (trainer.early_stop.keep_best), never pruned
+BEST = "BEST"  # checkpoints/BEST: the step of the best evaluation (trainer.early_stop.keep_best), kept by pruning
 MANIFEST = "MANIFEST.json"
 REQUIRED = ("state.json", "trainable.safetensors", "optimizer.pt", "lr_scheduler.pt")
 _CHUNK = 8 << 20
@@ -391,9 +391,10 @@ def set_aside(path: Path) -> Path:
 class CheckpointWriter:
     """Writes checkpoints in the two phases multi-process runs need (every rank's RNG, then rank 0)."""
 
-    def __init__(self, run_dir: Path, keep: int = 3):
+    def __init__(self, run_dir: Path, keep: int = 3, protect: int | None = None):
         self.root = Path(run_dir) / "checkpoints"
         self.keep = int(keep)
+        self.protect = protect  # a step prune never removes (the best evaluation's, trainer.early_stop.keep_best)
 
     def tmp_dir(self, step: int) -> Path:
         return self.root / (step_dir_name(step) + ".tmp")
@@ -467,9 +468,8 @@ class CheckpointWriter:
         replaced when the run saves those steps again."""
         if self.keep <= 0:
             return []
-        best = best_step(self.root.parent)
         found = [p for p in list_checkpoints(self.root) if (newest is None or step_of(p) <= newest)
-                 and step_of(p) != best]
+                 and step_of(p) != self.protect]
         removed = found[: -self.keep]
         for old in removed:
             remove_checkpoint(old)
@@ -479,14 +479,6 @@ class CheckpointWriter:
 def mark_best(run_dir: Path, step: int) -> None:
     """Name ``step`` as the run's best checkpoint (kept through pruning)."""
     atomic_write_text(Path(run_dir) / "checkpoints" / BEST, f"{int(step)}\n")
-
-
-def best_step(run_dir: Path) -> int | None:
-    """The step ``checkpoints/BEST`` names (None: no such file, or one that does not hold a step)."""
-    try:
-        return int((Path(run_dir) / "checkpoints" / BEST).read_text(encoding="utf-8").strip())
-    except (OSError, ValueError):
-        return None
 
 
 def load_json(path: Path) -> dict:

@@ -72,6 +72,7 @@ class Checkpointer:
         self.dist = dist
         self.is_main = is_main
         self.keep = keep
+        self.protected: int | None = None  # a step pruning keeps (trainer.early_stop.keep_best: the best one)
         self.parts: RunParts | None = None
         self.candidates, self.explicit = ckpt.resume_candidates(resume, self.run_dir)
         if not self.candidates and resume in (None, "", "none") and \
@@ -98,7 +99,7 @@ class Checkpointer:
         """A checkpoint at ``counters.iteration`` (``step_N``), committed atomically by the main process."""
         p = self.parts
         step = counters.iteration
-        writer = ckpt.CheckpointWriter(self.run_dir, self.keep)
+        writer = ckpt.CheckpointWriter(self.run_dir, self.keep, protect=self.protected)
         if self.is_main:
             writer.begin(step)
         self.dist.barrier()
@@ -301,7 +302,9 @@ class Checkpointer:
         p.planner.load_state_dict(state.get("planner", {}))
         p.algorithm.load_state_dict(state.get("algorithm", {}))
         if p.early_stop is not None:  # a checkpoint from before the guard was on: it starts afresh
-            p.early_stop.load_state_dict(state.get("early_stop"))
+            note = p.early_stop.load_state_dict(state.get("early_stop"))
+            if note and self.is_main:
+                ckpt.warn(note)
         if loaded.get("algorithm_rank") is not None:
             p.algorithm.load_rank_state(loaded["algorithm_rank"])
         if loaded["rng"] is not None:

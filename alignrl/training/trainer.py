@@ -26,7 +26,7 @@ from alignrl.algorithms.base import (OFFLINE_KINDS, PROMPT_KINDS, Advantages, Of
                                      RolloutBatch, StepContext)
 from alignrl.components import as_dict, build_algorithm, build_backbone, build_planner
 from alignrl.config import validate_batch_arithmetic
-from alignrl.data import PromptSet, load_eval_sets
+from alignrl.data import PromptSet, eval_prefix, load_eval_sets
 from alignrl.errors import AlignError, ConfigError
 from alignrl.eval.report import save_grid
 from alignrl.imagedata import ImageDataset, LatentCache
@@ -154,9 +154,11 @@ class Trainer:
         self.sharding = make_sharding(self.distributed, self.world, self.device, mp)
         if tcfg.decay_to_base and self.distributed.strategy in ("zero2", "zero3"):  # on any number of processes
             raise ConfigError(f"trainer.decay_to_base is not supported with distributed={self.distributed.strategy} "
-                              f"(DeepSpeed owns the weights' update); use distributed=ddp or fsdp, or "
-                              f"trainer.decay_to_base=0")
+                              f"(DeepSpeed owns the weights' update on several processes); use distributed=ddp or "
+                              f"fsdp, or trainer.decay_to_base=0")
         self.early_stop = EarlyStop(tcfg.early_stop) if tcfg.early_stop.enabled else None
+        if self.early_stop is not None:
+            self.early_stop.check_names([eval_prefix(name) for name in self.eval_sets])
         if tcfg.text_encoder != "frozen" and self.algorithm.needs_reference:
             raise ConfigError(f"trainer.text_encoder={tcfg.text_encoder} with a KL or reference term (algorithm "
                               f"{self.algorithm.name}) would need a frozen copy of the text encoder as reference; "
@@ -367,8 +369,8 @@ class Trainer:
         if not self.sharding.owns_update:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            if self._base_weights is not None:
-                self._decay_to_base()
+            if self._base_weights is not None and not getattr(self.optimizer, "step_was_skipped", False):
+                self._decay_to_base()  # (not after a step fp16 loss scaling skipped)
         self.lr_scheduler.step()
         self.optimizer_steps += 1
         if not self.policy.weights_finite():  # the same weights on every rank: all stop here together
@@ -400,10 +402,25 @@ class Trainer:
 
     def _keep_best(self) -> None:
         """trainer.early_stop.keep_best: a checkpoint of this (best) evaluation's step, kept through pruning."""
+        self.checkpointer.protected = self.iteration
         if self._last_saved_step != self.iteration:
             self.save_checkpoint()
         if self.is_main:
             ckpt.mark_best(self.run_dir, self.iteration)
+
+    def _reconcile_best(self) -> None:
+        """After a resume: checkpoints/BEST names the guard's restored best when its checkpoint exists (a crash
+        between saving it and naming it, or a resume from an earlier checkpoint, leaves another step there);
+        otherwise, or without keep_best, no step is protected and the file goes."""
+        best = self.early_stop.best_step if self.early_stop is not None else None
+        keep = self.settings.early_stop.keep_best and best is not None and \
+            ckpt.is_checkpoint(self.run_dir / "checkpoints" / ckpt.step_dir_name(best))
+        self.checkpointer.protected = best if keep else None
+        if self.is_main:
+            if keep:
+                ckpt.mark_best(self.run_dir, best)
+            else:
+                (self.run_dir / "checkpoints" / ckpt.BEST).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ main loop
     def train(self) -> str:
@@ -441,13 +458,13 @@ class Trainer:
                     + (f", {self.sharding.describe()}" if self.distributed.strategy != "ddp" else "") + f"; run dir {self.run_dir}"
                     + (f"; resumed from {self.resume_from}" if self.resume_from else "")
                 )
-            stopped_early = self.early_stop is not None and self.early_stop.stopped_at is not None and \
-                self.early_stop.bad_evals >= self.early_stop.s.patience
+            stopped_early = self.early_stop is not None and self.early_stop.stopped
             if stopped_early:  # resumed after the guard stopped the run, with the same patience
+                last_eval_step = self.iteration  # evaluated when it stopped
                 self.logger.write(f"alignrl: this run stopped early at step {self.early_stop.stopped_at} "
                                   f"({self.early_stop.reason()}); nothing to train: raise trainer.early_stop.patience "
                                   f"or set trainer.early_stop.metric=null to continue it")
-            if self.eval_hook and tcfg.eval_at_start and self.iteration == 0:
+            if self.eval_hook and tcfg.eval_at_start and self.iteration == 0 and self.resume_from is None:
                 first = {"train_seconds": 0.0, **self.eval_hook.evaluate(0)}
                 new_best, _ = self._watch(0, first)
                 self.logger.log(0, first)
@@ -480,14 +497,17 @@ class Trainer:
                     self.logger.log(step, metrics, images)
                     self.logger.progress(step, metrics)
                     self._write_status("running")  # a killed run still shows where it stopped
-                    if every("checkpoint_every") and step % every("checkpoint_every") == 0:
-                        self.save_checkpoint()
+                    if stop_early:  # before any save below: the checkpoint's guard state holds the stop
+                        self.early_stop.stopped_at = step
                     if new_best and tcfg.early_stop.keep_best:
                         self._keep_best()
+                    if every("checkpoint_every") and step % every("checkpoint_every") == 0 and \
+                            self._last_saved_step != step:
+                        self.save_checkpoint()
                     if stop_early:
-                        if self._last_saved_step != self.iteration:
+                        if self._last_saved_step != step:
                             self.save_checkpoint()
-                        best = ckpt.best_step(self.run_dir) if tcfg.early_stop.keep_best else None
+                        best = self.checkpointer.protected
                         self.logger.write(f"alignrl: {self.early_stop.reason()}; checkpoint saved at step "
                                           f"{self.iteration}" + (f", the best at {self.run_dir / 'checkpoints' / ckpt.step_dir_name(best)}"
                                                                   if best is not None else ""))
@@ -619,6 +639,7 @@ class Trainer:
         c = resumed.counters
         self.iteration, self.optimizer_steps, self.train_seconds = c.iteration, c.optimizer_steps, c.train_seconds
         self.resume_from = resumed.path
+        self._reconcile_best()
         self._step_known = True
         self._last_saved_step = resumed.saved_at_step
 
