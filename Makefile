@@ -26,7 +26,7 @@ run: install
 	$(BIN)/alignrl train $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS)   # one worker per core, a file per worker
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15 $(PYTEST_ARGS)   # one worker per core, a file per worker; the 15 slowest listed
 
 bench: install
 	$(BIN)/python scripts/bench_rollout.py
