@@ -240,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     date = (dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}") if dates else \
         f"{datetime.date.today().isoformat()} (run dates not recorded)"
     minutes_used = {e.get("minutes") for e in used if e.get("minutes")}
-    minutes = minutes_used.pop() if len(minutes_used) == 1 else args.minutes
+    minutes = max(minutes_used) if minutes_used else args.minutes
+    if len(minutes_used) > 1:  # runs of several budgets in one report (--reuse)
+        budgets = ", ".join(f"{r} {entries[r]['minutes']:g}" for r in args.recipes if entries.get(r, {}).get("minutes"))
+        note += (f" The training budgets differ by recipe (minutes: {budgets}); the budget named above is the "
+                 f"largest, and a mark past a run's budget shows '-'.")
     every_used = {e.get("eval_every_minutes") for e in used if e.get("eval_every_minutes")}
     every = every_used.pop() if len(every_used) == 1 else every  # what the runs used (--reuse)
     plot = arena.plot_arena(runs, Path(args.plot), minutes)

@@ -216,6 +216,22 @@ def test_script_reuse_writes_report_and_plot(tmp_path, capsys):
     assert capsys.readouterr().out.count(BEGIN) == 1
 
 
+def test_a_report_over_runs_of_different_budgets_names_each_budget(tmp_path):
+    bench = bench_module()
+    out = tmp_path / "runs"
+    write_run(out / "shapes_flowgrpo", synthetic_rows(LINEAR))
+    write_run(out / "shapes_awm", synthetic_rows(LINEAR))
+    entry = {"started": "2026-01-02T03:04:05+00:00", "wall_s": 2000.0, "exit_code": 0, "nproc": 2}
+    (out / "arena.json").write_text(json.dumps({"runs": {"shapes_flowgrpo": {**entry, "minutes": 30.0},
+                                                         "shapes_awm": {**entry, "minutes": 20.0}}}))
+    doc, plot = tmp_path / "arena.md", tmp_path / "arena.png"
+    assert bench.main(["--recipes", "shapes_flowgrpo", "shapes_awm", "--reuse", "--out", str(out), "--doc", str(doc),
+                       "--plot", str(plot)]) == 0
+    text = doc.read_text()
+    assert "Budget 30 training minutes per recipe" in text
+    assert "The training budgets differ by recipe (minutes: shapes_flowgrpo 30, shapes_awm 20)" in text
+
+
 def test_archived_runs_rebuild_the_report_after_the_run_directories_are_gone(tmp_path):
     bench = bench_module()
     out, archive = tmp_path / "runs", tmp_path / "archive"
