@@ -313,7 +313,7 @@ def sample_seed(seed: int, index: int) -> int:
 def sample(cfg: DictConfig) -> int:
     from alignrl.eval.report import save_grid, to_pil
     from alignrl.policy import load_policy
-    from alignrl.sampling.engine import rollout, sample_generators
+    from alignrl.sampling.engine import sample_images
 
     source = _source(cfg, cfg.eval.get("checkpoint"), "eval.checkpoint")
     cfg = source.cfg
@@ -340,10 +340,8 @@ def sample(cfg: DictConfig) -> int:
     all_images, captions, index = [], [], []
     with torch.no_grad():
         for p_idx, prompt in enumerate(prompts):
-            cond = backbone.encode_prompts([prompt] * num)
             ids = [p_idx * num + j for j in range(num)]
-            gens = sample_generators(seed, 0, ids, backbone.device)
-            images = backbone.decode(rollout(backbone, plan, cond, gens, record=False).final).cpu()
+            images = sample_images(backbone, plan, [prompt] * num, ids, seed)
             for j, im in enumerate(to_pil(images)):  # a video's PNG is its filmstrip
                 name = f"{p_idx:03d}_{j:02d}.png"
                 im.save(out_dir / name)

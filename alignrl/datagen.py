@@ -241,7 +241,7 @@ def make_dataset(cfg: DictConfig) -> int:
     from alignrl.eval.report import to_pil
     from alignrl.policy import load_policy
     from alignrl.rewards.base import WeightedReward
-    from alignrl.sampling.engine import rollout, sample_generators
+    from alignrl.sampling.engine import sample_images
     from alignrl.training import checkpoint as ckpt
 
     g = as_dict(cfg.get("datagen"))
@@ -295,14 +295,7 @@ def make_dataset(cfg: DictConfig) -> int:
     with open(data_file, "a", encoding="utf-8") as fh:
         for i in range(done, n):
             prompt, meta = prompts.prompts[i], prompts.metadata[i]
-            images = []
-            with torch.no_grad():
-                for start in range(0, k, batch):
-                    ids = [i * k + j for j in range(start, min(k, start + batch))]
-                    cond = backbone.encode_prompts([prompt] * len(ids))
-                    gens = sample_generators(seed, 0, ids, backbone.device)
-                    images.append(backbone.decode(rollout(backbone, plan, cond, gens, record=False).final).cpu())
-            images = torch.cat(images)
+            images = sample_images(backbone, plan, [prompt] * k, [i * k + j for j in range(k)], seed, batch)
             scores, _ = reward(images, [prompt] * k, [meta] * k)
             names = [f"images/{i:05d}_{j:02d}.{'mp4' if images.ndim == 5 else 'png'}" for j in range(len(images))]
             if images.ndim == 5:  # videos: an H.264 MP4 per clip (written atomically), what offline training reads

@@ -220,15 +220,14 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
             rows.append(("frozen reference for the KL (a copy)", dtype_bytes * P))
             model += dtype_bytes * P
             sharded_model += dtype_bytes * P / shards
-    if bool(t.ema.get("enabled", False)):
-        rows.append(("EMA of the trainable weights (fp32)", 4 * trainable))
-        model += 4 * trainable
-        sharded_model += 4 * trainable / shards
-    if float(t.get("decay_to_base", 0.0) or 0.0) > 0 and \
-            _distributed(cfg).strategy not in ("zero2", "zero3"):  # the weights it pulls toward (ZeRO refuses it)
-        rows.append(("starting weights for trainer.decay_to_base (fp32)", 4 * trainable))
-        model += 4 * trainable
-        sharded_model += 4 * trainable / shards
+    copies = (("EMA of the trainable weights (fp32)", bool(t.ema.get("enabled", False))),
+              ("starting weights for trainer.decay_to_base (fp32)",  # what it pulls toward (ZeRO refuses it)
+               float(t.get("decay_to_base", 0.0) or 0.0) > 0 and _distributed(cfg).strategy not in ("zero2", "zero3")))
+    for label, held in copies:  # fp32 copies of the trainable weights
+        if held:
+            rows.append((label, 4 * trainable))
+            model += 4 * trainable
+            sharded_model += 4 * trainable / shards
     act = act_ckpt if ckpt_on else act_plain
     rows.append((f"activations, micro-batch {micro}{' (CFG doubles it)' if cfg_in_loss else ''}, "
                  f"{'with' if ckpt_on else 'without'} gradient checkpointing", act))

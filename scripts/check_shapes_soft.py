@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from alignrl.rewards.shapes import ShapesGenEval, ShapesSeg, ShapesSoft  # noqa: E402
-from alignrl.sampling.engine import rollout, sample_generators  # noqa: E402
+from alignrl.sampling.engine import sample_images  # noqa: E402
 from alignrl.sampling.plans import ode_plan  # noqa: E402
 from alignrl.shapes.model import ShapesBackbone  # noqa: E402
 from alignrl.shapes.world import TAGS, eval_set  # noqa: E402
@@ -45,15 +45,8 @@ def main() -> int:
     backbone = ShapesBackbone.pretrained()
     plan = ode_plan(args.steps, args.guidance)
     metas = [m for m in eval_set(args.split) for _ in range(args.images)]
-    images = []
-    with torch.no_grad():
-        for start in range(0, len(metas), 64):
-            chunk = metas[start:start + 64]
-            cond = backbone.encode_prompts([m["prompt"] for m in chunk])
-            gens = sample_generators(args.seed, 0, range(start, start + len(chunk)))
-            images.append(backbone.decode(rollout(backbone, plan, cond, gens, record=False).final).cpu())
-    images = torch.cat(images)
     prompts = [m["prompt"] for m in metas]
+    images = sample_images(backbone, plan, prompts, range(len(metas)), args.seed, batch=64)
     exact, _ = ShapesGenEval()(images, prompts, metas)
     print(f"{len(metas)} images of the shipped model ({args.split}, {args.images} per prompt, {args.steps}-step ODE, "
           f"guidance {args.guidance}); mean exact partial {exact.mean():.3f}")

@@ -39,20 +39,14 @@ from alignrl.shapes.world import eval_set, render_batch, sample_metadata  # noqa
 
 def model_samples(metas: list[dict], steps: int, guidance: float, seed: int, backbone=None) -> torch.Tensor:
     """(N, 3, 32, 32) samples of the shipped model (ODE), in [0, 1]."""
-    from alignrl.sampling.engine import rollout, sample_generators
+    from alignrl.sampling.engine import sample_images
     from alignrl.sampling.plans import ode_plan
     from alignrl.shapes.model import ShapesBackbone
 
-    backbone = backbone or ShapesBackbone.pretrained()
-    plan = ode_plan(steps, guidance)
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(metas), 128):
-            chunk = metas[start:start + 128]
-            cond = backbone.encode_prompts([m["prompt"] for m in chunk])
-            gens = sample_generators(seed, 0, range(start, start + len(chunk)))
-            out.append(backbone.decode(rollout(backbone, plan, cond, gens, record=False).final).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 3, 32, 32)
+    if not metas:
+        return torch.zeros(0, 3, 32, 32)
+    return sample_images(backbone or ShapesBackbone.pretrained(), ode_plan(steps, guidance),
+                         [m["prompt"] for m in metas], range(len(metas)), seed, batch=128)
 
 
 def blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -134,10 +128,9 @@ def main(argv=None) -> int:
                          model_samples(train_metas[half:], 20, 3.0, args.seed + 1, backbone)])
     x = quantised(torch.cat([x_model, renders(args.renders, args.seed)]))
     y = labels_of(x)
-    val_split = [split for split in ("in_dist", "held_out")
-                 for m in eval_set(split, per_tag=args.val_per_tag) for _ in range(args.val_images)]
-    val_metas = [m for split in ("in_dist", "held_out")
-                 for m in eval_set(split, per_tag=args.val_per_tag) for _ in range(args.val_images)]
+    val = [(split, m) for split in ("in_dist", "held_out")
+           for m in eval_set(split, per_tag=args.val_per_tag) for _ in range(args.val_images)]
+    val_split, val_metas = [s for s, _ in val], [m for _, m in val]
     x_val = quantised(model_samples(val_metas, 20, 3.0, args.seed + 2, backbone))
     y_val = labels_of(x_val)
     t_data = time.perf_counter() - t0

@@ -217,6 +217,20 @@ def _side_branches(backbone, plan: RolloutPlan, schedule: Schedule, cond: Condit
                    leaf_tag=tag)
 
 
+@torch.no_grad()
+def sample_images(backbone: Backbone, plan: RolloutPlan, prompts: Sequence[str], ids: Sequence[int], seed: int,
+                  batch: int | None = None) -> torch.Tensor:
+    """Decoded samples on the CPU, one per prompt: sample ``ids[i]`` of ``prompts[i]`` from its own keyed stream
+    (``sample_generators(seed, 0, ids)``: the same image whatever the batching), ``batch`` at a time (default all)."""
+    step = batch or max(1, len(prompts))
+    out = []
+    for lo in range(0, len(prompts), step):
+        cond = backbone.encode_prompts(list(prompts[lo:lo + step]))
+        gens = sample_generators(seed, 0, ids[lo:lo + step], backbone.device)
+        out.append(backbone.decode(rollout(backbone, plan, cond, gens, record=False).final).cpu())
+    return torch.cat(out)
+
+
 def _mean_std(res: StepResult) -> float:
     return float(torch.as_tensor(res.std).float().mean()) if res.std is not None else 0.0
 

@@ -8,7 +8,7 @@ It is distilled from the judge: ``scripts/train_shapes_segmenter.py`` labels ima
 as given) and trains the net to predict those labels. The images are the shipped ShapeWorld model's own samples of
 training prompts (the distribution a policy starts from) and renders of the world with blur and noise (every
 colour-shape pair, held-out ones included, which the model seldom draws). The weights ship inside the package
-(``alignrl/shapes/segmenter``, 150 kB), with the command and the measured accuracy in ``training_info.json``.
+(``alignrl/shapes/segmenter``, 191 kB), with the command and the measured accuracy in ``training_info.json``.
 """
 
 from __future__ import annotations
