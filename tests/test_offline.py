@@ -142,7 +142,9 @@ def test_offline_two_processes_match_one(tmp_path, datasets):
                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     m1, m2 = _metrics(one), _metrics(two)
-    assert m1[0]["policy_loss"] == pytest.approx(m2[0]["policy_loss"], rel=1e-5)  # the same rows, noise, loss
+    # the same rows, noise, loss (rel 1.3e-5 measured on an AVX-512 machine: the per-process batches round apart;
+    # another row or noise would differ by far more)
+    assert m1[0]["policy_loss"] == pytest.approx(m2[0]["policy_loss"], rel=1e-4)
     # the same update up to the order gradients are summed in (Adam scales steps to ~lr = 1e-3 per weight, so
     # rounding shows where gradients are near its eps)
     w1, w2, later = _weights(one, 1), _weights(two, 1), _weights(one, 2)

@@ -358,10 +358,12 @@ def test_mixgrpo_window_survives_resume_exactly(tmp_path):
 
 
 # iterations per method; measured gain / first-4 std at 12 iterations (2 CPU cores): fast 2.9, mixgrpo 2.8,
-# flash 3.6, guard 4.9, branch 2.7, tempflow 2.8, g2rpo 2.4, awm 3.3; dance (1.1) and nft (1.0) need 16
-# (1.8 and 6.4 there). The test asks for > 1. (The UNet-born methods and ReinFlow: tests/test_new_methods.py.)
+# flash 3.6, guard 4.9, branch 2.7, tempflow 2.8, g2rpo 2.4, awm 3.3; nft (1.0) needs 16 (6.4 there). dance at
+# lr 1e-2 stalled on seed 42 on an AVX-512 machine (0.4 at 16 and 20 iterations; seeds 1-5: 3.3 to 5.8), at lr
+# 5e-3 (its recipe since 2026-12-03) it gains on every seed in 20 iterations: 1.5 (seed 42) to 4.8 (seeds 1-5),
+# the same with torch's AVX2 kernels; 22 here for margin. The test asks for > 1. (The UNet-born methods and ReinFlow: tests/test_new_methods.py.)
 LEARNING = {
-    "tiny_flowgrpo_fast": 12, "tiny_mixgrpo": 12, "tiny_mixgrpo_flash": 12, "tiny_dancegrpo": 16,
+    "tiny_flowgrpo_fast": 12, "tiny_mixgrpo": 12, "tiny_mixgrpo_flash": 12, "tiny_dancegrpo": 22,
     "tiny_grpo_guard": 12, "tiny_branchgrpo": 12, "tiny_tempflow": 12, "tiny_g2rpo": 12, "tiny_awm": 12,
     "tiny_nft": 16,
 }
