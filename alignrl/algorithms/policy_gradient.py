@@ -23,21 +23,23 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
     backbone = ctx.backbone
     schedule = backbone.make_schedule(batch.plan.base_steps)
     adv_t = torch.as_tensor(adv.transition, dtype=torch.float32, device=ctx.device)
-    keep_all = torch.as_tensor(adv.transition_keep, dtype=torch.bool)
+    keep_all = torch.as_tensor(adv.transition_keep, dtype=torch.bool).tolist()
     weight = batch.t_weight
+    # per-row schedule indices as Python ints: read row by row below (an element of a tensor costs an operation)
+    t_from, t_to = batch.t_from.tolist(), batch.t_to.tolist()
     by_root: dict[int, list[int]] = {}
     for i, r in enumerate(batch.t_root.tolist()):
         by_root.setdefault(r, []).append(i)
     # the roots' conditioning once (cache hits gathered per pass); a training text encoder encodes per pass, as
     # each pass's backward needs a graph of its own
     root_cond = None if backbone.text_trainable else backbone.encode_prompts(batch.prompts)
-    sums = {k: 0.0 for k in algo.diagnostics}
+    sums = {k: [] for k in algo.diagnostics}  # per-pass sums, reduced once at the end
     count = 0
     grad_norms = []
     ratio_dev_before_update = 0.0  # on-policy check: the first update's ratios must all be 1
     stepped = False  # whether an optimizer step has run (a skipped, empty update is not the first)
     for epoch in range(ctx.inner_epochs):
-        for chunk, rows in update_sets(batch, ctx, by_root, keep_all, epoch):
+        for chunk, rows in update_sets(batch, ctx, by_root, keep_all, epoch, t_from):
             first_update = not stepped
             local_w = float(weight[rows].sum()) if rows else 0.0
             global_w = float(ctx.all_reduce_sum(torch.tensor([local_w], dtype=torch.float64,
@@ -50,10 +52,10 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
             for m in range(0, len(kept_roots), ctx.train_batch_size):
                 mb_roots = kept_roots[m:m + ctx.train_batch_size]
                 mb_rows = torch.tensor([i for r in mb_roots for i in by_root[r] if i in in_set], dtype=torch.long)
-                groups.extend(step_groups(batch, mb_rows))
+                groups.extend(step_groups(batch, mb_rows, t_from, t_to))
             for group, real in balanced_passes(groups, ctx, torch.zeros(1, dtype=torch.long)):  # padding: row 0
-                spec = batch.t_spec[int(group[0])]
-                j, j_to = int(batch.t_from[group[0]]), int(batch.t_to[group[0]])
+                g0 = int(group[0])
+                spec, j, j_to = batch.t_spec[g0], t_from[g0], t_to[g0]
                 g_dev = group.to(ctx.device)
                 x = batch.x.index_select(0, g_dev)  # index_select: measured several times faster than x[g] here
                 roots = batch.t_root.index_select(0, group)
@@ -83,15 +85,16 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
                 if first_update and "ratio" in diag:
                     ratio_dev_before_update = max(ratio_dev_before_update, float((diag["ratio"] - 1).abs().max()))
                 for key in algo.diagnostics:
-                    sums[key] += float(diag[key].float().sum())
+                    sums[key].append(diag[key].detach().float().sum())
                 count += len(group)
             grad_norms.append(ctx.optimizer_step())
             stepped = True
-    return ctx.summarise(sums, count, ratio_dev_before_update, grad_norms)
+    totals = {k: float(torch.stack(v).double().sum()) if v else 0.0 for k, v in sums.items()}
+    return ctx.summarise(totals, count, ratio_dev_before_update, grad_norms)
 
 
-def update_sets(batch: RolloutBatch, ctx: StepContext, by_root: dict, keep: torch.Tensor,
-                epoch: int) -> list[tuple[list[int], list[int]]]:
+def update_sets(batch: RolloutBatch, ctx: StepContext, by_root: dict, keep: list[bool], epoch: int,
+                t_from: list[int]) -> list[tuple[list[int], list[int]]]:
     """Each optimizer step's (roots in order, kept transition rows) on this rank, per ``ctx.update_by``.
 
     ``samples``: the roots of each of the loop's chunks, all their steps. ``step``: every root, one schedule step
@@ -103,10 +106,10 @@ def update_sets(batch: RolloutBatch, ctx: StepContext, by_root: dict, keep: torc
     if ctx.update_by == "samples":
         return [(roots, [i for r in roots for i in by_root.get(r, ()) if keep[i]]) for roots in chunks]
     roots = [r for chunk in chunks for r in chunk]
-    rows = [i for r in roots for i in sorted(by_root.get(r, ()), key=lambda i: int(batch.t_from[i])) if keep[i]]
+    rows = [i for r in roots for i in sorted(by_root.get(r, ()), key=lambda i: t_from[i]) if keep[i]]
     if ctx.update_by == "step":
         steps = int(batch.plan.base_steps)
-        return [(roots, [i for i in rows if int(batch.t_from[i]) == j]) for j in range(steps)]
+        return [(roots, [i for i in rows if t_from[i] == j]) for j in range(steps)]
     if ctx.update_by != "transitions":
         raise ValueError(f"update_by '{ctx.update_by}' is not known")
     n = ctx.transitions_per_update
@@ -116,11 +119,12 @@ def update_sets(batch: RolloutBatch, ctx: StepContext, by_root: dict, keep: torc
     return [(roots, rows[u * n:(u + 1) * n]) for u in range(updates)]
 
 
-def step_groups(batch: RolloutBatch, rows: torch.Tensor) -> list[torch.Tensor]:
-    """``rows`` split by (start index, end index, kernel), in schedule order, each in ``rows``' order."""
+def step_groups(batch: RolloutBatch, rows: torch.Tensor, t_from: list[int], t_to: list[int]) -> list[torch.Tensor]:
+    """``rows`` split by (start index, end index, kernel), in schedule order, each in ``rows``' order (``t_from``,
+    ``t_to``: the batch's per-row schedule indices as lists)."""
     groups: dict[tuple, list[int]] = {}
     for i in rows.tolist():
         spec = batch.t_spec[i]
-        key = (int(batch.t_from[i]), int(batch.t_to[i]), spec.kind, spec.noise_level)
+        key = (t_from[i], t_to[i], spec.kind, spec.noise_level)
         groups.setdefault(key, []).append(i)
     return [torch.tensor(groups[k], dtype=torch.long) for k in sorted(groups)]

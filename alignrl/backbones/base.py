@@ -93,6 +93,8 @@ class Schedule:
 
     sigmas: torch.Tensor  # float32, (T+1,)
     timesteps: torch.Tensor  # float32, (T,)
+    # per-step factors the kernels derive from the sigmas alone (apply_step's), kept with the schedule they came from
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_steps(self) -> int:

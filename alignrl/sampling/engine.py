@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 
 from alignrl.backbones.base import Backbone, Conditioning, Schedule
-from alignrl.sampling.kernels import KERNELS, StepResult, dpm_solver_2m_step, ode_step
+from alignrl.sampling.kernels import (KERNELS, REVERSE_SDE, StepResult, dpm_solver_2m_step, ode_step,
+                                     reverse_sde_step, sde_coefficients)
 from alignrl.sampling.plans import RolloutPlan, StepSpec
 
 
@@ -97,6 +98,14 @@ def apply_step(backbone: Backbone, spec: StepSpec, schedule: Schedule, i, x: tor
     """Run (or, with ``next_x``, re-score) the step ``i -> i_to`` (default ``i + 1``) of ``schedule`` with the
     kernel ``spec`` names. ``i`` may be a per-sample (B,) tensor of schedule indices."""
     i_to = i + 1 if i_to is None else i_to
+    if spec.kind in REVERSE_SDE and isinstance(i, int) and isinstance(i_to, int):
+        # a step's factors depend on the schedule only: computed once per (step, kernel) and kept on the schedule
+        key = (spec.kind, i, i_to, float(spec.noise_level), x.device)
+        c = schedule.memo.get(key)
+        if c is None:
+            c = schedule.memo[key] = sde_coefficients(spec.kind, x, schedule.sigmas[i], schedule.sigmas[i_to],
+                                                      noise_level=spec.noise_level, sigma_max_guard=schedule.sigmas[1])
+        return reverse_sde_step(spec.kind, x, v, c, noise=noise, next_x=next_x)
     sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i_to]
     if spec.kind == "ode":
         return ode_step(x, v, sigma, sigma_next)

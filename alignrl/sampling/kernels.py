@@ -47,8 +47,12 @@ def mean_over_dims(t: torch.Tensor) -> torch.Tensor:
 def gaussian_logp_mean_per_dim(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Log-density of ``sample`` under N(mean, std^2), averaged over non-batch dims."""
     std = _per_sample(std, sample) if torch.as_tensor(std).ndim <= 1 else std
-    logp = -((sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
-    return mean_over_dims(logp)
+    return _logp(sample, mean, 2 * std**2, torch.log(std))
+
+
+def _logp(sample: torch.Tensor, mean: torch.Tensor, two_var: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """``gaussian_logp_mean_per_dim`` given ``2 std^2`` and ``log std`` (computed once per step by the SDE kernels)."""
+    return mean_over_dims(-((sample.detach() - mean) ** 2) / two_var - log_std - LOG_SQRT_2PI)
 
 
 def ode_step(x, v, sigma, sigma_next) -> StepResult:
@@ -65,41 +69,67 @@ def flow_sde_std_t(sigma, sigma_max_guard, noise_level: float) -> torch.Tensor:
     return noise_level * torch.sqrt(sigma / denom)
 
 
-def _reverse_sde(name: str, x, v, s, dt, std_t, noise, next_x) -> StepResult:
-    """The Euler-Maruyama step of the marginal-preserving reverse SDE of a rectified flow for a noise scale
-    ``std_t``: mean = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt,
-    next_x = mean + std_t sqrt(-dt) eps; sampled with ``noise``, or ``next_x`` re-scored."""
-    mean = x * (1 + std_t**2 / (2 * s) * dt) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
+@dataclass(frozen=True)
+class SDECoefficients:
+    """A reverse-SDE step's scalar (or per-sample) factors, which depend on the schedule, not on the latents:
+    ``mean = x * c_x + v * c_v * dt``, ``next_x = mean + std * eps``. Computed by ``sde_coefficients`` (the rollout
+    engine keeps them per schedule step, so a step repeated over batches and updates computes them once)."""
+
+    dt: torch.Tensor
+    std_t: torch.Tensor
+    c_x: torch.Tensor
+    c_v: torch.Tensor
+    std: torch.Tensor
+    two_var: torch.Tensor  # 2 std^2
+    log_std: torch.Tensor
+
+
+def sde_coefficients(kind: str, x: torch.Tensor, sigma, sigma_next, *, noise_level: float,
+                     sigma_max_guard) -> SDECoefficients:
+    """The factors of the marginal-preserving reverse SDE of a rectified flow for ``kind`` "sde" (Flow-GRPO:
+    ``std_t = a sqrt(sigma / (1 - sigma))``) or "wan" (``std_t = a * sigmas[1] * sigma``), broadcast against
+    ``x``: mean = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt, std = std_t sqrt(-dt)."""
+    s = _per_sample(sigma, x)
+    dt = _per_sample(sigma_next, x) - s
+    if kind == "sde":
+        std_t = _per_sample(flow_sde_std_t(torch.as_tensor(sigma, device=x.device), sigma_max_guard, noise_level), x)
+    elif kind == "wan":
+        std_t = noise_level * torch.as_tensor(sigma_max_guard, dtype=torch.float32, device=x.device) * s
+    else:
+        raise ValueError(f"sde_coefficients: kernel '{kind}' is not a reverse-SDE kernel (sde, wan)")
     std = std_t * torch.sqrt(-dt)
+    return SDECoefficients(dt=dt, std_t=std_t, c_x=1 + std_t**2 / (2 * s) * dt,
+                           c_v=1 + std_t**2 * (1 - s) / (2 * s), std=std, two_var=2 * std**2, log_std=torch.log(std))
+
+
+def reverse_sde_step(name: str, x, v, c: SDECoefficients, noise=None, next_x=None) -> StepResult:
+    """The Euler-Maruyama step of the reverse SDE with factors ``c``; sampled with ``noise``, or ``next_x``
+    re-scored."""
+    x, v = x.float(), v.float()
+    mean = x * c.c_x + v * c.c_v * c.dt
     if next_x is None:
         if noise is None:
             raise ValueError(f"{name} needs noise to sample or next_x to score")
-        next_x = mean + std * noise.float()
-    logp = gaussian_logp_mean_per_dim(next_x.float(), mean, std)
-    return StepResult(next_x=next_x, mean=mean, std=std, logp_mean_per_dim=logp, std_t=std_t)
+        next_x = mean + c.std * noise.float()
+    logp = _logp(next_x.float(), mean, c.two_var, c.log_std)
+    return StepResult(next_x=next_x, mean=mean, std=c.std, logp_mean_per_dim=logp, std_t=c.std_t)
 
 
 def flow_sde_step(x, v, sigma, sigma_next, *, noise_level: float, sigma_max_guard, noise=None,
                   next_x=None) -> StepResult:
-    """Flow-GRPO's SDE step (``_reverse_sde``) with ``std_t = a sqrt(sigma / (1 - sigma))``. ``sigma_max_guard`` is
-    ``sigmas[1]`` of the schedule."""
-    x, v = x.float(), v.float()
-    s = _per_sample(sigma, x)
-    dt = _per_sample(sigma_next, x) - s
-    std_t = _per_sample(flow_sde_std_t(torch.as_tensor(sigma, device=x.device), sigma_max_guard, noise_level), x)
-    return _reverse_sde("flow_sde_step", x, v, s, dt, std_t, noise, next_x)
+    """Flow-GRPO's SDE step (``reverse_sde_step``) with ``std_t = a sqrt(sigma / (1 - sigma))``. ``sigma_max_guard``
+    is ``sigmas[1]`` of the schedule."""
+    c = sde_coefficients("sde", x, sigma, sigma_next, noise_level=noise_level, sigma_max_guard=sigma_max_guard)
+    return reverse_sde_step("flow_sde_step", x, v, c, noise, next_x)
 
 
 def wan_sde_step(x, v, sigma, sigma_next, *, noise_level: float, sigma_max_guard, noise=None,
                  next_x=None) -> StepResult:
-    """Flow-GRPO's SDE step as its Wan2.1 trainer runs it: ``_reverse_sde`` with ``std_t = a * sigmas[1] * sigma``
+    """Flow-GRPO's SDE step as its Wan2.1 trainer runs it: ``reverse_sde_step`` with ``std_t = a * sigmas[1] * sigma``
     (the reference: ``a = 1``, ``sigma_min + (sigma_max - sigma_min) sigma`` with ``sigma_max = sigmas[1]`` and
     ``sigma_min = sigmas[-1] = 0``), so the noise shrinks linearly with sigma and never divides by ``1 - sigma``."""
-    x, v = x.float(), v.float()
-    s = _per_sample(sigma, x)
-    dt = _per_sample(sigma_next, x) - s
-    std_t = noise_level * torch.as_tensor(sigma_max_guard, dtype=torch.float32, device=x.device) * s
-    return _reverse_sde("wan_sde_step", x, v, s, dt, std_t, noise, next_x)
+    c = sde_coefficients("wan", x, sigma, sigma_next, noise_level=noise_level, sigma_max_guard=sigma_max_guard)
+    return reverse_sde_step("wan_sde_step", x, v, c, noise, next_x)
 
 
 def cps_step(x, v, sigma, sigma_next, *, noise_level: float, noise=None, next_x=None, **_unused) -> StepResult:
@@ -221,3 +251,4 @@ KernelFn = Callable[..., StepResult]
 KERNELS: dict[str, KernelFn] = {"sde": flow_sde_step, "cps": cps_step, "dance": dance_sde_step, "ddim": ddim_step,
                                 "wan": wan_sde_step}
 DETERMINISTIC = ("ode", "dpm2m")
+REVERSE_SDE = ("sde", "wan")  # the kernels made of sde_coefficients and reverse_sde_step

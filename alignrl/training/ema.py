@@ -28,8 +28,12 @@ class EMA:
             return
         step = self.optimizer_steps
         decay = min(self.decay, (1 + step) / (10 + step))
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1 - decay)
+        sources = [p if p.dtype == torch.float32 else p.float() for p in self.params]  # no_grad: no detach needed
+        if any(type(s) is not torch.Tensor for s in self.shadow):  # sharded (DTensor) shadows: one lerp each
+            for s, src in zip(self.shadow, sources):
+                s.lerp_(src, 1 - decay)
+        else:  # one call for all tensors: the same lerp per element, without an operation's dispatch per tensor
+            torch._foreach_lerp_(self.shadow, sources, 1 - decay)
         self.num_updates += 1
 
     @contextmanager
