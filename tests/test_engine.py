@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from alignrl.backbones.base import Conditioning
 from alignrl.errors import ConfigError
 from alignrl.sampling.engine import rollout, sample_generators
 from alignrl.sampling.plans import FlowGRPOPlanner, RolloutPlan, StepSpec, ode_plan
@@ -57,6 +58,29 @@ def test_prompt_cache_reuses_embeddings(tiny_sd3):
     assert torch.equal(a.tensors["prompt_embeds"][0], a.tensors["prompt_embeds"][2])
     b = tiny_sd3.encode_prompts(["a blue dog"])
     assert torch.equal(b.tensors["prompt_embeds"][0], a.tensors["prompt_embeds"][1])
+
+
+def test_cached_rows_of_repeated_prompts_and_prebuilt_cfg_rows_equal_the_plain_path(tiny_sd3):
+    """A group's repeated prompts are gathered from their distinct rows; an update's [empty; prompt] conditioning
+    built once and gathered per pass (``cfg_conditioning`` / ``cfg_rows``) predicts exactly what the per-call
+    concatenation does, and is refused where it would be wrong."""
+    prompts = ["a red cat", "a blue dog", "a red cat", "a red cat", "a green owl", "a blue dog"]
+    tiny_sd3.cache.entries.clear()
+    tiny_sd3.encode_prompts(prompts)
+    got = tiny_sd3.cache.get(prompts)
+    want = Conditioning.cat(tiny_sd3.cache.entries[p] for p in prompts)
+    assert all(torch.equal(got.tensors[k], want.tensors[k]) for k in want.tensors)
+    rows = torch.tensor([4, 1, 3])
+    x = torch.randn(3, *tiny_sd3.latent_shape())
+    t = tiny_sd3.make_schedule(4).timesteps[1]
+    plain = tiny_sd3.predict(x, t, got.index(rows), 4.5)
+    both = tiny_sd3.cfg_conditioning(got)
+    assert both.batch_size == 2 * len(prompts) and both.with_negative
+    assert torch.equal(tiny_sd3.predict(x, t, tiny_sd3.cfg_rows(both, rows), 4.5), plain)
+    with pytest.raises(ValueError, match="twice as many"):
+        tiny_sd3.predict(x[:2], t, tiny_sd3.cfg_rows(both, rows), 4.5)
+    with pytest.raises(ValueError, match="without guidance"):
+        tiny_sd3.predict(x, t, tiny_sd3.cfg_rows(both, rows), 1.0)
 
 
 def test_model_evals_and_trained_steps_follow_the_plan(tiny_sd3):

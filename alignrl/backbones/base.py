@@ -52,9 +52,11 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
 
 @dataclass
 class Conditioning:
-    """Text conditioning for a batch: every tensor has the batch as its first dimension."""
+    """Text conditioning for a batch: every tensor has the batch as its first dimension. ``with_negative``: the
+    rows are already [empty-prompt rows; prompt rows] (``Backbone.cfg_conditioning``), so guidance adds none."""
 
     tensors: dict[str, torch.Tensor]
+    with_negative: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -80,7 +82,7 @@ class Conditioning:
         return Conditioning({k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors})
 
     def to(self, device=None, dtype=None) -> "Conditioning":
-        return Conditioning({k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()})
+        return Conditioning({k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}, self.with_negative)
 
 
 @dataclass
@@ -127,7 +129,12 @@ class PromptCache:
             self.entries[p] = cond.index(slice(i, i + 1))
 
     def get(self, prompts: Sequence[str]) -> Conditioning:
-        return Conditioning.cat(self.entries[p] for p in prompts)
+        distinct = list(dict.fromkeys(prompts))
+        if len(distinct) == len(prompts):
+            return Conditioning.cat(self.entries[p] for p in prompts)
+        # a group's K copies of one prompt: the distinct rows once, then one gather
+        at = {p: i for i, p in enumerate(distinct)}
+        return Conditioning.cat(self.entries[p] for p in distinct).index(torch.tensor([at[p] for p in prompts]))
 
 
 
@@ -316,16 +323,42 @@ class Backbone:
                guidance_scale: float) -> torch.Tensor:
         """``call(x, t, cond)`` once over [empty-prompt rows; prompt rows] combined by classifier-free
         guidance ``v_u + w (v_c - v_u)``, or once over the prompt rows when CFG is off; float32."""
-        use_cfg = self.uses_cfg and guidance_scale > 1.0
+        use_cfg = self.cfg_active(guidance_scale)
         if use_cfg:
-            cond = self._with_negative(cond, x.shape[0])
+            if not cond.with_negative:
+                cond = self._with_negative(cond, x.shape[0])
+            elif cond.batch_size != 2 * x.shape[0]:
+                raise ValueError(f"guided: a conditioning with its negative rows has {cond.batch_size} rows for "
+                                 f"{x.shape[0]} latents (it needs twice as many)")
             x = torch.cat([x, x])
+        elif cond.with_negative:
+            raise ValueError("guided: a conditioning with its negative rows was given to a call without guidance")
         t = timestep.expand(x.shape[0]) if timestep.ndim == 0 else timestep.repeat(1 + use_cfg)
         out = call(x, t, cond)
         if use_cfg:
             uncond, text = out.chunk(2)
             out = uncond + guidance_scale * (text - uncond)
         return out.float()
+
+    def cfg_active(self, guidance_scale: float) -> bool:
+        """Whether ``predict`` at this guidance runs classifier-free guidance (a negative row per prompt row)."""
+        return self.uses_cfg and guidance_scale > 1.0
+
+    def cfg_conditioning(self, cond: Conditioning) -> Conditioning:
+        """[empty-prompt rows; ``cond``], marked so that ``guided`` uses it as it is: callers that run many passes
+        over rows of one conditioning build it once and take each pass's rows with ``cfg_rows`` (one gather a
+        pass instead of a gather and a concatenation)."""
+        both = Conditioning.cat([self.negative_conditioning().expand(cond.batch_size), cond])
+        both.with_negative = True
+        return both
+
+    @staticmethod
+    def cfg_rows(both: Conditioning, rows: torch.Tensor) -> Conditioning:
+        """Rows ``rows`` of the prompt conditioning inside ``both`` (``cfg_conditioning``'s), with their negatives."""
+        n = both.batch_size // 2
+        out = both.index(torch.cat([rows, rows + n]))
+        out.with_negative = True
+        return out
 
     def _with_negative(self, cond: Conditioning, n: int) -> Conditioning:
         """[empty-prompt rows; ``cond``] for CFG, built once per conditioning: a rollout's steps reuse it (the last
