@@ -98,7 +98,8 @@ def apply_step(backbone: Backbone, spec: StepSpec, schedule: Schedule, i, x: tor
     """Run (or, with ``next_x``, re-score) the step ``i -> i_to`` (default ``i + 1``) of ``schedule`` with the
     kernel ``spec`` names. ``i`` may be a per-sample (B,) tensor of schedule indices."""
     i_to = i + 1 if i_to is None else i_to
-    if spec.kind in REVERSE_SDE and isinstance(i, int) and isinstance(i_to, int):
+    if spec.kind in REVERSE_SDE and isinstance(i, int) and isinstance(i_to, int) \
+            and not torch.is_inference_mode_enabled():  # (inference tensors kept would refuse a later backward)
         # a step's factors depend on the schedule only: computed once per (step, kernel) and kept on the schedule
         key = (spec.kind, i, i_to, float(spec.noise_level), x.device)
         c = schedule.memo.get(key)
