@@ -83,6 +83,28 @@ def test_cached_rows_of_repeated_prompts_and_prebuilt_cfg_rows_equal_the_plain_p
         tiny_sd3.predict(x, t, tiny_sd3.cfg_rows(both, rows), 1.0)
 
 
+def test_sde_step_factors_are_computed_once_per_step_and_equal_the_kernel(tiny_sd3):
+    """apply_step keeps a reverse-SDE step's schedule factors on the schedule; the step equals the kernel called
+    directly, bit for bit, sampled and re-scored, and each (kernel, step) is computed once."""
+    from alignrl.sampling.engine import apply_step
+    from alignrl.sampling.kernels import KERNELS
+
+    schedule = tiny_sd3.make_schedule(6)
+    schedule.memo.clear()
+    torch.manual_seed(0)
+    x, v, eps = (torch.randn(3, *tiny_sd3.latent_shape()) for _ in range(3))
+    for kind in ("sde", "wan"):
+        spec = StepSpec(kind=kind, noise_level=0.7, trained=True)
+        for i in (0, 2, 2):
+            got = apply_step(tiny_sd3, spec, schedule, i, x, v, noise=eps)
+            want = KERNELS[kind](x, v, schedule.sigmas[i], schedule.sigmas[i + 1], noise_level=0.7,
+                                 sigma_max_guard=schedule.sigmas[1], noise=eps)
+            again = apply_step(tiny_sd3, spec, schedule, i, x, v, next_x=got.next_x)
+            assert torch.equal(got.next_x, want.next_x) and torch.equal(got.logp_mean_per_dim, want.logp_mean_per_dim)
+            assert torch.equal(again.logp_mean_per_dim, want.logp_mean_per_dim)
+    assert sorted((k[0], k[1]) for k in schedule.memo) == [("sde", 0), ("sde", 2), ("wan", 0), ("wan", 2)]
+
+
 def test_model_evals_and_trained_steps_follow_the_plan(tiny_sd3):
     counter = CountingTransformer(tiny_sd3.transformer)
     planner = FlowGRPOPlanner(num_steps=10, timestep_fraction=0.99, guidance_scale=4.5)
