@@ -36,6 +36,7 @@ class FakeBackbone:
     prediction_type = "flow"
     # the protocol's flow-frame conversions and objective weight (identities for flow models)
     to_frame, from_frame, objective_weight = Backbone.to_frame, Backbone.from_frame, Backbone.objective_weight
+    uses_cfg, cfg_active = False, Backbone.cfg_active  # no guidance: predict ignores the conditioning
 
     def __init__(self, w: float = 0.5):
         self.denoiser = ScalarDenoiser(w)
