@@ -60,9 +60,9 @@ def test_prompt_cache_reuses_embeddings(tiny_sd3):
     assert torch.equal(b.tensors["prompt_embeds"][0], a.tensors["prompt_embeds"][1])
 
 
-def test_cached_rows_of_repeated_prompts_and_prebuilt_cfg_rows_equal_the_plain_path(tiny_sd3):
+def test_cached_rows_of_repeated_prompts_and_prebuilt_cfg_conditioning_equal_the_plain_path(tiny_sd3):
     """A group's repeated prompts are gathered from their distinct rows; an update's [empty; prompt] conditioning
-    built once and gathered per pass (``cfg_conditioning`` / ``cfg_rows``) predicts exactly what the per-call
+    built once and gathered per pass (``cfg_conditioning``, then ``index``) predicts exactly what the per-call
     concatenation does, and is refused where it would be wrong."""
     prompts = ["a red cat", "a blue dog", "a red cat", "a red cat", "a green owl", "a blue dog"]
     tiny_sd3.cache.entries.clear()
@@ -76,11 +76,13 @@ def test_cached_rows_of_repeated_prompts_and_prebuilt_cfg_rows_equal_the_plain_p
     plain = tiny_sd3.predict(x, t, got.index(rows), 4.5)
     both = tiny_sd3.cfg_conditioning(got)
     assert both.batch_size == 2 * len(prompts) and both.with_negative
-    assert torch.equal(tiny_sd3.predict(x, t, tiny_sd3.cfg_rows(both, rows), 4.5), plain)
+    assert torch.equal(tiny_sd3.predict(x, t, both.index(rows), 4.5), plain)
     with pytest.raises(ValueError, match="twice as many"):
-        tiny_sd3.predict(x[:2], t, tiny_sd3.cfg_rows(both, rows), 4.5)
+        tiny_sd3.predict(x[:2], t, both.index(rows), 4.5)
     with pytest.raises(ValueError, match="without guidance"):
-        tiny_sd3.predict(x, t, tiny_sd3.cfg_rows(both, rows), 1.0)
+        tiny_sd3.predict(x, t, both.index(rows), 1.0)
+    with pytest.raises(ValueError, match="1-D tensor of prompt rows"):
+        both.index(slice(0, 2))
 
 
 def test_sde_step_factors_are_computed_once_per_step_and_equal_the_kernel(tiny_sd3):

@@ -34,7 +34,7 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
     # each pass's backward needs a graph of its own
     root_cond = None if backbone.text_trainable else backbone.encode_prompts(batch.prompts)
     if root_cond is not None and backbone.cfg_active(batch.plan.guidance_scale):
-        root_cond = backbone.cfg_conditioning(root_cond)  # with its negative rows once; each pass gathers both
+        root_cond = backbone.cfg_conditioning(root_cond)  # with its negative rows once; index gathers both
     sums = {k: [] for k in algo.diagnostics}  # per-pass sums, reduced once at the end
     count = 0
     grad_norms = []
@@ -61,10 +61,8 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
                 g_dev = group.to(ctx.device)
                 x = batch.x.index_select(0, g_dev)  # index_select: measured several times faster than x[g] here
                 roots = batch.t_root.index_select(0, group)
-                if root_cond is None:
-                    cond = backbone.encode_prompts([batch.prompts[int(r)] for r in roots])
-                else:
-                    cond = backbone.cfg_rows(root_cond, roots) if root_cond.with_negative else root_cond.index(roots)
+                cond = root_cond.index(roots) if root_cond is not None else \
+                    backbone.encode_prompts([batch.prompts[int(r)] for r in roots])
                 with ctx.autocast():
                     v = backbone.predict(x, schedule.timesteps[j], cond, batch.plan.guidance_scale)
                 next_x = batch.next_x.index_select(0, g_dev)

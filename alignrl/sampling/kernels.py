@@ -84,19 +84,25 @@ class SDECoefficients:
     log_std: torch.Tensor
 
 
+# each reverse-SDE kernel's noise scale std_t (x, sigma, sigma broadcast against x, sigmas[1], a)
+_STD_T = {
+    "sde": lambda x, sigma, s, guard, a: _per_sample(
+        flow_sde_std_t(torch.as_tensor(sigma, device=x.device), guard, a), x),
+    "wan": lambda x, sigma, s, guard, a: a * torch.as_tensor(guard, dtype=torch.float32, device=x.device) * s,
+}
+REVERSE_SDE = tuple(_STD_T)  # the kernels made of sde_coefficients and reverse_sde_step
+
+
 def sde_coefficients(kind: str, x: torch.Tensor, sigma, sigma_next, *, noise_level: float,
                      sigma_max_guard) -> SDECoefficients:
     """The factors of the marginal-preserving reverse SDE of a rectified flow for ``kind`` "sde" (Flow-GRPO:
     ``std_t = a sqrt(sigma / (1 - sigma))``) or "wan" (``std_t = a * sigmas[1] * sigma``), broadcast against
     ``x``: mean = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt, std = std_t sqrt(-dt)."""
+    if kind not in _STD_T:
+        raise ValueError(f"sde_coefficients: kernel '{kind}' is not a reverse-SDE kernel ({', '.join(_STD_T)})")
     s = _per_sample(sigma, x)
     dt = _per_sample(sigma_next, x) - s
-    if kind == "sde":
-        std_t = _per_sample(flow_sde_std_t(torch.as_tensor(sigma, device=x.device), sigma_max_guard, noise_level), x)
-    elif kind == "wan":
-        std_t = noise_level * torch.as_tensor(sigma_max_guard, dtype=torch.float32, device=x.device) * s
-    else:
-        raise ValueError(f"sde_coefficients: kernel '{kind}' is not a reverse-SDE kernel (sde, wan)")
+    std_t = _STD_T[kind](x, sigma, s, sigma_max_guard, noise_level)
     std = std_t * torch.sqrt(-dt)
     return SDECoefficients(dt=dt, std_t=std_t, c_x=1 + std_t**2 / (2 * s) * dt,
                            c_v=1 + std_t**2 * (1 - s) / (2 * s), std=std, two_var=2 * std**2, log_std=torch.log(std))
@@ -251,4 +257,3 @@ KernelFn = Callable[..., StepResult]
 KERNELS: dict[str, KernelFn] = {"sde": flow_sde_step, "cps": cps_step, "dance": dance_sde_step, "ddim": ddim_step,
                                 "wan": wan_sde_step}
 DETERMINISTIC = ("ode", "dpm2m")
-REVERSE_SDE = ("sde", "wan")  # the kernels made of sde_coefficients and reverse_sde_step
