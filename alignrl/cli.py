@@ -24,6 +24,7 @@ commands:
   reward-check  score a folder of images with a reward before a run (images=<dir|glob> prompts=<file|text>)
   data      a dataset for the offline methods from a model and a reward: out=<dir> kind=pairs|lists|labels|
             captions [samples_per_prompt=8 checkpoint=<run|ckpt> pairing=best_worst|all margin=0 num_prompts=N];
+            or derive pairs|labels|captions from a kind=lists run: from_lists=<dir|lists.jsonl> (no sampling);
             or import a Hugging Face dataset: source=<hub id|dir> [split=train limit=N] (Pick-a-Pic layout)
   plan      per-GPU memory of a recipe on a machine (machine.gpus=8 machine.gpu_memory_gb=80 machine.nodes=1):
             weights, gradients, optimizer, reference, EMA, encoders, activations; whether it fits and what would
@@ -47,6 +48,7 @@ examples:
   alignrl serve-reward reward=shapes_geneval port=8000 # a reward server; clients use reward=remote
   alignrl reward-check reward=ocr images=samples/ prompts='a sign that says "HELLO"'
   alignrl data recipe=shapes_flowgrpo out=data/shapes_pairs kind=pairs samples_per_prompt=8
+  alignrl data kind=labels from_lists=data/shapes_lists  # KTO's labels from the same scored images
   alignrl data source=yuvalkirstain/pickapic_v2 kind=pairs out=data/pickapic limit=100000
 
 `alignrl <command> --help` lists the config groups and their options.
@@ -58,7 +60,7 @@ SERVE_SHORTHANDS = ("port", "host", "token", "token_file")
 CHECK_SHORTHANDS = ("images", "prompts", "out", "batch_size")
 EXPORT_SHORTHANDS = ("checkpoint", "out", "weights", "device")
 DATA_SHORTHANDS = ("out", "kind", "checkpoint", "weights", "samples_per_prompt", "pairing", "margin", "label_fraction", "ranks",
-                   "prompts", "num_prompts", "batch_size", "progress", "source", "split", "limit")
+                   "prompts", "num_prompts", "batch_size", "progress", "source", "split", "limit", "from_lists")
 # commands that write no run directory or Hydra log file
 QUIET = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         rest = _shorthands(rest, EXPORT_SHORTHANDS, "export", quote=("checkpoint", "out"))
         rest = QUIET + (_on_run_config(rest) if _names_checkpoint(rest, "export.checkpoint") else rest)
     elif command == "data":
-        rest = _shorthands(rest, DATA_SHORTHANDS, "datagen", quote=("checkpoint", "out", "prompts", "source"))
+        rest = _shorthands(rest, DATA_SHORTHANDS, "datagen", quote=("checkpoint", "out", "prompts", "source", "from_lists"))
         rest = QUIET + (_on_run_config(rest) if _names_checkpoint(rest, "datagen.checkpoint") else rest)
     elif command == "plan":
         rest = QUIET + rest

@@ -15,6 +15,10 @@ Ties (a gap below ``margin``, or no gap at all) make no pair. A run resumes: ``p
 prompts finished and the file's length then, so an interrupted run continues where it stopped and ends with the
 rows a single run would have written.
 
+``from_lists=<a lists .jsonl or its directory>`` derives pairs, labels or captions from an earlier ``kind=lists`` run
+(``derive_from_lists``): no model, no sampling, the same rows a sampling run of that kind writes (same images, same
+scores), so one sampling pass serves every offline method.
+
 ``source=<hub id or local directory>`` imports an existing Hugging Face dataset instead (``import_dataset``):
 Pick-a-Pic v2's layout for pairs (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``; SmPO's ``ps_score_0/1`` or
 ``score_0/1`` kept as the pair's scores), ``caption`` + ``jpg``/``image`` (+ ``label``) for captions and labels.
@@ -220,6 +224,52 @@ def import_dataset(g: dict, out: Path, kind: str) -> int:
     return 0
 
 
+def derive_from_lists(g: dict, kind: str, pairing: str, fraction: float) -> int:
+    """``kind`` rows from an earlier ``kind=lists`` dataset: each list is one prompt's scored images, exactly what
+    a sampling run ranks, so the rows equal that run's. Written to ``out`` (default: the lists file's folder), the
+    image paths relative to it; an existing file of that kind is refused, never overwritten."""
+    from alignrl.training import checkpoint as ckpt
+
+    if kind == "lists":
+        raise ConfigError("from_lists= derives pairs, labels or captions; kind=lists is the source itself")
+    src = Path(str(g["from_lists"])).expanduser()
+    if src.is_dir():
+        src = src / "lists.jsonl"
+    if not src.is_file():
+        raise ConfigError(f"from_lists='{g['from_lists']}' is not a lists .jsonl (or a folder holding lists.jsonl); "
+                          f"make one with `alignrl data out=<dir> kind=lists`")
+    out = Path(str(g.get("out") or src.parent)).expanduser()
+    data_file = out / f"{kind}.jsonl"
+    if data_file.exists():
+        raise ConfigError(f"{data_file} exists; remove it or give another out=")
+    out.mkdir(parents=True, exist_ok=True)
+    margin = float(g.get("margin", 0.0))
+    rows, prompts, skipped = [], 0, 0
+    for lineno, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            names, scores = list(raw["images"]), np.asarray(raw["scores"], dtype=np.float64)
+            prompt = raw["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{src}:{lineno}: not a lists row ({type(e).__name__}: {e}); a row needs prompt, "
+                              f"images and scores") from None
+        if len(names) != len(scores):
+            raise ConfigError(f"{src}:{lineno}: {len(names)} images but {len(scores)} scores")
+        names = [os.path.relpath(src.parent / n, out) for n in names]
+        meta = {k: v for k, v in raw.items() if k not in ("prompt", "images", "scores")}
+        got = rows_for_prompt(kind, prompt, names, scores, pairing=pairing, margin=margin, label_fraction=fraction,
+                              meta=meta)
+        prompts += 1
+        skipped += not got
+        rows += got
+    ckpt.atomic_write_text(data_file, "".join(json.dumps(r) + "\n" for r in rows))
+    print(f"alignrl: {len(rows)} {kind} rows from the {prompts} lists of {src} in {data_file} ({skipped} prompts gave "
+          f"no row: ties)", file=sys.stderr)
+    return 0
+
+
 def select_prompts(cfg: DictConfig, which):
     """``prompts=``: train (data.train), eval (the first data.eval set) or a prompt file."""
     from alignrl.data import PromptSet, load_eval_sets
@@ -256,6 +306,11 @@ def make_dataset(cfg: DictConfig) -> int:
         raise ConfigError(f"kind='{kind}' is not known; use one of {', '.join(KINDS)} or trajectories")
     if pairing not in PAIRINGS:
         raise ConfigError(f"pairing='{pairing}' is not known; use best_worst or all")
+    fraction = float(g.get("label_fraction", 0.5))
+    if not 0 < fraction <= 0.5:
+        raise ConfigError(f"label_fraction={fraction} must be in (0, 0.5]")
+    if g.get("from_lists"):
+        return derive_from_lists(g, kind, pairing, fraction)
     if not g.get("out"):
         raise ConfigError("out is not set; pass out=<a new or earlier `alignrl data` directory>")
     if g.get("source"):
@@ -263,9 +318,6 @@ def make_dataset(cfg: DictConfig) -> int:
     k = int(g.get("samples_per_prompt", 8))
     if k < 2:
         raise ConfigError(f"samples_per_prompt={k}: a reward ranks at least 2 images per prompt")
-    fraction = float(g.get("label_fraction", 0.5))
-    if not 0 < fraction <= 0.5:
-        raise ConfigError(f"label_fraction={fraction} must be in (0, 0.5]")
     out = Path(str(g["out"])).expanduser()
     source = _source(cfg, g.get("checkpoint"), "checkpoint")
     cfg = source.cfg

@@ -65,14 +65,32 @@ def test_data_command_writes_a_valid_dataset_and_resumes_to_the_same_rows(tmp_pa
     assert proc.returncode != 0 and "kind='triples' is not known" in proc.stderr
 
 
-@pytest.mark.parametrize("kind", ["lists", "labels", "captions"])
-def test_data_command_writes_every_kind(tmp_path, kind):
-    out = tmp_path / kind
-    proc = _data(tmp_path, out, "num_prompts=2", f"kind={kind}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    ds = ImageDataset.load(out / f"{kind}.jsonl", kind)
-    ds.validate()
-    assert len(ds) >= 1
+def test_kinds_derived_from_a_lists_run_equal_the_sampled_ones(tmp_path):
+    """One sampling pass (kind=lists) serves every offline method: pairs, labels and captions derived from it are,
+    byte for byte, the files sampling runs of those kinds write (same keyed images, same scores)."""
+    lists = tmp_path / "lists"
+    assert _data(tmp_path, lists, "num_prompts=3", "kind=lists").returncode == 0
+    assert len(ImageDataset.load(lists / "lists.jsonl", "lists")) == 3
+    for kind in ("pairs", "labels", "captions"):
+        sampled = tmp_path / f"sampled_{kind}"
+        assert _data(tmp_path, sampled, "num_prompts=3", f"kind={kind}").returncode == 0
+        proc = _data(tmp_path, lists, f"kind={kind}", f"from_lists={lists}")  # written beside lists.jsonl
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (lists / f"{kind}.jsonl").read_text() == (sampled / f"{kind}.jsonl").read_text()
+        ImageDataset.load(lists / f"{kind}.jsonl", kind).validate()
+    # another out=: the image paths are rewritten relative to it, the images the same files
+    other = tmp_path / "elsewhere" / "d"
+    assert _data(tmp_path, other, "kind=pairs", f"from_lists={lists / 'lists.jsonl'}").returncode == 0
+    moved, here = ImageDataset.load(other / "pairs.jsonl", "pairs"), ImageDataset.load(lists / "pairs.jsonl", "pairs")
+    assert [[p.resolve() for p in r.images] for r in moved.rows] == [[p.resolve() for p in r.images] for r in here.rows]
+    assert not (other / "images").exists()
+    # refused in one line: an existing file, kind=lists, a missing source
+    proc = _data(tmp_path, lists, "kind=pairs", f"from_lists={lists}")
+    assert proc.returncode != 0 and "pairs.jsonl exists; remove it or give another out=" in proc.stderr
+    proc = _data(tmp_path, lists, "kind=lists", f"from_lists={lists}")
+    assert proc.returncode != 0 and "kind=lists is the source itself" in proc.stderr
+    proc = _data(tmp_path, tmp_path / "y", "kind=pairs", f"from_lists={tmp_path / 'nothing'}")
+    assert proc.returncode != 0 and "is not a lists .jsonl" in proc.stderr
 
 
 def _pickapic_parquet(directory, n=5):
