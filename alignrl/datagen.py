@@ -9,6 +9,7 @@ in the layouts of ``alignrl/imagedata.py``:
   pair whose score gap is at least ``margin``);
 - ``lists``: all K images with their scores (RankDPO);
 - ``labels``: the top ``label_fraction`` of each prompt's images desirable, the bottom fraction undesirable (KTO);
+  images tied across the boundary are left out (``label_halves``), a prompt whose images all score alike gives none;
 - ``captions``: the best image of each prompt (rejection-sampling SFT).
 
 Ties (a gap below ``margin``, or no gap at all) make no pair. A run resumes: ``progress.json`` records the
@@ -47,6 +48,24 @@ KINDS = ("pairs", "lists", "labels", "captions")
 PAIRINGS = ("best_worst", "all")
 
 
+def label_halves(ranked: list[float], fraction: float) -> tuple[list[int], list[int]]:
+    """Positions (in ``ranked``, scores best first) of the desirable and the undesirable images: the top and the
+    bottom ``fraction``, every desirable score strictly above every undesirable one. Where the halves share a score
+    (a judge's 1s and 0s: six of eight images pass), the images tied across the boundary are left out of the side
+    that would lose fewer, so [1, 1, 1, 1, 1, 1, 0, 0] gives four desirable and two undesirable images, not none."""
+    n = min(max(1, int(round(len(ranked) * fraction))), len(ranked) // 2)
+    if n == 0:
+        return [], []
+    top, bottom = list(range(n)), list(range(len(ranked) - n, len(ranked)))
+    # undesirable first: the bottom images below every top score, then the top ones above what is left
+    u_first = [j for j in bottom if ranked[j] < ranked[top[-1]]]
+    u_first = ([j for j in top if u_first and ranked[j] > ranked[u_first[0]]], u_first)
+    d_first = [j for j in top if ranked[j] > ranked[bottom[0]]]
+    d_first = (d_first, [j for j in bottom if d_first and ranked[j] < ranked[d_first[-1]]])
+    best = max((u_first, d_first), key=lambda side: (min(len(side[0]), len(side[1])) > 0, len(side[0]) + len(side[1])))
+    return best if best[0] and best[1] else ([], [])
+
+
 def rows_for_prompt(kind: str, prompt: str, names: list[str], scores: np.ndarray, *, pairing: str = "best_worst",
                     margin: float = 0.0, label_fraction: float = 0.5, meta: dict | None = None) -> list[dict]:
     """The dataset rows one prompt's scored images give (images with a non-finite score are left out)."""
@@ -67,15 +86,9 @@ def rows_for_prompt(kind: str, prompt: str, names: list[str], scores: np.ndarray
     if kind == "lists":
         return [{"prompt": prompt, "images": [names[i] for i in ok], "scores": [s[i] for i in ok], **meta}]
     if kind == "labels":
-        n = max(1, int(round(len(order) * label_fraction)))
-        n = min(n, len(order) // 2)
-        if n == 0:
-            return []
-        top, bottom = order[:n], order[-n:]
-        if s[top[-1]] <= s[bottom[0]]:  # no score gap between the labelled halves: a tie, no labels
-            return []
-        return [{"prompt": prompt, "image": names[i], "label": 1, "score": s[i], **meta} for i in top] + \
-               [{"prompt": prompt, "image": names[i], "label": 0, "score": s[i], **meta} for i in bottom]
+        top, bottom = label_halves([s[i] for i in order], label_fraction)
+        return [{"prompt": prompt, "image": names[order[j]], "label": 1, "score": s[order[j]], **meta} for j in top] + \
+               [{"prompt": prompt, "image": names[order[j]], "label": 0, "score": s[order[j]], **meta} for j in bottom]
     return [{"prompt": prompt, "image": names[order[0]], "score": s[order[0]], **meta}]  # captions
 
 

@@ -37,6 +37,33 @@ def test_lists_labels_captions_and_non_finite_scores():
     assert rows_for_prompt("captions", "p", NAMES, np.full(4, np.nan)) == []  # all NaN
 
 
+def test_labels_leave_out_only_the_images_tied_across_the_boundary():
+    """A judge's 1s and 0s: six of eight images pass. The halves share a score, and the images tied across the
+    boundary are left out, not the prompt (which gave no labels before: 422 of ShapeWorld's 542 prompts)."""
+    from alignrl.datagen import label_halves
+
+    names = [f"{i}.png" for i in range(8)]
+    rows = rows_for_prompt("labels", "p", names, np.array([1, 0, 1, 1, 1, 0, 1, 1.0]))
+    assert {r["image"]: r["label"] for r in rows} == {"0.png": 1, "2.png": 1, "3.png": 1, "4.png": 1,
+                                                       "1.png": 0, "5.png": 0}
+    assert label_halves([1, 1, 0, 0, 0, 0, 0, 0], 0.5) == ([0, 1], [4, 5, 6, 7])  # the mirror case
+    assert label_halves([0.9, 0.7, 0.4, 0.1], 0.5) == ([0, 1], [2, 3])  # no tie: the plain halves
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        k = int(rng.integers(2, 10))
+        ranked = sorted(rng.integers(0, 3, size=k) / 2, reverse=True)
+        fraction = float(rng.choice([0.25, 0.5]))
+        top, bottom = label_halves(ranked, fraction)
+        n = min(max(1, round(k * fraction)), k // 2)
+        assert set(top) <= set(range(n)) and set(bottom) <= set(range(k - n, k))  # within the halves
+        assert bool(top) == bool(bottom)  # both sides or neither
+        assert all(ranked[a] > ranked[b] for a in top for b in bottom)  # every desirable above every undesirable
+        if ranked[n - 1] > ranked[k - n]:
+            assert (top, bottom) == (list(range(n)), list(range(k - n, k)))  # a gap: nothing left out
+        elif len(set(ranked)) > 1 and (ranked[0] > ranked[k - n] or ranked[n - 1] > ranked[-1]):
+            assert top  # a score gap inside the halves always gives labels
+
+
 def _data(tmp_path, out, *args):
     from conftest import run_inprocess
 

@@ -76,13 +76,50 @@ def test_every_tiny_offline_twin_learns_its_objective(tmp_path, datasets, method
     assert rows[-1]["epoch"] == pytest.approx(16 * 16 / len(ImageDataset.load(datasets[KINDS[method]], KINDS[method])))
 
 
-def test_kto_trains_through_the_loop(tmp_path, datasets):
-    """Diffusion-KTO's tiny twin is not calibrated yet (its implicit accuracy stays near 0.5 at beta 20, measured),
-    so this checks the loop only: labels read, the reference point over all rows, a gradient, finite losses."""
-    rows = _metrics(_train(tmp_path, "diffusion_kto", datasets["labels"], "trainer.max_steps=3",
-                           "trainer.eval_every=0", "trainer.checkpoint_every=0"))
-    assert len(rows) == 3 and all(np.isfinite(r["policy_loss"]) and 0 <= r["policy_loss"] <= 1 for r in rows)
-    assert rows[0]["grad_norm"] > 0
+def test_kto_fits_its_labels(tmp_path, datasets):
+    """Diffusion-KTO's images have no partner sharing their noise, so its per-iteration diagnostics are dominated by
+    each image's own (t, eps) (the implicit accuracy stays near 0.5, measured). What it learns is measured instead at
+    fixed draws: the signed margin (2y - 1)(e_ref - e_th) over all 128 labelled images, averaged over 4 (t, eps)
+    draws per image, is exactly 0 before training (policy = reference) and positive after 4 iterations of 16
+    optimizer steps at the recipe's lr (measured on seeds 42, 1, 2: +0.0011, +0.0029, +0.0071). A loss with its
+    sign flipped drives it negative."""
+    import dataclasses
+
+    from accelerate.state import AcceleratorState
+
+    from alignrl.config import compose
+    from alignrl.training.trainer import Trainer
+
+    AcceleratorState._reset_state()
+    cfg = compose(["recipe=tiny_diffusion_kto", f"data.offline.path={datasets['labels']}", f"run_dir={tmp_path}",
+                   "trainer.max_steps=4", "trainer.eval_every=0", "trainer.checkpoint_every=0",
+                   "data.offline.rows_per_iteration=128", *QUIET])
+    t = Trainer(cfg, tmp_path)
+    batch = t.collect_offline()
+    assert len(batch) == 128 and set(batch.labels.tolist()) == {0.0, 1.0}
+    rows = torch.arange(len(batch))
+
+    def margin() -> float:
+        ctx = t.step_context()
+        schedule = ctx.backbone.make_schedule(1000)
+        out = []
+        for draw in range(4):  # draws keyed by an iteration training never reaches
+            fixed = dataclasses.replace(ctx, iteration=10_000 + draw)
+            idx, eps, _ = t.algorithm.draws(fixed, batch)
+            with torch.no_grad():
+                e_th, e_ref = t.algorithm.errors(fixed, schedule, batch, rows, batch.latents[:, 0].float(),
+                                                 list(batch.prompts), idx[:, 0], eps[:, 0], True)
+            out.append(float(((2 * batch.labels.float() - 1) * (e_ref - e_th)).mean()))
+        return float(np.mean(out))
+
+    assert margin() == 0.0
+    losses = []
+    for _ in range(4):
+        losses.append(t.run_iteration()["policy_loss"])
+        t.iteration += 1
+    assert all(np.isfinite(v) and 0 <= v <= 1 for v in losses)
+    assert margin() > 0
+    t.reward_runner.close()
 
 
 def test_the_reference_is_frozen_and_shares_noise(tmp_path, datasets):
