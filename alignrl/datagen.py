@@ -16,9 +16,10 @@ Ties (a gap below ``margin``, or no gap at all) make no pair. A run resumes: ``p
 prompts finished and the file's length then, so an interrupted run continues where it stopped and ends with the
 rows a single run would have written.
 
-``from_lists=<a lists .jsonl or its directory>`` derives pairs, labels or captions from an earlier ``kind=lists`` run
-(``derive_from_lists``): no model, no sampling, the same rows a sampling run of that kind writes (same images, same
-scores), so one sampling pass serves every offline method.
+Every sampling run also keeps each prompt's scored images as ``lists.jsonl`` (the ``lists`` layout), and
+``from_lists=<a lists .jsonl or its directory>`` derives pairs, labels or captions from it (``derive_from_lists``):
+no model, no sampling, the same rows a sampling run of that kind writes (same images, same scores), so one sampling
+pass serves every offline method.
 
 ``source=<hub id or local directory>`` imports an existing Hugging Face dataset instead (``import_dataset``):
 Pick-a-Pic v2's layout for pairs (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``; SmPO's ``ps_score_0/1`` or
@@ -30,6 +31,7 @@ like a sampling run.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -346,6 +348,16 @@ def make_dataset(cfg: DictConfig) -> int:
     if done >= n:
         print(f"alignrl: {out} already holds {n} prompts ({lines} {kind} rows)", file=sys.stderr)
         return 0
+    # every image's score is kept beside the other kinds (lists.jsonl), so any kind can be derived later
+    lists_file, lists_lines = (out / "lists.jsonl" if kind != "lists" else None), 0
+    if lists_file is not None:
+        progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
+        if done and "lists_lines" not in progress:
+            lists_file = None  # a directory an earlier version began: it goes on without the scores file
+        else:
+            lists_lines = int(progress.get("lists_lines", 0))
+            kept = lists_file.read_text(encoding="utf-8").splitlines()[:lists_lines] if lists_file.exists() else []
+            ckpt.atomic_write_text(lists_file, "".join(line + "\n" for line in kept))
 
     reward = WeightedReward.from_config(as_dict(cfg.reward))
     backbone, model = load_policy(source, _device(cfg), settings["weights"])
@@ -357,7 +369,8 @@ def make_dataset(cfg: DictConfig) -> int:
     bar = tqdm(total=n, initial=done, desc=f"alignrl data ({kind})", unit="prompt", file=sys.stderr,
                disable=not bool(g.get("progress", True)))
     t0, skipped = time.time(), 0
-    with open(data_file, "a", encoding="utf-8") as fh:
+    with open(data_file, "a", encoding="utf-8") as fh, \
+            (open(lists_file, "a", encoding="utf-8") if lists_file else contextlib.nullcontext()) as lh:
         for i in range(done, n):
             prompt, meta = prompts.prompts[i], prompts.metadata[i]
             images = sample_images(backbone, plan, [prompt] * k, [i * k + j for j in range(k)], seed, batch)
@@ -381,10 +394,19 @@ def make_dataset(cfg: DictConfig) -> int:
             fh.flush()
             os.fsync(fh.fileno())
             lines += len(rows)
-            ckpt.atomic_write_text(progress_file, json.dumps({"settings": settings, "prompts_done": i + 1,
-                                                              "lines": lines, "model": model}, indent=2))
+            progress = {"settings": settings, "prompts_done": i + 1, "lines": lines, "model": model}
+            if lists_file is not None:
+                for row in rows_for_prompt("lists", prompt, names, np.asarray(scores), meta={"prompt_id": i, **meta}):
+                    lh.write(json.dumps(row) + "\n")
+                    lists_lines += 1
+                lh.flush()
+                os.fsync(lh.fileno())
+                progress["lists_lines"] = lists_lines
+            ckpt.atomic_write_text(progress_file, json.dumps(progress, indent=2))
             bar.update(1)
     bar.close()
     print(f"alignrl: {lines} {kind} rows from {n} prompts x {k} images of {model} in {data_file} "
-          f"({skipped} prompts gave no row: ties; {time.time() - t0:.0f} s)", file=sys.stderr)
+          f"({skipped} prompts gave no row: ties; {time.time() - t0:.0f} s)"
+          + (f"; every image's score in {lists_file} (other kinds: from_lists={out})" if lists_file else ""),
+          file=sys.stderr)
     return 0

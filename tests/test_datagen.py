@@ -82,8 +82,14 @@ def test_data_command_writes_a_valid_dataset_and_resumes_to_the_same_rows(tmp_pa
     # an interrupted run (2 prompts) continued to 4 ends with the rows of the uninterrupted one
     part = tmp_path / "part"
     assert _data(tmp_path, part, "num_prompts=2").returncode == 0
+    for name in ("pairs.jsonl", "lists.jsonl"):  # a crash after a prompt's rows, before progress.json said so
+        with open(part / name, "a") as fh:
+            fh.write('{"prompt": "written before the crash"}\n')
     assert _data(tmp_path, part, "num_prompts=4").returncode == 0
     assert (part / "pairs.jsonl").read_text() == (whole / "pairs.jsonl").read_text()
+    # every image's score is kept beside the pairs, one list per prompt, resumed alike
+    assert (part / "lists.jsonl").read_text() == (whole / "lists.jsonl").read_text()
+    assert len(ImageDataset.load(whole / "lists.jsonl", "lists")) == 4
     assert json.loads((part / "progress.json").read_text())["prompts_done"] == 4
     # the same directory with another setting is refused, in one line
     proc = _data(tmp_path, part, "num_prompts=4", "kind=lists")
@@ -101,6 +107,7 @@ def test_kinds_derived_from_a_lists_run_equal_the_sampled_ones(tmp_path):
     for kind in ("pairs", "labels", "captions"):
         sampled = tmp_path / f"sampled_{kind}"
         assert _data(tmp_path, sampled, "num_prompts=3", f"kind={kind}").returncode == 0
+        assert (sampled / "lists.jsonl").read_text() == (lists / "lists.jsonl").read_text()  # kept by every kind
         proc = _data(tmp_path, lists, f"kind={kind}", f"from_lists={lists}")  # written beside lists.jsonl
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert (lists / f"{kind}.jsonl").read_text() == (sampled / f"{kind}.jsonl").read_text()
@@ -111,6 +118,10 @@ def test_kinds_derived_from_a_lists_run_equal_the_sampled_ones(tmp_path):
     moved, here = ImageDataset.load(other / "pairs.jsonl", "pairs"), ImageDataset.load(lists / "pairs.jsonl", "pairs")
     assert [[p.resolve() for p in r.images] for r in moved.rows] == [[p.resolve() for p in r.images] for r in here.rows]
     assert not (other / "images").exists()
+    # a pairs run's own directory: its labels derived in place from the scores it kept
+    assert _data(tmp_path, tmp_path / "sampled_pairs", "kind=labels", f"from_lists={tmp_path / 'sampled_pairs'}"
+                 ).returncode == 0
+    assert (tmp_path / "sampled_pairs" / "labels.jsonl").read_text() == (lists / "labels.jsonl").read_text()
     # refused in one line: an existing file, kind=lists, a missing source
     proc = _data(tmp_path, lists, "kind=pairs", f"from_lists={lists}")
     assert proc.returncode != 0 and "pairs.jsonl exists; remove it or give another out=" in proc.stderr
