@@ -24,7 +24,7 @@ commands:
   reward-check  score a folder of images with a reward before a run (images=<dir|glob> prompts=<file|text>)
   data      a dataset for the offline methods from a model and a reward: out=<dir> kind=pairs|lists|labels|
             captions [samples_per_prompt=8 checkpoint=<run|ckpt> pairing=best_worst|all margin=0 num_prompts=N];
-            or derive pairs|labels|captions from a kind=lists run: from_lists=<dir|lists.jsonl> (no sampling);
+            or derive pairs|labels|captions from any earlier run's scores: from_lists=<dir|lists.jsonl>;
             or import a Hugging Face dataset: source=<hub id|dir> [split=train limit=N] (Pick-a-Pic layout)
   plan      per-GPU memory of a recipe on a machine (machine.gpus=8 machine.gpu_memory_gb=80 machine.nodes=1):
             weights, gradients, optimizer, reference, EMA, encoders, activations; whether it fits and what would

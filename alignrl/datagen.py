@@ -240,48 +240,72 @@ def import_dataset(g: dict, out: Path, kind: str) -> int:
 
 
 def derive_from_lists(g: dict, kind: str, pairing: str, fraction: float) -> int:
-    """``kind`` rows from an earlier ``kind=lists`` dataset: each list is one prompt's scored images, exactly what
-    a sampling run ranks, so the rows equal that run's. Written to ``out`` (default: the lists file's folder), the
-    image paths relative to it; an existing file of that kind is refused, never overwritten."""
+    """``kind`` rows from an earlier run's ``lists.jsonl`` (every sampling run keeps one): each list is one prompt's
+    scored images, exactly what a sampling run ranks, so the rows equal that run's. Only the lines the source run
+    committed are read (its progress.json says how many: one still running, or one that crashed, has more). Written
+    to ``out`` (default: the lists file's folder), the image paths relative to it (resolved: a symlinked out= is
+    followed); an existing file of that kind is refused, never overwritten."""
     from alignrl.training import checkpoint as ckpt
 
     if kind == "lists":
         raise ConfigError("from_lists= derives pairs, labels or captions; kind=lists is the source itself")
+    if g.get("source"):
+        raise ConfigError("from_lists= and source= both given; derive from an earlier run (from_lists=) or import a "
+                          "dataset (source=), not both")
     src = Path(str(g["from_lists"])).expanduser()
     if src.is_dir():
         src = src / "lists.jsonl"
     if not src.is_file():
         raise ConfigError(f"from_lists='{g['from_lists']}' is not a lists .jsonl (or a folder holding lists.jsonl); "
-                          f"make one with `alignrl data out=<dir> kind=lists`")
+                          f"any `alignrl data out=<dir>` sampling run writes <dir>/lists.jsonl")
     out = Path(str(g.get("out") or src.parent)).expanduser()
     data_file = out / f"{kind}.jsonl"
     if data_file.exists():
         raise ConfigError(f"{data_file} exists; remove it or give another out=")
-    out.mkdir(parents=True, exist_ok=True)
+    lines = src.read_text(encoding="utf-8").splitlines()
+    progress_file = src.parent / "progress.json"
+    if src.name == "lists.jsonl" and progress_file.is_file():  # the rows the source run committed, no more
+        progress = json.loads(progress_file.read_text())
+        committed = progress.get("lists_lines", progress.get("lines")
+                                 if progress.get("settings", {}).get("kind") == "lists" else None)
+        if committed is not None:
+            lines = lines[:int(committed)]
     margin = float(g.get("margin", 0.0))
     rows, prompts, skipped = [], 0, 0
-    for lineno, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"{src}:{lineno}"
         try:
             raw = json.loads(line)
-            names, scores = list(raw["images"]), np.asarray(raw["scores"], dtype=np.float64)
-            prompt = raw["prompt"]
+            names, scores, prompt = raw["images"], raw["scores"], raw["prompt"]
+            ok = isinstance(names, list) and all(isinstance(n, str) for n in names) and isinstance(scores, list)
+            scores = np.asarray(scores, dtype=np.float64)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"{src}:{lineno}: not a lists row ({type(e).__name__}: {e}); a row needs prompt, "
-                              f"images and scores") from None
-        if len(names) != len(scores):
-            raise ConfigError(f"{src}:{lineno}: {len(names)} images but {len(scores)} scores")
-        names = [os.path.relpath(src.parent / n, out) for n in names]
+            raise ConfigError(f"{where}: not a lists row ({type(e).__name__}: {e}); a row needs prompt, images "
+                              f"(paths) and scores (numbers)") from None
+        if not ok or scores.ndim != 1 or len(names) != len(scores):
+            raise ConfigError(f"{where}: images must be a list of paths and scores a list of as many numbers")
+        paths = [(src.parent / n).resolve() for n in names]
+        missing = next((n for n, p in zip(names, paths) if not p.is_file()), None)
+        if missing is not None:
+            raise ConfigError(f"{where}: image '{missing}' does not exist (paths are relative to {src.parent}); "
+                              f"copy the run's images/ with its lists.jsonl")
         meta = {k: v for k, v in raw.items() if k not in ("prompt", "images", "scores")}
-        got = rows_for_prompt(kind, prompt, names, scores, pairing=pairing, margin=margin, label_fraction=fraction,
-                              meta=meta)
+        got = rows_for_prompt(kind, prompt, [p.as_posix() for p in paths], scores, pairing=pairing, margin=margin,
+                              label_fraction=fraction, meta=meta)
         prompts += 1
         skipped += not got
         rows += got
+    out.mkdir(parents=True, exist_ok=True)
+    base = out.resolve()
+    for row in rows:  # image paths relative to out=, as the layouts read them
+        for key in ("winner", "loser", "image"):
+            if key in row:
+                row[key] = Path(os.path.relpath(row[key], base)).as_posix()
     ckpt.atomic_write_text(data_file, "".join(json.dumps(r) + "\n" for r in rows))
     print(f"alignrl: {len(rows)} {kind} rows from the {prompts} lists of {src} in {data_file} ({skipped} prompts gave "
-          f"no row: ties)", file=sys.stderr)
+          f"no row: ties, or fewer than two finite scores)", file=sys.stderr)
     return 0
 
 
@@ -312,6 +336,8 @@ def make_dataset(cfg: DictConfig) -> int:
     g = as_dict(cfg.get("datagen"))
     kind, pairing = str(g.get("kind", "pairs")), str(g.get("pairing", "best_worst"))
     if kind == "trajectories":
+        if g.get("from_lists"):
+            raise ConfigError("from_lists= derives pairs, labels or captions; trajectories are sampled (drop from_lists=)")
         if not g.get("out"):
             raise ConfigError("out is not set; pass out=<a new or earlier `alignrl data` directory>")
         from alignrl.trajectories import make_trajectories
@@ -357,7 +383,12 @@ def make_dataset(cfg: DictConfig) -> int:
         else:
             lists_lines = int(progress.get("lists_lines", 0))
             kept = lists_file.read_text(encoding="utf-8").splitlines()[:lists_lines] if lists_file.exists() else []
-            ckpt.atomic_write_text(lists_file, "".join(line + "\n" for line in kept))
+            if len(kept) < lists_lines:  # removed or cut since: appending would leave out its first prompts
+                print(f"alignrl: {lists_file} holds {len(kept)} of the {lists_lines} lists written; it is not "
+                      f"continued (from_lists= would miss prompts)", file=sys.stderr)
+                lists_file = None
+            else:
+                ckpt.atomic_write_text(lists_file, "".join(line + "\n" for line in kept))
 
     reward = WeightedReward.from_config(as_dict(cfg.reward))
     backbone, model = load_policy(source, _device(cfg), settings["weights"])

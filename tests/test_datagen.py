@@ -118,10 +118,23 @@ def test_kinds_derived_from_a_lists_run_equal_the_sampled_ones(tmp_path):
     moved, here = ImageDataset.load(other / "pairs.jsonl", "pairs"), ImageDataset.load(lists / "pairs.jsonl", "pairs")
     assert [[p.resolve() for p in r.images] for r in moved.rows] == [[p.resolve() for p in r.images] for r in here.rows]
     assert not (other / "images").exists()
-    # a pairs run's own directory: its labels derived in place from the scores it kept
-    assert _data(tmp_path, tmp_path / "sampled_pairs", "kind=labels", f"from_lists={tmp_path / 'sampled_pairs'}"
-                 ).returncode == 0
-    assert (tmp_path / "sampled_pairs" / "labels.jsonl").read_text() == (lists / "labels.jsonl").read_text()
+    # a pairs run's own directory, no out=: its labels derived in place from the scores it kept; a line the run
+    # had not committed (progress.json counts them: a crash, or a run still going) is not read
+    from conftest import run_inprocess
+
+    pairs_run = tmp_path / "sampled_pairs"
+    with open(pairs_run / "lists.jsonl", "a") as fh:
+        fh.write('{"prompt": "half-writ')
+    proc = run_inprocess("data", "kind=labels", f"from_lists={pairs_run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (pairs_run / "labels.jsonl").read_text() == (lists / "labels.jsonl").read_text()
+    # a lists file copied without its images is refused when deriving, not when training
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "lists.jsonl").write_text((lists / "lists.jsonl").read_text())
+    proc = _data(tmp_path, bare, "kind=pairs", f"from_lists={bare}")
+    assert proc.returncode != 0 and "does not exist" in proc.stderr and "copy the run's images/" in proc.stderr
+    assert not (bare / "pairs.jsonl").exists()
     # refused in one line: an existing file, kind=lists, a missing source
     proc = _data(tmp_path, lists, "kind=pairs", f"from_lists={lists}")
     assert proc.returncode != 0 and "pairs.jsonl exists; remove it or give another out=" in proc.stderr

@@ -96,7 +96,8 @@ def test_kto_fits_its_labels(tmp_path, datasets):
                    "data.offline.rows_per_iteration=128", *QUIET])
     t = Trainer(cfg, tmp_path)
     batch = t.collect_offline()
-    assert len(batch) == 128 and set(batch.labels.tolist()) == {0.0, 1.0}
+    # balanced labels: the mean signed margin is then half the desirable-minus-undesirable gap
+    assert len(batch) == 128 and int(batch.labels.sum()) == 64 and set(batch.labels.tolist()) == {0.0, 1.0}
     rows = torch.arange(len(batch))
 
     def margin() -> float:
@@ -112,14 +113,16 @@ def test_kto_fits_its_labels(tmp_path, datasets):
             out.append(float(((2 * batch.labels.float() - 1) * (e_ref - e_th)).mean()))
         return float(np.mean(out))
 
-    assert margin() == 0.0
-    losses = []
-    for _ in range(4):
-        losses.append(t.run_iteration()["policy_loss"])
-        t.iteration += 1
-    assert all(np.isfinite(v) and 0 <= v <= 1 for v in losses)
-    assert margin() > 0
-    t.reward_runner.close()
+    try:
+        assert margin() == 0.0
+        losses = []
+        for _ in range(4):
+            losses.append(t.run_iteration()["policy_loss"])
+            t.iteration += 1
+        assert all(np.isfinite(v) and 0 <= v <= 1 for v in losses)
+        assert margin() > 0
+    finally:
+        t.reward_runner.close()
 
 
 def test_the_reference_is_frozen_and_shares_noise(tmp_path, datasets):
