@@ -262,26 +262,23 @@ def derive_from_lists(g: dict, kind: str, pairing: str, fraction: float) -> int:
     data_file = out / f"{kind}.jsonl"
     if data_file.exists():
         raise ConfigError(f"{data_file} exists; remove it or give another out=")
-    lines = src.read_text(encoding="utf-8").splitlines()
+    from alignrl.imagedata import json_rows
+
+    committed = None
     progress_file = src.parent / "progress.json"
     if src.name == "lists.jsonl" and progress_file.is_file():  # the rows the source run committed, no more
         progress = json.loads(progress_file.read_text())
         committed = progress.get("lists_lines", progress.get("lines")
                                  if progress.get("settings", {}).get("kind") == "lists" else None)
-        if committed is not None:
-            lines = lines[:int(committed)]
     margin = float(g.get("margin", 0.0))
     rows, prompts, skipped = [], 0, 0
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{src}:{lineno}"
+    for raw, where in json_rows(src, "lists", None if committed is None else int(committed)):
+        # the row's own checks, not the training loader's: a sampled list keeps a prompt with one finite score
         try:
-            raw = json.loads(line)
             names, scores, prompt = raw["images"], raw["scores"], raw["prompt"]
             ok = isinstance(names, list) and all(isinstance(n, str) for n in names) and isinstance(scores, list)
             scores = np.asarray(scores, dtype=np.float64)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{where}: not a lists row ({type(e).__name__}: {e}); a row needs prompt, images "
                               f"(paths) and scores (numbers)") from None
         if not ok or scores.ndim != 1 or len(names) != len(scores):

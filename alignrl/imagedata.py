@@ -73,20 +73,7 @@ class ImageDataset:
                               f"(`alignrl data` writes one)")
         base = Path(str(root)).expanduser() if root else file.parent
         rows, ties = [], 0
-        try:
-            lines = file.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise ConfigError(f"{file} is not UTF-8 text; save the dataset as UTF-8 JSON lines") from None
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{file}:{lineno}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(raw, dict):
-                raise ConfigError(f"{where}: a row must be a JSON object with the {kind} fields")
+        for raw, where in json_rows(file, kind):
             row = _parse_row(raw, kind, base, where, drop_ties)
             if row is None:
                 ties += 1
@@ -203,6 +190,26 @@ def load_media_tensor(path: Path, backbone):
     if Path(path).suffix.lower() in VIDEO_SUFFIXES:
         raise ConfigError(f"{path} is a video; {backbone.family} trains on images")
     return load_image_tensor(path, backbone.resolution)
+
+
+def json_rows(file: Path, kind: str, limit: int | None = None):
+    """``(row, "<file>:<line>")`` for each non-empty line of a JSON-lines dataset of ``kind`` (only the first
+    ``limit`` lines when given); text that is not UTF-8, a line that is not JSON or not an object is a one-line error."""
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file} is not UTF-8 text; save the dataset as UTF-8 JSON lines") from None
+    for lineno, line in enumerate(lines[:limit], 1):
+        if not line.strip():
+            continue
+        where = f"{file}:{lineno}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: a row must be a JSON object with the {kind} fields")
+        yield raw, where
 
 
 def _text(raw: dict, keys: tuple[str, ...], where: str, what: str) -> str:
