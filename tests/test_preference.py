@@ -153,3 +153,63 @@ def test_flow_rwr_group_normalisation_weights_each_group_alike_and_drops_ties():
     assert group.advantages[5] == group.advantages[4:].max()  # the group's best image weighs most
     with pytest.raises(ConfigError, match="normalise='prompt' is not known"):
         FlowRWR(normalise="prompt")
+
+
+def test_loss_guidance_scores_the_guided_velocity_with_gradient_through_both_branches(tiny_sd3):
+    """``loss_guidance`` w > 1: the error is that of ``v_u + w (v_c - v_u)`` (the velocity that samples at guidance
+    w), the reference's too, and its gradient reaches the unconditional branch; w = 1 is the conditional error."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from alignrl.algorithms.preference import denoising_errors
+
+    bb = tiny_sd3
+    schedule = bb.make_schedule(1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, *bb.latent_shape(), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    idx = torch.tensor([300, 700])
+    prompts = ["a red cat", "a blue dog"]
+
+    def reference(x, ts, cond, w):
+        with torch.no_grad():
+            return bb.predict(x, ts, cond, w)
+
+    ctx = SimpleNamespace(backbone=bb, device=torch.device("cpu"), autocast=nullcontext, predict_reference=reference)
+    sigma, ts = schedule.sigmas[idx], schedule.timesteps[idx]
+    x_t = bb.parameterisation.add_noise(x0, eps, sigma)
+    target = bb.parameterisation.target(x0, eps, sigma)
+    with torch.no_grad():
+        v_c = bb.predict(x_t, ts, bb.encode_prompts(prompts), 1.0)
+        v_u = bb.predict(x_t, ts, bb.encode_prompts(["", ""]), 1.0)
+    weight = bb.objective_weight(sigma)
+    for w in (1.0, 3.0):
+        e_th, e_ref = denoising_errors(ctx, schedule, x0, prompts, idx, eps, True, w)
+        expected = ((v_u + w * (v_c - v_u) - target) ** 2).flatten(1).mean(1) * weight
+        torch.testing.assert_close(e_th.detach(), expected, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(e_ref, expected, rtol=1e-4, atol=1e-6)
+    # the gradient is that of the guided error with both branches live (not the unconditional one held fixed)
+    params = [p for p in bb.transformer.parameters() if p.is_floating_point()]
+
+    def grads(loss):
+        return torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+
+    w = 3.0
+    got = grads(denoising_errors(ctx, schedule, x0, prompts, idx, eps, False, w)[0].sum())
+    c = bb.predict(x_t, ts, bb.encode_prompts(prompts), 1.0)
+    u = bb.predict(x_t, ts, bb.encode_prompts(["", ""]), 1.0)
+    both = grads((((u + w * (c - u) - target) ** 2).flatten(1).mean(1) * weight).sum())
+    cond_only = grads((((u.detach() + w * (c - u.detach()) - target) ** 2).flatten(1).mean(1) * weight).sum())
+    pairs = [(a, b, d) for a, b, d in zip(got, both, cond_only) if a is not None]
+    assert pairs
+    for a, b, _ in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    assert max(float((a - d).abs().max()) for a, _, d in pairs) > 1e-4
+
+
+def test_loss_guidance_below_one_is_refused():
+    from alignrl.algorithms.preference import SFT, FlowRWR
+
+    for cls in (SFT, FlowRWR):
+        with pytest.raises(ConfigError, match="loss_guidance must be >= 1"):
+            cls(loss_guidance=0.5)

@@ -178,7 +178,9 @@ def varied_groups(rewards: np.ndarray, keys, ok: np.ndarray) -> tuple[list[np.nd
 LOG2 = math.log(2.0)
 
 
-def _check_settings(lr: float, time_sampling: str, draws: int, draws_key: str) -> None:
+def _check_settings(lr: float, time_sampling: str, draws: int, draws_key: str, loss_guidance: float = 1.0) -> None:
+    if loss_guidance < 1:
+        raise ConfigError(f"algorithm.loss_guidance must be >= 1 (1: the conditional prediction alone), got {loss_guidance}")
     if lr <= 0:
         raise ConfigError(f"algorithm.lr must be > 0, got {lr}")
     if time_sampling not in TIME_SAMPLINGS:
@@ -194,37 +196,39 @@ def draw_time_and_noise(g: torch.Generator, n: int, shape: tuple, time_sampling:
     return idx, torch.randn((n, *shape), generator=g)
 
 
-def errors_at(ctx, x_t, timestep, target, cond, reference: bool, sigma: torch.Tensor):
+def errors_at(ctx, x_t, timestep, target, cond, reference: bool, sigma: torch.Tensor, guidance: float = 1.0):
     """e_th (with gradient) and, with ``reference``, e_ref of the predictions at ``x_t`` (at flow times ``sigma``)
     against ``target``, each in the model's own objective (``Backbone.objective_weight``: the velocity error for
-    flow models, the epsilon error for epsilon UNets, as their references train)."""
+    flow models, the epsilon error for epsilon UNets, as their references train). ``guidance`` > 1 scores the
+    classifier-free guided prediction ``v_u + w (v_c - v_u)`` (both branches with gradient) instead of the
+    conditional one: the model that samples at guidance w is the one fitted (``loss_guidance``)."""
     weight = ctx.backbone.objective_weight(sigma)
     with ctx.autocast():
-        pred = ctx.backbone.predict(x_t, timestep, cond, 1.0)
+        pred = ctx.backbone.predict(x_t, timestep, cond, guidance)
     e_th = mean_over_dims((pred.float() - target) ** 2) * weight
     e_ref = None
     if reference:
         with torch.no_grad():
-            e_ref = mean_over_dims((ctx.predict_reference(x_t, timestep, cond, 1.0).float() - target) ** 2) * weight
+            e_ref = mean_over_dims((ctx.predict_reference(x_t, timestep, cond, guidance).float() - target) ** 2) * weight
     return e_th, e_ref
 
 
-def denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference: bool):
+def denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference: bool, guidance: float = 1.0):
     """Per-image errors of ``x0`` noised with ``eps`` at the schedule indices ``idx`` (the parameterisation's
-    ``add_noise`` and ``target``), conditioned on ``prompts``, without CFG."""
+    ``add_noise`` and ``target``), conditioned on ``prompts``, at classifier-free ``guidance`` (1: none)."""
     param = ctx.backbone.parameterisation
     sigma, timestep = schedule.sigmas[idx.to(ctx.device)], schedule.timesteps[idx.to(ctx.device)]
     return errors_at(ctx, param.add_noise(x0, eps, sigma), timestep, param.target(x0, eps, sigma),
-                     ctx.backbone.encode_prompts(prompts), reference, sigma)
+                     ctx.backbone.encode_prompts(prompts), reference, sigma, guidance)
 
 
-def padding_errors(ctx, schedule, shape, reference: bool) -> torch.Tensor:
+def padding_errors(ctx, schedule, shape, reference: bool, guidance: float = 1.0) -> torch.Tensor:
     """The policy's (and with ``reference`` the reference's) forward on one blank image of latent ``shape``: a padding
     pass of a sharded step (``balanced_passes``), which reaches the same weight gathers as a real pass. Returns the
     policy's error (1,), with its graph; the caller backpropagates it times zero, or drops it without gradient."""
     x0 = torch.zeros(1, *shape, device=ctx.device)
     zero = torch.zeros(1, dtype=torch.long)
-    e_th, _ = denoising_errors(ctx, schedule, x0, [""], zero, torch.zeros_like(x0), reference)
+    e_th, _ = denoising_errors(ctx, schedule, x0, [""], zero, torch.zeros_like(x0), reference, guidance)
     return e_th
 
 
@@ -250,6 +254,7 @@ class OfflineMethod(Stateless):
     time_sampling: str = "uniform"
     draws_per_row: int = 1
     prompt_dropout: float = 0.0
+    loss_guidance: float = 1.0
 
     batch_kind: ClassVar[str] = "pairs"
     uses_reference: ClassVar[bool] = True
@@ -257,7 +262,7 @@ class OfflineMethod(Stateless):
     supports_sharding = True  # train_step balances its passes over processes (distributed=fsdp)
 
     def __post_init__(self):
-        _check_settings(self.lr, self.time_sampling, self.draws_per_row, "draws_per_row")
+        _check_settings(self.lr, self.time_sampling, self.draws_per_row, "draws_per_row", self.loss_guidance)
         if not 0 <= self.prompt_dropout < 1:
             raise ConfigError(f"algorithm.prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
 
@@ -290,7 +295,7 @@ class OfflineMethod(Stateless):
     def errors(self, ctx, schedule, batch, rows, x0, prompts, idx, eps, reference: bool):
         """Per-image denoising errors e_th (with gradient) and, with ``reference``, e_ref of the images of
         ``rows`` (flattened row-major into ``x0``)."""
-        return denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference)
+        return denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference, self.loss_guidance)
 
     def prepare_chunk(self, ctx, schedule, batch, rows, idx, eps, prompts) -> dict:
         """Per optimizer step, before its losses (KTO's reference point); nothing by default."""
@@ -298,7 +303,7 @@ class OfflineMethod(Stateless):
 
     def padding_errors(self, ctx, schedule, batch) -> torch.Tensor:
         """A padding pass of this method (the reference's forward too when it uses one)."""
-        return padding_errors(ctx, schedule, tuple(batch.latents.shape[2:]), self.needs_reference)
+        return padding_errors(ctx, schedule, tuple(batch.latents.shape[2:]), self.needs_reference, self.loss_guidance)
 
     def row_losses(self, batch, rows, e_th, e_ref, extra: dict):
         """(len(rows),) losses and per-row diagnostics from (len(rows), k) errors."""
@@ -478,7 +483,8 @@ class SmPO(DiffusionDPO):
         x_inv = self._invert(ctx, schedule, x0, cond, sigma)
         t = sigma.view(-1, *([1] * (x0.ndim - 1)))
         eps_inv = (x_inv - (1 - t) * x0) / t.clamp(min=1e-4)  # the noise that puts x0 at x_inv at time t
-        return errors_at(ctx, x_inv, timestep, param.target(x0, eps_inv, sigma), cond, reference, sigma)
+        return errors_at(ctx, x_inv, timestep, param.target(x0, eps_inv, sigma), cond, reference, sigma,
+                         self.loss_guidance)
 
     @torch.no_grad()
     def _invert(self, ctx, schedule, x0, cond, sigma):
@@ -668,7 +674,7 @@ class DiffusionDRO(_SamplesNegatives, OfflineMethod):
                              dim=1).flatten(0, 1)
         timestep = torch.stack([schedule.timesteps[idx0], batch.extra["timestep"][rows_dev].to(dev)], dim=1).flatten()
         return errors_at(ctx, x_t, timestep, target, ctx.backbone.encode_prompts(prompts), reference,
-                         sigma.repeat_interleave(2))
+                         sigma.repeat_interleave(2), self.loss_guidance)
 
     def row_losses(self, batch, rows, e_th, e_ref, extra):
         return dro_loss(e_th[:, 0], e_ref[:, 0], e_th[:, 1], e_ref[:, 1], self.margin)
@@ -729,13 +735,14 @@ class _OnlineFinal(Stateless):
     beta: float = 100.0
     time_sampling: str = "logit_normal"
     draws_per_sample: int = 1
+    loss_guidance: float = 1.0
 
     batch_kind: ClassVar[str] = "final_latents"
     _diag_keys: ClassVar[tuple] = ("policy_loss",)
     supports_sharding = True  # train_step balances its passes over processes (distributed=fsdp)
 
     def __post_init__(self):
-        _check_settings(self.lr, self.time_sampling, self.draws_per_sample, "draws_per_sample")
+        _check_settings(self.lr, self.time_sampling, self.draws_per_sample, "draws_per_sample", self.loss_guidance)
 
     def _draws(self, ctx, batch, shape):
         from alignrl.sampling.engine import sample_generators
@@ -797,11 +804,11 @@ class OnlineDPO(_OnlineFinal):
         with torch.no_grad():
             for (mb, d), real in balanced_passes(scoring, ctx, (None, 0)):
                 if not real:  # distributed=fsdp: the gathers of a pass another process runs
-                    padding_errors(ctx, schedule, shape, True)
+                    padding_errors(ctx, schedule, shape, True, self.loss_guidance)
                     continue
                 prompts = [batch.prompts[int(batch.leaf_root[i])] for i in mb]
                 e_th, e_ref = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
-                                               eps[mb.to(ctx.device), d], True)
+                                               eps[mb.to(ctx.device), d], True, self.loss_guidance)
                 for j, i in enumerate(mb.tolist()):
                     slot = 0 if adv.leaf[i] > 0 else 1
                     table[int(prompt_ids[i]), slot, d] = torch.stack([e_th[j], e_ref[j],
@@ -827,13 +834,13 @@ class OnlineDPO(_OnlineFinal):
                           if len(mb) for d in range(self.draws_per_sample)]
                 for (mb, d), real in balanced_passes(passes, ctx, (None, 0)):
                     if not real:  # distributed=fsdp: another process has more images; no gradient
-                        ctx.backward(padding_errors(ctx, schedule, shape, False).sum() * 0.0)
+                        ctx.backward(padding_errors(ctx, schedule, shape, False, self.loss_guidance).sum() * 0.0)
                         continue
                     prompts = [batch.prompts[int(batch.leaf_root[i])] for i in mb]
                     sign = torch.tensor([1.0 if adv.leaf[i] > 0 else -1.0 for i in mb.tolist()], device=ctx.device)
                     ok = paired[torch.as_tensor(prompt_ids[mb.numpy()], device=ctx.device)].float()
                     e_th, _ = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
-                                               eps[mb.to(ctx.device), d], False)
+                                               eps[mb.to(ctx.device), d], False, self.loss_guidance)
                     c = coef[torch.as_tensor(prompt_ids[mb.numpy()], device=ctx.device), d].float()
                     ctx.backward((sign * c * ok * e_th).sum() / total)
                 grad_norms.append(ctx.optimizer_step())
@@ -905,11 +912,11 @@ class FlowRWR(_OnlineFinal):
                           for d in range(self.draws_per_sample)]
                 for (mb, d), real in balanced_passes(passes, ctx, (None, 0)):
                     if not real:  # distributed=fsdp: another process has more images; no gradient
-                        ctx.backward(padding_errors(ctx, schedule, tuple(x0.shape[1:]), False).sum() * 0.0)
+                        ctx.backward(padding_errors(ctx, schedule, tuple(x0.shape[1:]), False, self.loss_guidance).sum() * 0.0)
                         continue
                     prompts = [batch.prompts[int(batch.leaf_root[i])] for i in mb]
                     e_th, _ = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
-                                               eps[mb.to(ctx.device), d], False)
+                                               eps[mb.to(ctx.device), d], False, self.loss_guidance)
                     loss = w_all[mb.to(ctx.device)] * e_th
                     ctx.backward(loss.sum() / total)
                     sums["policy_loss"] += float(loss.detach().sum())
