@@ -41,6 +41,7 @@ class ImageRow:
     scores: list[float] | None = None  # lists: label scores; pairs: reward scores when given (winner first)
     label: float | None = None  # labels: 1.0 desirable, 0.0 undesirable
     where: str = ""  # "<file>:<line>" for messages
+    stratum: object = None  # the row's value of data.offline.balance (e.g. its tag), when balancing
 
 
 @dataclass
@@ -59,9 +60,13 @@ class ImageDataset:
         return [r.prompt for r in self.rows]
 
     @classmethod
-    def load(cls, path, kind: str, *, root=None, drop_ties: bool = True, what: str = "data.offline"
-             ) -> "ImageDataset":
-        """Parse a JSON-lines dataset of ``kind`` (rows only; ``validate`` opens the images)."""
+    def load(cls, path, kind: str, *, root=None, drop_ties: bool = True, what: str = "data.offline",
+             balance: str | None = None) -> "ImageDataset":
+        """Parse a JSON-lines dataset of ``kind`` (rows only; ``validate`` opens the images). With ``balance`` (a
+        field name such as ``tag``) each row keeps that field's value as its ``stratum``; a row without it is a
+        one-line error."""
+        if balance is not None and (not isinstance(balance, str) or not balance.strip()):
+            raise ConfigError(f"{what}.balance={balance!r}: give a field of the dataset's rows (e.g. tag) or null")
         if kind not in KINDS:
             raise ConfigError(f"{what}.kind='{kind}' is not known; use one of {', '.join(KINDS)}")
         if path is None or not str(path).strip() or str(path).strip() == "???":
@@ -78,6 +83,12 @@ class ImageDataset:
             if row is None:
                 ties += 1
                 continue
+            if balance is not None:
+                value = raw.get(balance)
+                if value is None or isinstance(value, (dict, list)):
+                    raise ConfigError(f"{where}: {what}.balance={balance}, but the row has no \"{balance}\" value to "
+                                      f"balance over; add it to every row or set {what}.balance=null")
+                row.stratum = value
             rows.append(row)
         if not rows:
             raise ConfigError(f"{what}: '{file}' holds no usable {kind} rows" + (f" ({ties} ties dropped)" if ties else ""))

@@ -116,6 +116,63 @@ def test_dataset_sampler_covers_each_epoch_and_is_a_function_of_the_iteration():
         s.load_state_dict({"num_rows": 11, "rows_per_iteration": 4, "seed": 3})
 
 
+def test_balanced_dataset_sampler_gives_every_label_the_same_share_and_reads_each_label_in_epochs():
+    """data.offline.balance: 360 rows of one label and 3 of another (ShapeWorld's position vs single-object
+    captions) are read alike: each iteration's shares differ by at most one row and even out over iterations,
+    each label's rows come in epochs of its own, and the rows stay a pure function of (seed, iteration)."""
+    strata = tuple(["position"] * 360 + ["single"] * 3 + ["colors"] * 9)
+    label_of = dict(enumerate(strata))
+    s = DatasetSampler(len(strata), 64, seed=5, strata=strata)
+    totals = Counter()
+    per_label: dict = {}
+    for it in range(30):
+        rows = s.global_rows(it)
+        assert len(rows) == 64
+        share = Counter(label_of[r] for r in rows)
+        assert max(share.values()) - min(share.values()) <= 1 and set(share) == {"position", "single", "colors"}
+        totals.update(share)
+        for r in rows:
+            per_label.setdefault(label_of[r], []).append(r)
+    assert max(totals.values()) - min(totals.values()) <= 1  # 30 x 64 = 1920 rows: 640 each
+    # each label reads its rows in epochs of its own: after 640 reads every row of a label was read equally often,
+    # to within one (the last epoch is partial)
+    for label, rows in per_label.items():
+        counts = Counter(rows)
+        assert len(counts) == strata.count(label) and max(counts.values()) - min(counts.values()) <= 1, label
+    again = DatasetSampler(len(strata), 64, seed=5, strata=strata)
+    assert again.global_rows(17) == s.global_rows(17)
+    plain = DatasetSampler(len(strata), 64, seed=5)
+    assert Counter(label_of[r] for r in plain.global_rows(0))["position"] > 50  # what balancing fixes
+    two = [DatasetSampler(len(strata), 64, world_size=2, rank=r, seed=5, strata=strata) for r in (0, 1)]
+    assert [x.prompt_id for r in two for x in r.rank_rows(4)] == s.global_rows(4)
+    with pytest.raises(ConfigError, match="dataset sampler differs"):
+        s.load_state_dict(plain.state_dict())  # resuming with another balance setting is refused
+    with pytest.raises(ConfigError, match="3 labels do not fit in 2 rows"):
+        DatasetSampler(len(strata), 2, strata=strata)
+
+
+def test_label_count_is_the_running_sum_of_the_shares():
+    strata = tuple("abcde"[i % 5] for i in range(40))
+    s = DatasetSampler(40, 12, seed=0, strata=strata)  # 12 rows over 5 labels: 2 each and 2 extra, dealt in turn
+    running = Counter()
+    for it in range(13):
+        for label in range(5):
+            assert s.label_count(label, it) == running[label]
+        rows = s.global_rows(it)
+        running.update("abcde".index(strata[r]) for r in rows)
+
+
+def test_a_row_without_the_balance_field_is_one_line(tmp_path):
+    a = _png(tmp_path / "a.png")
+    f = _jsonl(tmp_path / "c.jsonl", [{"prompt": "p", "image": a, "tag": "colors"}, {"prompt": "q", "image": a}])
+    assert ImageDataset.load(f, "captions", balance=None).rows[0].stratum is None
+    with pytest.raises(ConfigError, match=r"c.jsonl:2: data.offline.balance=tag, but the row has no \"tag\""):
+        ImageDataset.load(f, "captions", balance="tag")
+    ds = ImageDataset.load(_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "image": a, "tag": "colors"}]), "captions",
+                           balance="tag")
+    assert ds.rows[0].stratum == "colors"
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux", "shapes"])
 def test_encode_gives_latents_of_the_sampling_shape_and_the_cache_reuses_them(tmp_path, family):
     import torch

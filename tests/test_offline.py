@@ -155,17 +155,28 @@ def test_the_reference_is_frozen_and_shares_noise(tmp_path, datasets):
 
 def test_offline_resume_mid_epoch_is_exact(tmp_path, datasets):
     """16 pairs at 16 rows per iteration... with 6 rows per iteration an epoch ends mid-iteration; stopping at
-    step 2 (mid-epoch) and resuming reads the same rows as never stopping: identical weights."""
+    step 2 (mid-epoch) and resuming reads the same rows as never stopping: identical weights. The rows carry a
+    tag (two values, 8 rows each) and data.offline.balance=tag reads 3 of each an iteration, so each tag's own
+    epochs end mid-iteration too; a row without the tag is a one-line error before any model loads."""
+    tagged = tmp_path / "tagged.jsonl"
+    rows = [json.loads(line) for line in datasets["pairs"].read_text().splitlines()]
+    for r in rows:  # the images are relative to the dataset's folder
+        r["winner"], r["loser"] = (str(datasets["pairs"].parent / r[k]) for k in ("winner", "loser"))
+    tagged.write_text("".join(json.dumps({**r, "tag": "ab"[i % 2]}) + "\n" for i, r in enumerate(rows)))
     args = ["data.offline.rows_per_iteration=6", "trainer.train_batch_size=3", "trainer.eval_every=0",
-            "trainer.checkpoint_every=0"]
-    straight = _train(tmp_path, "diffusion_dpo", datasets["pairs"], *args, "trainer.max_steps=4", name="straight")
-    split = _train(tmp_path, "diffusion_dpo", datasets["pairs"], *args, "trainer.max_steps=2", name="split")
-    _train(tmp_path, "diffusion_dpo", datasets["pairs"], *args, "trainer.max_steps=4", "resume=auto", name="split")
+            "trainer.checkpoint_every=0", "data.offline.balance=tag"]
+    straight = _train(tmp_path, "diffusion_dpo", tagged, *args, "trainer.max_steps=4", name="straight")
+    split = _train(tmp_path, "diffusion_dpo", tagged, *args, "trainer.max_steps=2", name="split")
+    _train(tmp_path, "diffusion_dpo", tagged, *args, "trainer.max_steps=4", "resume=auto", name="split")
     a, b = _weights(straight, 4), _weights(split, 4)
     assert all(torch.equal(a[k], b[k]) for k in a)
     ea, eb = _weights(straight, 4, "ema"), _weights(split, 4, "ema")
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     assert [r["epoch"] for r in _metrics(split)] == pytest.approx([r["epoch"] for r in _metrics(straight)])
+    proc = run_inprocess("train", "recipe=tiny_diffusion_dpo", f"data.offline.path={datasets['pairs']}",
+                         "data.offline.balance=tag", f"run_dir={tmp_path / 'untagged'}", cwd=tmp_path)
+    assert proc.returncode != 0 and "pairs.jsonl:1: data.offline.balance=tag, but the row has no" in proc.stderr
+    assert "Traceback" not in proc.stderr and "SD3Transformer2DModel" not in proc.stderr
 
 
 def test_offline_two_processes_match_one(tmp_path, datasets):

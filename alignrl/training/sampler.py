@@ -141,6 +141,13 @@ class DatasetSampler:
     The rows of an iteration are a pure function of (seed, iteration): a run resumed mid-epoch reads the same
     rows as one that never stopped, and a row's global index (its position in the iteration) keys its noise
     whatever the number of processes.
+
+    With ``strata`` (a label per row: ``data.offline.balance``) every label gets the same share of each
+    iteration, whatever its number of rows: ``rows_per_iteration // L`` rows each, the remainder dealt to the
+    labels in turn over iterations (label l's count after ``it`` iterations is a closed form, so resuming needs
+    no state). Each label reads its own stream of shuffled epochs of its rows (a small label repeats sooner, a
+    label with fewer rows than its share repeats rows within an iteration); the iteration's rows are then
+    shuffled together.
     """
 
     num_rows: int
@@ -148,6 +155,7 @@ class DatasetSampler:
     world_size: int = 1
     rank: int = 0
     seed: int = 0
+    strata: tuple | None = None
 
     def __post_init__(self):
         if self.num_rows < 1:
@@ -157,10 +165,39 @@ class DatasetSampler:
         if self.rows_per_iteration % self.world_size:
             raise ConfigError(f"{self.rows_per_iteration} dataset rows per iteration do not split over "
                               f"{self.world_size} processes; make data.offline.rows_per_iteration a multiple of it")
+        self._members: list[list[int]] = []
+        if self.strata is not None:
+            if len(self.strata) != self.num_rows:
+                raise ValueError(f"strata has {len(self.strata)} labels for {self.num_rows} rows")
+            by_label: dict = {}
+            for i, label in enumerate(self.strata):
+                by_label.setdefault(label, []).append(i)
+            self._members = [by_label[k] for k in sorted(by_label, key=str)]
+            if len(self._members) > self.rows_per_iteration:
+                raise ConfigError(f"data.offline.balance: {len(self._members)} labels do not fit in "
+                                  f"{self.rows_per_iteration} rows per iteration; raise data.offline.rows_per_iteration "
+                                  f"to at least {len(self._members)} or set data.offline.balance: null")
 
     @property
     def samples_per_iteration(self) -> int:
         return self.rows_per_iteration
+
+    def label_count(self, label: int, iteration: int) -> int:
+        """Rows label ``label`` has read in iterations 0 .. ``iteration`` - 1 (balanced mode): the even share,
+        plus the remainder slots dealt in turn (slot k of the stream 0, 1, 2, ... goes to label k mod L)."""
+        n = len(self._members)
+        extra = iteration * (self.rows_per_iteration % n)
+        return iteration * (self.rows_per_iteration // n) + extra // n + (1 if label < extra % n else 0)
+
+    def _label_rows(self, label: int, start: int, stop: int) -> list[int]:
+        members = self._members[label]
+        out, epoch, offset = [], start // len(members), start % len(members)
+        while len(out) < stop - start:
+            g = torch.Generator().manual_seed(int(self.seed) * 6_151 + int(epoch) * 49_157 + 1_009 * (label + 1) + 31)
+            order = torch.randperm(len(members), generator=g).tolist()
+            out.extend(members[i] for i in order[offset:offset + stop - start - len(out)])
+            epoch, offset = epoch + 1, 0
+        return out
 
     def _epoch_order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(int(self.seed) * 6_151 + int(epoch) * 49_157 + 29)
@@ -168,6 +205,13 @@ class DatasetSampler:
 
     def global_rows(self, iteration: int) -> list[int]:
         """The row ids of iteration ``iteration`` (all ranks), in order."""
+        if self._members:
+            rows = []
+            for label in range(len(self._members)):
+                rows.extend(self._label_rows(label, self.label_count(label, iteration),
+                                             self.label_count(label, iteration + 1)))
+            g = torch.Generator().manual_seed(int(self.seed) * 7_927 + int(iteration) * 104_723 + 3)
+            return [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
         start = iteration * self.rows_per_iteration
         out, epoch, offset = [], start // self.num_rows, start % self.num_rows
         while len(out) < self.rows_per_iteration:
@@ -187,7 +231,9 @@ class DatasetSampler:
         return (iteration + 1) * self.rows_per_iteration / self.num_rows
 
     def state_dict(self) -> dict:
-        return {"num_rows": self.num_rows, "rows_per_iteration": self.rows_per_iteration, "seed": self.seed}
+        # balanced_labels 0: unbalanced (checkpoints written before balancing existed lack it: not compared)
+        return {"num_rows": self.num_rows, "rows_per_iteration": self.rows_per_iteration, "seed": self.seed,
+                "balanced_labels": len(self._members)}
 
     def load_state_dict(self, state: dict) -> None:
         _check_unchanged(self.state_dict(), state, "dataset sampler", "dataset and settings")

@@ -118,11 +118,14 @@ class Trainer:
         if self.offline:  # rows of an image dataset, every image opened once before anything loads
             self.layout = validate_batch_arithmetic(cfg, self.world)
             spec = as_dict(cfg.data.get("offline"))
+            balance = spec.get("balance")
             self.dataset = ImageDataset.load(spec.get("path"), self.algorithm.batch_kind, root=spec.get("root"),
-                                             drop_ties=bool(spec.get("drop_ties", True)))
+                                             drop_ties=bool(spec.get("drop_ties", True)), balance=balance)
             self.dataset.validate()
             self.batch_sampler = DatasetSampler(len(self.dataset), self.layout["samples_per_rank"] * self.world,
-                                                world_size=self.world, rank=self.rank, seed=self.seed)
+                                                world_size=self.world, rank=self.rank, seed=self.seed,
+                                                strata=tuple(r.stratum for r in self.dataset.rows)
+                                                if balance is not None else None)
             self._latent_dir = Path(spec.get("latent_cache") or self.run_dir / "latent_cache")
         else:
             human = getattr(self.algorithm, "human_file", None)
