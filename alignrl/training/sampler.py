@@ -27,6 +27,17 @@ import torch
 from alignrl.errors import ConfigError
 
 
+def group_by_label(strata: tuple, n: int, what: str) -> tuple[list, list[list[int]]]:
+    """The labels of ``strata`` (one per item, ``n`` items), sorted by their text, and each label's item indices."""
+    if len(strata) != n:
+        raise ValueError(f"strata has {len(strata)} labels for {n} {what}")
+    by_label: dict = {}
+    for i, label in enumerate(strata):
+        by_label.setdefault(label, []).append(i)
+    labels = sorted(by_label, key=str)
+    return labels, [by_label[k] for k in labels]
+
+
 @dataclass(frozen=True)
 class Slot:
     global_index: int  # position in the iteration's shuffled list, 0 .. groups*K - 1
@@ -51,13 +62,8 @@ class KRepeatPromptSampler:
             )
         self._members: list[list[int]] = []
         if self.strata is not None:
-            if len(self.strata) != self.num_prompts:
-                raise ValueError(f"strata has {len(self.strata)} labels for {self.num_prompts} prompts")
-            by_label: dict = {}
-            for i, label in enumerate(self.strata):
-                by_label.setdefault(label, []).append(i)
-            labels = sorted(by_label, key=str)
-            self._members = [by_label[k] for k in labels]
+            labels, self._members = group_by_label(self.strata, self.num_prompts, "prompts")
+            by_label = dict(zip(labels, self._members))
             per_label = -(-self.groups_per_iteration // len(labels))
             small = {str(k): len(by_label[k]) for k in labels if len(by_label[k]) < per_label}
             if small:
@@ -167,12 +173,7 @@ class DatasetSampler:
                               f"{self.world_size} processes; make data.offline.rows_per_iteration a multiple of it")
         self._members: list[list[int]] = []
         if self.strata is not None:
-            if len(self.strata) != self.num_rows:
-                raise ValueError(f"strata has {len(self.strata)} labels for {self.num_rows} rows")
-            by_label: dict = {}
-            for i, label in enumerate(self.strata):
-                by_label.setdefault(label, []).append(i)
-            self._members = [by_label[k] for k in sorted(by_label, key=str)]
+            self._members = group_by_label(self.strata, self.num_rows, "rows")[1]
             if len(self._members) > self.rows_per_iteration:
                 raise ConfigError(f"data.offline.balance: {len(self._members)} labels do not fit in "
                                   f"{self.rows_per_iteration} rows per iteration; raise data.offline.rows_per_iteration "
