@@ -63,9 +63,8 @@ class KRepeatPromptSampler:
         self._members: list[list[int]] = []
         if self.strata is not None:
             labels, self._members = group_by_label(self.strata, self.num_prompts, "prompts")
-            by_label = dict(zip(labels, self._members))
             per_label = -(-self.groups_per_iteration // len(labels))
-            small = {str(k): len(by_label[k]) for k in labels if len(by_label[k]) < per_label}
+            small = {str(k): len(m) for k, m in zip(labels, self._members) if len(m) < per_label}
             if small:
                 raise ConfigError(
                     f"data.balance: data.groups_per_iteration={self.groups_per_iteration} over "
@@ -190,36 +189,28 @@ class DatasetSampler:
         extra = iteration * (self.rows_per_iteration % n)
         return iteration * (self.rows_per_iteration // n) + extra // n + (1 if label < extra % n else 0)
 
-    def _label_rows(self, label: int, start: int, stop: int) -> list[int]:
-        members = self._members[label]
+    def _stream(self, members, salt: int, start: int, stop: int) -> list[int]:
+        """Positions ``start`` .. ``stop`` - 1 of the stream of shuffled epochs of ``members``, epoch e's order drawn
+        from (seed, e, salt)."""
         out, epoch, offset = [], start // len(members), start % len(members)
         while len(out) < stop - start:
-            g = torch.Generator().manual_seed(int(self.seed) * 6_151 + int(epoch) * 49_157 + 1_009 * (label + 1) + 31)
+            g = torch.Generator().manual_seed(int(self.seed) * 6_151 + int(epoch) * 49_157 + salt)
             order = torch.randperm(len(members), generator=g).tolist()
             out.extend(members[i] for i in order[offset:offset + stop - start - len(out)])
             epoch, offset = epoch + 1, 0
         return out
 
-    def _epoch_order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(int(self.seed) * 6_151 + int(epoch) * 49_157 + 29)
-        return torch.randperm(self.num_rows, generator=g).tolist()
-
     def global_rows(self, iteration: int) -> list[int]:
         """The row ids of iteration ``iteration`` (all ranks), in order."""
-        if self._members:
-            rows = []
-            for label in range(len(self._members)):
-                rows.extend(self._label_rows(label, self.label_count(label, iteration),
-                                             self.label_count(label, iteration + 1)))
-            g = torch.Generator().manual_seed(int(self.seed) * 7_927 + int(iteration) * 104_723 + 3)
-            return [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
-        start = iteration * self.rows_per_iteration
-        out, epoch, offset = [], start // self.num_rows, start % self.num_rows
-        while len(out) < self.rows_per_iteration:
-            order = self._epoch_order(epoch)
-            out.extend(order[offset:offset + self.rows_per_iteration - len(out)])
-            epoch, offset = epoch + 1, 0
-        return out
+        if not self._members:  # one stream over all rows
+            start = iteration * self.rows_per_iteration
+            return self._stream(range(self.num_rows), 29, start, start + self.rows_per_iteration)
+        rows = []
+        for label, members in enumerate(self._members):  # a stream per label, then shuffled together
+            rows.extend(self._stream(members, 1_009 * (label + 1) + 31, self.label_count(label, iteration),
+                                     self.label_count(label, iteration + 1)))
+        g = torch.Generator().manual_seed(int(self.seed) * 7_927 + int(iteration) * 104_723 + 3)
+        return [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
 
     def rank_rows(self, iteration: int) -> list[Slot]:
         """This rank's rows as slots (global index within the iteration, row id)."""
