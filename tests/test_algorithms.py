@@ -46,6 +46,8 @@ class FakeBackbone:
         return Schedule(sigmas, sigmas[:-1] * 1000)
 
     text_trainable = False
+    cache = None
+    prompt_table = Backbone.prompt_table
 
     def encode_prompts(self, prompts):
         from alignrl.backbones.base import Conditioning

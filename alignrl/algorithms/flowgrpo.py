@@ -30,8 +30,9 @@ def ppo_clip(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip
     """Per-sample clipped policy-gradient loss and its diagnostics."""
     log_ratio = logp - logp_old
     ratio = torch.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    neg_adv = -adv
+    unclipped = neg_adv * ratio
+    clipped = neg_adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     loss = torch.maximum(unclipped, clipped)
     with torch.no_grad():
         diag = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from alignrl.algorithms.base import Advantages, RolloutBatch, StepContext, balanced_passes
+from alignrl.backbones.base import Conditioning, PromptTable
 from alignrl.sampling.engine import apply_step
 
 
@@ -30,12 +31,17 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
     by_root: dict[int, list[int]] = {}
     for i, r in enumerate(batch.t_root.tolist()):
         by_root.setdefault(r, []).append(i)
-    # the roots' conditioning once (cache hits gathered per pass); a training text encoder encodes per pass, as
-    # each pass's backward needs a graph of its own
-    root_cond = None if backbone.text_trainable else backbone.encode_prompts(batch.prompts)
-    if root_cond is not None and backbone.cfg_active(batch.plan.guidance_scale):
-        root_cond = backbone.cfg_conditioning(root_cond)  # with its negative rows once; index gathers both
-    sums = {k: [] for k in algo.diagnostics}  # per-pass sums, reduced once at the end
+    # the roots' prompts once (each pass gathers its rows); a training text encoder encodes per pass, as each
+    # pass's backward needs a graph of its own
+    table = backbone.prompt_table(batch.prompts, batch.plan.guidance_scale)
+    dts: dict[tuple[int, int], torch.Tensor] = {}
+
+    def step_dt(j: int, j_to: int) -> torch.Tensor:  # sigma_to - sigma_from, once per step of the schedule
+        if (j, j_to) not in dts:
+            dts[j, j_to] = schedule.sigmas[j_to] - schedule.sigmas[j]
+        return dts[j, j_to]
+
+    sums = {k: [] for k in algo.diagnostics}  # per-pass values, summed once at the end
     count = 0
     grad_norms = []
     ratio_dev_before_update = 0.0  # on-policy check: the first update's ratios must all be 1
@@ -55,43 +61,42 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
                 mb_roots = kept_roots[m:m + ctx.train_batch_size]
                 mb_rows = torch.tensor([i for r in mb_roots for i in by_root[r] if i in in_set], dtype=torch.long)
                 groups.extend(step_groups(batch, mb_rows, t_from, t_to))
-            for group, real in balanced_passes(groups, ctx, torch.zeros(1, dtype=torch.long)):  # padding: row 0
+            passes = list(balanced_passes(groups, ctx, torch.zeros(1, dtype=torch.long)))  # padding: row 0
+            rows_of = PassRows(batch, passes, adv_t, table, ctx.device)
+            for p, (group, real) in enumerate(passes):
                 g0 = int(group[0])
                 spec, j, j_to = batch.t_spec[g0], t_from[g0], t_to[g0]
-                g_dev = group.to(ctx.device)
-                x = batch.x.index_select(0, g_dev)  # index_select: measured several times faster than x[g] here
-                roots = batch.t_root.index_select(0, group)
-                cond = root_cond.index(roots) if root_cond is not None else \
-                    backbone.encode_prompts([batch.prompts[int(r)] for r in roots])
+                x, roots = rows_of.get("x", p), rows_of.get("root", p)
+                cond = rows_of.cond(p) if table is not None else \
+                    backbone.encode_prompts([batch.prompts[r] for r in roots.tolist()])
                 with ctx.autocast():
                     v = backbone.predict(x, schedule.timesteps[j], cond, batch.plan.guidance_scale)
-                next_x = batch.next_x.index_select(0, g_dev)
+                next_x = rows_of.get("next_x", p)
                 policy = apply_step(backbone, spec, schedule, j, x, v, next_x=next_x, i_to=j_to)
                 reference = None
                 if algo.needs_reference:
                     v_ref = ctx.predict_reference(x, schedule.timesteps[j], cond, batch.plan.guidance_scale)
                     with torch.no_grad():
                         reference = apply_step(backbone, spec, schedule, j, x, v_ref, next_x=next_x, i_to=j_to)
-                adv_g = adv_t.index_select(0, g_dev) if real else torch.zeros(len(group), device=ctx.device)  # a
-                # dropped row's advantage is NaN
+                # a padding pass's advantage is 0 (a dropped row's is NaN)
+                adv_g = rows_of.get("adv", p) if real else torch.zeros(len(group), device=ctx.device)
                 loss_vec, diag = algo.step_loss(
-                    policy, batch.logp_old.index_select(0, g_dev), adv_g, reference,
-                    dt=schedule.sigmas[j_to] - schedule.sigmas[j], mean_old=batch.mean_old.index_select(0, g_dev),
-                    roots=roots.to(ctx.device),
+                    policy, rows_of.get("logp_old", p), adv_g, reference,
+                    dt=step_dt(j, j_to), mean_old=rows_of.get("mean_old", p),
+                    roots=roots,
                 )
                 if not real:  # a padding pass: the same collectives, no gradient
                     ctx.backward(loss_vec.sum() * 0.0)
                     continue
-                w = weight.index_select(0, group).to(ctx.device)
-                ctx.backward((loss_vec * w).sum() / global_w)
+                ctx.backward((loss_vec * rows_of.get("weight", p)).sum() / global_w)
                 if first_update and "ratio" in diag:
                     ratio_dev_before_update = max(ratio_dev_before_update, float((diag["ratio"] - 1).abs().max()))
                 for key in algo.diagnostics:
-                    sums[key].append(diag[key].detach().float().sum())
+                    sums[key].append(diag[key].detach().reshape(-1))
                 count += len(group)
             grad_norms.append(ctx.optimizer_step())
             stepped = True
-    totals = {k: float(torch.stack(v).double().sum()) if v else 0.0 for k, v in sums.items()}
+    totals = {k: float(torch.cat(v).double().sum()) if v else 0.0 for k, v in sums.items()}
     return ctx.summarise(totals, count, ratio_dev_before_update, grad_norms)
 
 
@@ -130,3 +135,57 @@ def step_groups(batch: RolloutBatch, rows: torch.Tensor, t_from: list[int], t_to
         key = (t_from[i], t_to[i], spec.kind, spec.noise_level)
         groups.setdefault(key, []).append(i)
     return [torch.tensor(groups[k], dtype=torch.long) for k in sorted(groups)]
+
+
+# PassRows gathers an optimizer step's rows at once while they take at most this many bytes (the tiny and CPU-sized
+# models: a gather per tensor per pass is a measurable part of their loop); larger ones are gathered per pass
+WHOLE_GATHER_BYTES = 64 << 20
+
+
+class PassRows:
+    """What the passes of one optimizer step read: latents, next latents, old log-probs and means, advantages, loss
+    weights, roots, and the roots' conditioning (from the prompts' ``PromptTable``). Small steps
+    (``WHOLE_GATHER_BYTES``) gather each tensor once in pass order and give each pass a slice of it (a view); larger
+    ones gather each pass's rows when it runs, so no step holds a second copy of its rows. The values are the same
+    either way."""
+
+    def __init__(self, batch: RolloutBatch, passes: list[tuple[torch.Tensor, bool]], adv: torch.Tensor,
+                 table: PromptTable | None, device):
+        self.device = device
+        self.groups = [group for group, _ in passes]
+        self.table = table
+        self.sources = {"x": batch.x, "next_x": batch.next_x, "logp_old": batch.logp_old,
+                        "mean_old": batch.mean_old, "adv": adv, "weight": batch.t_weight, "root": batch.t_root}
+        per_row = sum(t[:1].numel() * t.element_size() for t in self.sources.values())
+        if table is not None:
+            per_row += sum(t[:1].numel() * t.element_size() for t in table.rows.tensors.values()) * \
+                (1 if table.negative is None else 2)
+        self.bounds = [0]
+        for g in self.groups:
+            self.bounds.append(self.bounds[-1] + len(g))
+        self.whole = self.bounds[-1] * per_row <= WHOLE_GATHER_BYTES
+        if not self.whole:
+            return
+        order = torch.cat(self.groups) if len(self.groups) > 1 else self.groups[0]
+        self.rows = {k: self._gather(v, order) for k, v in self.sources.items()}
+        if table is not None:  # every pass's [negative rows; prompt rows], one pass after another
+            roots = batch.t_root.index_select(0, order).tolist()
+            self.conds = table.gather([i for a, b in zip(self.bounds, self.bounds[1:])
+                                       for i in table.row_indices(roots[a:b])])
+
+    def _gather(self, source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return source.index_select(0, rows.to(source.device)).to(self.device)
+
+    def get(self, name: str, p: int) -> torch.Tensor:
+        """Pass ``p``'s rows of ``name`` (x, next_x, logp_old, mean_old, adv, weight or root)."""
+        if self.whole:
+            return self.rows[name][self.bounds[p]:self.bounds[p + 1]]
+        return self._gather(self.sources[name], self.groups[p])
+
+    def cond(self, p: int) -> Conditioning:
+        """Pass ``p``'s conditioning (with its negative rows under CFG)."""
+        if not self.whole:
+            return self.table.conditioning(self.sources["root"].index_select(0, self.groups[p]).tolist())
+        k = 1 if self.table.negative is None else 2
+        a, b = k * self.bounds[p], k * self.bounds[p + 1]
+        return Conditioning({n: v[a:b] for n, v in self.conds.tensors.items()}, with_negative=k == 2)

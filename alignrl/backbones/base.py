@@ -93,6 +93,34 @@ class Conditioning:
 
 
 @dataclass
+class PromptTable:
+    """The conditioning rows of a set of prompts, each distinct prompt once (and the empty prompt's row first when
+    classifier-free guidance runs): ``conditioning`` gathers any sequence of the prompts (with their negative rows
+    under CFG) in one gather per tensor, where a cache lookup, a gather and a concatenation with the negative rows
+    would make three. Built by ``Backbone.prompt_table``."""
+
+    rows: Conditioning
+    row_of: list[int]  # the row of each prompt the table was built for
+    negative: int | None  # the empty prompt's row (CFG), or None
+
+    def conditioning(self, items: Sequence[int]) -> Conditioning:
+        """The conditioning of prompts ``items`` (indices into the table's prompts), laid out for ``predict``:
+        [negative rows; prompt rows] under CFG (``with_negative``), the prompt rows otherwise."""
+        return self.gather(self.row_indices(items))
+
+    def row_indices(self, items: Sequence[int]) -> list[int]:
+        rows = [self.row_of[i] for i in items]
+        return rows if self.negative is None else [self.negative] * len(rows) + rows
+
+    def gather(self, rows: Sequence[int]) -> Conditioning:
+        """Table rows ``rows`` (from ``row_indices``; several calls' lists may be concatenated)."""
+        first = next(iter(self.rows.tensors.values()))
+        idx = torch.tensor(rows, dtype=torch.long, device=first.device)
+        return Conditioning({k: v.index_select(0, idx) for k, v in self.rows.tensors.items()},
+                            with_negative=self.negative is not None)
+
+
+@dataclass
 class Schedule:
     """A sampling schedule: ``sigmas[0..T]`` (sigmas[T] == 0) and the model timesteps ``timesteps[0..T-1]``.
 
@@ -240,10 +268,15 @@ class Backbone:
         with torch.no_grad():
             if self.cache is None:
                 return self._encode_fixed(prompts)
-            missing = self.cache.split(prompts)
-            if missing:
-                self.cache.put(missing, self._encode_fixed(missing))
+            self.cache_prompts(prompts)
             return self.cache.get(prompts)
+
+    def cache_prompts(self, prompts: Sequence[str]) -> None:
+        """Encode the ``prompts`` missing from the cache, together (``ENCODE_BATCH`` rows a batch)."""
+        missing = self.cache.split(prompts)
+        if missing:
+            with torch.no_grad():
+                self.cache.put(missing, self._encode_fixed(missing))
 
     def _encode_fixed(self, prompts: list[str]) -> Conditioning:
         """``prompts`` encoded in batches of exactly ``ENCODE_BATCH`` rows (see ``encode_prompts``)."""
@@ -253,6 +286,23 @@ class Backbone:
             chunk = prompts[i:i + n]
             parts.append(self._encode_uncached(chunk + [""] * (n - len(chunk))).index(slice(0, len(chunk))))
         return Conditioning.cat(parts)
+
+    def prompt_table(self, prompts: Sequence[str], guidance_scale: float) -> PromptTable | None:
+        """``prompts``' conditioning rows for ``predict`` at ``guidance_scale`` (see ``PromptTable``), or None while the
+        text encoder trains (each pass then encodes its own prompts, with gradients)."""
+        if self.text_trainable:
+            return None
+        distinct = list(dict.fromkeys(prompts))
+        at = {p: i for i, p in enumerate(distinct)}
+        if self.cache is not None:
+            self.cache_prompts(distinct)
+            parts = [self.cache.entries[p] for p in distinct]
+        else:
+            parts = [self.encode_prompts(distinct)]
+        cfg = self.cfg_active(guidance_scale)
+        if cfg:
+            parts = [self.negative_conditioning()] + parts
+        return PromptTable(Conditioning.cat(parts), [at[p] + cfg for p in prompts], 0 if cfg else None)
 
     def negative_conditioning(self) -> Conditioning:
         """The empty-prompt conditioning used as the CFG negative (batch 1)."""
@@ -320,10 +370,18 @@ class Backbone:
     # ----- model -----------------------------------------------------------------------------------
     def compute_dtype(self, transformer: torch.nn.Module) -> torch.dtype:
         """The dtype ``transformer``'s base weights are in (inputs are cast to it): the backbone dtype,
-        or fp32 when a full fine-tune keeps fp32 master weights (autocast then runs the matmuls)."""
-        for p in transformer.parameters():
-            if p.is_floating_point():
-                return p.dtype
+        or fp32 when a full fine-tune keeps fp32 master weights (autocast then runs the matmuls). The first floating
+        weight is found once per module and read live after that (its dtype follows ``.to()``); the walk is made again
+        when that weight is no longer registered where it was (a wrapper such as FSDP replaced it)."""
+        memo = self.__dict__.setdefault("_dtype_memo", {})
+        hit = memo.get(id(transformer))
+        if hit is not None and hit[0] is transformer and hit[1]._parameters.get(hit[2]) is hit[3]:
+            return hit[3].dtype
+        for owner in transformer.modules():
+            for name, p in owner._parameters.items():
+                if p is not None and p.is_floating_point():
+                    memo[id(transformer)] = (transformer, owner, name, p)
+                    return p.dtype
         return self.dtype
 
     def guided(self, call, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,

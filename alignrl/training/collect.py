@@ -52,19 +52,24 @@ class RolloutCollector:
         self.planner.begin_iteration(iteration, plan_gen)
         self.denoiser.eval()
         parts, futures = [], []
-        plan0 = None
+        plan0 = table = None
         keep_x0 = self.keep_final_latents
         for start in range(0, len(slots), bs):
             chunk = slots[start:start + bs]
             prompts = [self.prompts.prompts[s.prompt_id] for s in chunk]
             meta = [self.prompts.metadata[s.prompt_id] for s in chunk]
-            cond = self.backbone.encode_prompts(prompts)
             plan = self.planner.plan(plan_gen)
             if plan0 is None:
                 plan0 = plan
+                # the iteration's prompts encoded together (the new ones in full encoder batches), then each batch's
+                # conditioning, with its CFG negative rows, in one gather
+                table = self.backbone.prompt_table([self.prompts.prompts[s.prompt_id] for s in slots],
+                                                   plan.guidance_scale)
             elif (plan.base_steps, plan.guidance_scale, plan.leaves_per_root) != \
                     (plan0.base_steps, plan0.guidance_scale, plan0.leaves_per_root):
                 raise ConfigError("the plans of one iteration must share schedule length, guidance and leaves per root")
+            cond = table.conditioning(range(start, start + len(chunk))) if table is not None else \
+                self.backbone.encode_prompts(prompts)
             gens = sample_generators(self.seed, iteration, [s.global_index for s in chunk], self.device)
             x_init = None
             if getattr(self.planner, "init_same_noise", False):  # one noise per prompt's group (a planner of
@@ -100,8 +105,9 @@ class RolloutCollector:
     def _flatten(self, parts, slots, plan, keep_x0: bool, iteration: int) -> RolloutBatch:
         """Concatenate the rollout batches into flat roots, leaves and transitions (local indices)."""
         per_root = plan.leaves_per_root
-        cols = {k: [] for k in ("x", "next_x", "logp_old", "mean_old", "t_from", "t_to", "t_root", "t_leaf_lo",
-                                "t_leaf_count", "t_key", "t_weight", "std")}
+        cols = {k: [] for k in ("x", "next_x", "logp_old", "mean_old", "t_root", "t_leaf_lo")}
+        # the per-record numbers, one per row, as Python lists made into one tensor each at the end
+        scalars = {k: [] for k in ("t_from", "t_to", "t_leaf_count", "t_key", "t_weight", "std")}
         specs = []
         leaf_root, x0, path, tag = [], [], [], []
         for out, root_offset, _ in parts:
@@ -113,21 +119,20 @@ class RolloutCollector:
             tag.append(out.leaf_tag if out.leaf_tag is not None else torch.zeros(len(out.leaf_root), dtype=torch.long))
             for r in out.records:
                 n = r.x.shape[0]
-                full = lambda v, dtype=torch.long: torch.full((n,), v, dtype=dtype, device=r.x.device)  # noqa: E731
                 cols["x"].append(r.x)
                 cols["next_x"].append(r.next_x)
                 cols["logp_old"].append(r.logp_old)
                 cols["mean_old"].append(r.mean_old)
-                cols["t_from"].append(full(r.step))
-                cols["t_to"].append(full(r.step_to))
                 cols["t_root"].append(r.root + root_offset)
                 cols["t_leaf_lo"].append(r.leaf_lo + leaf_offset)
-                cols["t_leaf_count"].append(full(r.leaf_count))
-                cols["t_key"].append(full(r.node_key))
-                cols["t_weight"].append(full(r.spec.loss_weight, torch.float32))
-                cols["std"].append(full(float(r.std), torch.float32))
+                for key, value in (("t_from", r.step), ("t_to", r.step_to), ("t_leaf_count", r.leaf_count),
+                                   ("t_key", r.node_key), ("t_weight", r.spec.loss_weight), ("std", float(r.std))):
+                    scalars[key] += [value] * n
                 specs += [r.spec] * n
         cat = {k: (torch.cat(v) if v else None) for k, v in cols.items()}
+        for key, values in scalars.items():
+            dtype = torch.float32 if key in ("t_weight", "std") else torch.long
+            cat[key] = torch.tensor(values, dtype=dtype) if values else None
         if plan.noise_aware_weight and cat["std"] is not None:
             # TempFlow: weight by the step's Gaussian std. The loss divides by the weights' sum over all ranks, so
             # a constant factor (the reference's 2.25 on SD3, 1.73 on FLUX) cancels; no per-rank normalisation,
