@@ -147,19 +147,17 @@ class PassRows:
     weights, roots, and the roots' conditioning (from the prompts' ``PromptTable``). Small steps
     (``WHOLE_GATHER_BYTES``) gather each tensor once in pass order and give each pass a slice of it (a view); larger
     ones gather each pass's rows when it runs, so no step holds a second copy of its rows. The values are the same
-    either way."""
+    either way. The conditioning is gathered per pass, and kept while the next pass has the same roots."""
 
     def __init__(self, batch: RolloutBatch, passes: list[tuple[torch.Tensor, bool]], adv: torch.Tensor,
                  table: PromptTable | None, device):
         self.device = device
         self.groups = [group for group, _ in passes]
         self.table = table
+        self._cond = None  # (roots, their conditioning) of the last pass
         self.sources = {"x": batch.x, "next_x": batch.next_x, "logp_old": batch.logp_old,
                         "mean_old": batch.mean_old, "adv": adv, "weight": batch.t_weight, "root": batch.t_root}
         per_row = sum(t[:1].numel() * t.element_size() for t in self.sources.values())
-        if table is not None:
-            per_row += sum(t[:1].numel() * t.element_size() for t in table.rows.tensors.values()) * \
-                (1 if table.negative is None else 2)
         self.bounds = [0]
         for g in self.groups:
             self.bounds.append(self.bounds[-1] + len(g))
@@ -168,10 +166,7 @@ class PassRows:
             return
         order = torch.cat(self.groups) if len(self.groups) > 1 else self.groups[0]
         self.rows = {k: self._gather(v, order) for k, v in self.sources.items()}
-        if table is not None:  # every pass's [negative rows; prompt rows], one pass after another
-            roots = batch.t_root.index_select(0, order).tolist()
-            self.conds = table.gather([i for a, b in zip(self.bounds, self.bounds[1:])
-                                       for i in table.row_indices(roots[a:b])])
+        self.root_list = batch.t_root.index_select(0, order).tolist()
 
     def _gather(self, source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return source.index_select(0, rows.to(source.device)).to(self.device)
@@ -183,9 +178,10 @@ class PassRows:
         return self._gather(self.sources[name], self.groups[p])
 
     def cond(self, p: int) -> Conditioning:
-        """Pass ``p``'s conditioning (with its negative rows under CFG)."""
-        if not self.whole:
-            return self.table.conditioning(self.sources["root"].index_select(0, self.groups[p]).tolist())
-        k = 1 if self.table.negative is None else 2
-        a, b = k * self.bounds[p], k * self.bounds[p + 1]
-        return Conditioning({n: v[a:b] for n, v in self.conds.tensors.items()}, with_negative=k == 2)
+        """Pass ``p``'s conditioning (with its negative rows under CFG). Consecutive passes over the same roots (a
+        minibatch's schedule steps) share one gathered conditioning."""
+        roots = tuple(self.root_list[self.bounds[p]:self.bounds[p + 1]] if self.whole else
+                      self.sources["root"].index_select(0, self.groups[p]).tolist())
+        if self._cond is None or self._cond[0] != roots:
+            self._cond = (roots, self.table.conditioning(roots))
+        return self._cond[1]

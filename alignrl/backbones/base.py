@@ -62,6 +62,11 @@ class Conditioning:
     def batch_size(self) -> int:
         return next(iter(self.tensors.values())).shape[0]
 
+    @property
+    def prompt_rows(self) -> int:
+        """The number of prompts (rows without their negative rows)."""
+        return self.batch_size // 2 if self.with_negative else self.batch_size
+
     def index(self, idx: torch.Tensor | Sequence[int] | slice) -> "Conditioning":
         """Rows ``idx``; of a conditioning ``with_negative``, prompt rows ``idx`` with their negative rows."""
         if not isinstance(idx, (slice, torch.Tensor)):

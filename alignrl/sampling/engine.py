@@ -9,6 +9,8 @@ same images, and a resumed run samples exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -33,6 +35,35 @@ def sample_generators(seed: int, iteration: int, indices: Sequence[int], device=
 
 def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int], device) -> torch.Tensor:
     return torch.stack([torch.randn(tuple(shape), generator=g, device=g.device) for g in generators]).to(device)
+
+
+_ONE_CALL_DRAWS: dict[int, bool] = {}
+
+
+def _one_call_equals_successive(numel: int) -> bool:
+    """Whether one ``randn`` of ``k * numel`` values from a CPU generator gives the values (and leaves the generator
+    in the state) of ``k`` successive draws of ``numel``: true where the CPU normal sampler's blocks of 16 do not
+    straddle two draws, i.e. for sizes that are a multiple of 16. Checked once per size on this build."""
+    if numel not in _ONE_CALL_DRAWS:
+        one, each = torch.Generator().manual_seed(12345), torch.Generator().manual_seed(12345)
+        whole = torch.randn(3 * numel, generator=one)
+        parts = torch.cat([torch.randn(numel, generator=each) for _ in range(3)])
+        _ONE_CALL_DRAWS[numel] = numel % 16 == 0 and torch.equal(whole, parts) and \
+            torch.equal(torch.randn(5, generator=one), torch.randn(5, generator=each))
+    return _ONE_CALL_DRAWS[numel]
+
+
+def draw_noise_ahead(generators: Sequence[torch.Generator], shape: Sequence[int], count: int,
+                     device) -> torch.Tensor | None:
+    """``count`` successive ``draw_noise`` results, (count, B, *shape), drawn in one call per generator: the same
+    values, and the generators left as after the successive draws. None where that would not hold (a CUDA generator,
+    or a size ``_one_call_equals_successive`` refuses): the caller then draws step by step."""
+    if count < 2 or any(g.device.type != "cpu" for g in generators):
+        return None
+    shape = tuple(shape)
+    if not _one_call_equals_successive(math.prod(shape)):
+        return None
+    return torch.stack([torch.randn((count, *shape), generator=g) for g in generators], dim=1).to(device)
 
 
 def _children(generators: Sequence[torch.Generator], branch: int) -> list[torch.Generator]:
@@ -142,6 +173,10 @@ def rollout(backbone: Backbone, plan: RolloutPlan, cond: Conditioning, generator
     dpm_state = None
     leaf_lo: dict[tuple[int, int], torch.Tensor] = {}
     std_means = _StdMeans()
+    noise_ahead, drawn = None, 0
+    if not plan.side_branches and all(spec.branch == 1 for spec in plan.steps):  # the generators never change:
+        # every step's noise in one draw per sample
+        noise_ahead = draw_noise_ahead(gens, x.shape[1:], sum(_draws_noise(spec) for spec in plan.steps), x.device)
     for k, spec in enumerate(plan.steps):
         a, b = grid[k], grid[k + 1]
         if a in side_steps:
@@ -153,7 +188,7 @@ def rollout(backbone: Backbone, plan: RolloutPlan, cond: Conditioning, generator
             x = x.repeat_interleave(spec.branch, dim=0)
             node_root = node_root.repeat_interleave(spec.branch)
             path_logp = path_logp.repeat_interleave(spec.branch)
-            cond = cond.index(torch.arange(cond.batch_size, device=x.device).repeat_interleave(spec.branch))
+            cond = cond.index(torch.arange(cond.prompt_rows, device=x.device).repeat_interleave(spec.branch))
             gens = _children(gens, spec.branch)
         v = backbone.predict(x, schedule.timesteps[a], cond, plan.guidance_scale, transformer=transformer)
         evals += x.shape[0]
@@ -163,7 +198,10 @@ def rollout(backbone: Backbone, plan: RolloutPlan, cond: Conditioning, generator
             x, dpm_state = dpm_solver_2m_step(x, v, schedule.sigmas[a], schedule.sigmas[b], prev)
             continue
         dpm_state = None
-        noise = draw_noise(gens, x.shape[1:], x.device) if spec.stochastic else None
+        noise = None
+        if _draws_noise(spec):
+            noise = noise_ahead[drawn] if noise_ahead is not None else draw_noise(gens, x.shape[1:], x.device)
+            drawn += 1
         res = apply_step(backbone, spec, schedule, a, x, v, noise=noise, i_to=b)
         if spec.stochastic:
             path_logp = path_logp + res.logp_mean_per_dim
@@ -243,6 +281,11 @@ def sample_images(backbone: Backbone, plan: RolloutPlan, prompts: Sequence[str],
         gens = sample_generators(seed, 0, ids[lo:lo + step], backbone.device)
         out.append(backbone.decode(rollout(backbone, plan, cond, gens, record=False).final).cpu())
     return torch.cat(out)
+
+
+def _draws_noise(spec: StepSpec) -> bool:
+    """Whether the rollout draws noise for a step of this kernel (a multistep solver's steps draw none)."""
+    return spec.stochastic and spec.kind != "dpm2m"
 
 
 def _mean_std(res: StepResult) -> float:

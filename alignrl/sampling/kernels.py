@@ -51,13 +51,8 @@ def gaussian_logp_mean_per_dim(sample: torch.Tensor, mean: torch.Tensor, std: to
 
 
 def _logp(sample: torch.Tensor, mean: torch.Tensor, two_var: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """``gaussian_logp_mean_per_dim`` given ``2 std^2`` and ``log std`` (computed once per step by the SDE kernels).
-    A std that is one number per sample (or one for all) leaves the mean over dims: the squared error is averaged
-    first and scaled once per sample, instead of every element being scaled and shifted."""
-    sq = (sample.detach() - mean) ** 2
-    if two_var.ndim == 0 or all(d == 1 for d in two_var.shape[1:]):
-        return -mean_over_dims(sq) / two_var.reshape(-1) - log_std.reshape(-1) - LOG_SQRT_2PI
-    return mean_over_dims(-sq / two_var - log_std - LOG_SQRT_2PI)
+    """``gaussian_logp_mean_per_dim`` given ``2 std^2`` and ``log std`` (computed once per step by the SDE kernels)."""
+    return mean_over_dims(-((sample.detach() - mean) ** 2) / two_var - log_std - LOG_SQRT_2PI)
 
 
 def ode_step(x, v, sigma, sigma_next) -> StepResult:

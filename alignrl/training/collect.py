@@ -12,9 +12,13 @@ import numpy as np
 import torch
 
 from alignrl.algorithms.base import RolloutBatch
+from alignrl.backbones.base import ENCODE_BATCH
 from alignrl.data import PromptSet
 from alignrl.errors import ConfigError
 from alignrl.sampling.engine import rollout, sample_generators
+
+
+ENCODE_LOOKAHEAD = 4  # iterations ``encode_ahead`` looks ahead to fill an encoder batch
 
 
 class StopRequested(Exception):
@@ -63,6 +67,7 @@ class RolloutCollector:
                 plan0 = plan
                 # the iteration's prompts encoded together (the new ones in full encoder batches), then each batch's
                 # conditioning, with its CFG negative rows, in one gather
+                self.encode_ahead(iteration, slots)
                 table = self.backbone.prompt_table([self.prompts.prompts[s.prompt_id] for s in slots],
                                                    plan.guidance_scale)
             elif (plan.base_steps, plan.guidance_scale, plan.leaves_per_root) != \
@@ -101,6 +106,25 @@ class RolloutCollector:
                 if k != "per_reward" and isinstance(v, (int, float)):
                     batch.reward_info.setdefault(k, []).append(float(v))
         return batch, reward_wait
+
+    def encode_ahead(self, iteration: int, slots) -> None:
+        """Encode the iteration's prompts missing from the backbone's prompt cache, with as many of the next
+        iterations' new prompts (this rank's, known in advance: the sampler is a function of the iteration) as fill
+        the last encoder batch: the text encoders run full batches of ``ENCODE_BATCH`` instead of one part-filled,
+        padded batch per iteration. Embeddings do not depend on their batch (see ``Backbone.encode_prompts``), so
+        the run is the same."""
+        cache = self.backbone.cache
+        if cache is None or self.backbone.text_trainable:
+            return
+        missing = cache.split([self.prompts.prompts[s.prompt_id] for s in slots])
+        ahead = iteration + 1
+        while missing and len(missing) % ENCODE_BATCH and ahead <= iteration + ENCODE_LOOKAHEAD:
+            known = set(missing)
+            later = [self.prompts.prompts[s.prompt_id] for s in self.sampler.rank_slots(ahead)]
+            upcoming = [p for p in cache.split(later) if p not in known]
+            missing += upcoming[:ENCODE_BATCH - len(missing) % ENCODE_BATCH]
+            ahead += 1
+        self.backbone.cache_prompts(missing)
 
     def _flatten(self, parts, slots, plan, keep_x0: bool, iteration: int) -> RolloutBatch:
         """Concatenate the rollout batches into flat roots, leaves and transitions (local indices)."""
