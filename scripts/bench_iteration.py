@@ -40,12 +40,12 @@ class Clock:
         self._start: list[float] = []
         cuda = trainer.device.type == "cuda"
         self.sync = (lambda: torch.cuda.synchronize()) if cuda else (lambda: None)
-        trainer.denoiser.register_forward_pre_hook(lambda *_: self._begin())
-        trainer.denoiser.register_forward_hook(lambda *_: self._end())
+        # the modules' own forward methods are wrapped (not hooks, whose presence sends every call of the module
+        # through torch's slower hook path and so would add to the overhead being measured)
+        self._wrap(trainer.denoiser, "forward")
         for module in trainer.backbone.frozen_modules():  # the text encoders (new prompts); the VAE is decode's
             if module is not trainer.backbone.vae:
-                module.register_forward_pre_hook(lambda *_: self._begin())
-                module.register_forward_hook(lambda *_: self._end())
+                self._wrap(module, "forward")
         self._wrap(trainer.accelerator, "backward")
         self._wrap(trainer.backbone, "decode")
         self._wrap(trainer.optimizer, "step")

@@ -194,3 +194,91 @@ def test_flux_static_shift_is_the_dance_schedule_in_training_and_in_the_pipeline
     assert not np.allclose(dynamic.sigmas.numpy(), sched.sigmas.numpy(), atol=1e-3)
     with pytest.raises(ConfigError, match="static_shift=0"):
         FluxBackbone.tiny(static_shift=0)
+
+
+def test_sd3_text_encoding_equals_the_pipeline_bit_for_bit(tiny_sd3, caplog):
+    """The backbone's own SD3 text encoding (each tokenizer called once, over all chunks) returns what the pipeline's
+    encode_prompt returns, bit for bit, truncated prompts included, and warns once per cut prompt and encoder."""
+    import logging
+
+    long = "a photo of " + "very " * 60 + "red cat"
+    prompts = [long, "a cat", "", "two dogs on a red sofa", "a", "b c", "ünïcode prompt", "a blue boat"]
+    embeds, _, pooled, _ = tiny_sd3.pipe.encode_prompt(
+        prompt=prompts, prompt_2=None, prompt_3=None, device=tiny_sd3.device, do_classifier_free_guidance=False,
+        max_sequence_length=tiny_sd3.max_sequence_length)
+    with caplog.at_level(logging.WARNING, logger="alignrl.backbones.base"):
+        one, two = tiny_sd3._encode_chunks([prompts, prompts[::-1]])
+    assert torch.equal(one.tensors["prompt_embeds"], embeds) and torch.equal(one.tensors["pooled"], pooled)
+    assert torch.equal(two.tensors["prompt_embeds"], embeds.flip(0)) and torch.equal(two.tensors["pooled"], pooled.flip(0))
+    cut = [r.getMessage() for r in caplog.records if r.name == "alignrl.backbones.base"]
+    assert len(cut) == 2 * 3 and all("a photo of very" in m for m in cut)  # 2 chunks x (2 CLIPs + T5)
+    assert any("T5 (backbone.max_sequence_length=" in m for m in cut)
+
+
+@pytest.mark.parametrize("cfg", [4.5, 1.0])
+def test_prompt_table_gathers_what_the_cache_and_the_cfg_concatenation_give(tiny_sd3, cfg):
+    prompts = ["a red cat", "a blue dog", "a red cat", "a green owl"]
+    table = tiny_sd3.prompt_table(prompts, cfg)
+    items = [3, 0, 2, 2, 1]
+    got = table.conditioning(items)
+    plain = tiny_sd3.encode_prompts([prompts[i] for i in items])
+    want = tiny_sd3.cfg_conditioning(plain) if cfg > 1 else plain
+    assert got.with_negative == (cfg > 1) and got.batch_size == want.batch_size
+    assert all(torch.equal(got.tensors[k], want.tensors[k]) for k in want.tensors)
+    assert table.rows.batch_size == 3 + (cfg > 1)  # each distinct prompt once, and the empty prompt under CFG
+
+
+def test_noise_drawn_ahead_equals_successive_draws_and_the_rollout_is_unchanged(tiny_sd3, monkeypatch):
+    """A linear plan's step noise drawn in one call per sample gives the values of the step-by-step draws and leaves
+    each generator where they would (checked once per size); where that cannot hold, nothing is drawn ahead."""
+    import alignrl.sampling.engine as engine
+
+    shape = tiny_sd3.latent_shape()
+    ahead = engine.draw_noise_ahead(sample_generators(3, 1, range(4)), shape, 5, "cpu")
+    gens = sample_generators(3, 1, range(4))
+    for k in range(5):
+        assert torch.equal(ahead[k], engine.draw_noise(gens, shape, "cpu"))
+    after = sample_generators(3, 1, range(4))
+    engine.draw_noise_ahead(after, shape, 5, "cpu")
+    assert all(torch.equal(torch.randn(3, generator=a), torch.randn(3, generator=b)) for a, b in zip(after, gens))
+    assert engine.draw_noise_ahead(sample_generators(3, 1, range(2)), (5, 5), 4, "cpu") is None  # 25 values
+    assert engine.draw_noise_ahead(sample_generators(3, 1, range(2)), shape, 1, "cpu") is None
+    plan = FlowGRPOPlanner(num_steps=5, guidance_scale=4.5).plan(torch.Generator().manual_seed(0))
+    cond = tiny_sd3.encode_prompts(["a red cat", "a blue boat"])
+    fast = rollout(tiny_sd3, plan, cond, sample_generators(0, 2, [5, 9]))
+    monkeypatch.setattr(engine, "draw_noise_ahead", lambda *a, **k: None)
+    slow = rollout(tiny_sd3, plan, cond, sample_generators(0, 2, [5, 9]))
+    assert torch.equal(fast.final, slow.final)
+    assert all(torch.equal(a.next_x, b.next_x) and torch.equal(a.logp_old, b.logp_old)
+               for a, b in zip(fast.records, slow.records))
+
+
+def test_encode_ahead_fills_the_encoder_batch_with_the_next_iterations_prompts(tiny_sd3):
+    """The rollout encodes an iteration's new prompts with the following iterations' (the sampler's slots are known
+    in advance) until the encoder batch is full; each embedding is the one its prompt gets encoded alone."""
+    from types import SimpleNamespace
+
+    from alignrl.backbones.base import ENCODE_BATCH
+    from alignrl.training.collect import RolloutCollector
+
+    prompts = [f"prompt number {i}" for i in range(40)]
+    per_iteration = 3  # three new prompts an iteration, each twice
+    slots = lambda it: [SimpleNamespace(prompt_id=it * per_iteration + k % per_iteration)  # noqa: E731
+                        for k in range(2 * per_iteration)]
+    collector = RolloutCollector(*[None] * 14)
+    collector.backbone, collector.prompts = tiny_sd3, SimpleNamespace(prompts=prompts)
+    collector.sampler = SimpleNamespace(rank_slots=slots)
+    tiny_sd3.cache.entries.clear()
+    calls = []
+    encode = tiny_sd3._encode_fixed
+    tiny_sd3._encode_fixed = lambda ps: calls.append(list(ps)) or encode(ps)
+    try:
+        collector.encode_ahead(0, slots(0))
+        collector.encode_ahead(1, slots(1))  # iteration 1's prompts were all encoded ahead: nothing to do
+        collector.encode_ahead(2, slots(2))
+    finally:
+        del tiny_sd3._encode_fixed
+    assert calls == [prompts[:ENCODE_BATCH], prompts[ENCODE_BATCH:2 * ENCODE_BATCH]]
+    for p in (prompts[0], prompts[7], prompts[9]):
+        alone = tiny_sd3._encode_fixed([p])
+        assert all(torch.equal(tiny_sd3.cache.entries[p].tensors[k], alone.tensors[k]) for k in alone.tensors)

@@ -14,6 +14,7 @@ An adapter wraps a diffusers pipeline (it owns the modules; nothing is copied) a
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -21,6 +22,8 @@ import torch
 
 from alignrl.errors import ConfigError
 from alignrl.sampling.parameterisation import FLOW, Parameterisation
+
+_log = logging.getLogger(__name__)
 
 DTYPES = {
     "fp32": torch.float32,
@@ -149,6 +152,23 @@ class Schedule:
 # prompts encoded per text-encoder pass, always (padded with empty prompts): a fixed shape keeps each prompt's
 # embedding independent of its batch-mates
 ENCODE_BATCH = 8
+
+
+def token_ids(tokenizer, prompts: Sequence[str], max_length: int, what: str) -> torch.Tensor:
+    """``prompts``' token ids padded and truncated to ``max_length`` (as the pipelines tokenize), with a warning naming
+    each prompt that was cut (``what``: the encoder and its limit, for the message)."""
+    enc = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                    add_special_tokens=True, return_tensors="pt")
+    encodings = getattr(enc, "encodings", None)
+    if encodings is not None:  # a fast tokenizer says what it cut
+        cut = [i for i, e in enumerate(encodings) if e.overflowing]
+    else:
+        full = tokenizer(list(prompts), add_special_tokens=True).input_ids
+        cut = [i for i, ids in enumerate(full) if len(ids) > max_length]
+    for i in cut:
+        text = prompts[i] if len(prompts[i]) <= 120 else prompts[i][:117] + "..."
+        _log.warning("prompt truncated to the %s limit: %r", what, text)
+    return enc.input_ids
 
 
 @dataclass
@@ -286,11 +306,13 @@ class Backbone:
     def _encode_fixed(self, prompts: list[str]) -> Conditioning:
         """``prompts`` encoded in batches of exactly ``ENCODE_BATCH`` rows (see ``encode_prompts``)."""
         n = ENCODE_BATCH
-        parts = []
-        for i in range(0, len(prompts), n):
-            chunk = prompts[i:i + n]
-            parts.append(self._encode_uncached(chunk + [""] * (n - len(chunk))).index(slice(0, len(chunk))))
-        return Conditioning.cat(parts)
+        chunks = [prompts[i:i + n] for i in range(0, len(prompts), n)]
+        parts = self._encode_chunks([c + [""] * (n - len(c)) for c in chunks])
+        return Conditioning.cat(part.index(slice(0, len(c))) for part, c in zip(parts, chunks))
+
+    def _encode_chunks(self, chunks: list[list[str]]) -> list[Conditioning]:
+        """``_encode_uncached`` of each chunk (a backbone may tokenize all of them at once)."""
+        return [self._encode_uncached(c) for c in chunks]
 
     def prompt_table(self, prompts: Sequence[str], guidance_scale: float) -> PromptTable | None:
         """``prompts``' conditioning rows for ``predict`` at ``guidance_scale`` (see ``PromptTable``), or None while the

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from alignrl.backbones.base import Backbone, Conditioning, dtype_kwarg, parse_dtype, with_static_shift
+from alignrl.backbones.base import Backbone, Conditioning, dtype_kwarg, parse_dtype, token_ids, with_static_shift
 from alignrl.backbones import tiny
 
 SD3_LORA_TARGETS = (
@@ -57,11 +57,44 @@ class SD3Backbone(Backbone):
 
     # ----- text ----------------------------------------------------------------------------------
     def _encode_uncached(self, prompts: list[str]) -> Conditioning:
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
-            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
-        )
-        return Conditioning({"prompt_embeds": embeds, "pooled": pooled})
+        return self._encode_chunks([prompts])[0]
+
+    def _encode_chunks(self, chunks: list[list[str]]) -> list[Conditioning]:
+        """What the pipeline's ``encode_prompt`` returns for each chunk (the same numbers, checked bit for bit in the
+        tests), with each tokenizer called once over all the chunks' prompts, instead of twice per chunk (the
+        pipeline tokenizes a second time, untruncated, only to warn about truncation: here the tokenizer's own
+        overflow says that)."""
+        pipe = self.pipe
+        rows = [p for chunk in chunks for p in chunk]
+        clip_ids = [token_ids(tok, rows, pipe.tokenizer_max_length, f"CLIP ({pipe.tokenizer_max_length} tokens)")
+                    for tok in (pipe.tokenizer, pipe.tokenizer_2)]
+        t5_ids = None if pipe.text_encoder_3 is None else \
+            token_ids(pipe.tokenizer_3, rows, self.max_sequence_length,
+                      f"T5 (backbone.max_sequence_length={self.max_sequence_length})")
+        out, lo = [], 0
+        for chunk in chunks:
+            hi = lo + len(chunk)
+            out.append(self._encode_ids([ids[lo:hi] for ids in clip_ids], None if t5_ids is None else t5_ids[lo:hi]))
+            lo = hi
+        return out
+
+    def _encode_ids(self, clip_ids: list[torch.Tensor], t5_ids: torch.Tensor | None) -> Conditioning:
+        """The pipeline's prompt embeddings from token ids: both CLIPs' penultimate hidden states side by side, zero
+        padded to T5's width, followed by T5's sequence (zeros without T5); the CLIPs' pooled outputs side by side."""
+        pipe, device = self.pipe, self.device
+        embeds, pooled = [], []
+        for encoder, ids in zip((pipe.text_encoder, pipe.text_encoder_2), clip_ids):
+            out = encoder(ids.to(device), output_hidden_states=True)
+            pooled.append(out[0])
+            embeds.append(out.hidden_states[-2].to(dtype=pipe.text_encoder.dtype, device=device))
+        clip = torch.cat(embeds, dim=-1)
+        if t5_ids is None:
+            t5 = torch.zeros((clip.shape[0], self.max_sequence_length, self.transformer.config.joint_attention_dim),
+                             device=device, dtype=pipe.text_encoder.dtype)
+        else:
+            t5 = pipe.text_encoder_3(t5_ids.to(device))[0].to(dtype=pipe.text_encoder_3.dtype, device=device)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return Conditioning({"prompt_embeds": torch.cat([clip, t5], dim=-2), "pooled": torch.cat(pooled, dim=-1)})
 
     # ----- latents ---------------------------------------------------------------------------------
     def latent_shape(self) -> tuple[int, ...]:
