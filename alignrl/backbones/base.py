@@ -114,14 +114,9 @@ class PromptTable:
     def conditioning(self, items: Sequence[int]) -> Conditioning:
         """The conditioning of prompts ``items`` (indices into the table's prompts), laid out for ``predict``:
         [negative rows; prompt rows] under CFG (``with_negative``), the prompt rows otherwise."""
-        return self.gather(self.row_indices(items))
-
-    def row_indices(self, items: Sequence[int]) -> list[int]:
         rows = [self.row_of[i] for i in items]
-        return rows if self.negative is None else [self.negative] * len(rows) + rows
-
-    def gather(self, rows: Sequence[int]) -> Conditioning:
-        """Table rows ``rows`` (from ``row_indices``; several calls' lists may be concatenated)."""
+        if self.negative is not None:
+            rows = [self.negative] * len(rows) + rows
         first = next(iter(self.rows.tensors.values()))
         idx = torch.tensor(rows, dtype=torch.long, device=first.device)
         return Conditioning({k: v.index_select(0, idx) for k, v in self.rows.tensors.items()},

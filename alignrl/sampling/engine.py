@@ -172,7 +172,6 @@ def rollout(backbone: Backbone, plan: RolloutPlan, cond: Conditioning, generator
     side_steps = {b.step for b in plan.side_branches}
     dpm_state = None
     leaf_lo: dict[tuple[int, int], torch.Tensor] = {}
-    std_means = _StdMeans()
     noise_ahead, drawn = None, 0
     if not plan.side_branches and all(spec.branch == 1 for spec in plan.steps):  # the generators never change:
         # every step's noise in one draw per sample
@@ -212,7 +211,7 @@ def rollout(backbone: Backbone, plan: RolloutPlan, cond: Conditioning, generator
             records.append(StepRecord(step=a, step_to=b, spec=spec, x=x, next_x=res.next_x,
                                       logp_old=res.logp_mean_per_dim, mean_old=res.mean, root=node_root,
                                       leaf_lo=leaf_lo[lo_key], leaf_count=leaves_after[k], node_key=depth,
-                                      std=std_means.get(res)))
+                                      std=_mean_std(res)))
         x = res.next_x
     if not plan.side_branches:
         return Rollout(final=backbone.from_frame(x, schedule.sigmas[grid[-1]]), leaf_root=node_root, records=records, model_evals=evals, leaf_path_logp=path_logp)
@@ -290,22 +289,6 @@ def _draws_noise(spec: StepSpec) -> bool:
 
 def _mean_std(res: StepResult) -> float:
     return float(torch.as_tensor(res.std).float().mean()) if res.std is not None else 0.0
-
-
-class _StdMeans:
-    """``_mean_std`` of a rollout's steps, read once per std tensor: the reverse-SDE kernels return the std kept with
-    the step's factors (the same tensor at every visit of the step), so its mean is not recomputed each time."""
-
-    def __init__(self):
-        self.seen: dict[int, tuple[torch.Tensor, float]] = {}
-
-    def get(self, res: StepResult) -> float:
-        if res.std is None or not isinstance(res.std, torch.Tensor):
-            return _mean_std(res)
-        hit = self.seen.get(id(res.std))
-        if hit is None or hit[0] is not res.std:  # (the tensor is held, so its id is not reused meanwhile)
-            hit = self.seen[id(res.std)] = (res.std, _mean_std(res))
-        return hit[1]
 
 
 def _fork(generator: torch.Generator, salt: int) -> torch.Generator:
