@@ -49,6 +49,7 @@ def build_backbone(cfg: DictConfig, device):
     if "_target_" not in spec:
         raise ConfigError("backbone config needs a _target_ (e.g. alignrl.backbones.sd3.SD3Backbone.tiny)")
     name = spec.pop("name", spec["_target_"])
+    _attention_kernels(cfg, device)
     try:
         return instantiate(spec, device=device, _convert_="all")
     except Exception as e:  # hydra wraps the constructor's error; report it in one line
@@ -63,6 +64,18 @@ def build_backbone(cfg: DictConfig, device):
             raise ConfigError(f"cannot load backbone '{name}' from '{where}': {first} (set backbone.pretrained to "
                               f"a hub id or a local diffusers directory; gated models need HF_TOKEN)") from None
         raise
+
+
+def _attention_kernels(cfg: DictConfig, device) -> None:
+    """On CUDA, PyTorch's attention may pick cuDNN's fused kernel unless ``trainer.cudnn_attention`` allows it
+    (off by default: see ``recipes/trainer/default.yaml``). Process-wide, set by every command that builds a model."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return
+    from alignrl.training.trainer_config import TrainerConfig
+
+    torch.backends.cuda.enable_cudnn_sdp(TrainerConfig.from_config(cfg.get("trainer")).cudnn_attention)
 
 
 def build_planner(cfg: DictConfig):

@@ -19,8 +19,8 @@ in two weight layouts: ``bf16`` (weights in bf16: a LoRA base, or FSDP's gathere
 copy of every weight it casts until backward has used it). CUDA only for the memory columns (``saved`` runs
 anywhere).
 
-    python scripts/bench_memory.py [--family sd3 flux] [--blocks 4] [--batch 1 2] [--resolution 512]
-                                   [--text-len 128] [--device cuda]
+    python scripts/bench_memory.py [--family sd3 flux] [--blocks 6] [--batch 1 2] [--resolution 512]
+                                   [--text-len 128] [--device cuda] [--cudnn-attention]
 """
 
 from __future__ import annotations
@@ -121,13 +121,17 @@ def main():
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", nargs="+", default=["sd3", "flux"], choices=["sd3", "flux"])
-    p.add_argument("--blocks", type=int, default=4, help="transformer blocks (the planner's L)")
+    p.add_argument("--blocks", type=int, default=6, help="transformer blocks (the planner's L; FLUX's 1:2 at 6)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 2])
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--text-len", type=int, default=128, help="T5 tokens (SD3 adds CLIP's 77)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cudnn-attention", action="store_true",
+                   help="allow cuDNN's fused attention (alignrl's default, trainer.cudnn_attention=false, does not)")
     args = p.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"{name}, torch {torch.__version__}; one training forward + backward, {args.resolution} px, "
           f"T5 {args.text_len} tokens, {args.blocks} blocks; GiB; ratio = measured / planned")

@@ -73,3 +73,20 @@ def test_a_run_on_real_weights_follows_moved_weights_and_dtype(tmp_path, monkeyp
          f"eval.out_dir={tmp_path / 'ev'}"])
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert "bfloat16" in metrics["backbone"] and metrics["eval/num_images"] == 4
+
+
+def test_building_a_model_on_cuda_turns_cudnn_attention_off_unless_asked(monkeypatch):
+    """cuDNN's fused attention gave NaN gradients on the tiny FLUX (H200, torch 2.11): every command that builds a
+    model on CUDA sets it from trainer.cudnn_attention (default off); on the CPU it is left alone."""
+    import torch
+
+    from alignrl.components import _attention_kernels
+    from alignrl.config import compose
+
+    calls = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", calls.append)
+    _attention_kernels(compose(["recipe=tiny_flowgrpo"]), torch.device("cpu"))
+    assert calls == []
+    _attention_kernels(compose(["recipe=tiny_flowgrpo"]), "cuda")
+    _attention_kernels(compose(["recipe=tiny_flowgrpo", "trainer.cudnn_attention=true"]), torch.device("cuda", 0))
+    assert calls == [False, True]

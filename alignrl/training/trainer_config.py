@@ -74,6 +74,7 @@ class TrainerConfig:
     gradient_checkpointing: bool
     compile: bool  # torch.compile each repeated block of the denoiser (regional compilation)
     compile_backend: str  # torch.compile's backend: inductor (generated kernels) | aot_eager (tracing only) | ...
+    cudnn_attention: bool  # let PyTorch pick cuDNN's fused attention on CUDA (off: flash / memory-efficient only)
     finetune: str  # lora | full
     text_encoder: str  # frozen | full (train the text encoder too; one-text-encoder backbones)
     lora: LoraSettings
