@@ -13,11 +13,13 @@ Estimate, in bytes, per GPU (``P`` denoiser parameters, ``N`` the sharding divis
   backbone's dtype for a full fine-tune; the EMA: an fp32 copy of the trainable weights, and another for
   ``trainer.decay_to_base`` (the starting weights it pulls toward);
 - activations of one training micro-batch (``trainer.train_batch_size``, doubled when CFG runs in the training
-  forward), with and without gradient checkpointing. The published backbones use per-token coefficients measured
-  on their real configurations (a meta-device forward summing saved tensors, flash attention:
-  ``c L B S d`` bytes without checkpointing, ``2 L B S d + c B S d`` with it; SD1.5 and SDXL per sample at their
-  native size, scaled by pixels); the built-in tiny and ShapeWorld backbones are measured here, by one training
-  forward that sums the tensors autograd saves.
+  forward), with and without gradient checkpointing. The published transformers use per-token coefficients
+  ``c`` measured on a GPU on reduced real configurations (``TOKEN_COEFF``: by whether autocast runs and the weights
+  it casts are fp32): ``c L B S d`` bytes without checkpointing, ``2 L B S d + c B S d`` with it (an upper figure:
+  measured 0.14-0.95x); Wan per model, SD1.5 and SDXL per sample at their native size, scaled by pixels (a
+  meta-device forward summing saved tensors); the built-in tiny and ShapeWorld backbones are measured here, by one
+  training forward that sums the tensors autograd saves. A LoRA base kept in fp32 under autocast adds autocast's
+  16-bit copy of each weight (2 B/param).
 
 With ``distributed=ddp`` (data-parallel) ``N`` is 1 and the fully sharded figure (``N`` = every GPU) is printed
 beside it; with ``distributed=fsdp`` (a full fine-tune) ``N`` is every GPU of the job, plus the shard units in
@@ -50,8 +52,17 @@ KNOWN = {
     "wan21_t2v_14b": dict(denoiser=14.29e9, text=5.681e9, vae=126.9e6, family="wan", layers=40, width=5120,
                           coeff=83.0),
 }
-# Activation coefficients (bytes per token per layer per unit width, bf16, flash attention).
-TOKEN_COEFF = {"sd3": 71.0, "flux": 53.0}
+# Activation coefficients: bytes per token, layer and unit of width that one training forward keeps for backward,
+# measured on an H200 (scripts/bench_memory.py: reduced real configurations, 512 px, T5 128, batches 1 and 2; CUDA
+# memory allocated after the forward, above the weights), by how the forward runs:
+#   plain     half-precision weights, no autocast (trainer.mixed_precision=no)
+#   autocast  half-precision weights under autocast (a bf16/fp16 LoRA base, or FSDP's units gathered in bf16):
+#             autocast keeps norms and softmax in fp32, SD3 measured 1.19-1.20x its plain figure, FLUX 1.25x
+#   fp32      fp32 trainable weights under autocast (a full fine-tune without sharding): 1.29x (SD3) and 1.55x
+#             (FLUX) the plain figure, besides autocast's bf16 copy of every weight (2 B/param, measured; it lives
+#             only while the gradients do not exist yet, so the 16 B/param of the weights' states covers it)
+TOKEN_COEFF = {"sd3": {"plain": 71.0, "autocast": 85.0, "fp32": 92.0},
+               "flux": {"plain": 42.0, "autocast": 53.0, "fp32": 65.0}}
 # UNets: GiB per sample (no checkpointing, block checkpointing) at their native side.
 UNET_ACT = {"sd15": (512, 0.92, 0.14), "sdxl": (1024, 6.81, 0.55)}
 
@@ -141,6 +152,18 @@ def saved_activation_bytes(backbone, batch: int, checkpointing: bool) -> float:
     return float(sum(seen.values()))
 
 
+def _forward_kind(cfg: DictConfig) -> str:
+    """How a training forward runs (the key of TOKEN_COEFF): ``plain`` without autocast, ``fp32`` for fp32 trainable
+    weights under autocast (a full fine-tune that no sharding gathers in half precision), else ``autocast``."""
+    t = cfg.trainer
+    mp = str(t.get("mixed_precision", "no"))
+    if mp == "no":
+        return "plain"
+    if str(t.finetune) == "full" and not (sharded_run(cfg) and _distributed(cfg).gather_dtype(mp) in ("bf16", "fp16")):
+        return "fp32"
+    return "fp32" if str(cfg.backbone.get("dtype", "fp32")) == "fp32" else "autocast"  # a LoRA base kept in fp32
+
+
 def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
     t, b = cfg.trainer, cfg.backbone
     name = str(b.get("name", ""))
@@ -177,7 +200,8 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
             else:
                 text = int(b.get("max_sequence_length", 256)) + (77 if counts["family"] == "sd3" else 0)
                 s = (res // 16) ** 2 + text
-            L, d, c = counts["layers"], counts["width"], counts.get("coeff") or TOKEN_COEFF[counts["family"]]
+            L, d = counts["layers"], counts["width"]
+            c = counts.get("coeff") or TOKEN_COEFF[counts["family"]][_forward_kind(cfg)]
             act_plain = c * L * micro * s * d
             act_ckpt = 2 * L * micro * s * d + c * micro * s * d
     elif name.startswith(("tiny", "shapes")):
@@ -210,6 +234,13 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
         trainable = p_lora
         sharded_model = dtype_bytes * P / shards + per * p_lora / shards
         model = dtype_bytes * P + per * p_lora
+        if dtype_bytes == 4 and str(t.get("mixed_precision", "no")) != "no" and counts["layers"]:
+            # autocast's half-precision copy of each fp32 base weight, kept for backward (one block's with
+            # checkpointing): 2 B/param measured (scripts/bench_memory.py); the adapters' states do not cover it
+            casts = 2 * P / (counts["layers"] if ckpt_on else 1)
+            rows.append(("autocast's 16-bit copies of the fp32 base (kept for backward)", casts))
+            model += casts
+            sharded_model += casts
     else:
         per = 8 + opt_bytes
         rows.append((f"denoiser full: fp32 weights, grads, optimizer ({per} B/param)", per * P))

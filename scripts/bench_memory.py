@@ -14,9 +14,10 @@ blocks in the real 1:2 ratio), runs one training forward and backward of ``B`` s
     peak        CUDA peak during forward and backward, above the weights and their gradients (backward's
                 transients on top)
 
-in two weight layouts: ``bf16`` (weights in bf16: a LoRA base, or FSDP's gathered bf16 units) and ``fp32+autocast``
-(alignrl's full fine-tune without sharding: fp32 master weights, compute under bf16 autocast, which keeps a bf16
-copy of every weight it casts until backward has used it). CUDA only for the memory columns (``saved`` runs
+in three weight layouts: ``bf16`` (weights in bf16, no autocast: the coefficients' own setting), ``bf16+autocast``
+(a bf16 LoRA base, or FSDP's gathered bf16 units, with trainer.mixed_precision=bf16: autocast runs norms and
+softmax in fp32) and ``fp32+autocast`` (alignrl's full fine-tune without sharding: fp32 master weights, compute
+under bf16 autocast, which keeps a bf16 copy of every weight it casts until backward has used it). CUDA only for the memory columns (``saved`` runs
 anywhere).
 
     python scripts/bench_memory.py [--family sd3 flux] [--blocks 6] [--batch 1 2] [--resolution 512]
@@ -137,7 +138,8 @@ def main():
           f"T5 {args.text_len} tokens, {args.blocks} blocks; GiB; ratio = measured / planned")
     gib = 2.0**30
     for family in args.family:
-        for layout, dtype, autocast in (("bf16", torch.bfloat16, False), ("fp32+autocast", torch.float32, True)):
+        for layout, dtype, autocast in (("bf16", torch.bfloat16, False), ("bf16+autocast", torch.bfloat16, True),
+                                        ("fp32+autocast", torch.float32, True)):
             model, L, d, extra = build(family, args.blocks, device, dtype)
             model.requires_grad_(True)
             n = sum(p.numel() for p in model.parameters())
@@ -149,7 +151,7 @@ def main():
                 for ckpt in (False, True):
                     planned = (2 * L * batch * S * d + c * batch * S * d) if ckpt else c * L * batch * S * d
                     m = measure(model, kw, autocast, ckpt, device)
-                    casts = f"; weight casts {2 * n / gib:.2f}" if autocast else ""
+                    casts = f"; weight casts {2 * n / gib:.2f}" if dtype == torch.float32 else ""
                     print(f"  {family:<4} {layout:<13} {n / 1e6:7.1f}M params  B={batch} S={S:<5} "
                           f"{'ckpt ' if ckpt else 'plain'}  planned {planned / gib:6.2f}  saved {m['saved'] / gib:6.2f} "
                           f"({m['saved'] / planned:4.2f})  after fwd {m['after'] / gib:6.2f} "

@@ -36,9 +36,36 @@ def test_mixgrpo_flux_full_fine_tune_fits_only_sharded_and_its_lora_variant_fits
         suggestions(compose(["recipe=mixgrpo_flux", "distributed.param_dtype=fp32"]), fp32, Machine(8, 80, 1))
     lora = estimate(compose(["recipe=mixgrpo_flux_lora"]), Machine(8, 80, 1))
     assert lora.fits and lora.total < est.total / 4
-    # FLUX at 720px with T5 512: 2025 + 512 tokens; 53 bytes x 57 layers x 3072 wide per token
-    assert est.act_plain == pytest.approx(53 * 57 * (45 * 45 + 512) * 3072)
+    # FLUX at 720px with T5 512: 2025 + 512 tokens; 65 bytes x 57 layers x 3072 wide per token for fp32 weights
+    # under autocast (unsharded), 53 for the bf16 units the recipe's FSDP gathers (measured on an H200)
+    tokens = 57 * (45 * 45 + 512) * 3072
+    assert est.act_plain == pytest.approx(65 * tokens)
+    assert sharded.act_plain == pytest.approx(53 * tokens)
     assert est.act_ckpt < est.act_plain / 10
+
+
+@pytest.mark.parametrize("overrides,kind", [
+    ([], "autocast"),  # LoRA on the bf16 base, bf16 autocast
+    (["trainer.mixed_precision=no"], "plain"),
+    (["trainer.finetune=full"], "fp32"),  # fp32 master weights under autocast
+    (["trainer.finetune=full", "distributed=fsdp"], "autocast"),  # units gathered in bf16
+    (["trainer.finetune=full", "distributed=fsdp", "distributed.param_dtype=fp32"], "fp32"),
+    (["backbone.dtype=fp32"], "fp32"),  # a LoRA base kept in fp32
+])
+def test_activation_coefficient_follows_how_the_forward_runs(overrides, kind):
+    from alignrl.plan import TOKEN_COEFF, _forward_kind
+
+    cfg = compose(["recipe=mixgrpo_flux_lora", *overrides])
+    assert _forward_kind(cfg) == kind
+    est = estimate(cfg, Machine(8, 80, 1))
+    L, d = KNOWN["flux1_dev"]["layers"], KNOWN["flux1_dev"]["width"]
+    s = (int(cfg.backbone.resolution) // 16) ** 2 + int(cfg.backbone.max_sequence_length)
+    micro = int(cfg.trainer.train_batch_size)
+    assert est.act_plain == pytest.approx(TOKEN_COEFF["flux"][kind] * L * micro * s * d)
+    casts = [v for k, v in est.rows if k.startswith("autocast's 16-bit copies")]  # only for an fp32 LoRA base
+    assert casts == ([pytest.approx(2 * KNOWN["flux1_dev"]["denoiser"] / (L if cfg.trainer.gradient_checkpointing
+                                                                            else 1))]
+                     if "backbone.dtype=fp32" in overrides else [])
 
 
 def test_video_tokens_are_frames_times_patches_and_the_14b_fits_only_sharded():
