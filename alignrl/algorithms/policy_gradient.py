@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 
 from alignrl.algorithms.base import Advantages, RolloutBatch, StepContext, balanced_passes
-from alignrl.backbones.base import Conditioning, PromptTable
+from alignrl.backbones.base import Conditioning, PromptTable, set_training
 from alignrl.sampling.engine import apply_step
 
 
 def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepContext) -> dict:
     """Optimizer steps over this iteration's trained transitions; returns the logged summary."""
-    ctx.denoiser.train()
+    set_training(ctx.denoiser, True)
     backbone = ctx.backbone
     schedule = backbone.make_schedule(batch.plan.base_steps)
     adv_t = torch.as_tensor(adv.transition, dtype=torch.float32, device=ctx.device)
@@ -41,7 +41,9 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
             dts[j, j_to] = schedule.sigmas[j_to] - schedule.sigmas[j]
         return dts[j, j_to]
 
-    sums = {k: [] for k in algo.diagnostics}  # per-pass values, summed once at the end
+    keys = tuple(algo.diagnostics)
+    sums = {k: [] for k in keys}  # per-pass values, summed once at the end
+    stacked = []  # or, where a pass's values are equal-length rows, one (keys, rows) tensor per pass
     count = 0
     grad_norms = []
     ratio_dev_before_update = 0.0  # on-policy check: the first update's ratios must all be 1
@@ -91,11 +93,19 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
                 ctx.backward((loss_vec * rows_of.get("weight", p)).sum() / global_w)
                 if first_update and "ratio" in diag:
                     ratio_dev_before_update = max(ratio_dev_before_update, float((diag["ratio"] - 1).abs().max()))
-                for key in algo.diagnostics:
-                    sums[key].append(diag[key].detach().reshape(-1))
+                values = [diag[k] for k in keys]
+                if keys and all(v.dim() == 1 and v.shape == values[0].shape for v in values):
+                    with torch.no_grad():
+                        stacked.append(torch.stack(values))  # one operation where a copy per key would make 2-3
+                else:
+                    for key, v in zip(keys, values):
+                        sums[key].append(v.detach().reshape(-1))
                 count += len(group)
             grad_norms.append(ctx.optimizer_step())
             stepped = True
+    if stacked:
+        for key, row in zip(keys, torch.cat(stacked, dim=1).unbind(0)):
+            sums[key].append(row)
     totals = {k: float(torch.cat(v).double().sum()) if v else 0.0 for k, v in sums.items()}
     return ctx.summarise(totals, count, ratio_dev_before_update, grad_norms)
 

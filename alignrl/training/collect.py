@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from alignrl.algorithms.base import RolloutBatch
-from alignrl.backbones.base import ENCODE_BATCH
+from alignrl.backbones.base import ENCODE_BATCH, set_training
 from alignrl.data import PromptSet
 from alignrl.errors import ConfigError
 from alignrl.sampling.engine import rollout, sample_generators
@@ -54,7 +54,7 @@ class RolloutCollector:
         bs = self.rollout_batch_size
         plan_gen = iteration_generator(self.seed, iteration, 1)  # same on every rank: plans agree across ranks
         self.planner.begin_iteration(iteration, plan_gen)
-        self.denoiser.eval()
+        set_training(self.denoiser, False)
         parts, futures = [], []
         plan0 = table = None
         keep_x0 = self.keep_final_latents
