@@ -201,7 +201,10 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
                 text = int(b.get("max_sequence_length", 256)) + (77 if counts["family"] == "sd3" else 0)
                 s = (res // 16) ** 2 + text
             L, d = counts["layers"], counts["width"]
-            c = counts.get("coeff") or TOKEN_COEFF[counts["family"]][_forward_kind(cfg)]
+            kind = _forward_kind(cfg)
+            c = counts.get("coeff") or TOKEN_COEFF[counts["family"]][kind]
+            if kind == "plain":  # no autocast: the activations take the weights' dtype (fp32: twice the bytes)
+                c *= dtype_bytes / 2
             act_plain = c * L * micro * s * d
             act_ckpt = 2 * L * micro * s * d + c * micro * s * d
     elif name.startswith(("tiny", "shapes")):
