@@ -1,6 +1,7 @@
 """CUDA paths (they skip on a machine without a GPU, as CI is): every built-in backbone family trains and evaluates
 on the GPU in its recipe's precision and in bf16 and fp16 mixed precision, the compiled denoiser matches the eager
-one, and a sharded (FSDP2) full fine-tune on one GPU resumes from its checkpoint."""
+one, and a `distributed=fsdp` full fine-tune on one GPU resumes from its sharded (DCP) checkpoint (one process:
+nothing is sharded, but the checkpoint is written and read in the sharded layout, from CUDA tensors)."""
 
 import json
 import math
@@ -74,6 +75,8 @@ def test_compiled_blocks_match_eager_on_cuda():
 
 
 def test_sharded_full_fine_tune_resumes_on_one_gpu(tmp_path):
+    """One process: FSDP2 has nothing to shard, so this checks the DCP checkpoint's save and load on CUDA, not the
+    sharding itself (that needs two GPUs; tests/test_fsdp.py runs it on two CPU processes)."""
     args = ["recipe=tiny_flowgrpo", "trainer.device=cuda", "trainer.max_steps=2", "trainer.checkpoint_every=1",
             "trainer.eval_every=0", "trainer.log_images_every=0", "logger.progress_bar=false", "logger.plots=false",
             "distributed=fsdp", "trainer.finetune=full", "trainer.mixed_precision=bf16", "algorithm.beta=0.04"]
