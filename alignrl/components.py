@@ -68,14 +68,15 @@ def build_backbone(cfg: DictConfig, device):
 
 def _attention_kernels(cfg: DictConfig, device) -> None:
     """On CUDA, PyTorch's attention may pick cuDNN's fused kernel unless ``trainer.cudnn_attention`` allows it
-    (off by default: see ``recipes/trainer/default.yaml``). Process-wide, set by every command that builds a model."""
+    (off by default: see ``recipes/trainer/default.yaml``). Process-wide, set by every command that builds a backbone
+(train, eval, sample, data, export); the reward server and reward checks run inference only."""
     import torch
+    from omegaconf import OmegaConf
 
     if torch.device(device).type != "cuda":
         return
-    from alignrl.training.trainer_config import TrainerConfig
-
-    torch.backends.cuda.enable_cudnn_sdp(TrainerConfig.from_config(cfg.get("trainer")).cudnn_attention)
+    # read alone (a run's saved config is checked whole by the trainer; eval and sample need only this flag)
+    torch.backends.cuda.enable_cudnn_sdp(bool(OmegaConf.select(cfg, "trainer.cudnn_attention", default=False)))
 
 
 def build_planner(cfg: DictConfig):

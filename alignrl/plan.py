@@ -18,8 +18,9 @@ Estimate, in bytes, per GPU (``P`` denoiser parameters, ``N`` the sharding divis
   it casts are fp32): ``c L B S d`` bytes without checkpointing, ``2 L B S d + c B S d`` with it (an upper figure:
   measured 0.14-0.95x); Wan per model, SD1.5 and SDXL per sample at their native size, scaled by pixels (a
   meta-device forward summing saved tensors); the built-in tiny and ShapeWorld backbones are measured here, by one
-  training forward that sums the tensors autograd saves. A LoRA base kept in fp32 under autocast adds autocast's
-  16-bit copy of each weight (2 B/param).
+  training forward that sums the tensors autograd saves. Weights kept in fp32 under autocast (a full fine-tune not
+  gathered in half precision, an fp32 LoRA base) add autocast's 16-bit copy of each (2 B/param; one block's with
+  checkpointing).
 
 With ``distributed=ddp`` (data-parallel) ``N`` is 1 and the fully sharded figure (``N`` = every GPU) is printed
 beside it; with ``distributed=fsdp`` (a full fine-tune) ``N`` is every GPU of the job, plus the shard units in
@@ -58,9 +59,10 @@ KNOWN = {
 #   plain     half-precision weights, no autocast (trainer.mixed_precision=no)
 #   autocast  half-precision weights under autocast (a bf16/fp16 LoRA base, or FSDP's units gathered in bf16):
 #             autocast keeps norms and softmax in fp32, SD3 measured 1.19-1.20x its plain figure, FLUX 1.25x
-#   fp32      fp32 trainable weights under autocast (a full fine-tune without sharding): 1.29x (SD3) and 1.55x
-#             (FLUX) the plain figure, besides autocast's bf16 copy of every weight (2 B/param, measured; it lives
-#             only while the gradients do not exist yet, so the 16 B/param of the weights' states covers it)
+#   fp32      fp32 weights under autocast (a full fine-tune that no FSDP gathers in half precision, an fp32 LoRA
+#             base): 1.29x (SD3) and 1.55x (FLUX) the plain figure, besides autocast's bf16 copy of every weight it
+#             casts (2 B/param, measured), kept for backward: a row of its own (an optimizer step of several passes
+#             holds them beside the gradients of the passes before)
 TOKEN_COEFF = {"sd3": {"plain": 71.0, "autocast": 85.0, "fp32": 92.0},
                "flux": {"plain": 42.0, "autocast": 53.0, "fp32": 65.0}}
 # UNets: GiB per sample (no checkpointing, block checkpointing) at their native side.
@@ -152,16 +154,22 @@ def saved_activation_bytes(backbone, batch: int, checkpointing: bool) -> float:
     return float(sum(seen.values()))
 
 
-def _forward_kind(cfg: DictConfig) -> str:
-    """How a training forward runs (the key of TOKEN_COEFF): ``plain`` without autocast, ``fp32`` for fp32 trainable
-    weights under autocast (a full fine-tune that no sharding gathers in half precision), else ``autocast``."""
+def _compute_weight_bytes(cfg: DictConfig, world: int) -> int:
+    """Bytes per weight as the training forward reads them: a full fine-tune's fp32 master weights, unless FSDP
+    (more than one process) gathers its units in half precision; a LoRA base in the backbone's dtype."""
     t = cfg.trainer
-    mp = str(t.get("mixed_precision", "no"))
-    if mp == "no":
+    if str(t.finetune) == "full":
+        gathered = _distributed(cfg).gather_dtype(str(t.get("mixed_precision", "no")))
+        return 2 if sharded_run(cfg) and world > 1 and gathered in ("bf16", "fp16") else 4
+    return DTYPE_BYTES.get(str(cfg.backbone.get("dtype", "fp32")), 4)
+
+
+def _forward_kind(cfg: DictConfig, world: int = 8) -> str:
+    """How a training forward runs (the key of TOKEN_COEFF): ``plain`` without autocast, ``fp32`` for fp32 weights
+    under autocast, else ``autocast`` (half-precision weights under autocast). ``world``: the job's processes."""
+    if str(cfg.trainer.get("mixed_precision", "no")) == "no":
         return "plain"
-    if str(t.finetune) == "full" and not (sharded_run(cfg) and _distributed(cfg).gather_dtype(mp) in ("bf16", "fp16")):
-        return "fp32"
-    return "fp32" if str(cfg.backbone.get("dtype", "fp32")) == "fp32" else "autocast"  # a LoRA base kept in fp32
+    return "fp32" if _compute_weight_bytes(cfg, world) == 4 else "autocast"
 
 
 def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
@@ -201,10 +209,10 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
                 text = int(b.get("max_sequence_length", 256)) + (77 if counts["family"] == "sd3" else 0)
                 s = (res // 16) ** 2 + text
             L, d = counts["layers"], counts["width"]
-            kind = _forward_kind(cfg)
+            kind = _forward_kind(cfg, machine.gpus * machine.nodes)
             c = counts.get("coeff") or TOKEN_COEFF[counts["family"]][kind]
             if kind == "plain":  # no autocast: the activations take the weights' dtype (fp32: twice the bytes)
-                c *= dtype_bytes / 2
+                c *= _compute_weight_bytes(cfg, machine.gpus * machine.nodes) / 2
             act_plain = c * L * micro * s * d
             act_ckpt = 2 * L * micro * s * d + c * micro * s * d
     elif name.startswith(("tiny", "shapes")):
@@ -223,6 +231,7 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
     rows = [("CUDA context, allocator, NCCL" if not on_cpu else "CUDA context (none: a CPU recipe)",
              0.0 if on_cpu else OVERHEAD),
             ("text encoders and VAE (frozen)", frozen_bytes * (counts["text"] + counts["vae"]))]
+    casts = 0.0  # autocast's 16-bit copies of fp32 weights, whole in every process, in training only
     if lora:
         n_targets = len(t.lora.get("target_modules") or []) or 4
         if counts.get("family") == "wan":  # a suffix such as to_q matches both attentions of a block (attn1, attn2)
@@ -243,13 +252,18 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
             casts = 2 * P / (counts["layers"] if ckpt_on else 1)
             rows.append(("autocast's 16-bit copies of the fp32 base (kept for backward)", casts))
             model += casts
-            sharded_model += casts
     else:
         per = 8 + opt_bytes
         rows.append((f"denoiser full: fp32 weights, grads, optimizer ({per} B/param)", per * P))
         trainable = P
         model = per * P
         sharded_model = per * P / shards
+        if _forward_kind(cfg, shards) == "fp32" and counts["layers"]:
+            # autocast's 16-bit copy of each fp32 weight, kept for backward (one block's with checkpointing): beside
+            # the fp32 gradients from the second pass of an optimizer step on (scripts/bench_memory.py: 2 B/param)
+            casts = 2 * P / (counts["layers"] if ckpt_on else 1)
+            rows.append(("autocast's 16-bit copies of the fp32 weights (kept for backward)", casts))
+            model += casts
         if needs_reference:
             rows.append(("frozen reference for the KL (a copy)", dtype_bytes * P))
             model += dtype_bytes * P
@@ -272,7 +286,8 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
     gather = dist.gather_dtype(str(t.get("mixed_precision", "no"))) or "fp32"
     gather_bytes = DTYPE_BYTES[gather]
     units = 2 * gather_bytes * block + 4 * block
-    total_sharded = fixed + sharded_model + units + act
+    # the fully sharded figure of a ddp recipe is FSDP's default gather (half precision under autocast: no copies)
+    total_sharded = fixed + sharded_model + units + act + (casts if sharded_run(cfg) or lora else 0.0)
     # sampling keeps the whole denoiser gathered (distributed.gather_for_sampling): a peak of its own, no activations
     sampling_peak = fixed + sharded_model + gather_bytes * P if dist.gather_for_sampling else 0.0
     if sampling_peak > total_sharded:
@@ -304,6 +319,7 @@ def _zero_rows(rows: list, strategy: str, P: float, shards: int, per: float, ref
     ``zero_optimization`` sizes) count too."""
     fixed = rows[:2]
     act = rows[-1]
+    casts = [r for r in rows[2:-1] if r[0].startswith("autocast's")]  # whole in every process (gathered weights)
     zo = dict(extra.get("zero_optimization") or {})
     reduce_b = float(zo.get("reduce_bucket_size", 5e8))
     if strategy == "zero2":
@@ -327,7 +343,7 @@ def _zero_rows(rows: list, strategy: str, P: float, shards: int, per: float, ref
     if reference:
         body.append(("frozen reference for the KL (a whole copy in every process)", reference))
     body.append(buckets)
-    out = fixed + body + [act]
+    out = fixed + body + casts + [act]
     total = sum(v for _, v in out)
     if strategy == "zero3":  # sampling gathers the whole denoiser (fp32 weights) once per batch, no activations
         sampling = total - act[1] - units - buckets[1] + 4 * P

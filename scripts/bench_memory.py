@@ -7,7 +7,9 @@ blocks in the real 1:2 ratio), runs one training forward and backward of ``B`` s
 ``--text-len`` text tokens, and prints per configuration:
 
     planned     the planner's figure: ``c L B S d`` bytes without checkpointing, ``2 L B S d + c B S d`` with it
-                (``c`` from ``alignrl.plan.TOKEN_COEFF``, ``L`` blocks, ``S`` tokens per sample, ``d`` width)
+                (``c`` from ``alignrl.plan.TOKEN_COEFF`` for the layout, ``L`` blocks, ``S`` tokens per sample,
+                ``d`` width), plus 2 bytes per parameter of autocast's weight copies for fp32 weights (one
+                block's with checkpointing). The coefficients were fitted to this script's output on an H200.
     saved       the distinct non-parameter tensors autograd saves (the method the coefficients were fitted with)
     after fwd   CUDA memory allocated after the forward, above the weights (what the saved tensors really hold,
                 autocast's weight casts included)
@@ -143,13 +145,16 @@ def main():
             model, L, d, extra = build(family, args.blocks, device, dtype)
             model.requires_grad_(True)
             n = sum(p.numel() for p in model.parameters())
-            c = TOKEN_COEFF[family]
+            kind = {"bf16": "plain", "bf16+autocast": "autocast", "fp32+autocast": "fp32"}[layout]
+            c = TOKEN_COEFF[family][kind]  # the planner's coefficient for this forward
             for batch in args.batch:
                 kw = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
                       for k, v in inputs(family, batch, args.resolution, args.text_len, device).items()}
                 S = (args.resolution // 16) ** 2 + args.text_len + extra
                 for ckpt in (False, True):
                     planned = (2 * L * batch * S * d + c * batch * S * d) if ckpt else c * L * batch * S * d
+                    if kind == "fp32":  # and its row of autocast's 16-bit weight copies (one block's with ckpt)
+                        planned += 2 * n / (L if ckpt else 1)
                     m = measure(model, kw, autocast, ckpt, device)
                     casts = f"; weight casts {2 * n / gib:.2f}" if dtype == torch.float32 else ""
                     print(f"  {family:<4} {layout:<13} {n / 1e6:7.1f}M params  B={batch} S={S:<5} "

@@ -12,7 +12,9 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; uptime
   python3 -c "import torch, diffusers, transformers, accelerate, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__)"
 } 2>&1 | tee "$OUT/env.log"
-timeout ${MEM_S:-150} python3 scripts/bench_memory.py --batch 1 2 2>&1 | grep -v "should be kept in float32" | tee "$OUT/bench_memory.log"
-timeout ${TEST_S:-240} python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_cuda.py -rA 2>&1 | tail -150 > "$OUT/test_cuda.log"
+status=0
+timeout ${MEM_S:-150} python3 scripts/bench_memory.py --batch 1 2 2>&1 | grep -v "should be kept in float32" | tee "$OUT/bench_memory.log" || status=1
+timeout ${TEST_S:-240} python3 -m pytest -q -n 4 -p no:cacheprovider -p no:logging tests/test_cuda.py -rA 2>&1 | tail -150 > "$OUT/test_cuda.log" || status=1
 tail -25 "$OUT/test_cuda.log"
-timeout ${ITER_S:-200} python3 scripts/bench_iteration.py --device cuda --compile --iterations 16 2>&1 | tee "$OUT/bench_iteration.log"
+timeout ${ITER_S:-200} python3 scripts/bench_iteration.py --device cuda --compile --iterations 16 2>&1 | tee "$OUT/bench_iteration.log" || status=1
+exit $status  # non-zero when any step failed or ran out of time

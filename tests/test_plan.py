@@ -44,30 +44,31 @@ def test_mixgrpo_flux_full_fine_tune_fits_only_sharded_and_its_lora_variant_fits
     assert est.act_ckpt < est.act_plain / 10
 
 
-@pytest.mark.parametrize("overrides,kind", [
-    ([], "autocast"),  # LoRA on the bf16 base, bf16 autocast
-    (["trainer.mixed_precision=no"], "plain"),
-    (["trainer.mixed_precision=no", "backbone.dtype=fp32"], "plain"),  # fp32 activations: twice the bytes
-    (["trainer.finetune=full"], "fp32"),  # fp32 master weights under autocast
-    (["trainer.finetune=full", "distributed=fsdp"], "autocast"),  # units gathered in bf16
-    (["trainer.finetune=full", "distributed=fsdp", "distributed.param_dtype=fp32"], "fp32"),
-    (["backbone.dtype=fp32"], "fp32"),  # a LoRA base kept in fp32
+@pytest.mark.parametrize("overrides,gpus,kind,width", [
+    ([], 8, "autocast", 1),  # LoRA on the bf16 base, bf16 autocast
+    (["trainer.mixed_precision=no"], 8, "plain", 1),
+    (["trainer.mixed_precision=no", "backbone.dtype=fp32"], 8, "plain", 2),  # fp32 activations: twice the bytes
+    (["trainer.finetune=full", "trainer.mixed_precision=no"], 8, "plain", 2),  # fp32 master weights, no autocast
+    (["trainer.finetune=full"], 8, "fp32", 1),  # fp32 master weights under autocast
+    (["trainer.finetune=full", "distributed=fsdp"], 8, "autocast", 1),  # units gathered in bf16
+    (["trainer.finetune=full", "distributed=fsdp"], 1, "fp32", 1),  # one process: nothing is gathered
+    (["trainer.finetune=full", "distributed=fsdp", "distributed.param_dtype=fp32"], 8, "fp32", 1),
+    (["backbone.dtype=fp32"], 8, "fp32", 1),  # a LoRA base kept in fp32
 ])
-def test_activation_coefficient_follows_how_the_forward_runs(overrides, kind):
+def test_activation_coefficient_follows_how_the_forward_runs(overrides, gpus, kind, width):
     from alignrl.plan import TOKEN_COEFF, _forward_kind
 
     cfg = compose(["recipe=mixgrpo_flux_lora", *overrides])
-    assert _forward_kind(cfg) == kind
-    est = estimate(cfg, Machine(8, 80, 1))
+    assert _forward_kind(cfg, gpus) == kind
+    est = estimate(cfg, Machine(gpus, 80, 1))
     L, d = KNOWN["flux1_dev"]["layers"], KNOWN["flux1_dev"]["width"]
     s = (int(cfg.backbone.resolution) // 16) ** 2 + int(cfg.backbone.max_sequence_length)
     micro = int(cfg.trainer.train_batch_size)
-    width = 2.0 if kind == "plain" and "backbone.dtype=fp32" in overrides else 1.0
     assert est.act_plain == pytest.approx(TOKEN_COEFF["flux"][kind] * width * L * micro * s * d)
-    casts = [v for k, v in est.rows if k.startswith("autocast's 16-bit copies")]  # only for an fp32 LoRA base
-    assert casts == ([pytest.approx(2 * KNOWN["flux1_dev"]["denoiser"] / (L if cfg.trainer.gradient_checkpointing
-                                                                            else 1))]
-                     if "backbone.dtype=fp32" in overrides and kind == "fp32" else [])
+    # autocast's 16-bit copies of fp32 weights, kept for backward: whole (not divided by the shards)
+    casts = [v for k, v in est.rows if k.startswith("autocast's 16-bit copies")]
+    per_block = L if cfg.trainer.gradient_checkpointing else 1
+    assert casts == ([pytest.approx(2 * KNOWN["flux1_dev"]["denoiser"] / per_block)] if kind == "fp32" else [])
 
 
 def test_video_tokens_are_frames_times_patches_and_the_14b_fits_only_sharded():
