@@ -190,3 +190,15 @@ def test_decay_to_base_counts_one_fp32_copy_of_the_trainable_weights_sharded_wit
     assert rows["starting weights for trainer.decay_to_base (fp32) / 8"] == pytest.approx(
         4 * KNOWN["flux1_dev"]["denoiser"] / 8)
     assert "starting weights for trainer.decay_to_base (fp32) / 8" not in dict(base.rows)
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_deepspeed_layouts_keep_the_autocast_copies_row(strategy):
+    """DeepSpeed keeps fp32 weights under autocast: its layout keeps the 16-bit copies row whole, in the total."""
+    cfg = compose(["recipe=mixgrpo_flux", f"distributed={strategy}"])
+    est = estimate(cfg, Machine(8, 80, 1))
+    rows = dict(est.rows)
+    copies = rows["autocast's 16-bit copies of the fp32 weights (kept for backward)"]
+    L = KNOWN["flux1_dev"]["layers"]
+    assert copies == pytest.approx(2 * KNOWN["flux1_dev"]["denoiser"] / (L if cfg.trainer.gradient_checkpointing else 1))
+    assert est.total >= sum(rows.values()) - 1  # the total counts every row (zero3's sampling peak may exceed it)
