@@ -116,23 +116,44 @@ def _measured(cfg: DictConfig, batch: int) -> tuple[dict, float, float]:
     return counts, plain, ckpt
 
 
+class SavedTensorBytes:
+    """A context that sums the bytes of the distinct non-parameter tensors autograd saves inside it (``.total``),
+    each storage once; the parameters of ``module`` are left out."""
+
+    def __init__(self, module):
+        self._params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        self._seen: dict[int, int] = {}
+
+    def _pack(self, t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._params:
+            self._seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def __enter__(self):
+        import torch
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+    @property
+    def total(self) -> float:
+        return float(sum(self._seen.values()))
+
+
 def saved_activation_bytes(backbone, batch: int, checkpointing: bool) -> float:
     """Bytes of the distinct non-parameter tensors autograd saves in one training forward of ``batch`` samples."""
     import torch
 
     denoiser = backbone.transformer
-    params = {p.untyped_storage().data_ptr() for p in denoiser.parameters()}
+    saved = SavedTensorBytes(denoiser)
     if checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
     gen = [torch.Generator().manual_seed(i) for i in range(batch)]
     schedule = backbone.make_schedule(4)
     x = backbone.start_latents(gen, schedule)
@@ -142,7 +163,7 @@ def saved_activation_bytes(backbone, batch: int, checkpointing: bool) -> float:
     for p in trainable:
         p.requires_grad_(True)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved:
             v = backbone.predict(x, schedule.timesteps[1], cond, 1.0)
         v.float().pow(2).mean().backward()
     finally:
@@ -151,7 +172,7 @@ def saved_activation_bytes(backbone, batch: int, checkpointing: bool) -> float:
             p.grad = None
         if checkpointing:
             denoiser.disable_gradient_checkpointing()
-    return float(sum(seen.values()))
+    return saved.total
 
 
 def _compute_weight_bytes(cfg: DictConfig, world: int) -> int:
@@ -246,28 +267,25 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
         trainable = p_lora
         sharded_model = dtype_bytes * P / shards + per * p_lora / shards
         model = dtype_bytes * P + per * p_lora
-        if dtype_bytes == 4 and str(t.get("mixed_precision", "no")) != "no" and counts["layers"]:
-            # autocast's half-precision copy of each fp32 base weight, kept for backward (one block's with
-            # checkpointing): 2 B/param measured (scripts/bench_memory.py); the adapters' states do not cover it
-            casts = 2 * P / (counts["layers"] if ckpt_on else 1)
-            rows.append(("autocast's 16-bit copies of the fp32 base (kept for backward)", casts))
-            model += casts
     else:
         per = 8 + opt_bytes
         rows.append((f"denoiser full: fp32 weights, grads, optimizer ({per} B/param)", per * P))
         trainable = P
         model = per * P
         sharded_model = per * P / shards
-        if _forward_kind(cfg, shards) == "fp32" and counts["layers"]:
-            # autocast's 16-bit copy of each fp32 weight, kept for backward (one block's with checkpointing): beside
-            # the fp32 gradients from the second pass of an optimizer step on (scripts/bench_memory.py: 2 B/param)
-            casts = 2 * P / (counts["layers"] if ckpt_on else 1)
-            rows.append(("autocast's 16-bit copies of the fp32 weights (kept for backward)", casts))
-            model += casts
         if needs_reference:
             rows.append(("frozen reference for the KL (a copy)", dtype_bytes * P))
             model += dtype_bytes * P
             sharded_model += dtype_bytes * P / shards
+    if _forward_kind(cfg, shards) == "fp32" and counts["layers"]:
+        # autocast's 16-bit copy of each fp32 weight (a LoRA base, or a full fine-tune's master weights), kept for
+        # backward, one block's with checkpointing: 2 B/param (scripts/bench_memory.py). Neither the adapters' states
+        # nor a full fine-tune's 16 B/param cover it: an optimizer step of several passes holds the copies beside
+        # the gradients of its earlier passes
+        casts = 2 * P / (counts["layers"] if ckpt_on else 1)
+        rows.append((f"autocast's 16-bit copies of the fp32 {'base' if lora else 'weights'} (kept for backward)",
+                     casts))
+        model += casts
     copies = (("EMA of the trainable weights (fp32)", bool(t.ema.get("enabled", False))),
               ("starting weights for trainer.decay_to_base (fp32)",  # what it pulls toward (ZeRO refuses it)
                float(t.get("decay_to_base", 0.0) or 0.0) > 0 and _distributed(cfg).strategy not in ("zero2", "zero3")))

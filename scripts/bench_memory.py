@@ -81,17 +81,11 @@ def inputs(family: str, batch: int, resolution: int, text_len: int, device):
 def measure(model, kw: dict, autocast: bool, checkpointing: bool, device) -> dict:
     """One training forward and backward: the saved tensors' bytes, and on CUDA the allocated bytes after the
     forward and the peak, each above the weights (the peak above the weights and their gradients too)."""
+    from alignrl.plan import SavedTensorBytes
+
     cuda = device.type == "cuda"
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = SavedTensorBytes(model)
     grads = sum(p.numel() * p.element_size() for p in model.parameters())
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
@@ -103,7 +97,7 @@ def measure(model, kw: dict, autocast: bool, checkpointing: bool, device) -> dic
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    with amp, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with amp, saved:
         out = model(**kw)[0]
         loss = out.float().pow(2).mean()
     after = (torch.cuda.memory_allocated() - base) if cuda else float("nan")
@@ -116,7 +110,7 @@ def measure(model, kw: dict, autocast: bool, checkpointing: bool, device) -> dic
         p.grad = None
     if checkpointing:
         model.disable_gradient_checkpointing()
-    return dict(saved=float(sum(seen.values())), after=float(after), peak=float(peak))
+    return dict(saved=saved.total, after=float(after), peak=float(peak))
 
 
 def main():
