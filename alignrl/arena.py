@@ -196,6 +196,90 @@ def load_run(run_dir: Path, name: str | None = None, machine: dict | None = None
                     config if isinstance(config, dict) else {}, dict(machine or {}))
 
 
+# ---------------------------------------------------------------------------------------------- paired runs
+# what two runs must share for their iteration i to draw the same prompts and the same noise
+PAIRING_KEYS = ("seed", "data.groups_per_iteration", "algorithm.group_size", "trainer.rollout_batch_size")
+TRAIN_KEY = "reward_mean"
+
+
+@dataclass
+class PairedWindow:
+    """Mean of run A's minus run B's per-iteration value over iterations ``first``..``last`` (both included)."""
+
+    first: int
+    last: int
+    mean: float
+    half_width: float | None  # 95% normal interval of the mean; None with one iteration
+
+
+@dataclass
+class PairedComparison:
+    key: str
+    iterations: int  # the iterations both runs logged
+    start_equal: bool  # the first common iteration scored alike (the same start, the same draws)
+    windows: list[PairedWindow]
+    overall: PairedWindow
+
+
+def _dotted(config: dict, key: str):
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _mean_interval(values: list[float]) -> tuple[float, float | None]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, 1.96 * math.sqrt(var / n)
+
+
+def paired_training(a: ArenaRun, b: ArenaRun, key: str = TRAIN_KEY, window: int = 15) -> PairedComparison:
+    """Run ``a`` against run ``b`` iteration by iteration on a training metric (default the rollouts' mean reward).
+
+    Runs of one seed and one batch layout draw the same prompts and the same noise at iteration i, whatever else
+    differs (the sampler is a function of the seed and the iteration), so ``a_i - b_i`` holds only the two
+    policies' difference: far less noise than comparing two evaluations. Windows of ``window`` iterations show how
+    the difference grows; each interval treats the window's iterations as independent draws. Raises ValueError
+    when the runs are not paired (another seed or layout, or no common iteration)."""
+    differs = [k for k in PAIRING_KEYS if _dotted(a.config, k) != _dotted(b.config, k)]
+    if differs:
+        detail = ", ".join(f"{k}: {_dotted(a.config, k)!r} vs {_dotted(b.config, k)!r}" for k in differs)
+        raise ValueError(f"{a.name} and {b.name} are not paired ({detail}): their iterations draw other prompts or "
+                         f"noise; compare runs of one seed and one batch layout")
+    rows_a = {s: _number(r.get(key)) for s, r in a.records if _number(r.get("time/iteration")) is not None}
+    rows_b = {s: _number(r.get(key)) for s, r in b.records if _number(r.get("time/iteration")) is not None}
+    steps = sorted(s for s in set(rows_a) & set(rows_b) if rows_a[s] is not None and rows_b[s] is not None)
+    if not steps:
+        raise ValueError(f"{a.name} and {b.name} have no training iteration with '{key}' in common")
+    diffs = [rows_a[s] - rows_b[s] for s in steps]
+    windows = []
+    for lo in range(0, len(steps), max(1, int(window))):
+        chunk = diffs[lo:lo + max(1, int(window))]
+        windows.append(PairedWindow(steps[lo], steps[lo + len(chunk) - 1], *_mean_interval(chunk)))
+    return PairedComparison(key, len(steps), abs(diffs[0]) <= 1e-12, windows,
+                            PairedWindow(steps[0], steps[-1], *_mean_interval(diffs)))
+
+
+def paired_report(a: ArenaRun, b: ArenaRun, comparison: PairedComparison) -> str:
+    """The comparison as text: a line per window, then the whole run."""
+    def line(w: PairedWindow, label: str) -> str:
+        ci = "" if w.half_width is None else f" +- {w.half_width:.3f}"
+        return f"  {label:<22} {w.mean:+.4f}{ci}"
+
+    start = "the same" if comparison.start_equal else "NOT the same (another starting model?)"
+    out = [f"{a.name} - {b.name}: {comparison.key}, paired by iteration ({comparison.iterations} iterations in "
+           f"common; first iteration's value {start})"]
+    out += [line(w, f"steps {w.first}-{w.last}") for w in comparison.windows]
+    out.append(line(comparison.overall, "all"))
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------------------------------------- load
 def load_warnings(machine: dict, busy_load: float) -> list[str]:
     """Why a run's timings may be slow: the machine was loaded before it started, or, during it, the 1-minute

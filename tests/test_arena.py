@@ -298,3 +298,70 @@ def test_run_recipe_records_exit_code_and_own_cpu(monkeypatch):
     assert entry["cpu_cores"] * entry["wall_s"] >= 0.7 and entry["cpu_cores"] <= 1.2
     assert len(entry["load_before"]) == 3 and len(entry["load_after"]) == 3 and entry["load_during"] is not None
     assert entry["command"].startswith("python -c ")
+
+
+def paired_run(path, rewards, seed=42, group_size=8, eval_row=True):
+    """A run directory whose iteration i (step i + 1) logged ``rewards[i]``, with an evaluation row merged into one
+    step (as the trainer writes it), under the config keys that decide the draws."""
+    rows = [{"step": 0, "train_seconds": 0.0, **eval_keys(LINEAR, 0.0)}]
+    for i, r in enumerate(rewards):
+        rows.append({"step": i + 1, "iteration": i, "reward_mean": r, "time/iteration": 10.0,
+                     "train_seconds": 10.0 * (i + 1)})
+        if eval_row and i == 2:  # an evaluation's own row right after its iteration's
+            rows.append({"step": 3, "train_seconds": 30.0, **eval_keys(LINEAR, 0.5)})
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "config.yaml").write_text(f"seed: {seed}\nalgorithm:\n  group_size: {group_size}\ndata:\n"
+                                      f"  groups_per_iteration: 8\ntrainer:\n  rollout_batch_size: 32\n")
+    return path
+
+
+def test_paired_training_differences_are_per_iteration_and_windowed(tmp_path):
+    base = [0.5, 0.6, 0.4, 0.55, 0.45, 0.5, 0.62]
+    gain = [0.0, 0.01, 0.02, 0.03, 0.05, 0.08, 0.09]  # A pulls ahead of B over the iterations
+    a = load_run(paired_run(tmp_path / "a", [b + g for b, g in zip(base, gain)]))
+    b = load_run(paired_run(tmp_path / "b", base[:6]))  # B stopped one iteration earlier
+    c = arena.paired_training(a, b, window=3)
+    assert c.iterations == 6 and c.start_equal  # iteration 0 scored alike: the same start, the same draws
+    assert [(w.first, w.last) for w in c.windows] == [(1, 3), (4, 6)]
+    assert c.windows[0].mean == pytest.approx(0.01) and c.windows[1].mean == pytest.approx((0.03 + 0.05 + 0.08) / 3)
+    sd = np.std([0.03, 0.05, 0.08], ddof=1)
+    assert c.windows[1].half_width == pytest.approx(1.96 * sd / np.sqrt(3))
+    assert c.overall.mean == pytest.approx(np.mean(gain[:6]))
+    # the per-iteration pairing is what removes the prompts' spread: the base rewards' swings (0.4-0.62) cancel
+    assert c.overall.half_width < 0.05 < np.std(base, ddof=1)
+    flipped = arena.paired_training(b, a, window=3)
+    assert flipped.overall.mean == pytest.approx(-c.overall.mean)
+    text = arena.paired_report(a, b, c)
+    assert "a - b: reward_mean, paired by iteration (6 iterations in common; first iteration's value the same)" in text
+    assert "steps 4-6" in text and "+0.0533 +- " in text
+
+
+def test_paired_training_refuses_runs_that_draw_differently(tmp_path):
+    a = load_run(paired_run(tmp_path / "a", [0.5, 0.6]))
+    other_seed = load_run(paired_run(tmp_path / "s", [0.5, 0.6], seed=1))
+    with pytest.raises(ValueError, match=r"not paired \(seed: 42 vs 1\)"):
+        arena.paired_training(a, other_seed)
+    other_group = load_run(paired_run(tmp_path / "g", [0.5, 0.6], group_size=16))
+    with pytest.raises(ValueError, match=r"algorithm.group_size: 8 vs 16"):
+        arena.paired_training(a, other_group)
+    started_elsewhere = load_run(paired_run(tmp_path / "x", [0.7, 0.6]))
+    assert not arena.paired_training(a, started_elsewhere).start_equal
+    with pytest.raises(ValueError, match="no training iteration with 'reward/x' in common"):
+        arena.paired_training(a, started_elsewhere, key="reward/x")
+
+
+def test_compare_runs_script(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("compare_runs", REPO / "scripts" / "compare_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    a = paired_run(tmp_path / "a", [0.5, 0.7, 0.8])
+    b = paired_run(tmp_path / "b", [0.5, 0.6, 0.6])
+    assert module.main([str(a), str(b), "--window", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "steps 1-2" in out and "steps 3-3              +0.2000" in out and "all                    +0.1000" in out
+    assert module.main([str(a), str(tmp_path / "none")]) == 2
+    assert "has no metrics.jsonl" in capsys.readouterr().err
+    other = paired_run(tmp_path / "s", [0.5], seed=3)
+    assert module.main([str(a), str(other)]) == 2
+    assert "not paired (seed: 42 vs 3)" in capsys.readouterr().err
