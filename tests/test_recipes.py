@@ -46,7 +46,7 @@ SAME_G = {"eval_guidance_scale": None}
 # value by value against their reference implementations by tests/test_recipe_doc.py (docs/reference_values/);
 # every recipe needs a row here or there.
 EXPECTED = {
-    "shapes_flowgrpo": row("flowgrpo", beta=0.0, global_std=False, clip=1e-3, std_eps=1e-4, K=8, lr=1e-4,
+    "shapes_flowgrpo": row("flowgrpo", beta=0.0, global_std=False, clip=1e-3, std_eps=1e-4, K=8, lr=3e-5,
                            sampler="FlowGRPOPlanner", T=8, noise=0.7, cfg=SHAPES_CFG, eval_T=20,
                            sampler_keys={"timestep_fraction": 0.4, **SAME_G}, algorithm_keys=PPO, **SHAPES),
     "shapes_quick": row("flowgrpo", beta=0.0, global_std=False, clip=1e-3, std_eps=1e-4, K=8, lr=1e-4,
