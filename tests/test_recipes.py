@@ -57,7 +57,7 @@ EXPECTED = {
                                 sampler="FastPlanner", T=8, noise=0.7, cfg=SHAPES_CFG, eval_T=20,
                                 sampler_keys={"window_size": 2, "branched": False, **SAME_G}, algorithm_keys=PPO,
                                 **SHAPES),
-    "shapes_mixgrpo": row("flowgrpo", beta=0.0, global_std=False, clip=1e-3, std_eps=1e-4, K=8, lr=1e-4,
+    "shapes_mixgrpo": row("flowgrpo", beta=0.0, global_std=False, clip=1e-3, std_eps=1e-4, K=8, lr=3e-5,
                           sampler="MixGRPOPlanner", T=8, noise=0.7, cfg=SHAPES_CFG, eval_T=20,
                           sampler_keys={"window_size": 2, "strategy": "progressive", "shift_interval": 10,
                                         "ode_after": "ode", **SAME_G},
