@@ -222,12 +222,9 @@ class PairedComparison:
 
 
 def _dotted(config: dict, key: str):
-    node = config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(OmegaConf.create(config), key, default=None, throw_on_resolution_failure=False)
 
 
 def _mean_interval(values: list[float]) -> tuple[float, float | None]:
@@ -258,9 +255,9 @@ def paired_training(a: ArenaRun, b: ArenaRun, key: str = TRAIN_KEY, window: int 
     if not steps:
         raise ValueError(f"{a.name} and {b.name} have no training iteration with '{key}' in common")
     diffs = [rows_a[s] - rows_b[s] for s in steps]
-    windows = []
-    for lo in range(0, len(steps), max(1, int(window))):
-        chunk = diffs[lo:lo + max(1, int(window))]
+    windows, width = [], max(1, int(window))
+    for lo in range(0, len(steps), width):
+        chunk = diffs[lo:lo + width]
         windows.append(PairedWindow(steps[lo], steps[lo + len(chunk) - 1], *_mean_interval(chunk)))
     return PairedComparison(key, len(steps), abs(diffs[0]) <= 1e-12, windows,
                             PairedWindow(steps[0], steps[-1], *_mean_interval(diffs)))

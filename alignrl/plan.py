@@ -185,7 +185,7 @@ def _compute_weight_bytes(cfg: DictConfig, world: int) -> int:
     return DTYPE_BYTES.get(str(cfg.backbone.get("dtype", "fp32")), 4)
 
 
-def _forward_kind(cfg: DictConfig, world: int = 8) -> str:
+def _forward_kind(cfg: DictConfig, world: int) -> str:
     """How a training forward runs (the key of TOKEN_COEFF): ``plain`` without autocast, ``fp32`` for fp32 weights
     under autocast, else ``autocast`` (half-precision weights under autocast). ``world``: the job's processes."""
     if str(cfg.trainer.get("mixed_precision", "no")) == "no":
@@ -210,6 +210,8 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
     algorithm = build_algorithm(cfg)
     needs_reference = bool(algorithm.needs_reference)
     opt_bytes = 8 if str(t.optimizer.get("name", "adamw")) == "adamw" else 1  # Adafactor: factored moments
+    world = machine.gpus * machine.nodes
+    kind = _forward_kind(cfg, world)  # how the training forward reads its weights (TOKEN_COEFF's key)
     notes = ["not counted: the reward models' weights, and for reward-gradient methods the graph through the "
              "sampler and the decode"]
     if name in KNOWN:
@@ -230,10 +232,9 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
                 text = int(b.get("max_sequence_length", 256)) + (77 if counts["family"] == "sd3" else 0)
                 s = (res // 16) ** 2 + text
             L, d = counts["layers"], counts["width"]
-            kind = _forward_kind(cfg, machine.gpus * machine.nodes)
             c = counts.get("coeff") or TOKEN_COEFF[counts["family"]][kind]
             if kind == "plain":  # no autocast: the activations take the weights' dtype (fp32: twice the bytes)
-                c *= _compute_weight_bytes(cfg, machine.gpus * machine.nodes) / 2
+                c *= _compute_weight_bytes(cfg, world) / 2
             act_plain = c * L * micro * s * d
             act_ckpt = 2 * L * micro * s * d + c * micro * s * d
     elif name.startswith(("tiny", "shapes")):
@@ -245,7 +246,7 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
                           f"wan21_t2v_14b and the built-in tiny "
                           f"and ShapeWorld ones, not '{name}'; plan with the published backbone of the same size")
     P = counts["denoiser"]
-    shards = machine.gpus * machine.nodes
+    shards = world
     lora = str(t.finetune) == "lora"
     ckpt_on = bool(t.get("gradient_checkpointing", False))
     on_cpu = str(t.get("device", "auto")) == "cpu"
@@ -277,7 +278,7 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
             rows.append(("frozen reference for the KL (a copy)", dtype_bytes * P))
             model += dtype_bytes * P
             sharded_model += dtype_bytes * P / shards
-    if _forward_kind(cfg, shards) == "fp32" and counts["layers"]:
+    if kind == "fp32" and counts["layers"]:
         # autocast's 16-bit copy of each fp32 weight (a LoRA base, or a full fine-tune's master weights), kept for
         # backward, one block's with checkpointing: 2 B/param (scripts/bench_memory.py). Neither the adapters' states
         # nor a full fine-tune's 16 B/param cover it: an optimizer step of several passes holds the copies beside
