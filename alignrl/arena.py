@@ -197,8 +197,10 @@ def load_run(run_dir: Path, name: str | None = None, machine: dict | None = None
 
 
 # ---------------------------------------------------------------------------------------------- paired runs
-# what two runs must share for their iteration i to draw the same prompts and the same noise
-PAIRING_KEYS = ("seed", "data.groups_per_iteration", "algorithm.group_size", "trainer.rollout_batch_size")
+# what two runs must share for their iteration i to draw the same prompts and the same noise: the seed, the batch
+# layout, and the prompt set with the way groups are spread over it
+PAIRING_KEYS = ("seed", "data.train", "data.balance", "data.groups_per_iteration", "algorithm.group_size",
+                "trainer.rollout_batch_size")
 TRAIN_KEY = "reward_mean"
 
 
@@ -248,7 +250,7 @@ def paired_training(a: ArenaRun, b: ArenaRun, key: str = TRAIN_KEY, window: int 
     if differs:
         detail = ", ".join(f"{k}: {_dotted(a.config, k)!r} vs {_dotted(b.config, k)!r}" for k in differs)
         raise ValueError(f"{a.name} and {b.name} are not paired ({detail}): their iterations draw other prompts or "
-                         f"noise; compare runs of one seed and one batch layout")
+                         f"noise; compare runs of one seed, one prompt set and one batch layout")
     rows_a = {s: _number(r.get(key)) for s, r in a.records if _number(r.get("time/iteration")) is not None}
     rows_b = {s: _number(r.get(key)) for s, r in b.records if _number(r.get("time/iteration")) is not None}
     steps = sorted(s for s in set(rows_a) & set(rows_b) if rows_a[s] is not None and rows_b[s] is not None)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Two training runs compared iteration by iteration: which setting raises the training reward faster.
 
-Runs of one seed and one batch layout draw the same prompts and the same initial and step noise at every
-iteration (the sampler and the noise are functions of the seed and the iteration), so the difference of their
+Runs of one seed, one prompt set and one batch layout draw the same prompts and the same initial and step noise
+at every iteration (the sampler and the noise are functions of the seed and the iteration), so the difference of their
 per-iteration rewards holds only the difference of the two policies. That is far less noisy than two
 evaluations' accuracies (ShapeWorld's 240-image evaluation: about +-0.11), and it needs no evaluation at all.
 
@@ -11,7 +11,7 @@ evaluations' accuracies (ShapeWorld's 240-image evaluation: about +-0.11), and i
 
 Prints the mean of A - B over windows of --window iterations and over all common iterations, each with a 95%
 interval (normal, treating a window's iterations as independent), and whether the first iteration scored alike
-(the same starting model). Runs of another seed or batch layout are refused.
+(the same starting model). Runs of another seed, prompt set (data.train, data.balance) or batch layout are refused.
 """
 
 from __future__ import annotations

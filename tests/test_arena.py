@@ -300,7 +300,7 @@ def test_run_recipe_records_exit_code_and_own_cpu(monkeypatch):
     assert entry["command"].startswith("python -c ")
 
 
-def paired_run(path, rewards, seed=42, group_size=8, eval_row=True):
+def paired_run(path, rewards, seed=42, group_size=8, eval_row=True, train="builtin:shapes_train"):
     """A run directory whose iteration i (step i + 1) logged ``rewards[i]``, with an evaluation row merged into one
     step (as the trainer writes it), under the config keys that decide the draws."""
     rows = [{"step": 0, "train_seconds": 0.0, **eval_keys(LINEAR, 0.0)}]
@@ -312,7 +312,7 @@ def paired_run(path, rewards, seed=42, group_size=8, eval_row=True):
     path.mkdir(parents=True)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (path / "config.yaml").write_text(f"seed: {seed}\nalgorithm:\n  group_size: {group_size}\ndata:\n"
-                                      f"  groups_per_iteration: 8\ntrainer:\n  rollout_batch_size: 32\n")
+                                      f"  train: {train}\n  balance: tag\n  groups_per_iteration: 8\ntrainer:\n  rollout_batch_size: 32\n")
     return path
 
 
@@ -345,6 +345,9 @@ def test_paired_training_refuses_runs_that_draw_differently(tmp_path):
     other_group = load_run(paired_run(tmp_path / "g", [0.5, 0.6], group_size=16))
     with pytest.raises(ValueError, match=r"algorithm.group_size: 8 vs 16"):
         arena.paired_training(a, other_group)
+    other_prompts = load_run(paired_run(tmp_path / "p", [0.5, 0.6], train="prompts.txt"))  # another prompt set
+    with pytest.raises(ValueError, match=r"data.train: 'builtin:shapes_train' vs 'prompts.txt'"):
+        arena.paired_training(a, other_prompts)
     started_elsewhere = load_run(paired_run(tmp_path / "x", [0.7, 0.6]))
     assert not arena.paired_training(a, started_elsewhere).start_equal
     with pytest.raises(ValueError, match="no training iteration with 'reward/x' in common"):
