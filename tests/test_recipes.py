@@ -86,7 +86,7 @@ EXPECTED = {
     "shapes_awm": row("awm", beta=0.0, global_std=False, clip=None, std_eps=1e-4, K=8, lr=1e-4, sampler="ODEPlanner",
                       T=8, noise=0.0, cfg=SHAPES_CFG, eval_T=20, sampler_keys=SAME_G,
                       algorithm_keys={"num_train_timesteps": 3, **PPO}, **SHAPES),
-    "shapes_nft": row("nft", beta=0.0, global_std=False, clip=None, std_eps=1e-4, K=8, lr=1e-4, sampler="ODEPlanner",
+    "shapes_nft": row("nft", beta=0.0, global_std=False, clip=None, std_eps=1e-4, K=8, lr=3e-5, sampler="ODEPlanner",
                       T=8, noise=0.0, cfg=SHAPES_CFG, eval_T=20, sampler_keys=SAME_G,
                       algorithm_keys={"nft_beta": 1.0, "old_policy": "sampling", "num_train_timesteps": 3,
                                       "adv_clip_max": 1.0}, **SHAPES),
