@@ -241,14 +241,15 @@ def _mean_interval(values: list[float]) -> tuple[float, float | None]:
 def paired_training(a: ArenaRun, b: ArenaRun, key: str = TRAIN_KEY, window: int = 15) -> PairedComparison:
     """Run ``a`` against run ``b`` iteration by iteration on a training metric (default the rollouts' mean reward).
 
-    Runs of one seed and one batch layout draw the same prompts and the same noise at iteration i, whatever else
-    differs (the sampler is a function of the seed and the iteration), so ``a_i - b_i`` holds only the two
-    policies' difference: far less noise than comparing two evaluations. Windows of ``window`` iterations show how
+    Runs of one seed, prompt set and batch layout draw the same prompts and the same noise at iteration i,
+    whatever else differs (the sampler is a function of the seed and the iteration), so ``a_i - b_i`` holds only
+    the two policies' difference: far less noise than comparing two evaluations. Windows of ``window`` iterations show how
     the difference grows; each interval treats the window's iterations as independent draws. Raises ValueError
-    when the runs are not paired (another seed or layout, or no common iteration)."""
-    differs = [k for k in PAIRING_KEYS if _dotted(a.config, k) != _dotted(b.config, k)]
+    when the runs are not paired (another seed, prompt set or layout, or no common iteration)."""
+    values = {k: (_dotted(a.config, k), _dotted(b.config, k)) for k in PAIRING_KEYS}
+    differs = {k: v for k, v in values.items() if v[0] != v[1]}
     if differs:
-        detail = ", ".join(f"{k}: {_dotted(a.config, k)!r} vs {_dotted(b.config, k)!r}" for k in differs)
+        detail = ", ".join(f"{k}: {va!r} vs {vb!r}" for k, (va, vb) in differs.items())
         raise ValueError(f"{a.name} and {b.name} are not paired ({detail}): their iterations draw other prompts or "
                          f"noise; compare runs of one seed, one prompt set and one batch layout")
     rows_a = {s: _number(r.get(key)) for s, r in a.records if _number(r.get("time/iteration")) is not None}

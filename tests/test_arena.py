@@ -312,7 +312,8 @@ def paired_run(path, rewards, seed=42, group_size=8, eval_row=True, train="built
     path.mkdir(parents=True)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (path / "config.yaml").write_text(f"seed: {seed}\nalgorithm:\n  group_size: {group_size}\ndata:\n"
-                                      f"  train: {train}\n  balance: tag\n  groups_per_iteration: 8\ntrainer:\n  rollout_batch_size: 32\n")
+                                      f"  train: {train}\n  balance: tag\n  groups_per_iteration: 8\n"
+                                      f"trainer:\n  rollout_batch_size: 32\n")
     return path
 
 
