@@ -243,8 +243,8 @@ def paired_training(a: ArenaRun, b: ArenaRun, key: str = TRAIN_KEY, window: int 
 
     Runs of one seed, prompt set and batch layout draw the same prompts and the same noise at iteration i,
     whatever else differs (the sampler is a function of the seed and the iteration), so ``a_i - b_i`` holds only
-    the two policies' difference: far less noise than comparing two evaluations. Windows of ``window`` iterations show how
-    the difference grows; each interval treats the window's iterations as independent draws. Raises ValueError
+    the two policies' difference: far less noise than comparing two evaluations. Windows of ``window`` iterations
+    show how the difference grows; each interval treats the window's iterations as independent draws. Raises ValueError
     when the runs are not paired (another seed, prompt set or layout, or no common iteration)."""
     values = {k: (_dotted(a.config, k), _dotted(b.config, k)) for k in PAIRING_KEYS}
     differs = {k: v for k, v in values.items() if v[0] != v[1]}
