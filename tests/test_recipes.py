@@ -288,7 +288,7 @@ PREFERENCE_EXPECTED = {
                        extra={"sample_steps": 8}, base=SHAPESP, cfg=3.0, T=8),
     "shapes_sft": prow("sft", lr=3e-5, beta=0.0, time_sampling="logit_normal", rows=64, batches=(32, 32, 2),
                        extra={"prompt_dropout": 0.1}, base=SHAPESP, cfg=3.0, T=8),
-    "shapes_online_dpo": prow("online_dpo", lr=1e-4, beta=50.0, time_sampling="logit_normal", K=8,
+    "shapes_online_dpo": prow("online_dpo", lr=3e-5, beta=50.0, time_sampling="logit_normal", K=8,
                               batches=(32, 32, 2), base=SHAPESP, cfg=3.0, T=8),
     "shapes_flow_rwr": prow("flow_rwr", lr=3e-5, beta=0.1, time_sampling="logit_normal", K=8, batches=(32, 32, 2),
                             base=SHAPESP, cfg=3.0, T=8),
