@@ -223,10 +223,12 @@ class PairedComparison:
     overall: PairedWindow
 
 
-def _dotted(config: dict, key: str):
+def _pairing_values(config: dict) -> dict:
+    """The run's value of each of PAIRING_KEYS (None where unset), its config built once."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.select(OmegaConf.create(config), key, default=None, throw_on_resolution_failure=False)
+    cfg = OmegaConf.create(config)
+    return {k: OmegaConf.select(cfg, k, default=None, throw_on_resolution_failure=False) for k in PAIRING_KEYS}
 
 
 def _mean_interval(values: list[float]) -> tuple[float, float | None]:
@@ -246,8 +248,8 @@ def paired_training(a: ArenaRun, b: ArenaRun, key: str = TRAIN_KEY, window: int 
     the two policies' difference: far less noise than comparing two evaluations. Windows of ``window`` iterations
     show how the difference grows; each interval treats the window's iterations as independent draws. Raises ValueError
     when the runs are not paired (another seed, prompt set or layout, or no common iteration)."""
-    values = {k: (_dotted(a.config, k), _dotted(b.config, k)) for k in PAIRING_KEYS}
-    differs = {k: v for k, v in values.items() if v[0] != v[1]}
+    va_all, vb_all = _pairing_values(a.config), _pairing_values(b.config)
+    differs = {k: (va_all[k], vb_all[k]) for k in PAIRING_KEYS if va_all[k] != vb_all[k]}
     if differs:
         detail = ", ".join(f"{k}: {va!r} vs {vb!r}" for k, (va, vb) in differs.items())
         raise ValueError(f"{a.name} and {b.name} are not paired ({detail}): their iterations draw other prompts or "
