@@ -10,7 +10,8 @@ in the layouts of ``alignrl/imagedata.py``:
 - ``lists``: all K images with their scores (RankDPO);
 - ``labels``: the top ``label_fraction`` of each prompt's images desirable, the bottom fraction undesirable (KTO);
   images tied across the boundary are left out (``label_halves``), a prompt whose images all score alike gives none;
-- ``captions``: the best image of each prompt (rejection-sampling SFT).
+- ``captions``: the best image of each prompt (rejection-sampling SFT; ``captions=best``), or every image tied
+  with that best score (``captions=top``: a judge that passes six of eight images gives six rows).
 
 Ties (a gap below ``margin``, or no gap at all) make no pair. A run resumes: ``progress.json`` records the
 prompts finished and the file's length then, so an interrupted run continues where it stopped and ends with the
@@ -48,6 +49,7 @@ from alignrl.errors import ConfigError
 
 KINDS = ("pairs", "lists", "labels", "captions")
 PAIRINGS = ("best_worst", "all")
+CAPTION_PICKS = ("best", "top")
 
 
 def label_halves(ranked: list[float], fraction: float) -> tuple[list[int], list[int]]:
@@ -69,7 +71,8 @@ def label_halves(ranked: list[float], fraction: float) -> tuple[list[int], list[
 
 
 def rows_for_prompt(kind: str, prompt: str, names: list[str], scores: np.ndarray, *, pairing: str = "best_worst",
-                    margin: float = 0.0, label_fraction: float = 0.5, meta: dict | None = None) -> list[dict]:
+                    margin: float = 0.0, label_fraction: float = 0.5, captions: str = "best",
+                    meta: dict | None = None) -> list[dict]:
     """The dataset rows one prompt's scored images give (images with a non-finite score are left out)."""
     meta = dict(meta or {})
     ok = [i for i in range(len(names)) if math.isfinite(float(scores[i]))]
@@ -91,7 +94,8 @@ def rows_for_prompt(kind: str, prompt: str, names: list[str], scores: np.ndarray
         top, bottom = label_halves([s[i] for i in order], label_fraction)
         return [{"prompt": prompt, "image": names[order[j]], "label": 1, "score": s[order[j]], **meta} for j in top] + \
                [{"prompt": prompt, "image": names[order[j]], "label": 0, "score": s[order[j]], **meta} for j in bottom]
-    return [{"prompt": prompt, "image": names[order[0]], "score": s[order[0]], **meta}]  # captions
+    picked = order[:1] if captions == "best" else [i for i in order if s[i] == s[order[0]]]  # captions
+    return [{"prompt": prompt, "image": names[i], "score": s[i], **meta} for i in picked]
 
 
 # columns read from a Hugging Face dataset, by kind: (row key, candidate column names)
@@ -239,7 +243,7 @@ def import_dataset(g: dict, out: Path, kind: str) -> int:
     return 0
 
 
-def derive_from_lists(g: dict, kind: str, pairing: str, fraction: float) -> int:
+def derive_from_lists(g: dict, kind: str, pairing: str, fraction: float, captions: str = "best") -> int:
     """``kind`` rows from an earlier run's ``lists.jsonl`` (every sampling run keeps one): each list is one prompt's
     scored images, exactly what a sampling run ranks, so the rows equal that run's. Only the lines the source run
     committed are read (its progress.json says how many: one still running, or one that crashed, has more). Written
@@ -290,7 +294,7 @@ def derive_from_lists(g: dict, kind: str, pairing: str, fraction: float) -> int:
                               f"copy the run's images/ with its lists.jsonl")
         meta = {k: v for k, v in raw.items() if k not in ("prompt", "images", "scores")}
         got = rows_for_prompt(kind, prompt, [p.as_posix() for p in paths], scores, pairing=pairing, margin=margin,
-                              label_fraction=fraction, meta=meta)
+                              label_fraction=fraction, captions=captions, meta=meta)
         prompts += 1
         skipped += not got
         rows += got
@@ -347,8 +351,12 @@ def make_dataset(cfg: DictConfig) -> int:
     fraction = float(g.get("label_fraction", 0.5))
     if not 0 < fraction <= 0.5:
         raise ConfigError(f"label_fraction={fraction} must be in (0, 0.5]")
+    captions = str(g.get("captions", "best"))
+    if captions not in CAPTION_PICKS:
+        raise ConfigError(f"captions='{captions}' is not known; use best (one image per prompt) or top (every image "
+                          f"tied with the best score)")
     if g.get("from_lists"):
-        return derive_from_lists(g, kind, pairing, fraction)
+        return derive_from_lists(g, kind, pairing, fraction, captions)
     if not g.get("out"):
         raise ConfigError("out is not set; pass out=<a new or earlier `alignrl data` directory>")
     if g.get("source"):
@@ -365,6 +373,8 @@ def make_dataset(cfg: DictConfig) -> int:
                 "samples_per_prompt": k, "seed": int(cfg.seed), "prompts": prompts.source,
                 "checkpoint": str(source.checkpoint) if source.checkpoint else None,
                 "weights": str(g.get("weights", "ema")), "reward": sorted(cfg.reward.keys())}
+    if captions != "best":  # recorded only when set, so runs written before the option existed still resume
+        settings["captions"] = captions
     data_file = out / f"{kind}.jsonl"
     progress_file = out / "progress.json"
     done, lines = _open_output(out, data_file, settings, "prompts_done")
@@ -415,7 +425,8 @@ def make_dataset(cfg: DictConfig) -> int:
                     im.save(tmp)
                     os.replace(tmp, out / name)
             rows = rows_for_prompt(kind, prompt, names, np.asarray(scores), pairing=pairing,
-                                   margin=settings["margin"], label_fraction=fraction, meta={"prompt_id": i, **meta})
+                                   margin=settings["margin"], label_fraction=fraction, captions=captions,
+                                   meta={"prompt_id": i, **meta})
             skipped += not rows
             for row in rows:
                 fh.write(json.dumps(row) + "\n")

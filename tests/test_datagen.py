@@ -35,6 +35,9 @@ def test_lists_labels_captions_and_non_finite_scores():
     assert rows_for_prompt("labels", "p", NAMES, np.full(4, 0.3)) == []  # no gap between the halves
     assert rows_for_prompt("captions", "p", NAMES, s) == [{"prompt": "p", "image": "c.png", "score": 0.7}]
     assert rows_for_prompt("captions", "p", NAMES, np.full(4, np.nan)) == []  # all NaN
+    top = rows_for_prompt("captions", "p", NAMES, np.array([0.7, 0.2, 0.7, 0.7]), captions="top")
+    assert [r["image"] for r in top] == ["a.png", "c.png", "d.png"]  # every image tied with the best, in order
+    assert [r["image"] for r in rows_for_prompt("captions", "p", NAMES, s, captions="top")] == ["c.png"]
 
 
 def test_labels_leave_out_only_the_images_tied_across_the_boundary():

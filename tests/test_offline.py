@@ -250,6 +250,26 @@ def test_flow_rwr_trains_stably_on_its_weighted_samples(tmp_path):
     assert min(r["weight_max"] for r in rows) > 1.5
 
 
+def test_flow_rwr_anchor_pulls_toward_the_initial_model(tmp_path):
+    """algorithm.anchor adds anchor * |v_th - v_ref|^2 against the frozen initial model: the gap is 0 over the first
+    iteration (one optimizer step, after its passes: the policy is the reference), grows as the policy moves, and a strong anchor keeps it smaller than a weak
+    one over the same iterations and draws."""
+    gaps = {}
+    for anchor in (1e-3, 1e3):
+        run = tmp_path / f"a{anchor}"
+        proc = run_inprocess("train", "recipe=tiny_flow_rwr", f"run_dir={run}", "trainer.max_steps=6",
+                             f"algorithm.anchor={anchor}", "trainer.updates_per_iteration=1", "trainer.eval_every=0",
+                             "trainer.checkpoint_every=0", *QUIET, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        gaps[anchor] = [r["anchor_gap"] for r in _metrics(run)]
+    weak, strong = gaps[1e-3], gaps[1e3]
+    assert weak[0] == 0.0 and strong[0] == 0.0
+    assert weak[-1] > 0.0 and strong[-1] < 0.5 * weak[-1], (weak, strong)
+    proc = run_inprocess("train", "recipe=tiny_flow_rwr", f"run_dir={tmp_path / 'bad'}", "algorithm.anchor=-1",
+                         cwd=tmp_path)
+    assert proc.returncode != 0 and "algorithm.anchor must be >= 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_a_missing_or_bad_dataset_is_one_line_before_any_model_loads(tmp_path):
     proc = run_inprocess("train", "recipe=tiny_diffusion_dpo", f"run_dir={tmp_path / 'a'}", cwd=tmp_path)
     assert proc.returncode != 0 and "data.offline.path" in proc.stderr and "Traceback" not in proc.stderr

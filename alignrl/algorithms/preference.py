@@ -196,30 +196,36 @@ def draw_time_and_noise(g: torch.Generator, n: int, shape: tuple, time_sampling:
     return idx, torch.randn((n, *shape), generator=g)
 
 
-def errors_at(ctx, x_t, timestep, target, cond, reference: bool, sigma: torch.Tensor, guidance: float = 1.0):
+def errors_at(ctx, x_t, timestep, target, cond, reference: bool, sigma: torch.Tensor, guidance: float = 1.0,
+              gap: bool = False):
     """e_th (with gradient) and, with ``reference``, e_ref of the predictions at ``x_t`` (at flow times ``sigma``)
     against ``target``, each in the model's own objective (``Backbone.objective_weight``: the velocity error for
     flow models, the epsilon error for epsilon UNets, as their references train). ``guidance`` > 1 scores the
     classifier-free guided prediction ``v_u + w (v_c - v_u)`` (both branches with gradient) instead of the
-    conditional one: the model that samples at guidance w is the one fitted (``loss_guidance``)."""
+    conditional one: the model that samples at guidance w is the one fitted (``loss_guidance``). With ``gap``
+    (needs ``reference``) the second value is instead the policy's squared distance to the reference's prediction,
+    with gradient, in the same weighting (the W2 anchor of ``FlowRWR``)."""
     weight = ctx.backbone.objective_weight(sigma)
     with ctx.autocast():
         pred = ctx.backbone.predict(x_t, timestep, cond, guidance)
     e_th = mean_over_dims((pred.float() - target) ** 2) * weight
-    e_ref = None
+    second = None
     if reference:
         with torch.no_grad():
-            e_ref = mean_over_dims((ctx.predict_reference(x_t, timestep, cond, guidance).float() - target) ** 2) * weight
-    return e_th, e_ref
+            ref = ctx.predict_reference(x_t, timestep, cond, guidance).float()
+        second = mean_over_dims(((pred.float() - ref) if gap else (ref - target)) ** 2) * weight
+    return e_th, second
 
 
-def denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference: bool, guidance: float = 1.0):
+def denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference: bool, guidance: float = 1.0,
+                     gap: bool = False):
     """Per-image errors of ``x0`` noised with ``eps`` at the schedule indices ``idx`` (the parameterisation's
-    ``add_noise`` and ``target``), conditioned on ``prompts``, at classifier-free ``guidance`` (1: none)."""
+    ``add_noise`` and ``target``), conditioned on ``prompts``, at classifier-free ``guidance`` (1: none);
+    ``gap``: see ``errors_at``."""
     param = ctx.backbone.parameterisation
     sigma, timestep = schedule.sigmas[idx.to(ctx.device)], schedule.timesteps[idx.to(ctx.device)]
     return errors_at(ctx, param.add_noise(x0, eps, sigma), timestep, param.target(x0, eps, sigma),
-                     ctx.backbone.encode_prompts(prompts), reference, sigma, guidance)
+                     ctx.backbone.encode_prompts(prompts), reference, sigma, guidance, gap)
 
 
 def padding_errors(ctx, schedule, shape, reference: bool, guidance: float = 1.0) -> torch.Tensor:
@@ -855,23 +861,28 @@ class FlowRWR(_OnlineFinal):
     """Reward-weighted regression on the rollouts: the flow-matching loss of each image weighted by
     ``exp(r / beta)`` normalised to mean 1 over the iteration's images on all ranks (``normalise: batch``,
     ``rwr_weights``) or within each prompt's group (``normalise: group``: a group whose rewards all tie is
-    dropped, so easy prompts do not dominate the update); no reference. ``beta`` is the temperature (small:
-    close to training on the best images only)."""
+    dropped, so easy prompts do not dominate the update). ``beta`` is the temperature (small: close to training on
+    the best images only). ``anchor`` > 0 adds ``anchor * |v_th - v_ref|^2`` at the same noised point against the
+    frozen initial model (the Wasserstein-2 regulariser of online reward-weighted flow matching, ORW-CFM-W2), which
+    keeps the policy from drifting off on its own samples; 0 (the default): no reference, the plain objective."""
 
     name: str = "flow_rwr"
     beta: float = 1.0
     normalise: str = "batch"
+    anchor: float = 0.0
 
-    _diag_keys: ClassVar[tuple] = ("policy_loss", "weight_max")
+    _diag_keys: ClassVar[tuple] = ("policy_loss", "weight_max", "anchor_gap")
 
     def __post_init__(self):
         super().__post_init__()
         if self.normalise not in ("batch", "group"):
             raise ConfigError(f"algorithm.normalise='{self.normalise}' is not known; use batch or group")
+        if self.anchor < 0:
+            raise ConfigError(f"algorithm.anchor must be >= 0 (0: no anchor to the initial model), got {self.anchor}")
 
     @property
     def needs_reference(self) -> bool:
-        return False
+        return self.anchor > 0
 
     def advantages(self, rewards, keys, per_reward=None, weights=None) -> AdvantageResult:
         rewards = np.asarray(rewards, dtype=np.float64)
@@ -899,7 +910,8 @@ class FlowRWR(_OnlineFinal):
         eps = eps.to(ctx.device)
         w_all = torch.as_tensor(adv.leaf, dtype=torch.float32, device=ctx.device)
         ctx.denoiser.train()
-        sums = {"policy_loss": 0.0, "weight_max": 0.0}
+        sums = {"policy_loss": 0.0, "weight_max": 0.0, "anchor_gap": 0.0}
+        anchored = self.anchor > 0
         count, grad_norms = 0, []
         for epoch in range(ctx.inner_epochs):
             for chunk in ctx.update_chunks(batch.global_index, epoch):
@@ -912,14 +924,16 @@ class FlowRWR(_OnlineFinal):
                           for d in range(self.draws_per_sample)]
                 for (mb, d), real in balanced_passes(passes, ctx, (None, 0)):
                     if not real:  # distributed=fsdp: another process has more images; no gradient
-                        ctx.backward(padding_errors(ctx, schedule, tuple(x0.shape[1:]), False, self.loss_guidance).sum() * 0.0)
+                        ctx.backward(padding_errors(ctx, schedule, tuple(x0.shape[1:]), anchored, self.loss_guidance).sum() * 0.0)
                         continue
                     prompts = [batch.prompts[int(batch.leaf_root[i])] for i in mb]
-                    e_th, _ = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
-                                               eps[mb.to(ctx.device), d], False, self.loss_guidance)
+                    e_th, gap = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
+                                                 eps[mb.to(ctx.device), d], anchored, self.loss_guidance, gap=True)
                     loss = w_all[mb.to(ctx.device)] * e_th
-                    ctx.backward(loss.sum() / total)
+                    ctx.backward((loss.sum() + self.anchor * gap.sum() if anchored else loss.sum()) / total)
                     sums["policy_loss"] += float(loss.detach().sum())
+                    if anchored:
+                        sums["anchor_gap"] += float(gap.detach().sum())
                     sums["weight_max"] += float(w_all[mb.to(ctx.device)].max()) * len(mb)
                     count += len(mb)
                 grad_norms.append(ctx.optimizer_step())
