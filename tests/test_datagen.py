@@ -145,6 +145,14 @@ def test_kinds_derived_from_a_lists_run_equal_the_sampled_ones(tmp_path):
     assert proc.returncode != 0 and "kind=lists is the source itself" in proc.stderr
     proc = _data(tmp_path, tmp_path / "y", "kind=pairs", f"from_lists={tmp_path / 'nothing'}")
     assert proc.returncode != 0 and "is not a lists .jsonl" in proc.stderr
+    # captions=top: every image tied with each prompt's best score (captions=best keeps the first of them)
+    top = tmp_path / "top"
+    proc = _data(tmp_path, top, "kind=captions", "captions=top", f"from_lists={lists}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = sum(sum(s == max(r.scores) for s in r.scores) for r in ImageDataset.load(lists / "lists.jsonl", "lists").rows)
+    assert len(ImageDataset.load(top / "captions.jsonl", "captions")) == want >= 3
+    proc = _data(tmp_path, tmp_path / "z", "kind=captions", "captions=all", f"from_lists={lists}")
+    assert proc.returncode != 0 and "captions='all' is not known" in proc.stderr
 
 
 def _pickapic_parquet(directory, n=5):
