@@ -272,7 +272,7 @@ PREFERENCE_EXPECTED = {
                                     extra={"prompt_dropout": 0.0}, base={**TINY, "backbone": "tiny_sd15"}),
     # ShapeWorld twins: 8-step ODE at guidance 3, full fine-tune at 1e-4 (SFT, Flow-RWR: 3e-5), 64 rows (or 8 groups
     # of 8) per iteration, offline rows balanced over the tags
-    "shapes_diffusion_dpo": prow("diffusion_dpo", lr=1e-4, beta=500.0, time_sampling="uniform", rows=64,
+    "shapes_diffusion_dpo": prow("diffusion_dpo", lr=3e-5, beta=500.0, time_sampling="uniform", rows=64,
                                  batches=(32, 32, 2), extra={"prompt_dropout": 0.0}, base=SHAPESP, cfg=3.0, T=8),
     "shapes_flow_dpo": prow("flow_dpo", lr=1e-4, beta=50.0, time_sampling="logit_normal", rows=64,
                             batches=(32, 32, 2), base=SHAPESP, cfg=3.0, T=8),
