@@ -274,7 +274,7 @@ PREFERENCE_EXPECTED = {
     # of 8) per iteration, offline rows balanced over the tags
     "shapes_diffusion_dpo": prow("diffusion_dpo", lr=3e-5, beta=500.0, time_sampling="uniform", rows=64,
                                  batches=(32, 32, 2), extra={"prompt_dropout": 0.0}, base=SHAPESP, cfg=3.0, T=8),
-    "shapes_flow_dpo": prow("flow_dpo", lr=1e-4, beta=50.0, time_sampling="logit_normal", rows=64,
+    "shapes_flow_dpo": prow("flow_dpo", lr=3e-5, beta=500.0, time_sampling="logit_normal", rows=64,
                             batches=(32, 32, 2), base=SHAPESP, cfg=3.0, T=8),
     "shapes_smpo": prow("smpo", lr=1e-4, beta=500.0, time_sampling="uniform", rows=64, batches=(32, 32, 2),
                         extra={"score_min": 0.0, "score_max": 1.0}, base=SHAPESP, cfg=3.0, T=8),
