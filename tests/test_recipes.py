@@ -278,7 +278,7 @@ PREFERENCE_EXPECTED = {
                             batches=(32, 32, 2), base=SHAPESP, cfg=3.0, T=8),
     "shapes_smpo": prow("smpo", lr=1e-4, beta=500.0, time_sampling="uniform", rows=64, batches=(32, 32, 2),
                         extra={"score_min": 0.0, "score_max": 1.0}, base=SHAPESP, cfg=3.0, T=8),
-    "shapes_diffusion_kto": prow("diffusion_kto", lr=1e-4, beta=20.0, time_sampling="uniform", rows=64,
+    "shapes_diffusion_kto": prow("diffusion_kto", lr=3e-5, beta=500.0, time_sampling="uniform", rows=64,
                                  batches=(32, 32, 2), base=SHAPESP, cfg=3.0, T=8),
     "shapes_rankdpo": prow("rankdpo", lr=1e-4, beta=500.0, time_sampling="uniform", rows=64, batches=(32, 32, 2),
                            base=SHAPESP, cfg=3.0, T=8),
