@@ -291,7 +291,7 @@ PREFERENCE_EXPECTED = {
     "shapes_online_dpo": prow("online_dpo", lr=3e-5, beta=50.0, time_sampling="logit_normal", K=8,
                               batches=(32, 32, 2), base=SHAPESP, cfg=3.0, T=8),
     "shapes_flow_rwr": prow("flow_rwr", lr=3e-5, beta=0.1, time_sampling="logit_normal", K=8, batches=(32, 32, 2),
-                            base=SHAPESP, cfg=3.0, T=8),
+                            extra={"anchor": 1.0}, base=SHAPESP, cfg=3.0, T=8),
     **{f"{m}_sd35": published(m, SD35P, 4.5) for m in PREFERENCE_METHODS},
     **{f"{m}_flux": published(m, FLUXP, 3.5) for m in PREFERENCE_METHODS},
 }
