@@ -479,13 +479,41 @@ class SlurmTrainJob:
         return result
 
 
-def _job_reason(job_id: str) -> str:
+def _job_field(job_id: str, field: str) -> str:
+    """One ``Key=value`` field of ``scontrol show job``; '' when Slurm cannot be asked or lacks it."""
     try:
         out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
-        return ""  # unknown reason: a SIGTERM is then not taken for the time limit (no requeue)
-    m = re.search(r"\bReason=(\S+)", out.stdout)
+        return ""
+    m = re.search(rf"\b{field}=(\S+)", out.stdout)
     return m.group(1) if m else ""
+
+
+def _job_reason(job_id: str) -> str:
+    return _job_field(job_id, "Reason")  # unknown: a SIGTERM is then not taken for the time limit (no requeue)
+
+
+def _requeue(job_id: str, restarts: int, attempts: int = 3, wait_s: float = 2.0) -> str:
+    """``scontrol requeue`` the job; '' once it is requeued, else why not.
+
+    A busy controller can answer with an error (a socket timeout) after it has requeued the job, and a retry
+    would then be refused: the job's restart count, raised by every requeue, is the check that it happened.
+    """
+    failure = ""
+    for attempt in range(attempts):
+        try:
+            out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+            failure = "" if out.returncode == 0 else (out.stderr.strip() or f"exit {out.returncode}")
+        except (OSError, subprocess.SubprocessError) as e:
+            failure = f"{type(e).__name__}: {e}"
+        if not failure:
+            return ""
+        count = _job_field(job_id, "Restarts")
+        if count.isdigit() and int(count) > restarts:
+            return ""  # requeued in spite of the error
+        if attempt + 1 < attempts:
+            time.sleep(wait_s)
+    return failure
 
 
 def requeue_decision(status: dict, restarts: int, max_requeues: int, reason: str = "") -> tuple[bool, str, bool]:
@@ -539,11 +567,7 @@ def after_run(run_dir: Path, max_requeues: int, exit_code: int = 0) -> dict:
         status.update(requeue=why, requeued=requeue, requeue_limit_reached=limit)
     atomic_write_text(path, json.dumps(status, indent=2))  # before the requeue, which ends this job
     if requeue:
-        try:
-            out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-            failure = "" if out.returncode == 0 else (out.stderr.strip() or f"exit {out.returncode}")
-        except (OSError, subprocess.SubprocessError) as e:
-            failure = f"{type(e).__name__}: {e}"
+        failure = _requeue(job_id, restarts)
         if failure:
             status.update(requeued=False, requeue=f"scontrol requeue failed: {failure}")
             atomic_write_text(path, json.dumps(status, indent=2))

@@ -140,6 +140,41 @@ def test_a_failed_restart_is_not_requeued(tmp_path, monkeypatch):
     assert "exit code 2" in status["requeue"]
 
 
+def _fake_scontrol(bin_dir: Path, restarts: int) -> Path:
+    """An ``scontrol`` whose requeue answers with a timeout and whose job shows ``Restarts=restarts``."""
+    bin_dir.mkdir(exist_ok=True)
+    log = bin_dir / "calls"
+    script = bin_dir / "scontrol"
+    script.write_text("#!/bin/sh\n"
+                      f'echo "$@" >> {log}\n'
+                      'if [ "$1" = requeue ]; then echo "Socket timed out on send/recv operation" >&2; exit 1; fi\n'
+                      f'echo "JobId=$3 JobState=REQUEUED Reason=None Restarts={restarts}"\n')
+    script.chmod(0o755)
+    return log
+
+
+@pytest.mark.parametrize("restarts_after", [1, 0])
+def test_requeue_answered_with_an_error_is_checked_against_the_restart_count(tmp_path, monkeypatch, restarts_after):
+    """A busy controller may time out after requeueing: the restart count decides, a retry is not sent twice."""
+    from alignrl.slurm import after_run
+
+    log = _fake_scontrol(tmp_path / "bin", restarts_after)
+    (tmp_path / "status.json").write_text(json.dumps({"state": "preempted", "stop": "signal SIGUSR1", "step": 1}))
+    monkeypatch.setenv("SLURM_JOB_ID", "9")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setattr("alignrl.slurm.time.sleep", lambda s: None)
+    out = after_run(tmp_path, max_requeues=3)
+    status = json.loads((tmp_path / "status.json").read_text())
+    requeues = [c for c in log.read_text().splitlines() if c.startswith("requeue")]
+    if restarts_after:  # requeued in spite of the error: recorded as requeued, asked once
+        assert out["requeued"] is status["requeued"] is True and len(requeues) == 1
+        assert "requeued (1 of launcher.max_requeues=3)" in status["requeue"]
+    else:  # not requeued: asked three times, then the error is recorded
+        assert out["requeued"] is status["requeued"] is False and len(requeues) == 3
+        assert status["requeue"] == "scontrol requeue failed: Socket timed out on send/recv operation"
+
+
 def test_run_state_words():
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -412,7 +447,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_weights(pree
     run, job_id, info, seen = (preempted_run[k] for k in ("run", "job_id", "info", "seen"))
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, _logs(run))
     # the first run stopped after a step, checkpointed and requeued itself
-    stopped = [s for s in seen if s["state"] == "preempted"]
+    stopped = [s for s in seen if s["state"] == "preempted" and "requeue" in s]  # after the launcher's decision
     assert stopped and stopped[0]["stop"] == "signal SIGUSR1" and stopped[0]["requeued"] is True, seen
     k = stopped[0]["step"]
     assert 1 <= k < 4 and (run / "checkpoints" / f"step_{k:06d}" / "COMPLETE").is_file()
