@@ -14,7 +14,8 @@ pairs     ``prompt``, ``winner``, ``loser`` (image paths); or the Pick-a-Pic lay
 lists     ``prompt``, ``images`` (two or more paths), ``scores`` (one finite number per image, higher
           is better)
 labels    ``prompt``, ``image``, ``label`` (1 or true: desirable, 0 or false: undesirable)
-captions  ``prompt`` (or ``caption``), ``image``
+captions  ``prompt`` (or ``caption``), ``image``; optional ``score`` (the reward of the image: with
+          ``min_score`` set, rows scored below it are left out, e.g. failing images of a best-of-K set)
 ========  ============================================================================================
 
 ``validate()`` reads every row and every image header before training starts; bad data (a missing or
@@ -50,6 +51,7 @@ class ImageDataset:
     rows: list[ImageRow]
     source: str
     dropped_ties: int = 0
+    below_min_score: int = 0  # captions rows left out by min_score
     stats: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -61,14 +63,22 @@ class ImageDataset:
 
     @classmethod
     def load(cls, path, kind: str, *, root=None, drop_ties: bool = True, what: str = "data.offline",
-             balance: str | None = None) -> "ImageDataset":
+             balance: str | None = None, min_score: float | None = None) -> "ImageDataset":
         """Parse a JSON-lines dataset of ``kind`` (rows only; ``validate`` opens the images). With ``balance`` (a
         field name such as ``tag``) each row keeps that field's value as its ``stratum``; a row without it is a
-        one-line error."""
+        one-line error. With ``min_score`` (captions only) a row whose ``score`` is below it is left out; a row
+        without a score is a one-line error."""
         if balance is not None and (not isinstance(balance, str) or not balance.strip()):
             raise ConfigError(f"{what}.balance={balance!r}: give a field of the dataset's rows (e.g. tag) or null")
         if kind not in KINDS:
             raise ConfigError(f"{what}.kind='{kind}' is not known; use one of {', '.join(KINDS)}")
+        if min_score is not None:
+            if kind != "captions":
+                raise ConfigError(f"{what}.min_score applies to captions datasets (SFT, DRO's experts, DDO's data); "
+                                  f"this method reads {kind}: set {what}.min_score=null")
+            if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not math.isfinite(min_score):
+                raise ConfigError(f"{what}.min_score={min_score!r}: give a number (rows scored below it are left "
+                                  f"out) or null")
         if path is None or not str(path).strip() or str(path).strip() == "???":
             raise ConfigError(f"{what}.path is not set; pass {what}.path=<a .jsonl dataset> (make one with `alignrl data "
                               f"out=<dir> kind={kind}`; alignrl/imagedata.py lists the fields)")
@@ -77,12 +87,19 @@ class ImageDataset:
             raise ConfigError(f"{what}.path='{path}' is not a file; give the .jsonl a dataset was written to "
                               f"(`alignrl data` writes one)")
         base = Path(str(root)).expanduser() if root else file.parent
-        rows, ties = [], 0
+        rows, ties, below = [], 0, 0
         for raw, where in json_rows(file, kind):
             row = _parse_row(raw, kind, base, where, drop_ties)
             if row is None:
                 ties += 1
                 continue
+            if min_score is not None:
+                if "score" not in raw:
+                    raise ConfigError(f"{where}: {what}.min_score={min_score}, but the row has no \"score\"; score "
+                                      f"every row (`alignrl data kind=captions` does) or set {what}.min_score=null")
+                if _number(raw["score"], "score", where) < min_score:
+                    below += 1
+                    continue
             if balance is not None:
                 value = raw.get(balance)
                 if value is None or isinstance(value, (dict, list)):
@@ -91,14 +108,15 @@ class ImageDataset:
                 row.stratum = value
             rows.append(row)
         if not rows:
-            raise ConfigError(f"{what}: '{file}' holds no usable {kind} rows" + (f" ({ties} ties dropped)" if ties else ""))
+            why = [f"{ties} ties dropped"] * bool(ties) + [f"{below} scored below {what}.min_score={min_score}"] * bool(below)
+            raise ConfigError(f"{what}: '{file}' holds no usable {kind} rows" + (f" ({'; '.join(why)})" if why else ""))
         if kind == "lists":
             k = len(rows[0].images)
             other = next((r for r in rows if len(r.images) != k), None)
             if other is not None:
                 raise ConfigError(f"{other.where}: {len(other.images)} images where the first row has {k}; every "
                                   f"list of a dataset must have the same length")
-        return cls(kind, rows, str(file), ties)
+        return cls(kind, rows, str(file), ties, below)
 
     def validate(self) -> dict:
         """Open every image's header (size, mode); a one-line error at the first bad one. Returns counts."""
@@ -122,6 +140,7 @@ class ImageDataset:
                     raise ConfigError(f"{row.where}: image '{img}' cannot be read as an image ({e}); replace or "
                                       f"remove the row") from None
         self.stats = {"rows": len(self.rows), "images": sum(sizes.values()), "dropped_ties": self.dropped_ties,
+                      "below_min_score": self.below_min_score,
                       "sizes": {f"{w}x{h}": n for (w, h), n in sorted(sizes.items())}}
         if self.kind == "labels":
             self.stats["desirable"] = sum(1 for r in self.rows if r.label == 1.0)

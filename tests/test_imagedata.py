@@ -37,7 +37,7 @@ def test_pairs_in_both_layouts_winner_first_ties_dropped(tmp_path):
     assert [p.name for p in ds.rows[0].images] == ["a.png", "b.png"] and ds.rows[0].scores == [0.9, 0.1]
     assert [p.name for p in ds.rows[1].images] == ["b.png", "a.png"] and ds.rows[1].scores == [0.7, 0.2]
     stats = ds.validate()
-    assert stats == {"rows": 2, "images": 4, "dropped_ties": 1, "sizes": {"8x6": 4}}
+    assert stats == {"rows": 2, "images": 4, "dropped_ties": 1, "below_min_score": 0, "sizes": {"8x6": 4}}
     with pytest.raises(ConfigError, match=r"pairs.jsonl:3: a tie .* drop_ties=false"):
         ImageDataset.load(f, "pairs", drop_ties=False)
 
@@ -171,6 +171,26 @@ def test_a_row_without_the_balance_field_is_one_line(tmp_path):
     ds = ImageDataset.load(_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "image": a, "tag": "colors"}]), "captions",
                            balance="tag")
     assert ds.rows[0].stratum == "colors"
+
+
+def test_min_score_leaves_out_captions_scored_below_it(tmp_path):
+    a = _png(tmp_path / "a.png")
+    rows = [{"prompt": "p", "image": a, "score": 1.0}, {"prompt": "q", "image": a, "score": 0.67},
+            {"prompt": "r", "image": a, "score": 0.33}, {"prompt": "s", "image": a, "score": 1}]
+    f = _jsonl(tmp_path / "c.jsonl", rows)
+    assert len(ImageDataset.load(f, "captions")) == 4  # unset: every row
+    ds = ImageDataset.load(f, "captions", min_score=1.0)
+    assert ds.prompts == ["p", "s"] and ds.below_min_score == 2 and ds.validate()["below_min_score"] == 2
+    assert ImageDataset.load(f, "captions", min_score=0.5).prompts == ["p", "q", "s"]
+    with pytest.raises(ConfigError, match=r"holds no usable captions rows \(4 scored below data.offline.min_score=2"):
+        ImageDataset.load(f, "captions", min_score=2)
+    g = _jsonl(tmp_path / "d.jsonl", [rows[0], {"prompt": "t", "image": a}])
+    with pytest.raises(ConfigError, match=r"d.jsonl:2: data.offline.min_score=1.0, but the row has no \"score\""):
+        ImageDataset.load(g, "captions", min_score=1.0)
+    with pytest.raises(ConfigError, match=r"min_score applies to captions datasets"):
+        ImageDataset.load(f, "labels", min_score=1.0)
+    with pytest.raises(ConfigError, match=r"min_score='high': give a number"):
+        ImageDataset.load(f, "captions", min_score="high")
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "shapes"])

@@ -270,6 +270,23 @@ def test_flow_rwr_anchor_pulls_toward_the_initial_model(tmp_path):
     assert proc.returncode != 0 and "algorithm.anchor must be >= 0" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_min_score_trains_sft_on_the_rows_scored_at_or_above_it(tmp_path, datasets):
+    """data.offline.min_score reaches the dataset the loop reads: the left-out rows are reported and the epoch
+    counts only the kept ones."""
+    scores = [json.loads(line)["score"] for line in datasets["captions"].read_text().splitlines()]
+    cut = float(np.median(scores))
+    kept = sum(s >= cut for s in scores)
+    assert 0 < kept < len(scores)
+    run = tmp_path / "run"
+    proc = run_inprocess("train", "recipe=tiny_sft", f"data.offline.path={datasets['captions']}", f"run_dir={run}",
+                         *QUIET, f"+data.offline.min_score={cut}", "trainer.max_steps=2", "trainer.eval_every=0",
+                         "trainer.checkpoint_every=0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"alignrl: {kept} captions rows from {datasets['captions']} ({len(scores) - kept} scored below "
+            f"data.offline.min_score left out)") in proc.stderr
+    assert _metrics(run)[-1]["epoch"] == pytest.approx(2 * 16 / kept)
+
+
 def test_a_missing_or_bad_dataset_is_one_line_before_any_model_loads(tmp_path):
     proc = run_inprocess("train", "recipe=tiny_diffusion_dpo", f"run_dir={tmp_path / 'a'}", cwd=tmp_path)
     assert proc.returncode != 0 and "data.offline.path" in proc.stderr and "Traceback" not in proc.stderr

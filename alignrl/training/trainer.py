@@ -120,7 +120,8 @@ class Trainer:
             spec = as_dict(cfg.data.get("offline"))
             balance = spec.get("balance")
             self.dataset = ImageDataset.load(spec.get("path"), self.algorithm.batch_kind, root=spec.get("root"),
-                                             drop_ties=bool(spec.get("drop_ties", True)), balance=balance)
+                                             drop_ties=bool(spec.get("drop_ties", True)), balance=balance,
+                                             min_score=spec.get("min_score"))
             self.dataset.validate()
             self.batch_sampler = DatasetSampler(len(self.dataset), self.layout["samples_per_rank"] * self.world,
                                                 world_size=self.world, rank=self.rank, seed=self.seed,
@@ -461,6 +462,12 @@ class Trainer:
                     + (f", {self.sharding.describe()}" if self.distributed.strategy != "ddp" else "") + f"; run dir {self.run_dir}"
                     + (f"; resumed from {self.resume_from}" if self.resume_from else "")
                 )
+                if self.offline:
+                    d = self.dataset
+                    self.logger.write(f"alignrl: {len(d)} {d.kind} rows from {d.source}"
+                                      + (f" ({d.dropped_ties} ties dropped)" if d.dropped_ties else "")
+                                      + (f" ({d.below_min_score} scored below data.offline.min_score left out)"
+                                         if d.below_min_score else ""))
             stopped_early = self.early_stop is not None and self.early_stop.stopped
             if stopped_early:  # resumed after the guard stopped the run, with the same patience
                 last_eval_step = self.iteration  # evaluated when it stopped
