@@ -542,6 +542,37 @@ def test_sample_ode_is_euler_for_flow_and_records_the_asked_step():
     torch.testing.assert_close(sample_ode(ctx, ["a"] * 3, x_T, 4, reference=True), x_T * (1 - 0.2 / 4) ** 4)
 
 
+class GuidedFake(FakeBackbone):
+    """v = w * g * x: the guidance scale g the caller asks for shows in the prediction."""
+
+    def predict(self, x, timestep, cond, guidance_scale, transformer=None):
+        return (transformer or self.denoiser).w * guidance_scale * x
+
+
+@pytest.mark.parametrize("method", ["diffusion_dro", "ddo"])
+def test_negatives_are_sampled_at_sample_guidance(method):
+    """sample_guidance reaches the negatives' sampler (DRO: the policy's, DDO: the reference's); 1 keeps the
+    references' guidance-free samples; below 1 is a one-line error."""
+    from alignrl.algorithms.preference import DDO, DiffusionDRO, sample_ode
+    from alignrl.errors import ConfigError
+
+    cls = DiffusionDRO if method == "diffusion_dro" else DDO
+    backbone = GuidedFake(0.2)
+    ctx, _ = make_context(backbone, reference_w=0.2, lr=0.0)
+    batch = _captions_batch()
+    x_T = torch.stack([torch.randn((2, 4, 4), generator=g) for g in cls(sample_steps=3)._row_generators(ctx, batch)])
+    for g in (1.0, 3.0):
+        algo = cls(sample_steps=3, sample_guidance=g)
+        aug = algo.augment(ctx, backbone.make_schedule(1000), batch)
+        if method == "ddo":  # the final samples: Euler with v = 0.2 g x
+            torch.testing.assert_close(aug.latents[:, 1], x_T * (1 - 0.2 * g / 3) ** 3)
+        else:  # the recorded prediction at the recorded latent
+            torch.testing.assert_close(aug.extra["target"], 0.2 * g * aug.latents[:, 1])
+    torch.testing.assert_close(sample_ode(ctx, ["a"] * 3, x_T, 3, guidance=2.0), x_T * (1 - 0.4 / 3) ** 3)
+    with pytest.raises(ConfigError, match="algorithm.sample_guidance must be >= 1"):
+        cls(sample_guidance=0.5)
+
+
 def test_dro_negative_is_the_policys_recorded_step_and_its_term_has_no_gradient_at_the_sampling_weights():
     """Diffusion-DRO: each expert row gets the policy's own sample's recorded (x_t, prediction); the expert is
     noised at that time. The policy term's target is the sampling weights' own prediction, so at those weights

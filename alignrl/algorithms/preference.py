@@ -549,9 +549,10 @@ class SFT(OfflineMethod):
 
 @torch.no_grad()
 def sample_ode(ctx, prompts: list[str], x_T: torch.Tensor, steps: int, *, reference: bool = False,
-               record: torch.Tensor | None = None):
-    """Samples of the probability-flow ODE from ``x_T`` over the backbone's ``steps``-step schedule, without
-    CFG, with the live policy or (``reference``) the frozen reference. Each step is the deterministic DDIM form of
+               record: torch.Tensor | None = None, guidance: float = 1.0):
+    """Samples of the probability-flow ODE from ``x_T`` over the backbone's ``steps``-step schedule, at CFG
+    scale ``guidance`` (1: none, the references' negatives), with the live policy or (``reference``) the frozen
+    reference. Each step is the deterministic DDIM form of
     the backbone's parameterisation (x0 and eps from the prediction, renoised at the next time; Euler for flow
     models). ``x_T`` and the result are in the model's own latents, the recorded latents in the flow frame the
     steps run in. ``record`` (B,) asks for each sample's (latent, model timestep, prediction) at that step index.
@@ -567,10 +568,10 @@ def sample_ode(ctx, prompts: list[str], x_T: torch.Tensor, steps: int, *, refere
         s, s_next = schedule.sigmas[i], schedule.sigmas[i + 1]
         timestep = schedule.timesteps[i].expand(len(x))
         if reference:
-            pred = ctx.predict_reference(x, timestep, cond, 1.0).float()
+            pred = ctx.predict_reference(x, timestep, cond, guidance).float()
         else:
             with ctx.autocast():
-                pred = backbone.predict(x, timestep, cond, 1.0).float()
+                pred = backbone.predict(x, timestep, cond, guidance).float()
         if rec is not None:
             hit = (record.to(x.device) == i)
             rec[0][hit], rec[1][hit], rec[2][hit] = x[hit], schedule.timesteps[i], pred[hit]
@@ -586,11 +587,15 @@ class _SamplesNegatives:
     supports_sharding = True  # the sampling chunks and the step's passes are balanced over processes (fsdp)
 
     sample_steps: int
+    sample_guidance: float
 
     def __post_init__(self):
         super().__post_init__()
         if self.sample_steps < 1:
             raise ConfigError(f"algorithm.sample_steps must be >= 1, got {self.sample_steps}")
+        if self.sample_guidance < 1:
+            raise ConfigError(f"algorithm.sample_guidance must be >= 1 (1: no CFG, the references' negatives), "
+                              f"got {self.sample_guidance}")
 
     def _row_generators(self, ctx, batch):
         from alignrl.sampling.engine import sample_generators
@@ -612,10 +617,11 @@ class _SamplesNegatives:
         for mb, real in balanced_passes(mbs, ctx, None):
             if not real:  # distributed=fsdp: the forwards of a chunk another process samples; nothing kept
                 sample_ode(ctx, [""], torch.zeros(1, *shape, device=ctx.device), self.sample_steps,
-                           reference=reference)
+                           reference=reference, guidance=self.sample_guidance)
                 continue
             out = sample_ode(ctx, [batch.prompts[int(r)] for r in mb], x_T[mb].to(ctx.device), self.sample_steps,
-                             reference=reference, record=step[mb] if record else None)
+                             reference=reference, record=step[mb] if record else None,
+                             guidance=self.sample_guidance)
             outs.append(out if isinstance(out, tuple) else (out,))
         ctx.denoiser.train()
         return [torch.cat(parts) for parts in zip(*outs)] + ([step] if record else [])
@@ -643,6 +649,7 @@ class DiffusionDRO(_SamplesNegatives, OfflineMethod):
     beta: float = 0.0  # unused: the hinge has no temperature
     margin: float = 1e-3
     sample_steps: int = 20
+    sample_guidance: float = 1.0  # CFG of the negatives' sampling: 1 the reference's (none)
     prompt_dropout: float = 0.2
 
     batch_kind: ClassVar[str] = "captions"
@@ -707,6 +714,7 @@ class DDO(_SamplesNegatives, OfflineMethod):
     beta: float = 2500.0
     alpha: float = 1.0
     sample_steps: int = 20
+    sample_guidance: float = 1.0  # CFG of the reference's samples: 1 the paper's guidance-free model
     time_sampling: str = "logit_normal"
     prompt_dropout: float = 0.0
 
