@@ -162,6 +162,43 @@ def test_label_count_is_the_running_sum_of_the_shares():
         running.update("abcde".index(strata[r]) for r in rows)
 
 
+def test_balance_power_shares_rows_as_a_power_of_each_labels_size():
+    """balance_power p: label shares proportional to n^p (0.5: ShapeWorld's 360 position and 3 single-object
+    captions get shares in the ratio sqrt(120) = 11, not 1 or 120); the counts are running floors, the largest
+    label takes the rest, every label reads its rows in epochs, and the rows are a pure function of the iteration."""
+    import math
+
+    strata = tuple(["position"] * 360 + ["single"] * 3 + ["colors"] * 9)
+    label_of = dict(enumerate(strata))
+    s = DatasetSampler(len(strata), 64, seed=5, strata=strata, power=0.5)
+    sizes = {"colors": 9, "position": 360, "single": 3}
+    share = {k: math.sqrt(n) / sum(math.sqrt(m) for m in sizes.values()) for k, n in sizes.items()}
+    totals = Counter()
+    names = sorted(sizes)  # labels are sorted by their text
+    for it in range(40):
+        for i, name in enumerate(names):
+            assert s.label_count(i, it) == totals[name]
+            if name != "position":
+                assert totals[name] == math.floor(it * 64 * share[name])
+        rows = s.global_rows(it)
+        assert len(rows) == 64
+        totals.update(label_of[r] for r in rows)
+    for name in names:  # a floor loses under a row; the largest label gains what the other two lose
+        assert abs(totals[name] - 40 * 64 * share[name]) < (2 if name == "position" else 1), name
+    assert DatasetSampler(len(strata), 64, seed=5, strata=strata, power=0.5).global_rows(23) == s.global_rows(23)
+    one = DatasetSampler(len(strata), 64, seed=5, strata=strata, power=1.0)
+    assert abs(one.label_count(names.index("position"), 10) - 10 * 64 * 360 / 372) < 2  # p = 1: the rows' mix
+    with pytest.raises(ConfigError, match="dataset sampler differs"):
+        s.load_state_dict(DatasetSampler(len(strata), 64, seed=5, strata=strata).state_dict())
+    with pytest.raises(ConfigError, match=r"balance_power=2: give a number in \[0, 1\]"):
+        DatasetSampler(len(strata), 64, strata=strata, power=2)
+    with pytest.raises(ConfigError, match="balance_power=0.5 needs data.offline.balance"):
+        DatasetSampler(len(strata), 64, power=0.5)
+    even = tuple("a" * 26 + "b" * 25 + "c" * 25 + "d" * 25)  # 5 rows: the three smaller labels' running floors
+    with pytest.raises(ConfigError, match="shares do not fit in 5 rows"):  # may each step by 2, more than 5
+        DatasetSampler(len(even), 5, strata=even, power=1.0)
+
+
 def test_a_row_without_the_balance_field_is_one_line(tmp_path):
     a = _png(tmp_path / "a.png")
     f = _jsonl(tmp_path / "c.jsonl", [{"prompt": "p", "image": a, "tag": "colors"}, {"prompt": "q", "image": a}])

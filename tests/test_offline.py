@@ -270,21 +270,29 @@ def test_flow_rwr_anchor_pulls_toward_the_initial_model(tmp_path):
     assert proc.returncode != 0 and "algorithm.anchor must be >= 0" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_min_score_trains_sft_on_the_rows_scored_at_or_above_it(tmp_path, datasets):
-    """data.offline.min_score reaches the dataset the loop reads: the left-out rows are reported and the epoch
-    counts only the kept ones."""
-    scores = [json.loads(line)["score"] for line in datasets["captions"].read_text().splitlines()]
-    cut = float(np.median(scores))
-    kept = sum(s >= cut for s in scores)
-    assert 0 < kept < len(scores)
+def test_min_score_and_balance_power_reach_the_rows_sft_reads(tmp_path, datasets):
+    """data.offline.min_score and balance_power reach the dataset the loop reads: the left-out rows are reported,
+    the epoch counts only the kept ones, and the shares are logged."""
+    rows = [json.loads(line) for line in datasets["captions"].read_text().splitlines()]
+    cut = float(np.median([r["score"] for r in rows]))
+    kept = [r for r in rows if r["score"] >= cut]
+    assert 0 < len(kept) < len(rows)
+    few = {id(r) for r in kept[:3]}  # a field to balance over: the first three kept rows against the rest
+    data = tmp_path / "captions.jsonl"
+    data.write_text("".join(json.dumps({**r, "image": str(datasets["captions"].parent / r["image"]),
+                                        "part": "few" if id(r) in few else "many"}) + "\n" for r in rows))
+    part = {"few": 3, "many": len(kept) - 3}
+    w = {k: n ** 0.5 / sum(m ** 0.5 for m in part.values()) for k, n in part.items()}
     run = tmp_path / "run"
-    proc = run_inprocess("train", "recipe=tiny_sft", f"data.offline.path={datasets['captions']}", f"run_dir={run}",
-                         *QUIET, f"+data.offline.min_score={cut}", "trainer.max_steps=2", "trainer.eval_every=0",
+    proc = run_inprocess("train", "recipe=tiny_sft", f"data.offline.path={data}", f"run_dir={run}", *QUIET,
+                         f"+data.offline.min_score={cut}", "data.offline.balance=part",
+                         "+data.offline.balance_power=0.5", "trainer.max_steps=2", "trainer.eval_every=0",
                          "trainer.checkpoint_every=0", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (f"alignrl: {kept} captions rows from {datasets['captions']} ({len(scores) - kept} scored below "
-            f"data.offline.min_score left out)") in proc.stderr
-    assert _metrics(run)[-1]["epoch"] == pytest.approx(2 * 16 / kept)
+    assert (f"alignrl: {len(kept)} captions rows from {data} ({len(rows) - len(kept)} scored below "
+            f"data.offline.min_score left out); rows balanced (balance_power 0.5): few {100 * w['few']:.1f}% of 3, "
+            f"many {100 * w['many']:.1f}% of {part['many']}") in proc.stderr
+    assert _metrics(run)[-1]["epoch"] == pytest.approx(2 * 16 / len(kept))
 
 
 def test_a_missing_or_bad_dataset_is_one_line_before_any_model_loads(tmp_path):

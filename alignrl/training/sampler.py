@@ -20,6 +20,8 @@ trains every tag as often as an eval that weighs tags alike scores it.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -153,6 +155,11 @@ class DatasetSampler:
     no state). Each label reads its own stream of shuffled epochs of its rows (a small label repeats sooner, a
     label with fewer rows than its share repeats rows within an iteration); the iteration's rows are then
     shuffled together.
+
+    ``power`` p (``data.offline.balance_power``) sets the shares between these and the rows' own proportions:
+    label l gets a share proportional to n_l^p of its n_l rows (0: equal shares, as above; 1: proportional, the
+    unbalanced mix; 0.5 the square root, which caps how often a small label's rows repeat). With p > 0, label l
+    has read floor(it x R x share_l) rows after ``it`` iterations of R rows and the largest label takes the rest.
     """
 
     num_rows: int
@@ -161,6 +168,7 @@ class DatasetSampler:
     rank: int = 0
     seed: int = 0
     strata: tuple | None = None
+    power: float = 0.0
 
     def __post_init__(self):
         if self.num_rows < 1:
@@ -177,14 +185,44 @@ class DatasetSampler:
                 raise ConfigError(f"data.offline.balance: {len(self._members)} labels do not fit in "
                                   f"{self.rows_per_iteration} rows per iteration; raise data.offline.rows_per_iteration "
                                   f"to at least {len(self._members)} or set data.offline.balance: null")
+        if isinstance(self.power, bool) or not isinstance(self.power, (int, float)) or not 0 <= self.power <= 1:
+            raise ConfigError(f"data.offline.balance_power={self.power!r}: give a number in [0, 1] (0: every label "
+                              f"the same share, 1: shares as the rows' own proportions)")
+        if self.power and self.strata is None:
+            raise ConfigError(f"data.offline.balance_power={self.power} needs data.offline.balance (the row field whose "
+                              f"labels it shares rows over); set both, or balance_power: 0")
+        self._shares: list[float] = []
+        if self._members and self.power:
+            sizes = [len(m) ** float(self.power) for m in self._members]
+            self._shares = [x / sum(sizes) for x in sizes]
+            self._largest = max(range(len(sizes)), key=lambda i: (sizes[i], -i))
+            room = self.rows_per_iteration - sum(math.ceil(self.rows_per_iteration * w)
+                                                 for i, w in enumerate(self._shares) if i != self._largest)
+            if room < 0:
+                raise ConfigError(f"data.offline.balance_power={self.power}: {len(self._members)} labels' shares do "
+                                  f"not fit in {self.rows_per_iteration} rows per iteration; raise "
+                                  f"data.offline.rows_per_iteration or lower the power")
 
     @property
     def samples_per_iteration(self) -> int:
         return self.rows_per_iteration
 
+    def describe_shares(self) -> str:
+        """Each label's share of an iteration's rows and its row count, for the run's log (balanced mode)."""
+        labels = group_by_label(self.strata, self.num_rows, "rows")[0]
+        shares = self._shares or [1 / len(labels)] * len(labels)
+        return (f"rows balanced (balance_power {float(self.power):g}): "
+                + ", ".join(f"{label} {100 * w:.1f}% of {len(m)}" for label, w, m in zip(labels, shares, self._members)))
+
     def label_count(self, label: int, iteration: int) -> int:
         """Rows label ``label`` has read in iterations 0 .. ``iteration`` - 1 (balanced mode): the even share,
-        plus the remainder slots dealt in turn (slot k of the stream 0, 1, 2, ... goes to label k mod L)."""
+        plus the remainder slots dealt in turn (slot k of the stream 0, 1, 2, ... goes to label k mod L). With
+        ``power`` > 0: floor(iteration x R x share), the largest label the rest."""
+        if self._shares:
+            if label != self._largest:
+                return math.floor(iteration * self.rows_per_iteration * self._shares[label] + 1e-9)
+            return iteration * self.rows_per_iteration - sum(self.label_count(other, iteration)
+                                                             for other in range(len(self._shares)) if other != label)
         n = len(self._members)
         extra = iteration * (self.rows_per_iteration % n)
         return iteration * (self.rows_per_iteration // n) + extra // n + (1 if label < extra % n else 0)
@@ -225,7 +263,7 @@ class DatasetSampler:
     def state_dict(self) -> dict:
         # balanced_labels 0: unbalanced (checkpoints written before balancing existed lack it: not compared)
         return {"num_rows": self.num_rows, "rows_per_iteration": self.rows_per_iteration, "seed": self.seed,
-                "balanced_labels": len(self._members)}
+                "balanced_labels": len(self._members), "balance_power": float(self.power)}
 
     def load_state_dict(self, state: dict) -> None:
         _check_unchanged(self.state_dict(), state, "dataset sampler", "dataset and settings")

@@ -126,7 +126,8 @@ class Trainer:
             self.batch_sampler = DatasetSampler(len(self.dataset), self.layout["samples_per_rank"] * self.world,
                                                 world_size=self.world, rank=self.rank, seed=self.seed,
                                                 strata=tuple(r.stratum for r in self.dataset.rows)
-                                                if balance is not None else None)
+                                                if balance is not None else None,
+                                                power=0.0 if spec.get("balance_power") is None else spec["balance_power"])
             self._latent_dir = Path(spec.get("latent_cache") or self.run_dir / "latent_cache")
         else:
             human = getattr(self.algorithm, "human_file", None)
@@ -467,7 +468,9 @@ class Trainer:
                     self.logger.write(f"alignrl: {len(d)} {d.kind} rows from {d.source}"
                                       + (f" ({d.dropped_ties} ties dropped)" if d.dropped_ties else "")
                                       + (f" ({d.below_min_score} scored below data.offline.min_score left out)"
-                                         if d.below_min_score else ""))
+                                         if d.below_min_score else "")
+                                      + (f"; {self.batch_sampler.describe_shares()}" if self.batch_sampler.strata
+                                         else ""))
             stopped_early = self.early_stop is not None and self.early_stop.stopped
             if stopped_early:  # resumed after the guard stopped the run, with the same patience
                 last_eval_step = self.iteration  # evaluated when it stopped
