@@ -178,9 +178,9 @@ class DatasetSampler:
         if self.rows_per_iteration % self.world_size:
             raise ConfigError(f"{self.rows_per_iteration} dataset rows per iteration do not split over "
                               f"{self.world_size} processes; make data.offline.rows_per_iteration a multiple of it")
-        self._members: list[list[int]] = []
+        self._labels, self._members = [], []
         if self.strata is not None:
-            self._members = group_by_label(self.strata, self.num_rows, "rows")[1]
+            self._labels, self._members = group_by_label(self.strata, self.num_rows, "rows")
             if len(self._members) > self.rows_per_iteration:
                 raise ConfigError(f"data.offline.balance: {len(self._members)} labels do not fit in "
                                   f"{self.rows_per_iteration} rows per iteration; raise data.offline.rows_per_iteration "
@@ -209,10 +209,10 @@ class DatasetSampler:
 
     def describe_shares(self) -> str:
         """Each label's share of an iteration's rows and its row count, for the run's log (balanced mode)."""
-        labels = group_by_label(self.strata, self.num_rows, "rows")[0]
-        shares = self._shares or [1 / len(labels)] * len(labels)
+        shares = self._shares or [1 / len(self._labels)] * len(self._labels)
         return (f"rows balanced (balance_power {float(self.power):g}): "
-                + ", ".join(f"{label} {100 * w:.1f}% of {len(m)}" for label, w, m in zip(labels, shares, self._members)))
+                + ", ".join(f"{label} {100 * w:.1f}% of {len(m)}"
+                            for label, w, m in zip(self._labels, shares, self._members)))
 
     def label_count(self, label: int, iteration: int) -> int:
         """Rows label ``label`` has read in iterations 0 .. ``iteration`` - 1 (balanced mode): the even share,
