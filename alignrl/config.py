@@ -217,8 +217,20 @@ def _replay_algorithm(cfg: DictConfig) -> bool:
     return bool(getattr(algorithm_class(cfg), "replay", False))
 
 
+OFFLINE_KEYS = ("path", "rows_per_iteration", "balance", "balance_power", "min_score", "root", "drop_ties",
+                "latent_cache")  # data.offline's settings (README: the preference family)
+
+
 def _offline_layout(cfg: DictConfig, world_size: int) -> dict:
     offline = cfg.data.get("offline") or {}
+    unknown = sorted(set(offline) - set(OFFLINE_KEYS))
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], OFFLINE_KEYS, n=1, cutoff=0.6)
+        raise ConfigError(f"data.offline.{unknown[0]} is not a setting of data.offline"
+                          + (f"; did you mean data.offline.{close[0]}?" if close else
+                             f"; its settings are {', '.join(OFFLINE_KEYS)}"))
     rows = _positive_int(offline.get("rows_per_iteration"), "data.offline.rows_per_iteration")
     world = _positive_int(world_size, "world size")
     rollout_bs = _positive_int(cfg.trainer.rollout_batch_size, "trainer.rollout_batch_size")
@@ -376,6 +388,9 @@ def precheck_overrides(overrides: list[str]) -> None:
         if not m:
             raise ConfigError(str(e).splitlines()[0]) from None
         key = m.group(1)
+        if key.startswith("data.offline.") and key.removeprefix("data.offline.") in OFFLINE_KEYS:
+            raise ConfigError(f"'{key}' is an optional setting this recipe leaves out; add it with "
+                              f"+{key}=VALUE") from None
         base = compose([ov for ov in overrides if not ov.startswith(key + "=")])
         known = [k for k, _ in config_leaves(base) if not k.startswith("hydra.")]
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)

@@ -32,6 +32,22 @@ def test_bad_values_stop_before_hydra_makes_a_run_dir(tmp_path, monkeypatch, cap
     assert not (tmp_path / "outputs").exists()
 
 
+def test_optional_offline_settings_name_the_plus_and_typos_the_setting(tmp_path, monkeypatch, capsys):
+    """data.offline's optional settings (balance_power, min_score, ...) are absent from a recipe that leaves them
+    out: setting one without '+' names the '+' form (not a "did you mean" list of other keys), and a misspelt one
+    given with '+' is refused by name instead of being ignored."""
+    monkeypatch.chdir(tmp_path)
+    path = "data.offline.path=rows.jsonl"
+    err = _fails(capsys, "train", "recipe=shapes_sft", path, "data.offline.balance_power=0.5")
+    assert "+data.offline.balance_power=VALUE" in err and "did you mean" not in err, err
+    err = _fails(capsys, "train", "recipe=shapes_sft", path, "+data.offline.balance_pwr=0.5")
+    assert "data.offline.balance_pwr is not a setting of data.offline; did you mean data.offline.balance_power?" \
+        in err, err
+    err = _fails(capsys, "train", "recipe=shapes_sft", path, "+data.offline.colour=1")
+    assert "data.offline.colour is not a setting" in err and "min_score" in err, err
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_bad_files_and_run_dirs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "latin1.txt").write_bytes("a caf\xe9 at night\n".encode("latin-1"))

@@ -270,6 +270,25 @@ def test_flow_rwr_anchor_pulls_toward_the_initial_model(tmp_path):
     assert proc.returncode != 0 and "algorithm.anchor must be >= 0" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_sft_anchor_pulls_toward_the_initial_model(tmp_path, datasets):
+    """SFT's algorithm.anchor: without it no reference is kept (the gap logged 0); with it the gap to the frozen
+    initial model is 0 over the first iteration, grows as the policy moves, and a strong anchor keeps it smaller than
+    a weak one over the same rows and draws."""
+    common = ("trainer.max_steps=5", "trainer.updates_per_iteration=1", "trainer.eval_every=0",
+              "trainer.checkpoint_every=0")
+    plain = _metrics(_train(tmp_path, "sft", datasets["captions"], *common, name="plain"))
+    assert [r["anchor_gap"] for r in plain] == [0.0] * len(plain)
+    gaps = {a: [r["anchor_gap"] for r in _metrics(_train(tmp_path, "sft", datasets["captions"], *common,
+                                                           f"algorithm.anchor={a}", name=f"a{a}"))]
+            for a in (1e-3, 1e3)}
+    weak, strong = gaps[1e-3], gaps[1e3]
+    assert weak[0] == 0.0 and strong[0] == 0.0
+    assert weak[-1] > 0.0 and strong[-1] < 0.5 * weak[-1], (weak, strong)
+    proc = run_inprocess("train", "recipe=tiny_sft", f"data.offline.path={datasets['captions']}",
+                         f"run_dir={tmp_path / 'bad'}", "algorithm.anchor=-1", cwd=tmp_path)
+    assert proc.returncode != 0 and "algorithm.anchor must be >= 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_min_score_and_balance_power_reach_the_rows_sft_reads(tmp_path, datasets):
     """data.offline.min_score and balance_power reach the dataset the loop reads: the left-out rows are reported,
     the epoch counts only the kept ones, and the shares are logged."""

@@ -155,13 +155,13 @@ def test_flow_rwr_group_normalisation_weights_each_group_alike_and_drops_ties():
         FlowRWR(normalise="prompt")
 
 
-def test_loss_guidance_scores_the_guided_velocity_with_gradient_through_both_branches(tiny_sd3):
+def test_loss_guidance_scores_the_guided_velocity_with_gradient_through_the_chosen_branches(tiny_sd3):
     """``loss_guidance`` w > 1: the error is that of ``v_u + w (v_c - v_u)`` (the velocity that samples at guidance
     w), the reference's too, and its gradient reaches the unconditional branch; w = 1 is the conditional error."""
     from contextlib import nullcontext
     from types import SimpleNamespace
 
-    from alignrl.algorithms.preference import denoising_errors
+    from alignrl.algorithms.preference import LossGuidance, denoising_errors
 
     bb = tiny_sd3
     schedule = bb.make_schedule(1000)
@@ -205,11 +205,30 @@ def test_loss_guidance_scores_the_guided_velocity_with_gradient_through_both_bra
     for a, b, _ in pairs:
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
     assert max(float((a - d).abs().max()) for a, _, d in pairs) > 1e-4
+    # loss_guidance_trains: conditional scores the same guided error, with the empty-prompt branch held fixed
+    guide = LossGuidance(w, "conditional")
+    e_c, e_ref_c = denoising_errors(ctx, schedule, x0, prompts, idx, eps, True, guide)
+    expected = ((v_u + w * (v_c - v_u) - target) ** 2).flatten(1).mean(1) * weight
+    torch.testing.assert_close(e_c.detach(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(e_ref_c, expected, rtol=1e-4, atol=1e-6)
+    got_c = grads(denoising_errors(ctx, schedule, x0, prompts, idx, eps, False, guide)[0].sum())
+    pairs = [(a, d) for a, d in zip(got_c, cond_only) if a is not None]
+    assert pairs
+    for a, d in pairs:
+        torch.testing.assert_close(a, d, rtol=1e-3, atol=1e-6)
+    # the methods pass their two settings through
+    from alignrl.algorithms.preference import SFT, FlowRWR
+
+    assert SFT(loss_guidance=3.0, loss_guidance_trains="conditional").guided_loss == guide
+    assert FlowRWR(loss_guidance=3.0).guided_loss == LossGuidance(3.0, "both")
 
 
-def test_loss_guidance_below_one_is_refused():
+def test_loss_guidance_below_one_and_unknown_branches_are_refused():
     from alignrl.algorithms.preference import SFT, FlowRWR
 
     for cls in (SFT, FlowRWR):
         with pytest.raises(ConfigError, match="loss_guidance must be >= 1"):
             cls(loss_guidance=0.5)
+        with pytest.raises(ConfigError, match="loss_guidance_trains='unconditional' is not known; use both or "
+                                              "conditional"):
+            cls(loss_guidance_trains="unconditional")

@@ -178,9 +178,34 @@ def varied_groups(rewards: np.ndarray, keys, ok: np.ndarray) -> tuple[list[np.nd
 LOG2 = math.log(2.0)
 
 
-def _check_settings(lr: float, time_sampling: str, draws: int, draws_key: str, loss_guidance: float = 1.0) -> None:
+LOSS_GUIDANCE_TRAINS = ("both", "conditional")
+
+
+@dataclass(frozen=True)
+class LossGuidance:
+    """The CFG of the predictions a loss scores: ``scale`` w (1: the conditional prediction alone) and which
+    branches of ``v_u + w (v_c - v_u)`` the gradient reaches: ``both``, or ``conditional`` (the empty-prompt
+    prediction is a constant, so the conditional one alone is fitted to ``v_u + (target - v_u) / w``)."""
+
+    scale: float = 1.0
+    trains: str = "both"
+
+
+class _LossGuided:
+    """The ``LossGuidance`` of a method's ``loss_guidance`` and ``loss_guidance_trains`` settings."""
+
+    @property
+    def guided_loss(self) -> LossGuidance:
+        return LossGuidance(self.loss_guidance, self.loss_guidance_trains)
+
+
+def _check_settings(lr: float, time_sampling: str, draws: int, draws_key: str, loss_guidance: float = 1.0,
+                    trains: str = "both") -> None:
     if loss_guidance < 1:
         raise ConfigError(f"algorithm.loss_guidance must be >= 1 (1: the conditional prediction alone), got {loss_guidance}")
+    if trains not in LOSS_GUIDANCE_TRAINS:
+        raise ConfigError(f"algorithm.loss_guidance_trains='{trains}' is not known; use "
+                          f"{' or '.join(LOSS_GUIDANCE_TRAINS)}")
     if lr <= 0:
         raise ConfigError(f"algorithm.lr must be > 0, got {lr}")
     if time_sampling not in TIME_SAMPLINGS:
@@ -201,13 +226,23 @@ def errors_at(ctx, x_t, timestep, target, cond, reference: bool, sigma: torch.Te
     """e_th (with gradient) and, with ``reference``, e_ref of the predictions at ``x_t`` (at flow times ``sigma``)
     against ``target``, each in the model's own objective (``Backbone.objective_weight``: the velocity error for
     flow models, the epsilon error for epsilon UNets, as their references train). ``guidance`` > 1 scores the
-    classifier-free guided prediction ``v_u + w (v_c - v_u)`` (both branches with gradient) instead of the
-    conditional one: the model that samples at guidance w is the one fitted (``loss_guidance``). With ``gap``
+    classifier-free guided prediction ``v_u + w (v_c - v_u)`` instead of the conditional one: the model that
+    samples at guidance w is the one fitted (``loss_guidance``); a ``LossGuidance`` also says whether the gradient
+    reaches both branches or the conditional one alone (``loss_guidance_trains``). With ``gap``
     (needs ``reference``) the second value is instead the policy's squared distance to the reference's prediction,
     with gradient, in the same weighting (the W2 anchor of ``FlowRWR``)."""
+    guide = guidance if isinstance(guidance, LossGuidance) else LossGuidance(float(guidance))
+    guidance = guide.scale
     weight = ctx.backbone.objective_weight(sigma)
     with ctx.autocast():
-        pred = ctx.backbone.predict(x_t, timestep, cond, guidance)
+        if guide.trains == "conditional" and ctx.backbone.cfg_active(guidance):
+            pred = ctx.backbone.predict(x_t, timestep, cond, 1.0)
+            with torch.no_grad():
+                uncond = ctx.backbone.predict(x_t, timestep, ctx.backbone.negative_conditioning().expand(len(x_t)),
+                                              1.0)
+            pred = uncond + guidance * (pred - uncond)
+        else:
+            pred = ctx.backbone.predict(x_t, timestep, cond, guidance)
     e_th = mean_over_dims((pred.float() - target) ** 2) * weight
     second = None
     if reference:
@@ -240,7 +275,7 @@ def padding_errors(ctx, schedule, shape, reference: bool, guidance: float = 1.0)
 
 # ------------------------------------------------------------------------------------------------ methods
 @dataclass
-class OfflineMethod(Stateless):
+class OfflineMethod(_LossGuided, Stateless):
     """The training step shared by the methods that learn from an offline image dataset.
 
     Per row and iteration, ``draws_per_row`` (time, noise) pairs are drawn from a generator keyed by (seed,
@@ -261,6 +296,7 @@ class OfflineMethod(Stateless):
     draws_per_row: int = 1
     prompt_dropout: float = 0.0
     loss_guidance: float = 1.0
+    loss_guidance_trains: str = "both"
 
     batch_kind: ClassVar[str] = "pairs"
     uses_reference: ClassVar[bool] = True
@@ -268,7 +304,8 @@ class OfflineMethod(Stateless):
     supports_sharding = True  # train_step balances its passes over processes (distributed=fsdp)
 
     def __post_init__(self):
-        _check_settings(self.lr, self.time_sampling, self.draws_per_row, "draws_per_row", self.loss_guidance)
+        _check_settings(self.lr, self.time_sampling, self.draws_per_row, "draws_per_row", self.loss_guidance,
+                        self.loss_guidance_trains)
         if not 0 <= self.prompt_dropout < 1:
             raise ConfigError(f"algorithm.prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
 
@@ -301,7 +338,7 @@ class OfflineMethod(Stateless):
     def errors(self, ctx, schedule, batch, rows, x0, prompts, idx, eps, reference: bool):
         """Per-image denoising errors e_th (with gradient) and, with ``reference``, e_ref of the images of
         ``rows`` (flattened row-major into ``x0``)."""
-        return denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference, self.loss_guidance)
+        return denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference, self.guided_loss)
 
     def prepare_chunk(self, ctx, schedule, batch, rows, idx, eps, prompts) -> dict:
         """Per optimizer step, before its losses (KTO's reference point); nothing by default."""
@@ -309,7 +346,7 @@ class OfflineMethod(Stateless):
 
     def padding_errors(self, ctx, schedule, batch) -> torch.Tensor:
         """A padding pass of this method (the reference's forward too when it uses one)."""
-        return padding_errors(ctx, schedule, tuple(batch.latents.shape[2:]), self.needs_reference, self.loss_guidance)
+        return padding_errors(ctx, schedule, tuple(batch.latents.shape[2:]), self.needs_reference, self.guided_loss)
 
     def row_losses(self, batch, rows, e_th, e_ref, extra: dict):
         """(len(rows),) losses and per-row diagnostics from (len(rows), k) errors."""
@@ -490,7 +527,7 @@ class SmPO(DiffusionDPO):
         t = sigma.view(-1, *([1] * (x0.ndim - 1)))
         eps_inv = (x_inv - (1 - t) * x0) / t.clamp(min=1e-4)  # the noise that puts x0 at x_inv at time t
         return errors_at(ctx, x_inv, timestep, param.target(x0, eps_inv, sigma), cond, reference, sigma,
-                         self.loss_guidance)
+                         self.guided_loss)
 
     @torch.no_grad()
     def _invert(self, ctx, schedule, x0, cond, sigma):
@@ -533,18 +570,37 @@ class SmPO(DiffusionDPO):
 
 @dataclass
 class SFT(OfflineMethod):
-    """Supervised fine-tuning: the plain denoising loss on an image-caption set (no reference)."""
+    """Supervised fine-tuning: the plain denoising loss on an image-caption set. ``anchor`` > 0 adds
+    ``anchor * |v_th - v_ref|^2`` to the frozen initial model's prediction at the same noised point (the W2 anchor
+    of ``FlowRWR``; 0, the default: plain SFT, no reference kept)."""
 
     name: str = "sft"
     lr: float = 1e-5
     beta: float = 0.0
     time_sampling: str = "logit_normal"
+    anchor: float = 0.0
 
     batch_kind: ClassVar[str] = "captions"
     uses_reference: ClassVar[bool] = False
+    _diag_keys: ClassVar[tuple] = ("policy_loss", "anchor_gap")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.anchor < 0:
+            raise ConfigError(f"algorithm.anchor must be >= 0 (0: no anchor to the initial model), got {self.anchor}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.anchor > 0  # the frozen initial model, only for the anchor
+
+    def errors(self, ctx, schedule, batch, rows, x0, prompts, idx, eps, reference: bool):
+        """e_th and, with the anchor, the squared gap to the initial model's prediction at the same point."""
+        return denoising_errors(ctx, schedule, x0, prompts, idx, eps, reference, self.guided_loss, gap=reference)
 
     def row_losses(self, batch, rows, e_th, e_ref, extra):
-        return e_th[:, 0], {}
+        if e_ref is None:
+            return e_th[:, 0], {"anchor_gap": torch.zeros_like(e_th[:, 0])}
+        return e_th[:, 0] + self.anchor * e_ref[:, 0], {"anchor_gap": e_ref[:, 0].detach()}
 
 
 @torch.no_grad()
@@ -687,7 +743,7 @@ class DiffusionDRO(_SamplesNegatives, OfflineMethod):
                              dim=1).flatten(0, 1)
         timestep = torch.stack([schedule.timesteps[idx0], batch.extra["timestep"][rows_dev].to(dev)], dim=1).flatten()
         return errors_at(ctx, x_t, timestep, target, ctx.backbone.encode_prompts(prompts), reference,
-                         sigma.repeat_interleave(2), self.loss_guidance)
+                         sigma.repeat_interleave(2), self.guided_loss)
 
     def row_losses(self, batch, rows, e_th, e_ref, extra):
         return dro_loss(e_th[:, 0], e_ref[:, 0], e_th[:, 1], e_ref[:, 1], self.margin)
@@ -737,7 +793,7 @@ class DDO(_SamplesNegatives, OfflineMethod):
 
 # ------------------------------------------------------------------------------------------------ online
 @dataclass
-class _OnlineFinal(Stateless):
+class _OnlineFinal(_LossGuided, Stateless):
     """Shared by the online methods that train on the rollouts' final latents with fresh (time, noise) draws.
 
     Draws are keyed by (seed, iteration, prompt id): the images of one prompt's group share them, wherever the
@@ -750,13 +806,15 @@ class _OnlineFinal(Stateless):
     time_sampling: str = "logit_normal"
     draws_per_sample: int = 1
     loss_guidance: float = 1.0
+    loss_guidance_trains: str = "both"
 
     batch_kind: ClassVar[str] = "final_latents"
     _diag_keys: ClassVar[tuple] = ("policy_loss",)
     supports_sharding = True  # train_step balances its passes over processes (distributed=fsdp)
 
     def __post_init__(self):
-        _check_settings(self.lr, self.time_sampling, self.draws_per_sample, "draws_per_sample", self.loss_guidance)
+        _check_settings(self.lr, self.time_sampling, self.draws_per_sample, "draws_per_sample", self.loss_guidance,
+                        self.loss_guidance_trains)
 
     def _draws(self, ctx, batch, shape):
         from alignrl.sampling.engine import sample_generators
@@ -818,11 +876,11 @@ class OnlineDPO(_OnlineFinal):
         with torch.no_grad():
             for (mb, d), real in balanced_passes(scoring, ctx, (None, 0)):
                 if not real:  # distributed=fsdp: the gathers of a pass another process runs
-                    padding_errors(ctx, schedule, shape, True, self.loss_guidance)
+                    padding_errors(ctx, schedule, shape, True, self.guided_loss)
                     continue
                 prompts = [batch.prompts[int(batch.leaf_root[i])] for i in mb]
                 e_th, e_ref = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
-                                               eps[mb.to(ctx.device), d], True, self.loss_guidance)
+                                               eps[mb.to(ctx.device), d], True, self.guided_loss)
                 for j, i in enumerate(mb.tolist()):
                     slot = 0 if adv.leaf[i] > 0 else 1
                     table[int(prompt_ids[i]), slot, d] = torch.stack([e_th[j], e_ref[j],
@@ -848,13 +906,13 @@ class OnlineDPO(_OnlineFinal):
                           if len(mb) for d in range(self.draws_per_sample)]
                 for (mb, d), real in balanced_passes(passes, ctx, (None, 0)):
                     if not real:  # distributed=fsdp: another process has more images; no gradient
-                        ctx.backward(padding_errors(ctx, schedule, shape, False, self.loss_guidance).sum() * 0.0)
+                        ctx.backward(padding_errors(ctx, schedule, shape, False, self.guided_loss).sum() * 0.0)
                         continue
                     prompts = [batch.prompts[int(batch.leaf_root[i])] for i in mb]
                     sign = torch.tensor([1.0 if adv.leaf[i] > 0 else -1.0 for i in mb.tolist()], device=ctx.device)
                     ok = paired[torch.as_tensor(prompt_ids[mb.numpy()], device=ctx.device)].float()
                     e_th, _ = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
-                                               eps[mb.to(ctx.device), d], False, self.loss_guidance)
+                                               eps[mb.to(ctx.device), d], False, self.guided_loss)
                     c = coef[torch.as_tensor(prompt_ids[mb.numpy()], device=ctx.device), d].float()
                     ctx.backward((sign * c * ok * e_th).sum() / total)
                 grad_norms.append(ctx.optimizer_step())
@@ -932,11 +990,11 @@ class FlowRWR(_OnlineFinal):
                           for d in range(self.draws_per_sample)]
                 for (mb, d), real in balanced_passes(passes, ctx, (None, 0)):
                     if not real:  # distributed=fsdp: another process has more images; no gradient
-                        ctx.backward(padding_errors(ctx, schedule, tuple(x0.shape[1:]), anchored, self.loss_guidance).sum() * 0.0)
+                        ctx.backward(padding_errors(ctx, schedule, tuple(x0.shape[1:]), anchored, self.guided_loss).sum() * 0.0)
                         continue
                     prompts = [batch.prompts[int(batch.leaf_root[i])] for i in mb]
                     e_th, gap = denoising_errors(ctx, schedule, x0[mb].to(ctx.device), prompts, idx[mb, d],
-                                                 eps[mb.to(ctx.device), d], anchored, self.loss_guidance, gap=True)
+                                                 eps[mb.to(ctx.device), d], anchored, self.guided_loss, gap=True)
                     loss = w_all[mb.to(ctx.device)] * e_th
                     ctx.backward((loss.sum() + self.anchor * gap.sum() if anchored else loss.sum()) / total)
                     sums["policy_loss"] += float(loss.detach().sum())
