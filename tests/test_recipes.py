@@ -286,7 +286,7 @@ PREFERENCE_EXPECTED = {
                                  batches=(32, 32, 2), extra={"sample_steps": 8, "sample_guidance": 3.0,
                                                              "loss_guidance": 3.0}, base=SHAPESP, cfg=3.0, T=8),
     "shapes_ddo": prow("ddo", lr=3e-5, beta=250.0, time_sampling="logit_normal", rows=64, batches=(32, 32, 2),
-                       extra={"sample_steps": 8, "sample_guidance": 3.0}, base=SHAPESP, cfg=3.0, T=8),
+                       extra={"sample_steps": 20, "sample_guidance": 3.0}, base=SHAPESP, cfg=3.0, T=8),
     "shapes_sft": prow("sft", lr=3e-5, beta=0.0, time_sampling="logit_normal", rows=64, batches=(32, 32, 2),
                        extra={"prompt_dropout": 0.1}, base=SHAPESP, cfg=3.0, T=8),
     "shapes_online_dpo": prow("online_dpo", lr=3e-5, beta=50.0, time_sampling="logit_normal", K=8,
