@@ -172,6 +172,8 @@ def _open_output(out: Path, data_file: Path, settings: dict, done_key: str) -> t
     done, lines = 0, 0
     if progress_file.is_file():
         progress = json.loads(progress_file.read_text())
+        if "sampling" in settings and "sampling" not in progress.get("settings", {}):
+            progress.setdefault("settings", {})["sampling"] = settings["sampling"]  # written before it was recorded
         if progress.get("settings") != settings:
             changed = sorted(key for key in settings if progress.get("settings", {}).get(key) != settings[key])
             raise ConfigError(f"{out} was written with other settings ({', '.join(changed)}); use a new out= directory "
@@ -375,6 +377,8 @@ def make_dataset(cfg: DictConfig) -> int:
                 "weights": str(g.get("weights", "ema")), "reward": sorted(cfg.reward.keys())}
     if captions != "best":  # recorded only when set, so runs written before the option existed still resume
         settings["captions"] = captions
+    plan = build_planner(cfg).eval_plan()  # the recipe's evaluation sampler draws the images
+    settings["sampling"] = {"solver": plan.name, "steps": len(plan.steps), "guidance": plan.guidance_scale}
     data_file = out / f"{kind}.jsonl"
     progress_file = out / "progress.json"
     done, lines = _open_output(out, data_file, settings, "prompts_done")
@@ -399,7 +403,6 @@ def make_dataset(cfg: DictConfig) -> int:
 
     reward = WeightedReward.from_config(as_dict(cfg.reward))
     backbone, model = load_policy(source, _device(cfg), settings["weights"])
-    plan = build_planner(cfg).eval_plan()
     seed = int(cfg.seed)
     batch = max(1, int(g.get("batch_size") or k))
     from tqdm import tqdm

@@ -97,6 +97,15 @@ def test_data_command_writes_a_valid_dataset_and_resumes_to_the_same_rows(tmp_pa
     # the same directory with another setting is refused, in one line
     proc = _data(tmp_path, part, "num_prompts=4", "kind=lists")
     assert proc.returncode != 0 and "written with other settings (kind)" in proc.stderr
+    # the sampler that drew the images is recorded, and another guidance or step count is refused too
+    progress = json.loads((part / "progress.json").read_text())
+    assert progress["settings"]["sampling"] == {"solver": "ode", "steps": 6, "guidance": 4.5}, progress["settings"]
+    proc = _data(tmp_path, part, "num_prompts=4", "sampler.guidance_scale=2")
+    assert proc.returncode != 0 and "written with other settings (sampling)" in proc.stderr
+    # a directory written before the sampler was recorded resumes (its settings lack the key)
+    del progress["settings"]["sampling"]
+    (part / "progress.json").write_text(json.dumps(progress))
+    assert _data(tmp_path, part, "num_prompts=4").returncode == 0
     proc = _data(tmp_path, tmp_path / "x", "kind=triples")
     assert proc.returncode != 0 and "kind='triples' is not known" in proc.stderr
 
