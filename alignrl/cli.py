@@ -60,6 +60,7 @@ SERVE_SHORTHANDS = ("port", "host", "token", "token_file")
 CHECK_SHORTHANDS = ("images", "prompts", "out", "batch_size")
 EXPORT_SHORTHANDS = ("checkpoint", "out", "weights", "device")
 DATA_SHORTHANDS = ("out", "kind", "checkpoint", "weights", "samples_per_prompt", "pairing", "margin", "label_fraction", "captions", "ranks",
+                   "guidance_scale",
                    "prompts", "num_prompts", "batch_size", "progress", "source", "split", "limit", "from_lists")
 # commands that write no run directory or Hydra log file
 QUIET = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none", "hydra/hydra_logging=none"]

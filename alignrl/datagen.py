@@ -378,6 +378,14 @@ def make_dataset(cfg: DictConfig) -> int:
     if captions != "best":  # recorded only when set, so runs written before the option existed still resume
         settings["captions"] = captions
     plan = build_planner(cfg).eval_plan()  # the recipe's evaluation sampler draws the images
+    if g.get("guidance_scale") is not None:  # at another CFG scale than the eval's
+        from dataclasses import replace
+
+        scale = float(g["guidance_scale"])
+        if not scale >= 1:
+            raise ConfigError(f"datagen.guidance_scale={scale}: give a CFG scale >= 1 (1: none), or null for the "
+                              f"eval's")
+        plan = replace(plan, guidance_scale=scale)
     settings["sampling"] = {"solver": plan.name, "steps": len(plan.steps), "guidance": plan.guidance_scale}
     data_file = out / f"{kind}.jsonl"
     progress_file = out / "progress.json"

@@ -102,6 +102,13 @@ def test_data_command_writes_a_valid_dataset_and_resumes_to_the_same_rows(tmp_pa
     assert progress["settings"]["sampling"] == {"solver": "ode", "steps": 6, "guidance": 4.5}, progress["settings"]
     proc = _data(tmp_path, part, "num_prompts=4", "sampler.guidance_scale=2")
     assert proc.returncode != 0 and "written with other settings (sampling)" in proc.stderr
+    # datagen.guidance_scale draws at another CFG scale than the eval's (shapes_sft: 1), recorded alike
+    g1 = tmp_path / "g1"
+    assert _data(tmp_path, g1, "num_prompts=1", "guidance_scale=1").returncode == 0
+    assert json.loads((g1 / "progress.json").read_text())["settings"]["sampling"]["guidance"] == 1.0
+    assert (g1 / "images" / "00000_00.png").read_bytes() != (part / "images" / "00000_00.png").read_bytes()
+    proc = _data(tmp_path, tmp_path / "g0", "num_prompts=1", "guidance_scale=0.5")
+    assert proc.returncode != 0 and "datagen.guidance_scale=0.5: give a CFG scale >= 1" in proc.stderr
     # a directory written before the sampler was recorded resumes (its settings lack the key)
     del progress["settings"]["sampling"]
     (part / "progress.json").write_text(json.dumps(progress))

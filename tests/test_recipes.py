@@ -793,3 +793,12 @@ def test_adafactor_optimizer_has_the_reference_settings_and_its_state_resumes(tm
     assert torch.equal(w, w3)
     with pytest.raises(ConfigError, match="trainer.optimizer.name='sgd' is not known"):
         TrainerConfig.from_config({**base, "optimizer": {"name": "sgd"}})
+
+
+def test_shapes_sft_data_are_drawn_without_guidance_and_the_other_offline_recipes_at_the_eval_s():
+    """shapes_sft's data are drawn without CFG (docs/arena_preference.md, sixth round); the other ShapeWorld offline
+    recipes' data at the eval's guidance (datagen.guidance_scale null); every one evaluates at guidance 3."""
+    for name in ("shapes_sft", "shapes_ddo", "shapes_diffusion_dro", "shapes_flow_dpo", "shapes_rankdpo"):
+        c = resolved(name)
+        assert c["datagen"]["guidance_scale"] == (1.0 if name == "shapes_sft" else None), name
+        assert c["sampler"]["guidance_scale"] == 3.0 and c["sampler"]["eval_guidance_scale"] is None, name
