@@ -283,8 +283,8 @@ PREFERENCE_EXPECTED = {
     "shapes_rankdpo": prow("rankdpo", lr=1e-4, beta=500.0, time_sampling="uniform", rows=64, batches=(32, 32, 2),
                            base=SHAPESP, cfg=3.0, T=8),
     "shapes_diffusion_dro": prow("diffusion_dro", lr=3e-5, beta=0.0, time_sampling="uniform", rows=64,
-                                 batches=(32, 32, 2), extra={"sample_steps": 8, "sample_guidance": 3.0,
-                                                             "loss_guidance": 3.0}, base=SHAPESP, cfg=3.0, T=8),
+                                 batches=(32, 32, 2), extra={"sample_steps": 8, "sample_guidance": 1.0,
+                                                             "loss_guidance": 1.0}, base=SHAPESP, cfg=3.0, T=8),
     "shapes_ddo": prow("ddo", lr=3e-5, beta=250.0, time_sampling="logit_normal", rows=64, batches=(32, 32, 2),
                        extra={"sample_steps": 20, "sample_guidance": 3.0}, base=SHAPESP, cfg=3.0, T=8),
     "shapes_sft": prow("sft", lr=3e-5, beta=0.0, time_sampling="logit_normal", rows=64, batches=(32, 32, 2),
@@ -796,9 +796,9 @@ def test_adafactor_optimizer_has_the_reference_settings_and_its_state_resumes(tm
 
 
 def test_shapes_sft_data_are_drawn_without_guidance_and_the_other_offline_recipes_at_the_eval_s():
-    """shapes_sft's data are drawn without CFG (docs/arena_preference.md, sixth round); the other ShapeWorld offline
+    """shapes_sft's and shapes_diffusion_dro's data are drawn without CFG (docs/arena_preference.md, sixth round); the other ShapeWorld offline
     recipes' data at the eval's guidance (datagen.guidance_scale null); every one evaluates at guidance 3."""
     for name in ("shapes_sft", "shapes_ddo", "shapes_diffusion_dro", "shapes_flow_dpo", "shapes_rankdpo"):
         c = resolved(name)
-        assert c["datagen"]["guidance_scale"] == (1.0 if name == "shapes_sft" else None), name
+        assert c["datagen"]["guidance_scale"] == (1.0 if name in ("shapes_sft", "shapes_diffusion_dro") else None), name
         assert c["sampler"]["guidance_scale"] == 3.0 and c["sampler"]["eval_guidance_scale"] is None, name
