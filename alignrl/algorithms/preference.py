@@ -199,6 +199,12 @@ class _LossGuided:
         return LossGuidance(self.loss_guidance, self.loss_guidance_trains)
 
 
+def _check_anchor(anchor: float) -> None:
+    """The W2 anchor weight of SFT and Flow-RWR."""
+    if anchor < 0:
+        raise ConfigError(f"algorithm.anchor must be >= 0 (0: no anchor to the initial model), got {anchor}")
+
+
 def _check_settings(lr: float, time_sampling: str, draws: int, draws_key: str, loss_guidance: float = 1.0,
                     trains: str = "both") -> None:
     if loss_guidance < 1:
@@ -586,8 +592,7 @@ class SFT(OfflineMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.anchor < 0:
-            raise ConfigError(f"algorithm.anchor must be >= 0 (0: no anchor to the initial model), got {self.anchor}")
+        _check_anchor(self.anchor)
 
     @property
     def needs_reference(self) -> bool:
@@ -943,8 +948,7 @@ class FlowRWR(_OnlineFinal):
         super().__post_init__()
         if self.normalise not in ("batch", "group"):
             raise ConfigError(f"algorithm.normalise='{self.normalise}' is not known; use batch or group")
-        if self.anchor < 0:
-            raise ConfigError(f"algorithm.anchor must be >= 0 (0: no anchor to the initial model), got {self.anchor}")
+        _check_anchor(self.anchor)
 
     @property
     def needs_reference(self) -> bool:
