@@ -26,7 +26,7 @@ run: install
 	$(BIN)/alignrl train $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15 $(PYTEST_ARGS)   # one worker per core, a file per worker; the 15 slowest listed
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)   # one worker per core, a file per worker, slowest files first (tests/conftest.py); the 15 slowest listed
 
 bench: install
 	$(BIN)/python scripts/bench_rollout.py
