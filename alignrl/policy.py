@@ -275,14 +275,50 @@ class Policy:
 
     @contextmanager
     def weights(self, which: str):
-        """A context with ``live`` or ``ema`` weights in place (the rollout weights of NFT), for sampling: with
-        sharded weights they are gathered once for the block (every process enters it together)."""
+        """A context with ``live`` or ``ema`` weights in place (the rollout weights of NFT), or the frozen
+        ``reference`` (the initial model: rollouts drawn from it, ``algorithm.rollouts_from=reference``), for
+        sampling: with sharded weights they are gathered once for the block (every process enters it together)."""
+        if which == "reference":
+            with self._reference_in_place():
+                yield
+            return
         if which == "ema" and self.ema is None:
             raise ConfigError("the EMA weights were asked for, but trainer.ema.enabled=false")
         if which not in WEIGHTS:
             raise ConfigError(f"policy weights '{which}' are not known; use live or ema")
         with self.sharding.weights(self.ema if which == "ema" else None, self.params):
             yield
+
+    @contextmanager
+    def _reference_in_place(self):
+        """The frozen initial model in the denoiser's place: the adapter disabled (LoRA), or the reference copy's
+        tensors swapped in (full fine-tuning; no copy made, swapped back on exit). Unsharded runs only
+        (``check_strategy`` refuses the rest before the model loads)."""
+        import torch
+
+        from alignrl.training.lora import reference_context
+
+        if self.sharding.active or self.sharding.owns_update:
+            raise ConfigError("rollouts from the reference need an unsharded run (distributed=ddp)")
+        if self.finetune == "lora":
+            with reference_context(self.denoiser, self.finetune):
+                yield
+            return
+        if self.reference_denoiser is None:
+            raise ConfigError("rollouts from the reference need the frozen reference: the algorithm must declare "
+                              "needs_reference")
+        pairs = list(zip(self.denoiser.parameters(), self.reference_denoiser.parameters()))
+
+        def swap():
+            with torch.no_grad():
+                for live, ref in pairs:
+                    live.data, ref.data = ref.data, live.data
+
+        swap()
+        try:
+            yield
+        finally:
+            swap()
 
     def predict_reference(self, x, timestep, cond, guidance_scale, autocast=None):
         """The frozen reference's prediction (no gradient)."""

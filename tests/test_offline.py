@@ -270,6 +270,39 @@ def test_flow_rwr_anchor_pulls_toward_the_initial_model(tmp_path):
     assert proc.returncode != 0 and "algorithm.anchor must be >= 0" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_rollouts_from_the_reference_are_the_initial_models(tmp_path):
+    """algorithm.rollouts_from=reference: the frozen initial model draws every iteration's rollouts (the swapped-in
+    copy for a full fine-tune, the adapter disabled for LoRA), so two runs that train at different rates score the
+    same rollouts at every iteration while their policies move (the anchor gap grows); rolled out by the policy,
+    the same rates give other rollouts after the first iteration. A sharded run and an unknown value are refused."""
+    common = ("recipe=tiny_flow_rwr", "trainer.max_steps=4", "trainer.updates_per_iteration=1",
+              "trainer.eval_every=0", "trainer.checkpoint_every=0", "algorithm.anchor=1e-9", *QUIET)
+
+    def rewards(name, *args):
+        run = tmp_path / name
+        proc = run_inprocess("train", *common, f"run_dir={run}", *args, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = _metrics(run)
+        return [r["reward_mean"] for r in rows], rows[-1]["anchor_gap"]
+
+    for finetune, rates in (("full", ("1e-3", "3e-4")), ("lora", ("5e-2", "1e-2"))):
+        ref = [rewards(f"{finetune}_ref_{lr}", f"trainer.finetune={finetune}", f"algorithm.lr={lr}",
+                       "algorithm.rollouts_from=reference") for lr in rates]
+        assert ref[0][0] == ref[1][0], (finetune, ref)  # the same frozen model drew every iteration's rollouts
+        assert ref[0][1] > 0 and ref[1][1] > 0, (finetune, ref)  # while the policies trained
+        live = [rewards(f"{finetune}_live_{lr}", f"trainer.finetune={finetune}", f"algorithm.lr={lr}")[0]
+                for lr in rates]
+        assert live[0][0] == live[1][0] == ref[0][0][0], (finetune, live, ref)  # iteration 1: the initial model
+        assert live[0][1:] != live[1][1:], (finetune, live)
+    bad = run_inprocess("train", *common, f"run_dir={tmp_path / 'bad'}", "algorithm.rollouts_from=ema", cwd=tmp_path)
+    assert bad.returncode != 0 and "algorithm.rollouts_from='ema' is not known" in bad.stderr, bad.stderr[-2000:]
+    assert "Traceback" not in bad.stderr
+    sharded = run_inprocess("train", *common, f"run_dir={tmp_path / 'sharded'}", "algorithm.rollouts_from=reference",
+                            "distributed=fsdp", cwd=tmp_path)
+    assert sharded.returncode != 0 and "rollouts_from=reference) is not supported" in sharded.stderr, \
+        sharded.stderr[-2000:]
+
+
 def test_sft_anchor_pulls_toward_the_initial_model(tmp_path, datasets):
     """SFT's algorithm.anchor: without it no reference is kept (the gap logged 0); with it the gap to the frozen
     initial model is 0 over the first iteration, grows as the policy moves, and a strong anchor keeps it smaller than

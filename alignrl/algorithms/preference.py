@@ -812,6 +812,7 @@ class _OnlineFinal(_LossGuided, Stateless):
     draws_per_sample: int = 1
     loss_guidance: float = 1.0
     loss_guidance_trains: str = "both"
+    rollouts_from: str = "policy"  # or reference: the frozen initial model draws them (flow_grpo's ref_update_step 1e7)
 
     batch_kind: ClassVar[str] = "final_latents"
     _diag_keys: ClassVar[tuple] = ("policy_loss",)
@@ -820,6 +821,13 @@ class _OnlineFinal(_LossGuided, Stateless):
     def __post_init__(self):
         _check_settings(self.lr, self.time_sampling, self.draws_per_sample, "draws_per_sample", self.loss_guidance,
                         self.loss_guidance_trains)
+        if self.rollouts_from not in ("policy", "reference"):
+            raise ConfigError(f"algorithm.rollouts_from='{self.rollouts_from}' is not known; use policy (the live "
+                              f"weights draw the rollouts) or reference (the frozen initial model)")
+
+    @property
+    def rollout_weights(self) -> str:
+        return "reference" if self.rollouts_from == "reference" else "live"
 
     def _draws(self, ctx, batch, shape):
         from alignrl.sampling.engine import sample_generators
@@ -952,7 +960,7 @@ class FlowRWR(_OnlineFinal):
 
     @property
     def needs_reference(self) -> bool:
-        return self.anchor > 0
+        return self.anchor > 0 or self.rollouts_from == "reference"
 
     def advantages(self, rewards, keys, per_reward=None, weights=None) -> AdvantageResult:
         rewards = np.asarray(rewards, dtype=np.float64)

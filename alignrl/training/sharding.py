@@ -99,6 +99,10 @@ def check_strategy(settings: DistributedConfig, *, algorithm, finetune: str, tex
         if optimizer != "adamw":
             raise ConfigError(f"distributed={name} keeps AdamW's states in DeepSpeed's partitions; "
                               f"trainer.optimizer.name={optimizer} needs distributed=ddp or fsdp")
+    if getattr(algorithm, "rollout_weights", "live") == "reference":
+        raise ConfigError(f"distributed={name} with rollouts from the reference (algorithm {algorithm.name}, "
+                          f"rollouts_from=reference) is not supported; use distributed=ddp, or "
+                          f"algorithm.rollouts_from=policy")
     if not getattr(algorithm, "supports_sharding", False):
         raise ConfigError(f"distributed={name} needs every process to run as many forward/backward passes (every "
                           f"shipped method pads to the largest count); algorithm {algorithm.name} does not declare "
