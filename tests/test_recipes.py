@@ -173,12 +173,12 @@ EXPECTED = {
 # comments and ../shared/reference/families.md (the sources named below) for _sd35/_flux; the tiny and
 # ShapeWorld twins set their own lr/beta. steps/schedule: trainer.max_steps, lr_schedule, warmup_steps.
 def prow(algorithm, *, lr, beta, time_sampling, rows=None, K=1, batches=(16, 8, 2), extra=None, base=None, cfg=4.5,
-         T=6, finetune=None, steps=None, schedule=("constant", 0)):
+         T=6, finetune=None, steps=None, schedule=("constant", 0), eval_cfg=None):
     base = dict(base or TINY)
     if finetune:
         base["finetune"] = finetune
     out = dict(algorithm=algorithm, lr=lr, beta=beta, time_sampling=time_sampling, rows=rows, K=K, batches=batches,
-               extra=extra or {}, cfg=cfg, T=T, schedule=schedule, **base)
+               extra=extra or {}, cfg=cfg, eval_cfg=eval_cfg, T=T, schedule=schedule, **base)
     if steps is not None:
         out["steps"] = steps
     return out
@@ -291,8 +291,10 @@ PREFERENCE_EXPECTED = {
                        extra={"prompt_dropout": 0.1}, base=SHAPESP, cfg=3.0, T=8),
     "shapes_online_dpo": prow("online_dpo", lr=3e-5, beta=50.0, time_sampling="logit_normal", K=8,
                               batches=(32, 32, 2), base=SHAPESP, cfg=3.0, T=8),
+    # guidance-free rollouts, the eval at guidance 3 (docs/arena_preference.md, seventh round)
     "shapes_flow_rwr": prow("flow_rwr", lr=3e-5, beta=0.1, time_sampling="logit_normal", K=8, batches=(32, 32, 2),
-                            extra={"anchor": 10.0}, base=SHAPESP, cfg=3.0, T=8),
+                            extra={"anchor": 10.0, "rollouts_from": "policy"}, base=SHAPESP, cfg=1.0, eval_cfg=3.0,
+                            T=8),
     **{f"{m}_sd35": published(m, SD35P, 4.5) for m in PREFERENCE_METHODS},
     **{f"{m}_flux": published(m, FLUXP, 3.5) for m in PREFERENCE_METHODS},
 }
@@ -379,6 +381,7 @@ def test_preference_recipe_resolves_to_its_values(name):
                extra={k: a.get(k, "<absent>") for k in like["extra"]}, backbone=c["backbone"]["name"],
                finetune=t["finetune"], lora=t["lora"]["rank"], groups=c["data"]["groups_per_iteration"],
                reward=sorted(c["reward"]), cfg=c["sampler"]["guidance_scale"], T=c["sampler"]["num_steps"],
+               eval_cfg=c["sampler"].get("eval_guidance_scale"),
                schedule=(t["lr_schedule"], t["warmup_steps"]), steps=t["max_steps"])
     diff = {k: (got[k], v) for k, v in like.items() if got[k] != v}
     assert not diff, f"{name}: resolved vs expected {diff}"
