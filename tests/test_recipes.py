@@ -270,7 +270,7 @@ PREFERENCE_EXPECTED = {
                                schedule=("constant_with_warmup", 200)),
     "tiny_diffusion_dpo_sd15": prow("diffusion_dpo", lr=1e-3, beta=500.0, time_sampling="uniform", rows=16,
                                     extra={"prompt_dropout": 0.0}, base={**TINY, "backbone": "tiny_sd15"}),
-    # ShapeWorld twins: 8-step ODE at guidance 3, full fine-tune at 1e-4 (SFT, Flow-RWR: 3e-5), 64 rows (or 8 groups
+    # ShapeWorld twins: 8-step ODE at guidance 3, full fine-tune at 1e-4 (SFT: 3e-5), 64 rows (or 8 groups
     # of 8) per iteration, offline rows balanced over the tags
     "shapes_diffusion_dpo": prow("diffusion_dpo", lr=3e-5, beta=500.0, time_sampling="uniform", rows=64,
                                  batches=(32, 32, 2), extra={"prompt_dropout": 0.0}, base=SHAPESP, cfg=3.0, T=8),
@@ -291,10 +291,10 @@ PREFERENCE_EXPECTED = {
                        extra={"prompt_dropout": 0.1}, base=SHAPESP, cfg=3.0, T=8),
     "shapes_online_dpo": prow("online_dpo", lr=3e-5, beta=50.0, time_sampling="logit_normal", K=8,
                               batches=(32, 32, 2), base=SHAPESP, cfg=3.0, T=8),
-    # guidance-free rollouts, the eval at guidance 3 (docs/arena_preference.md, seventh round)
-    "shapes_flow_rwr": prow("flow_rwr", lr=3e-5, beta=0.1, time_sampling="logit_normal", K=8, batches=(32, 32, 2),
-                            extra={"anchor": 10.0, "rollouts_from": "policy"}, base=SHAPESP, cfg=1.0, eval_cfg=3.0,
-                            T=8),
+    # guidance-free rollouts drawn by the initial model, the eval at guidance 3 (docs/arena_preference.md, 7th round)
+    "shapes_flow_rwr": prow("flow_rwr", lr=1e-5, beta=0.1, time_sampling="logit_normal", K=8, batches=(32, 32, 2),
+                            extra={"anchor": 0.0, "normalise": "group", "rollouts_from": "reference"}, base=SHAPESP,
+                            cfg=1.0, eval_cfg=3.0, T=8),
     **{f"{m}_sd35": published(m, SD35P, 4.5) for m in PREFERENCE_METHODS},
     **{f"{m}_flux": published(m, FLUXP, 3.5) for m in PREFERENCE_METHODS},
 }
