@@ -292,21 +292,16 @@ class Policy:
     @contextmanager
     def _reference_in_place(self):
         """The frozen initial model in the denoiser's place: the adapter disabled (LoRA), or the reference copy's
-        tensors swapped in (full fine-tuning; no copy made, swapped back on exit). Unsharded runs only
-        (``check_strategy`` refuses the rest before the model loads)."""
+        tensors swapped in (full fine-tuning; no copy made, swapped back on exit). The trainer checks before the
+        model loads that the run is unsharded (``check_strategy``) and keeps a reference (``needs_reference``)."""
         import torch
 
         from alignrl.training.lora import reference_context
 
-        if self.sharding.active or self.sharding.owns_update:
-            raise ConfigError("rollouts from the reference need an unsharded run (distributed=ddp)")
         if self.finetune == "lora":
             with reference_context(self.denoiser, self.finetune):
                 yield
             return
-        if self.reference_denoiser is None:
-            raise ConfigError("rollouts from the reference need the frozen reference: the algorithm must declare "
-                              "needs_reference")
         pairs = list(zip(self.denoiser.parameters(), self.reference_denoiser.parameters()))
 
         def swap():

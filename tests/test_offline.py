@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from alignrl.algorithms.preference import FlowRWR
 from alignrl.imagedata import ImageDataset
 from conftest import run_inprocess
 
@@ -270,6 +271,14 @@ def test_flow_rwr_anchor_pulls_toward_the_initial_model(tmp_path):
     assert proc.returncode != 0 and "algorithm.anchor must be >= 0" in proc.stderr and "Traceback" not in proc.stderr
 
 
+class _RWRWithoutReference(FlowRWR):
+    """A method that rolls out with the reference but forgets to declare that it needs one."""
+
+    @property
+    def needs_reference(self) -> bool:
+        return False
+
+
 def test_rollouts_from_the_reference_are_the_initial_models(tmp_path):
     """algorithm.rollouts_from=reference: the frozen initial model draws every iteration's rollouts (the swapped-in
     copy for a full fine-tune, the adapter disabled for LoRA), so two runs that train at different rates score the
@@ -304,6 +313,12 @@ def test_rollouts_from_the_reference_are_the_initial_models(tmp_path):
     bad = run_inprocess("train", *common, f"run_dir={tmp_path / 'bad'}", "algorithm.rollouts_from=ema", cwd=tmp_path)
     assert bad.returncode != 0 and "algorithm.rollouts_from='ema' is not known" in bad.stderr, bad.stderr[-2000:]
     assert "Traceback" not in bad.stderr
+    undeclared = run_inprocess("train", *common, f"run_dir={tmp_path / 'undeclared'}",
+                               "algorithm.rollouts_from=reference",
+                               "algorithm._target_=test_offline._RWRWithoutReference", cwd=tmp_path)
+    assert undeclared.returncode != 0 and "does not declare needs_reference" in undeclared.stderr, \
+        undeclared.stderr[-2000:]
+    assert "SD3Transformer2DModel" not in undeclared.stderr  # before the model loads
     sharded = run_inprocess("train", *common, f"run_dir={tmp_path / 'sharded'}", "algorithm.rollouts_from=reference",
                             "distributed=fsdp", cwd=tmp_path)
     assert sharded.returncode != 0 and "rollouts_from=reference) is not supported" in sharded.stderr, \

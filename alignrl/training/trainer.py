@@ -164,6 +164,9 @@ class Trainer:
         self.early_stop = EarlyStop(tcfg.early_stop) if tcfg.early_stop.enabled else None
         if self.early_stop is not None:
             self.early_stop.check_names([eval_prefix(name) for name in self.eval_sets])
+        if self.algorithm.rollout_weights == "reference" and not self.algorithm.needs_reference:
+            raise ConfigError(f"algorithm {self.algorithm.name} rolls out with the reference but does not declare "
+                              f"needs_reference, so none is kept; make needs_reference true when it does")
         if tcfg.text_encoder != "frozen" and self.algorithm.needs_reference:
             raise ConfigError(f"trainer.text_encoder={tcfg.text_encoder} with a KL or reference term (algorithm "
                               f"{self.algorithm.name}) would need a frozen copy of the text encoder as reference; "
