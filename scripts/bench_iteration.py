@@ -146,6 +146,9 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed first iterations (caches; compilation)")
     p.add_argument("--compile", action="store_true", help="also run trainer.compile=true, interleaved")
     p.add_argument("--backend", default="inductor", help="torch.compile backend for --compile")
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=OVERRIDES",
+                   help="also run a trainer with these space-separated overrides, interleaved (repeatable), e.g. "
+                        "--compare 'threads1=trainer.reward_threads=1'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("overrides", nargs="*", help="config overrides for both trainers")
     args = p.parse_args()
@@ -158,6 +161,11 @@ def main():
         if args.compile:
             trainers["compiled"] = build(args.recipe, f"{tmp}/compiled",
                                          [*base, "trainer.compile=true", f"trainer.compile_backend={args.backend}"])
+        for spec in args.compare:
+            name, _, extra = spec.partition("=")
+            if not extra or name in trainers:
+                raise SystemExit(f"--compare {spec!r}: give NAME=OVERRIDES with a new name")
+            trainers[name] = build(args.recipe, f"{tmp}/{name}", [*base, *extra.split()])
         rows = {name: [] for name in trainers}
         try:
             for name, (t, c) in trainers.items():
@@ -194,10 +202,13 @@ def main():
     print(f"  eager: {segs:g} model segments x {extra * 1e6:.0f} us = {segs * extra * 1000:.1f} ms of the overhead "
           f"({segs * extra / med:.2%} of the median iteration) is the loop refilling the caches each model segment "
           f"evicts; it moves with the number of segments, not with the loop's own operations")
-    if args.compile:
-        ratio = [c["iteration"] / e["iteration"] for e, c in zip(rows["eager"], rows["compiled"])]
-        model = [c["model"] / e["model"] for e, c in zip(rows["eager"], rows["compiled"])]
-        print(f"  compiled / eager ({args.backend}), paired iterations: iteration min {min(ratio):.3f} median "
+    for name in rows:
+        if name == "eager":
+            continue
+        ratio = [c["iteration"] / e["iteration"] for e, c in zip(rows["eager"], rows[name])]
+        model = [c["model"] / e["model"] for e, c in zip(rows["eager"], rows[name])]
+        label = f"compiled / eager ({args.backend})" if name == "compiled" else f"{name} / eager"
+        print(f"  {label}, paired iterations: iteration min {min(ratio):.3f} median "
               f"{statistics.median(ratio):.3f}; model time min {min(model):.3f} median {statistics.median(model):.3f}")
 
 

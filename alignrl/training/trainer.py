@@ -199,7 +199,10 @@ class Trainer:
             raise ConfigError(f"algorithm.old_policy=ema ({self.algorithm.name}) needs the EMA: set "
                               "trainer.ema.enabled=true, or algorithm.old_policy=sampling")
 
-        self.reward_runner = AsyncRewardRunner(self.reward, tcfg.reward_workers)
+        reward_threads = tcfg.reward_threads
+        if reward_threads is None:  # on the CPU a reward's second pool of intra-op threads contends with the sampler's
+            reward_threads = 1 if self.device.type == "cpu" else 0
+        self.reward_runner = AsyncRewardRunner(self.reward, tcfg.reward_workers, reward_threads)
         if self.store is not None:
             self.store.check(self.backbone.family, self.backbone.resolution, self.planner.plan())
             self.collector = RecordedCollector(self.store, self.batch_sampler, self.planner.plan(), self.device)

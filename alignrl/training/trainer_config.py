@@ -81,6 +81,8 @@ class TrainerConfig:
     optimizer: OptimizerSettings
     ema: EMASettings
     reward_workers: int  # threads scoring rewards while the next batch samples
+    reward_threads: int | None  # torch intra-op threads in each reward worker (0: torch's default; null: 1 when
+    # the sampler runs on the CPU, whose cores it shares, else torch's default)
     checkpoint_every: int  # iterations between checkpoints (0: only at the end and on a stop)
     keep_checkpoints: int  # newest checkpoints kept
     eval_every: int  # iterations between evaluations (0: off)
@@ -112,6 +114,8 @@ class TrainerConfig:
             (self.max_grad_norm >= 0, f"trainer.max_grad_norm={self.max_grad_norm} must be >= 0 (0: no clipping)"),
             (self.warmup_steps >= 0, f"trainer.warmup_steps={self.warmup_steps} must be >= 0"),
             (self.reward_workers >= 1, f"trainer.reward_workers={self.reward_workers} must be >= 1"),
+            (self.reward_threads is None or self.reward_threads >= 0,
+             f"trainer.reward_threads={self.reward_threads} must be >= 0 (0: torch's default) or null (auto)"),
             (self.keep_checkpoints >= 1, f"trainer.keep_checkpoints={self.keep_checkpoints} must be >= 1"),
             (min(self.checkpoint_every, self.eval_every, self.log_images_every) >= 0,
              "trainer.checkpoint_every, eval_every and log_images_every must be >= 0 (0: off)"),
