@@ -14,8 +14,12 @@ runs alongside, the two alternating iteration by iteration (interleaved: the mac
 and the ratio compiled / eager is printed (min and median). Target: overhead < 2% of the iteration on the tiny
 model.
 
+With ``--compare NAME=OVERRIDES`` (repeatable) any other configuration runs alongside in the same way. Settings
+that act on the whole process (a thread pool's size) cannot be compared inside one: run them one process each.
+
     python scripts/bench_iteration.py [--recipe tiny_flowgrpo] [--iterations 12] [--compile]
-                                      [--backend inductor] [--device cpu] [overrides ...]
+                                      [--compare NAME=OVERRIDES ...] [--backend inductor] [--device cpu]
+                                      [overrides ...]
 """
 
 from __future__ import annotations
