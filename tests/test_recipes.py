@@ -270,7 +270,7 @@ PREFERENCE_EXPECTED = {
                                schedule=("constant_with_warmup", 200)),
     "tiny_diffusion_dpo_sd15": prow("diffusion_dpo", lr=1e-3, beta=500.0, time_sampling="uniform", rows=16,
                                     extra={"prompt_dropout": 0.0}, base={**TINY, "backbone": "tiny_sd15"}),
-    # ShapeWorld twins: 8-step ODE at guidance 3, full fine-tune at 1e-4 (SFT: 3e-5), 64 rows (or 8 groups
+    # ShapeWorld twins: 8-step ODE at guidance 3, full fine-tune at each row's rate, 64 rows (or 8 groups
     # of 8) per iteration, offline rows balanced over the tags
     "shapes_diffusion_dpo": prow("diffusion_dpo", lr=3e-5, beta=500.0, time_sampling="uniform", rows=64,
                                  batches=(32, 32, 2), extra={"prompt_dropout": 0.0}, base=SHAPESP, cfg=3.0, T=8),

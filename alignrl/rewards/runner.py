@@ -10,12 +10,11 @@ import torch
 class AsyncRewardRunner:
     """``workers`` threads score the rewards; ``threads``: torch's intra-op threads in each of them (0: torch's
     default, the sampler's). One keeps a reward's torch work from running a second pool of intra-op threads beside
-    the sampler's on the same cores (measured on 2 CPU cores: the default recipe's iteration took 25% longer with
-    two)."""
+    the sampler's on the same cores (measured on 2 CPU cores: the default recipe's iteration took 0.99 s with two,
+    0.69 s with one)."""
 
     def __init__(self, reward, workers: int = 1, threads: int = 0):
         self.reward = reward
-        threads = int(threads)
         # torch.set_num_threads in a worker sets that thread's pool (OpenMP's thread count is per thread); threads
         # started later take it as their default, while the sampler's (the main thread's) keeps its own
         init = (lambda: torch.set_num_threads(threads)) if threads > 0 else None
