@@ -13,7 +13,8 @@ Estimate, in bytes, per GPU (``P`` denoiser parameters, ``N`` the sharding divis
   backbone's dtype for a full fine-tune; the EMA: an fp32 copy of the trainable weights, and another for
   ``trainer.decay_to_base`` (the starting weights it pulls toward);
 - activations of one training micro-batch (``trainer.train_batch_size``, doubled when CFG runs in the training
-  forward), with and without gradient checkpointing. The published transformers use per-token coefficients
+  forward, times the schedule steps ``trainer.steps_per_pass`` packs into one forward), with and without
+  gradient checkpointing. The published transformers use per-token coefficients
   ``c`` measured on a GPU on reduced real configurations (``TOKEN_COEFF``: by whether autocast runs and the weights
   it casts are fp32): ``c L B S d`` bytes without checkpointing, ``2 L B S d + c B S d`` with it (an upper figure:
   measured 0.14-0.95x); Wan per model, SD1.5 and SDXL per sample at their native size, scaled by pixels (a
@@ -193,6 +194,19 @@ def _forward_kind(cfg: DictConfig, world: int) -> str:
     return "fp32" if _compute_weight_bytes(cfg, world) == 4 else "autocast"
 
 
+def _steps_per_pass(cfg: DictConfig) -> int:
+    """Schedule steps one training forward scores per sample (``trainer.steps_per_pass``: 0 packs every trained step
+    of the sampler's plan); 1 for the methods that do not train on per-step transitions."""
+    from alignrl.components import build_planner
+    from alignrl.config import _splits_transitions
+
+    n = int(cfg.trainer.get("steps_per_pass", 1))
+    if n == 1 or not _splits_transitions(cfg):
+        return 1
+    trained = int(getattr(build_planner(cfg), "max_trained_steps", 0) or 0) or int(cfg.sampler.get("num_steps", 1))
+    return trained if n == 0 else min(n, trained)
+
+
 def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
     t, b = cfg.trainer, cfg.backbone
     name = str(b.get("name", ""))
@@ -206,7 +220,8 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
     # CFG runs in the training forward only for the methods that re-score sampled steps (the GRPO family,
     # D3PO, DPOK); FLUX's guidance is embedded (one forward)
     cfg_in_loss = guidance > 1.0 and _batch_kind(cfg) == "transitions" and "flux" not in name
-    micro = batch * (2 if cfg_in_loss else 1)
+    packed = _steps_per_pass(cfg)
+    micro = batch * packed * (2 if cfg_in_loss else 1)
     algorithm = build_algorithm(cfg)
     needs_reference = bool(algorithm.needs_reference)
     opt_bytes = 8 if str(t.optimizer.get("name", "adamw")) == "adamw" else 1  # Adafactor: factored moments
@@ -296,7 +311,8 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
             model += 4 * trainable
             sharded_model += 4 * trainable / shards
     act = act_ckpt if ckpt_on else act_plain
-    rows.append((f"activations, micro-batch {micro}{' (CFG doubles it)' if cfg_in_loss else ''}, "
+    rows.append((f"activations, micro-batch {micro}{' (CFG doubles it)' if cfg_in_loss else ''}"
+                 f"{f', {packed} schedule steps a pass' if packed > 1 else ''}, "
                  f"{'with' if ckpt_on else 'without'} gradient checkpointing", act))
     fixed = rows[0][1] + rows[1][1]
     total = fixed + model + act
@@ -396,6 +412,8 @@ def suggestions(cfg: DictConfig, est: Estimate, machine: Machine) -> list[str]:
     t = cfg.trainer
     if est.fits:
         return out
+    if _steps_per_pass(cfg) > 1:
+        out.append("trainer.steps_per_pass=1 (memory only: one schedule step a forward, the same loss)")
     if not t.get("gradient_checkpointing", False) and est.act_plain - est.act_ckpt > 0.05 * est.limit:
         saved = (est.act_plain - est.act_ckpt) / GiB
         out.append(f"trainer.gradient_checkpointing=true (saves {saved:.1f} GiB)")

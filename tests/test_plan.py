@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from alignrl.components import build_planner
 from alignrl.config import compose
 from alignrl.plan import GiB, KNOWN, Machine, estimate, suggestions
 from conftest import REPO, run_inprocess
@@ -115,6 +116,23 @@ def test_cfg_doubles_only_the_training_forwards_that_run_it_and_a_reference_coun
                    estimate(compose(["recipe=flow_rwr_flux", "trainer.finetune=full"]), Machine()).rows)
     res = run_inprocess("plan", "recipe=draft_flux")
     assert "does not run" in res.stdout and "do not split over 8 processes" in res.stdout
+
+
+def test_packed_steps_multiply_the_activations_and_the_plan_says_how_to_undo_it():
+    """trainer.steps_per_pass packs a minibatch's schedule steps into one forward: the activations grow by the steps
+    packed (0: every trained step of the sampler's plan), and a recipe that does not fit is told to unpack first."""
+    base = estimate(compose(["recipe=flowgrpo_sd35"]), Machine())
+    two = estimate(compose(["recipe=flowgrpo_sd35", "trainer.steps_per_pass=2"]), Machine())
+    every = estimate(compose(["recipe=flowgrpo_sd35", "trainer.steps_per_pass=0"]), Machine())
+    trained = build_planner(compose(["recipe=flowgrpo_sd35"])).max_trained_steps
+    assert two.act_plain == pytest.approx(2 * base.act_plain)
+    assert every.act_plain > two.act_plain and any("schedule steps a pass" in k for k, _ in every.rows)
+    assert trained > 2 and every.act_plain == pytest.approx(trained * base.act_plain)
+    small = Machine(1, 24, 1)
+    assert suggestions(compose(["recipe=flowgrpo_sd35", "trainer.steps_per_pass=0"]),
+                       estimate(compose(["recipe=flowgrpo_sd35", "trainer.steps_per_pass=0"]), small),
+                       small)[0].startswith("trainer.steps_per_pass=1")
+    assert not any("steps_per_pass" in tip for tip in suggestions(compose(["recipe=flowgrpo_sd35"]), base, small))
 
 
 def test_preflight_warns_before_loading_when_the_gpu_is_too_small():

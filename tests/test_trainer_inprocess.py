@@ -25,7 +25,7 @@ def _trainer(tmp_path, *extra):
 
 
 def test_ratio_is_exactly_one_before_the_first_update(tmp_path):
-    t = _trainer(tmp_path, "trainer.updates_per_iteration=1")
+    t = _trainer(tmp_path, "trainer.updates_per_iteration=1", "trainer.steps_per_pass=1")  # the rollout's batches
     t.timing = {}
     batch = t.collect()
     out = t.algorithm.train_step(batch, t.advantages(batch), t.step_context())
@@ -264,6 +264,54 @@ def test_update_cadence_one_step_per_schedule_step_or_per_n_transitions(tmp_path
     assert out_all["policy_loss"] == out_one["policy_loss"]
 
 
+def _update_gradients(tmp_path, *extra):
+    """One optimizer step over an iteration: (its summary, the gradients it stepped with, training forwards run)."""
+    t = _trainer(tmp_path, "trainer.updates_per_iteration=1", *extra)
+    t.timing = {}
+    batch = t.collect()
+    adv = t.advantages(batch)
+    ctx = t.step_context()
+    grads, forwards = [], [0]
+    step, forward = ctx.optimizer_step, t.denoiser.forward
+
+    def recorded_step():
+        grads.append([p.grad.detach().clone() for p in t.params])
+        return step()
+
+    def counted_forward(*a, **k):
+        forwards[0] += 1
+        return forward(*a, **k)
+
+    ctx.optimizer_step, t.denoiser.forward = recorded_step, counted_forward
+    out = t.algorithm.train_step(batch, adv, ctx)
+    t.reward_runner.close()
+    assert len(grads) == 1
+    return out, grads[0], forwards[0]
+
+
+@pytest.mark.parametrize("recipe, extra", [
+    ("tiny_flowgrpo", ("algorithm.beta=0.04", "algorithm.kl_include_dt=true")),  # per-row dt and std_t in the KL
+    ("tiny_grpo_guard", ("algorithm.beta=0.01",)),  # per-row dt and std in Guard's ratio and reweighting
+    ("tiny_tempflow", ()),  # per-row noise weights
+    ("tiny_flowgrpo_fast", ()),  # CPS steps after SDE steps: a pass never mixes kernels
+    ("tiny_branchgrpo", ("sampler.num_steps=6", "sampler.eval_num_steps=6")),  # tree rows, per-row end steps
+])
+def test_packed_schedule_steps_give_the_per_step_gradient_in_fewer_forwards(tmp_path, recipe, extra):
+    """trainer.steps_per_pass packs a minibatch's schedule steps into one forward with per-row timesteps: the loss
+    is the same sum, so the gradient equals the one-step-a-pass gradient up to float summation order (measured:
+    about 1e-7 relative on the gradient norm; AdamW amplifies it, so weights after a step are not compared)."""
+    one, g_one, n_one = _update_gradients(tmp_path / "one", f"recipe={recipe}", *extra, "trainer.steps_per_pass=1")
+    for packed in (2, 0):
+        out, g, n = _update_gradients(tmp_path / f"p{packed}", f"recipe={recipe}", *extra,
+                                      f"trainer.steps_per_pass={packed}")
+        assert n < n_one, (packed, n, n_one)
+        for a, b in zip(g_one, g):  # per tensor, against its norm (single elements near 0 differ more)
+            assert float((b - a).norm()) <= 1e-5 * float(a.norm()) + 1e-12, (packed, float((b - a).norm()))
+        assert out["policy_loss"] == pytest.approx(one["policy_loss"], rel=1e-5, abs=1e-7)
+        assert out["ratio_dev_before_update"] < 1e-6  # on policy to float precision (one step a pass: exactly 1)
+    assert one["ratio_dev_before_update"] == 0.0
+
+
 def test_update_cadence_is_refused_for_a_method_without_transitions(tmp_path):
     from alignrl.config import validate_batch_arithmetic
     from alignrl.errors import ConfigError
@@ -272,6 +320,11 @@ def test_update_cadence_is_refused_for_a_method_without_transitions(tmp_path):
         cfg = compose([f"recipe={recipe}", "trainer.update_by=step"])
         with pytest.raises(ConfigError, match="trainer.update_by=step .* does not train on them independently"):
             validate_batch_arithmetic(cfg, 1)
+        cfg = compose([f"recipe={recipe}", "trainer.steps_per_pass=0"])
+        with pytest.raises(ConfigError, match="steps_per_pass=0 .* use trainer.steps_per_pass=1"):
+            validate_batch_arithmetic(cfg, 1)
+    with pytest.raises(ConfigError, match="steps_per_pass=-1 must be >= 0"):
+        _trainer(tmp_path, "trainer.steps_per_pass=-1")
     with pytest.raises(ConfigError, match="update_by='epoch' is not known"):
         _trainer(tmp_path, "trainer.update_by=epoch")
     with pytest.raises(ConfigError, match="lr_schedule=cosine .* use lr_schedule=constant or update_by=samples"):

@@ -2,7 +2,9 @@
 
 Each optimizer step takes the transitions of one chunk of roots (the chunks split the global batch the same
 way on any number of ranks). Within a minibatch of roots the transitions are scored one schedule step at a
-time, so a linear plan's step k of a minibatch is one forward pass, as sampled. The per-sample loss is the
+time, so a linear plan's step k of a minibatch is one forward pass, as sampled; ``trainer.steps_per_pass`` packs
+that many consecutive steps of one kernel (0: all) into one pass with per-row timesteps (the same loss, fewer and
+larger forwards, every packed step's activations held at once). The per-sample loss is the
 algorithm's ``step_loss`` (given each row's root, so losses that couple the images of one root, D3PO's pairs,
 can); transitions are weighted by the plan's loss weights and normalised by their sum
 over all ranks. With sharded weights (``distributed=fsdp``) every process runs the same number of passes per
@@ -36,7 +38,9 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
     table = backbone.prompt_table(batch.prompts, batch.plan.guidance_scale)
     dts: dict[tuple[int, int], torch.Tensor] = {}
 
-    def step_dt(j: int, j_to: int) -> torch.Tensor:  # sigma_to - sigma_from, once per step of the schedule
+    def step_dt(j, j_to) -> torch.Tensor:  # sigma_to - sigma_from, once per step of the schedule
+        if not isinstance(j, int):  # a packed pass: per row
+            return schedule.sigmas[j_to] - schedule.sigmas[j]
         if (j, j_to) not in dts:
             dts[j, j_to] = schedule.sigmas[j_to] - schedule.sigmas[j]
         return dts[j, j_to]
@@ -58,16 +62,17 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
                 continue  # every rank agrees: nothing to learn from this chunk
             in_set = set(rows)
             kept_roots = [r for r in chunk if any(i in in_set for i in by_root.get(r, ()))]
-            groups = []  # one forward/backward pass each
+            groups = []  # one forward/backward pass each: (rows, their steps)
             for m in range(0, len(kept_roots), ctx.train_batch_size):
                 mb_roots = kept_roots[m:m + ctx.train_batch_size]
-                mb_rows = torch.tensor([i for r in mb_roots for i in by_root[r] if i in in_set], dtype=torch.long)
-                groups.extend(step_groups(batch, mb_rows, t_from, t_to))
-            passes = list(balanced_passes(groups, ctx, torch.zeros(1, dtype=torch.long)))  # padding: row 0
-            rows_of = PassRows(batch, passes, adv_t, table, ctx.device)
-            for p, (group, real) in enumerate(passes):
-                g0 = int(group[0])
-                spec, j, j_to = batch.t_spec[g0], t_from[g0], t_to[g0]
+                mb_rows = [i for r in mb_roots for i in by_root[r] if i in in_set]
+                groups.extend(pack_steps(batch, step_groups(batch, mb_rows, t_from, t_to), t_from, t_to,
+                                         ctx.steps_per_pass, schedule.sigmas.device))
+            padding = (torch.zeros(1, dtype=torch.long), (t_from[0], t_to[0]))  # a padding pass: row 0
+            passes = list(balanced_passes(groups, ctx, padding))
+            rows_of = PassRows(batch, [(group, real) for (group, _), real in passes], adv_t, table, ctx.device)
+            for p, ((group, (j, j_to)), real) in enumerate(passes):
+                spec = batch.t_spec[int(group[0])]
                 x, roots = rows_of.get("x", p), rows_of.get("root", p)
                 cond = rows_of.cond(p) if table is not None else \
                     backbone.encode_prompts([batch.prompts[r] for r in roots.tolist()])
@@ -136,15 +141,43 @@ def update_sets(batch: RolloutBatch, ctx: StepContext, by_root: dict, keep: list
     return [(roots, rows[u * n:(u + 1) * n]) for u in range(updates)]
 
 
-def step_groups(batch: RolloutBatch, rows: torch.Tensor, t_from: list[int], t_to: list[int]) -> list[torch.Tensor]:
+def step_groups(batch: RolloutBatch, rows: list[int], t_from: list[int], t_to: list[int]) -> list[list[int]]:
     """``rows`` split by (start index, end index, kernel), in schedule order, each in ``rows``' order (``t_from``,
     ``t_to``: the batch's per-row schedule indices as lists)."""
     groups: dict[tuple, list[int]] = {}
-    for i in rows.tolist():
+    for i in rows:
         spec = batch.t_spec[i]
         key = (t_from[i], t_to[i], spec.kind, spec.noise_level)
         groups.setdefault(key, []).append(i)
-    return [torch.tensor(groups[k], dtype=torch.long) for k in sorted(groups)]
+    return [groups[k] for k in sorted(groups)]
+
+
+def pack_steps(batch: RolloutBatch, groups: list[list[int]], t_from: list[int], t_to: list[int], steps_per_pass: int,
+               device) -> list[tuple[torch.Tensor, tuple]]:
+    """A minibatch's step groups (``step_groups``) as passes: ``(rows, (j, j_to))``. Consecutive groups of one
+    kernel share a pass, ``steps_per_pass`` of them (0: all); a pass of one step has its schedule indices as ints
+    (the kernels' per-step factors are then kept with the schedule), a packed pass as per-row (B,) tensors on
+    ``device`` (the schedule's)."""
+    runs: list[list[list[int]]] = []
+    last = None
+    for g in groups:
+        spec = batch.t_spec[g[0]]
+        kernel = (spec.kind, spec.noise_level)
+        if runs and kernel == last and (steps_per_pass == 0 or len(runs[-1]) < steps_per_pass):
+            runs[-1].append(g)
+        else:
+            runs.append([g])
+        last = kernel
+    out = []
+    for run in runs:
+        rows = [i for g in run for i in g]
+        if len(run) == 1:
+            steps = (t_from[rows[0]], t_to[rows[0]])
+        else:
+            steps = (torch.tensor([t_from[i] for i in rows], device=device),
+                     torch.tensor([t_to[i] for i in rows], device=device))
+        out.append((torch.tensor(rows, dtype=torch.long), steps))
+    return out
 
 
 # PassRows gathers an optimizer step's rows at once while they take at most this many bytes (the tiny and CPU-sized

@@ -319,6 +319,7 @@ class Trainer:
             summarise=self._update_summary, rank=self.rank, world_size=self.world,
             mixed_precision=self.accelerator.mixed_precision,
             update_by=tcfg.update_by, transitions_per_update=tcfg.transitions_per_update,
+            steps_per_pass=tcfg.steps_per_pass,
             balance=self.sharding.balance, score=self.reward.score_tensor if self.direct else None,
             reward=(lambda images, prompts, metadata: self.reward(images, prompts, metadata)[0]) if self.direct else None,
         )

@@ -66,6 +66,7 @@ class TrainerConfig:
     updates_per_iteration: int  # optimizer steps per iteration (per inner epoch; update_by samples)
     update_by: str  # samples | step | transitions: how an iteration's work splits into optimizer steps
     transitions_per_update: int  # update_by transitions: this process's transitions per optimizer step
+    steps_per_pass: int  # schedule steps of a minibatch scored in one training forward (0: all of them)
     inner_epochs: int  # passes over an iteration's samples
     max_grad_norm: float  # gradient clipping (0: off)
     max_nonfinite_iterations: int  # stop after this many iterations in a row with only NaN/inf rewards (0: never)
@@ -108,6 +109,8 @@ class TrainerConfig:
              f"trainer.update_by='{self.update_by}' is not known; use {', '.join(UPDATE_BY)}"),
             (self.transitions_per_update >= 1,
              f"trainer.transitions_per_update={self.transitions_per_update} must be >= 1"),
+            (self.steps_per_pass >= 0,
+             f"trainer.steps_per_pass={self.steps_per_pass} must be >= 0 (1: a forward per schedule step; 0: all)"),
             (self.update_by == "samples" or self.lr_schedule == "constant",
              f"trainer.lr_schedule={self.lr_schedule} counts optimizer steps as updates_per_iteration per iteration, "
              f"which trainer.update_by={self.update_by} does not fix; use lr_schedule=constant or update_by=samples"),
