@@ -255,10 +255,6 @@ def validate_batch_arithmetic(cfg: DictConfig, world_size: int, num_prompts: int
     if update_by != "samples" and not _splits_transitions(cfg):
         raise ConfigError(f"trainer.update_by={update_by} splits per-step transitions; algorithm "
                           f"'{cfg.algorithm.name}' does not train on them independently: use trainer.update_by=samples")
-    if int(cfg.trainer.get("steps_per_pass", 1)) != 1 and not _splits_transitions(cfg):
-        raise ConfigError(f"trainer.steps_per_pass={cfg.trainer.steps_per_pass} packs several schedule steps into one "
-                          f"forward; algorithm '{cfg.algorithm.name}' does not score per-step transitions "
-                          f"independently: use trainer.steps_per_pass=1")
     if offline_algorithm(cfg):
         return _offline_layout(cfg, world_size)
     groups = _positive_int(cfg.data.groups_per_iteration, "data.groups_per_iteration")

@@ -196,15 +196,22 @@ def _forward_kind(cfg: DictConfig, world: int) -> str:
 
 def _steps_per_pass(cfg: DictConfig) -> int:
     """Schedule steps one training forward scores per sample (``trainer.steps_per_pass``: 0 packs every trained step
-    of the sampler's plan); 1 for the methods that do not train on per-step transitions."""
+    of the sampler's plan); 1 for the methods that do not train on per-step transitions and under ``update_by=step``,
+    at most one optimizer step's transitions under ``update_by=transitions``. A branching plan's passes also hold its
+    branches' rows, which the estimate (as for unpacked passes) does not count."""
     from alignrl.components import build_planner
     from alignrl.config import _splits_transitions
 
     n = int(cfg.trainer.get("steps_per_pass", 1))
-    if n == 1 or not _splits_transitions(cfg):
+    update_by = str(cfg.trainer.get("update_by", "samples"))
+    if n == 1 or not _splits_transitions(cfg) or update_by == "step":  # an optimizer step of one schedule step
         return 1
     trained = int(getattr(build_planner(cfg), "max_trained_steps", 0) or 0) or int(cfg.sampler.get("num_steps", 1))
-    return trained if n == 0 else min(n, trained)
+    packed = trained if n == 0 else min(n, trained)
+    if update_by == "transitions":  # a pass holds at most one optimizer step's transitions
+        per_update = int(cfg.trainer.get("transitions_per_update", 1))
+        packed = max(1, min(packed, -(-per_update // int(cfg.trainer.train_batch_size))))
+    return packed
 
 
 def estimate(cfg: DictConfig, machine: Machine) -> Estimate:

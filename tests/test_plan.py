@@ -133,6 +133,13 @@ def test_packed_steps_multiply_the_activations_and_the_plan_says_how_to_undo_it(
                        estimate(compose(["recipe=flowgrpo_sd35", "trainer.steps_per_pass=0"]), small),
                        small)[0].startswith("trainer.steps_per_pass=1")
     assert not any("steps_per_pass" in tip for tip in suggestions(compose(["recipe=flowgrpo_sd35"]), base, small))
+    by_step = estimate(compose(["recipe=flowgrpo_sd35", "trainer.steps_per_pass=0", "trainer.update_by=step",
+                                "trainer.lr_schedule=constant"]), Machine())
+    assert by_step.act_plain == pytest.approx(base.act_plain)  # an optimizer step holds one schedule step
+    capped = estimate(compose(["recipe=flowgrpo_sd35", "trainer.steps_per_pass=0", "trainer.update_by=transitions",
+                               "trainer.lr_schedule=constant", "trainer.transitions_per_update=18",
+                               "trainer.train_batch_size=9"]), Machine())
+    assert capped.act_plain == pytest.approx(2 * base.act_plain)  # 18 transitions an update: 2 steps of 9
 
 
 def test_preflight_warns_before_loading_when_the_gpu_is_too_small():

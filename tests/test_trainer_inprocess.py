@@ -293,23 +293,58 @@ def _update_gradients(tmp_path, *extra):
     ("tiny_flowgrpo", ("algorithm.beta=0.04", "algorithm.kl_include_dt=true")),  # per-row dt and std_t in the KL
     ("tiny_grpo_guard", ("algorithm.beta=0.01",)),  # per-row dt and std in Guard's ratio and reweighting
     ("tiny_tempflow", ()),  # per-row noise weights
-    ("tiny_flowgrpo_fast", ()),  # CPS steps after SDE steps: a pass never mixes kernels
+    ("tiny_flowgrpo_fast", ("sampler.sde_type=cps", "algorithm.clip_range=1e-5")),  # CPS kernel, a window
+    ("tiny_dancegrpo", ()),  # DanceGRPO's kernel, unbiased std
     ("tiny_branchgrpo", ("sampler.num_steps=6", "sampler.eval_num_steps=6")),  # tree rows, per-row end steps
+    ("tiny_flowgrpo_flux", ()),  # every backbone: FLUX (embedded guidance, LoRA), Wan (video), SD1.5 (a UNet,
+    ("tiny_flowgrpo_wan", ()),  # DDPO's DDIM kernel) and the ShapeWorld UNet
+    ("tiny_ddpo", ()),
+    ("shapes_flowgrpo", ("sampler.num_steps=8",)),  # a random 40% of the steps per sample
 ])
 def test_packed_schedule_steps_give_the_per_step_gradient_in_fewer_forwards(tmp_path, recipe, extra):
     """trainer.steps_per_pass packs a minibatch's schedule steps into one forward with per-row timesteps: the loss
-    is the same sum, so the gradient equals the one-step-a-pass gradient up to float summation order (measured:
-    about 1e-7 relative on the gradient norm; AdamW amplifies it, so weights after a step are not compared)."""
+    is the same sum, so the gradient equals the one-step-a-pass gradient up to float summation order (measured: up to
+    1.2e-5 relative per tensor, the UNets' convolutions over larger batches the most; a pass at the wrong timesteps is
+    off by far more. AdamW amplifies such differences, so weights after a step are not compared)."""
     one, g_one, n_one = _update_gradients(tmp_path / "one", f"recipe={recipe}", *extra, "trainer.steps_per_pass=1")
     for packed in (2, 0):
         out, g, n = _update_gradients(tmp_path / f"p{packed}", f"recipe={recipe}", *extra,
                                       f"trainer.steps_per_pass={packed}")
         assert n < n_one, (packed, n, n_one)
         for a, b in zip(g_one, g):  # per tensor, against its norm (single elements near 0 differ more)
-            assert float((b - a).norm()) <= 1e-5 * float(a.norm()) + 1e-12, (packed, float((b - a).norm()))
-        assert out["policy_loss"] == pytest.approx(one["policy_loss"], rel=1e-5, abs=1e-7)
-        assert out["ratio_dev_before_update"] < 1e-6  # on policy to float precision (one step a pass: exactly 1)
+            assert float((b - a).norm()) <= 1e-4 * float(a.norm()) + 1e-12, (packed, float((b - a).norm()))
+        assert out["policy_loss"] == pytest.approx(one["policy_loss"], rel=1e-5, abs=1e-6)  # a sum near 0
+        assert out["ratio_dev_before_update"] < 1e-5  # on policy to float rounding (DDPO's DDIM: 3e-6; unpacked: 0)
     assert one["ratio_dev_before_update"] == 0.0
+
+
+def test_a_loss_that_pairs_the_rows_of_one_step_is_never_packed(tmp_path):
+    """D3PO's pairs are the two rows of a root at one step: trainer.steps_per_pass does not apply, and the update is
+    the one-step-a-pass update to the bit."""
+    d3po = ("recipe=tiny_d3po", "algorithm.group_size=1", "data.groups_per_iteration=4")  # a pair per prompt
+    _, g_one, n_one = _update_gradients(tmp_path / "one", *d3po, "trainer.steps_per_pass=1")
+    _, g_all, n_all = _update_gradients(tmp_path / "all", *d3po, "trainer.steps_per_pass=0")
+    assert n_all == n_one > 1 and all(torch.equal(a, b) for a, b in zip(g_one, g_all))
+
+
+def test_pack_steps_keeps_kernels_apart_and_counts_steps():
+    from types import SimpleNamespace
+
+    from alignrl.algorithms.policy_gradient import pack_steps
+    from alignrl.sampling.plans import StepSpec
+
+    sde, cps = StepSpec(kind="sde", noise_level=0.7, trained=True), StepSpec(kind="cps", noise_level=0.8, trained=True)
+    # rows 0-1 at step 0 (sde), 2-3 at step 1 (sde), 4-5 at step 2 (cps), 6-7 at step 3 (cps)
+    batch = SimpleNamespace(t_spec=[sde] * 4 + [cps] * 4)
+    t_from, t_to = [0, 0, 1, 1, 2, 2, 3, 3], [1, 1, 2, 2, 3, 3, 4, 4]
+    groups = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    every = pack_steps(batch, groups, t_from, t_to, 0, "cpu")
+    assert [rows.tolist() for rows, _ in every] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # a pass never mixes kernels
+    assert every[0][1][0].tolist() == [0, 0, 1, 1] and every[1][1][1].tolist() == [3, 3, 4, 4]
+    one = pack_steps(batch, groups, t_from, t_to, 1, "cpu")
+    assert [steps for _, steps in one] == [(0, 1), (1, 2), (2, 3), (3, 4)]  # ints: the kernels' kept factors
+    single = pack_steps(SimpleNamespace(t_spec=[sde] * 8), groups, t_from, t_to, 3, "cpu")
+    assert [len(rows) for rows, _ in single] == [6, 2] and single[1][1] == (3, 4)
 
 
 def test_update_cadence_is_refused_for_a_method_without_transitions(tmp_path):
@@ -320,9 +355,8 @@ def test_update_cadence_is_refused_for_a_method_without_transitions(tmp_path):
         cfg = compose([f"recipe={recipe}", "trainer.update_by=step"])
         with pytest.raises(ConfigError, match="trainer.update_by=step .* does not train on them independently"):
             validate_batch_arithmetic(cfg, 1)
-        cfg = compose([f"recipe={recipe}", "trainer.steps_per_pass=0"])
-        with pytest.raises(ConfigError, match="steps_per_pass=0 .* use trainer.steps_per_pass=1"):
-            validate_batch_arithmetic(cfg, 1)
+        validate_batch_arithmetic(compose([f"recipe={recipe}", "trainer.steps_per_pass=0"]), 1)  # not refused:
+        # the default recipe packs, and another algorithm= on it runs one step a pass (tested below for D3PO)
     with pytest.raises(ConfigError, match="steps_per_pass=-1 must be >= 0"):
         _trainer(tmp_path, "trainer.steps_per_pass=-1")
     with pytest.raises(ConfigError, match="update_by='epoch' is not known"):

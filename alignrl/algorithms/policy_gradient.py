@@ -45,6 +45,9 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
             dts[j, j_to] = schedule.sigmas[j_to] - schedule.sigmas[j]
         return dts[j, j_to]
 
+    # consecutive schedule steps packed into one pass (trainer.steps_per_pass); never for a loss that couples the
+    # rows of one step (D3PO's pairs)
+    steps_per_pass = ctx.steps_per_pass if getattr(algo, "splits_transitions", True) else 1
     keys = tuple(algo.diagnostics)
     sums = {k: [] for k in keys}  # per-pass values, summed once at the end
     stacked = []  # or, where a pass's values are equal-length rows, one (keys, rows) tensor per pass
@@ -67,8 +70,8 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
                 mb_roots = kept_roots[m:m + ctx.train_batch_size]
                 mb_rows = [i for r in mb_roots for i in by_root[r] if i in in_set]
                 groups.extend(pack_steps(batch, step_groups(batch, mb_rows, t_from, t_to), t_from, t_to,
-                                         ctx.steps_per_pass, schedule.sigmas.device))
-            padding = (torch.zeros(1, dtype=torch.long), (t_from[0], t_to[0]))  # a padding pass: row 0
+                                         steps_per_pass, schedule.sigmas.device))
+            padding = (torch.zeros(1, dtype=torch.long), (t_from[0], t_to[0]) if t_from else (0, 1))  # row 0
             passes = list(balanced_passes(groups, ctx, padding))
             rows_of = PassRows(batch, [(group, real) for (group, _), real in passes], adv_t, table, ctx.device)
             for p, ((group, (j, j_to)), real) in enumerate(passes):
@@ -154,8 +157,10 @@ def step_groups(batch: RolloutBatch, rows: list[int], t_from: list[int], t_to: l
 
 def pack_steps(batch: RolloutBatch, groups: list[list[int]], t_from: list[int], t_to: list[int], steps_per_pass: int,
                device) -> list[tuple[torch.Tensor, tuple]]:
-    """A minibatch's step groups (``step_groups``) as passes: ``(rows, (j, j_to))``. Consecutive groups of one
-    kernel share a pass, ``steps_per_pass`` of them (0: all); a pass of one step has its schedule indices as ints
+    """A minibatch's step groups (``step_groups``: one per start step, end step and kernel) as passes:
+    ``(rows, (j, j_to))``. Consecutive groups of one kernel share a pass, ``steps_per_pass`` groups at most (0: all;
+    with one end step per start step, as every shipped plan has, a group is a schedule step); a pass of one group has
+    its schedule indices as ints
     (the kernels' per-step factors are then kept with the schedule), a packed pass as per-row (B,) tensors on
     ``device`` (the schedule's)."""
     runs: list[list[list[int]]] = []

@@ -25,7 +25,7 @@ from alignrl.algorithms.advantages import batch_advantages
 from alignrl.algorithms.base import (OFFLINE_KINDS, PROMPT_KINDS, Advantages, OfflineBatch, PromptBatch,
                                      RolloutBatch, StepContext)
 from alignrl.components import as_dict, build_algorithm, build_backbone, build_planner
-from alignrl.config import validate_batch_arithmetic
+from alignrl.config import _splits_transitions, validate_batch_arithmetic
 from alignrl.data import PromptSet, eval_prefix, load_eval_sets
 from alignrl.errors import AlignError, ConfigError
 from alignrl.eval.report import save_grid
@@ -470,6 +470,10 @@ class Trainer:
                     + (f", {self.sharding.describe()}" if self.distributed.strategy != "ddp" else "") + f"; run dir {self.run_dir}"
                     + (f"; resumed from {self.resume_from}" if self.resume_from else "")
                 )
+                if self.settings.steps_per_pass != 1 and not _splits_transitions(self.cfg):
+                    self.logger.write(f"alignrl: trainer.steps_per_pass={self.settings.steps_per_pass} does not apply to "
+                                      f"{self.algorithm.name} (no independent per-step transitions): one forward a "
+                                      f"pass as the method defines it")
                 if self.offline:
                     d = self.dataset
                     self.logger.write(f"alignrl: {len(d)} {d.kind} rows from {d.source}"
