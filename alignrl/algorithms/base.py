@@ -175,7 +175,9 @@ class StepContext:
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 scales the loss inside ``backward``)
     update_by: str = "samples"  # samples | step | transitions (trainer.update_by; the transition-trained methods)
     transitions_per_update: int = 12  # update_by transitions: this process's transitions per optimizer step
-    steps_per_pass: int = 1  # schedule steps of a minibatch in one training forward (trainer.steps_per_pass; 0: all)
+    # schedule steps of a minibatch in one training forward (trainer.steps_per_pass, 0: all; 1 where the method's
+    # per-step transitions do not train independently)
+    steps_per_pass: int = 1
     # distributed=fsdp: n -> the largest n over processes; a sharded step pads its forward/backward passes to it
     # (every pass gathers weights: every process must run as many). The identity when nothing is sharded.
     balance: Callable[[int], int] = lambda n: n

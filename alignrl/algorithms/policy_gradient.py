@@ -45,9 +45,6 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
             dts[j, j_to] = schedule.sigmas[j_to] - schedule.sigmas[j]
         return dts[j, j_to]
 
-    # consecutive schedule steps packed into one pass (trainer.steps_per_pass); never for a loss that couples the
-    # rows of one step (D3PO's pairs)
-    steps_per_pass = ctx.steps_per_pass if getattr(algo, "splits_transitions", True) else 1
     keys = tuple(algo.diagnostics)
     sums = {k: [] for k in keys}  # per-pass values, summed once at the end
     stacked = []  # or, where a pass's values are equal-length rows, one (keys, rows) tensor per pass
@@ -70,7 +67,7 @@ def train_on_transitions(algo, batch: RolloutBatch, adv: Advantages, ctx: StepCo
                 mb_roots = kept_roots[m:m + ctx.train_batch_size]
                 mb_rows = [i for r in mb_roots for i in by_root[r] if i in in_set]
                 groups.extend(pack_steps(batch, step_groups(batch, mb_rows, t_from, t_to), t_from, t_to,
-                                         steps_per_pass, schedule.sigmas.device))
+                                         ctx.steps_per_pass, schedule.sigmas.device))
             padding = (torch.zeros(1, dtype=torch.long), (t_from[0], t_to[0]) if t_from else (0, 1))  # row 0
             passes = list(balanced_passes(groups, ctx, padding))
             rows_of = PassRows(batch, [(group, real) for (group, _), real in passes], adv_t, table, ctx.device)
@@ -160,9 +157,8 @@ def pack_steps(batch: RolloutBatch, groups: list[list[int]], t_from: list[int], 
     """A minibatch's step groups (``step_groups``: one per start step, end step and kernel) as passes:
     ``(rows, (j, j_to))``. Consecutive groups of one kernel share a pass, ``steps_per_pass`` groups at most (0: all;
     with one end step per start step, as every shipped plan has, a group is a schedule step); a pass of one group has
-    its schedule indices as ints
-    (the kernels' per-step factors are then kept with the schedule), a packed pass as per-row (B,) tensors on
-    ``device`` (the schedule's)."""
+    its schedule indices as ints (the kernels' per-step factors are then kept with the schedule), a packed pass as
+    per-row (B,) tensors on ``device`` (the schedule's)."""
     runs: list[list[list[int]]] = []
     last = None
     for g in groups:

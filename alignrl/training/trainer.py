@@ -150,6 +150,9 @@ class Trainer:
                               f"reward.<name>.differentiable=true), or give "
                               f"it weight 0 to only log it")
         self._max_nonfinite = tcfg.max_nonfinite_iterations
+        # schedule steps a training pass packs: only where per-step transitions train independently (not D3PO's
+        # pairs, which share a step, nor the methods without per-step passes)
+        self.steps_per_pass = tcfg.steps_per_pass if _splits_transitions(cfg) else 1
         self.checkpointer.verify()  # checksums and headers, before the models load
 
         self.finetune = tcfg.finetune
@@ -319,7 +322,7 @@ class Trainer:
             summarise=self._update_summary, rank=self.rank, world_size=self.world,
             mixed_precision=self.accelerator.mixed_precision,
             update_by=tcfg.update_by, transitions_per_update=tcfg.transitions_per_update,
-            steps_per_pass=tcfg.steps_per_pass,
+            steps_per_pass=self.steps_per_pass,
             balance=self.sharding.balance, score=self.reward.score_tensor if self.direct else None,
             reward=(lambda images, prompts, metadata: self.reward(images, prompts, metadata)[0]) if self.direct else None,
         )
@@ -470,7 +473,7 @@ class Trainer:
                     + (f", {self.sharding.describe()}" if self.distributed.strategy != "ddp" else "") + f"; run dir {self.run_dir}"
                     + (f"; resumed from {self.resume_from}" if self.resume_from else "")
                 )
-                if self.settings.steps_per_pass != 1 and not _splits_transitions(self.cfg):
+                if self.steps_per_pass != self.settings.steps_per_pass:
                     self.logger.write(f"alignrl: trainer.steps_per_pass={self.settings.steps_per_pass} does not apply to "
                                       f"{self.algorithm.name} (no independent per-step transitions): one forward a "
                                       f"pass as the method defines it")
