@@ -249,9 +249,14 @@ def _output_dir(cfg: DictConfig, source, command: str, weights: str) -> Path:
 
 
 def _device(cfg: DictConfig):
+    """The device a sampling command (eval, sample, data) runs on, with the host allocator set for it as training
+    sets it (``trainer.host_allocator``; a run config older than the setting takes its default)."""
+    from alignrl import hostalloc
     from alignrl.training.trainer import _device_for
 
-    return torch.device(_device_for(cfg.trainer))
+    device = torch.device(_device_for(cfg.trainer))
+    print(f"alignrl: {hostalloc.tune(str(cfg.trainer.get('host_allocator', 'auto')), device.type)}", file=sys.stderr)
+    return device
 
 
 def evaluate(cfg: DictConfig) -> int:

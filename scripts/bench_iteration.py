@@ -19,7 +19,7 @@ that act on the whole process (a thread pool's size) cannot be compared inside o
 
     python scripts/bench_iteration.py [--recipe tiny_flowgrpo] [--iterations 12] [--compile]
                                       [--compare NAME=OVERRIDES ...] [--backend inductor] [--device cpu]
-                                      [overrides ...]
+                                      [--json PATH] [overrides ...]
 """
 
 from __future__ import annotations
@@ -154,9 +154,11 @@ def main():
                    help="also run a trainer with these space-separated overrides, interleaved (repeatable), e.g. "
                         "--compare 'threads1=trainer.reward_threads=1'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", metavar="PATH", help="also write every timed iteration's split, the load averages and "
+                                                  "the process's peak resident memory as JSON (bench_allocator.py)")
     p.add_argument("overrides", nargs="*", help="config overrides for both trainers")
     args = p.parse_args()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {load:.2f} at start, {os.cpu_count()} CPUs")
     base = [f"trainer.device={args.device}", *args.overrides]
@@ -186,6 +188,13 @@ def main():
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{args.recipe}: {args.iterations} iterations each, after {args.warmup} warm-up; load average {load:.2f} "
           f"at the end")
+    if args.json:
+        import json
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        Path(args.json).write_text(json.dumps({"recipe": args.recipe, "load_start": load_start, "load_end": load,
+                                               "peak_rss_bytes": peak, "rows": rows}, indent=1))
     for name, r in rows.items():
         print(f"  {name}:")
         for key in ("iteration", "rollout", "update", "model", "reward", "overhead"):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from alignrl import hostalloc
 from alignrl.algorithms.advantages import batch_advantages
 from alignrl.algorithms.base import (OFFLINE_KINDS, PROMPT_KINDS, Advantages, OfflineBatch, PromptBatch,
                                      RolloutBatch, StepContext)
@@ -100,6 +101,7 @@ class Trainer:
 
         self.dist = Collectives(self.rank, self.world, self.device, acc)
         self.control = RunControl(self.run_dir, self.dist, self.is_main)
+        self.host_allocator = hostalloc.tune(tcfg.host_allocator, self.device.type)  # before any model is built
 
         # ---- which checkpoint to resume (found now; verified below, before any model loads) ----
         self.checkpointer = Checkpointer(self.run_dir, cfg.get("resume"), self.dist, self.is_main,
@@ -473,6 +475,7 @@ class Trainer:
                     + (f", {self.sharding.describe()}" if self.distributed.strategy != "ddp" else "") + f"; run dir {self.run_dir}"
                     + (f"; resumed from {self.resume_from}" if self.resume_from else "")
                 )
+                self.logger.write(f"alignrl: {self.host_allocator}")
                 if self.steps_per_pass != self.settings.steps_per_pass:
                     self.logger.write(f"alignrl: trainer.steps_per_pass={self.settings.steps_per_pass} does not apply to "
                                       f"{self.algorithm.name} (no independent per-step transitions): one forward a "

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from alignrl import hostalloc
 from alignrl.errors import ConfigError
 from alignrl.training.early_stop import EarlyStopSettings
 
@@ -81,6 +82,7 @@ class TrainerConfig:
     lora: LoraSettings
     optimizer: OptimizerSettings
     ema: EMASettings
+    host_allocator: str  # auto | tuned | default: glibc malloc settings for CPU runs (alignrl/hostalloc.py)
     reward_workers: int  # threads scoring rewards while the next batch samples
     reward_threads: int | None  # torch intra-op threads in each reward worker (0: torch's default; null: 1 when
     # the sampler runs on the CPU, whose cores it shares, else torch's default)
@@ -138,6 +140,7 @@ class TrainerConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        hostalloc.check_mode(self.host_allocator)
         if self.compile:
             import torch._dynamo
 

@@ -1,0 +1,94 @@
+"""trainer.host_allocator: glibc's malloc keeps an activation-sized freed block for reuse when tuned (the CPU
+default), and hands it back to the system under its own settings; the Trainer and the sampling commands apply it."""
+
+import json
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST, REPO, run_cli
+
+glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                           reason="the setting acts on glibc's malloc only (elsewhere it changes nothing)")
+
+# In a fresh process: tune(mode, device), then malloc and free a 24 MiB block (above glibc's starting mmap threshold
+# of 128 KiB, below the tuned 32 MiB) and report where it lived (mallinfo2: hblkhd = bytes in mmapped blocks) and how
+# much free memory the heap kept after the free (fordblks).
+PROBE = r"""
+import ctypes, json, sys
+from alignrl import hostalloc
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+line = hostalloc.tune(sys.argv[1], sys.argv[2])
+before = libc.mallinfo2()
+block = libc.malloc(24 << 20)
+ctypes.memset(block, 1, 24 << 20)  # touched, as a tensor's buffer is
+during = libc.mallinfo2()
+libc.free(block)
+after = libc.mallinfo2()
+print(json.dumps({"line": line, "mmapped": during.hblkhd - before.hblkhd, "kept_free": after.fordblks}))
+"""
+
+
+def _probe(mode: str, device: str, **env) -> dict:
+    import os
+
+    out = subprocess.run([sys.executable, "-c", PROBE, mode, device], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, **env}, check=True)
+    return json.loads(out.stdout)
+
+
+@glibc
+@pytest.mark.parametrize("mode, device", [("auto", "cpu"), ("tuned", "cuda")])
+def test_tuned_malloc_reuses_an_activation_sized_block_from_the_heap(mode, device):
+    got = _probe(mode, device)
+    assert got["line"].startswith("host allocator: tuned")
+    assert got["mmapped"] == 0  # served from the heap, not a fresh mapping
+    assert got["kept_free"] >= 24 << 20  # and kept there after the free, for the next forward
+
+
+@glibc
+@pytest.mark.parametrize("mode, device", [("default", "cpu"), ("auto", "cuda")])
+def test_glibcs_own_settings_map_the_block_afresh(mode, device):
+    got = _probe(mode, device)
+    assert got["line"] == "host allocator: glibc's defaults"
+    assert got["mmapped"] >= 24 << 20
+
+
+@glibc
+def test_a_users_own_malloc_settings_are_left_alone():
+    got = _probe("tuned", "cpu", MALLOC_ARENA_MAX="2", MALLOC_TRIM_THRESHOLD_="131072")
+    assert got["line"] == "host allocator: left as it is (the environment sets glibc's malloc (MALLOC_TRIM_THRESHOLD_))"
+    assert got["mmapped"] >= 24 << 20  # glibc's threshold: the user's trim setting fixes it at 128 KiB
+
+
+def test_an_unknown_setting_is_refused_before_anything_loads():
+    from alignrl.config import compose
+    from alignrl.errors import ConfigError
+    from alignrl.training.trainer_config import TrainerConfig
+
+    with pytest.raises(ConfigError, match="trainer.host_allocator='fast' is not known; use auto"):
+        TrainerConfig.from_config(compose(["trainer.host_allocator=fast"]).trainer)
+
+
+@glibc
+def test_training_and_sampling_on_the_cpu_apply_the_setting_and_say_so(tmp_path):
+    """The default recipe on the CPU, through the console script (a fresh process): the Trainer tunes the allocator
+    before building the model and logs it; `alignrl sample` of the run sets it as the run's config says."""
+    run = tmp_path / "run"
+    out = run_cli("train", f"run_dir={run}", *FAST, "trainer.max_steps=1", "trainer.eval_every=0")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "alignrl: host allocator: tuned (glibc" in (run / "alignrl.log").read_text()
+    sample = run_cli("sample", f"eval.checkpoint={run}", "sample.prompts=[a red cat]", "sample.num_images=1",
+                     f"eval.out_dir={tmp_path / 'samples'}", "trainer.host_allocator=default")
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    assert "alignrl: host allocator: glibc's defaults" in sample.stderr
