@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from omegaconf import DictConfig
 
 from alignrl.errors import ConfigError
@@ -194,24 +195,36 @@ def _forward_kind(cfg: DictConfig, world: int) -> str:
     return "fp32" if _compute_weight_bytes(cfg, world) == 4 else "autocast"
 
 
-def _steps_per_pass(cfg: DictConfig) -> int:
-    """Schedule steps one training forward scores per sample (``trainer.steps_per_pass``: 0 packs every trained step
-    of the sampler's plan); 1 for the methods that do not train on per-step transitions and under ``update_by=step``,
-    at most one optimizer step's transitions under ``update_by=transitions``. A branching plan's passes also hold its
-    branches' rows, which the estimate (as for unpacked passes) does not count."""
+def _pass_rows(cfg: DictConfig) -> tuple[int, int]:
+    """(rows of the largest training forward before CFG doubles them, schedule steps it packs). A pass holds the
+    transitions of ``trainer.train_batch_size`` samples at ``trainer.steps_per_pass`` consecutive trained steps
+    (0: all of them); each sample contributes its plan's transitions at a step: one on a linear plan, a tree's width
+    or a side branch's children on a branching one (D3PO's pair, BranchGRPO's tree, TempFlow's and G2RPO's
+    branches). One step a pass for the methods that do not train on per-step transitions independently and under
+    ``update_by=step``; at most one optimizer step's transitions under ``update_by=transitions``."""
     from alignrl.components import build_planner
-    from alignrl.config import _splits_transitions
+    from alignrl.config import _batch_kind, _splits_transitions
 
+    batch = int(cfg.trainer.train_batch_size)
+    if _batch_kind(cfg) != "transitions":  # final images, offline rows, prompts: a sample is a row
+        return batch, 1
+    planner = build_planner(cfg)
+    gen = torch.Generator().manual_seed(0)
+    planner.begin_iteration(0, gen)
+    widths = planner.plan(gen).transitions_per_root()
+    trained = int(getattr(planner, "max_trained_steps", 0) or 0)
+    widths += [max(widths, default=1)] * max(0, trained - len(widths))  # a window drawn shorter than the longest
+    widths = widths or [1]
     n = int(cfg.trainer.get("steps_per_pass", 1))
     update_by = str(cfg.trainer.get("update_by", "samples"))
     if n == 1 or not _splits_transitions(cfg) or update_by == "step":  # an optimizer step of one schedule step
-        return 1
-    trained = int(getattr(build_planner(cfg), "max_trained_steps", 0) or 0) or int(cfg.sampler.get("num_steps", 1))
-    packed = trained if n == 0 else min(n, trained)
+        n = 1
+    n = len(widths) if n == 0 else min(n, len(widths))
+    per_sample = max(sum(widths[k:k + n]) for k in range(len(widths) - n + 1))
+    rows = batch * per_sample
     if update_by == "transitions":  # a pass holds at most one optimizer step's transitions
-        per_update = int(cfg.trainer.get("transitions_per_update", 1))
-        packed = max(1, min(packed, -(-per_update // int(cfg.trainer.train_batch_size))))
-    return packed
+        rows = min(rows, int(cfg.trainer.get("transitions_per_update", 1)))
+    return rows, n
 
 
 def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
@@ -227,8 +240,8 @@ def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
     # CFG runs in the training forward only for the methods that re-score sampled steps (the GRPO family,
     # D3PO, DPOK); FLUX's guidance is embedded (one forward)
     cfg_in_loss = guidance > 1.0 and _batch_kind(cfg) == "transitions" and "flux" not in name
-    packed = _steps_per_pass(cfg)
-    micro = batch * packed * (2 if cfg_in_loss else 1)
+    rows_per_pass, packed = _pass_rows(cfg)
+    micro = rows_per_pass * (2 if cfg_in_loss else 1)
     algorithm = build_algorithm(cfg)
     needs_reference = bool(algorithm.needs_reference)
     opt_bytes = 8 if str(t.optimizer.get("name", "adamw")) == "adamw" else 1  # Adafactor: factored moments
@@ -419,7 +432,7 @@ def suggestions(cfg: DictConfig, est: Estimate, machine: Machine) -> list[str]:
     t = cfg.trainer
     if est.fits:
         return out
-    if _steps_per_pass(cfg) > 1:
+    if _pass_rows(cfg)[1] > 1:
         out.append("trainer.steps_per_pass=1 (memory only: one schedule step a forward, the same loss)")
     if not t.get("gradient_checkpointing", False) and est.act_plain - est.act_ckpt > 0.05 * est.limit:
         saved = (est.act_plain - est.act_ckpt) / GiB

@@ -227,3 +227,49 @@ def test_deepspeed_layouts_keep_the_autocast_copies_row(strategy):
     L = KNOWN["flux1_dev"]["layers"]
     assert copies == pytest.approx(2 * KNOWN["flux1_dev"]["denoiser"] / (L if cfg.trainer.gradient_checkpointing else 1))
     assert est.total >= sum(rows.values()) - 1  # the total counts every row (zero3's sampling peak may exceed it)
+
+
+@pytest.mark.parametrize("recipe, extra", [
+    ("tiny_flowgrpo", []),  # every trained step in one forward (the CPU default packs them)
+    ("tiny_flowgrpo", ["trainer.steps_per_pass=1"]),
+    ("tiny_dancegrpo", ["trainer.steps_per_pass=2"]),
+    ("tiny_branchgrpo", []),  # a tree: 8 transitions a root after the last split
+    ("tiny_branchgrpo", ["trainer.steps_per_pass=0"]),
+    ("tiny_tempflow", []),  # side branches: the children of a branch step
+    ("tiny_g2rpo", ["trainer.update_by=step", "trainer.lr_schedule=constant"]),
+    ("tiny_d3po", []),  # a pair from one noise: 2 rows a root, one step a pass (never packed)
+    ("tiny_awm", []),  # final images: a sample is a row
+])
+def test_the_planned_rows_of_a_training_forward_are_the_rows_the_trainer_runs(tmp_path, recipe, extra):
+    """The rows the planner multiplies the activations by (the largest training forward, before CFG doubles it)
+    are those of the largest forward a real update of the recipe runs: a tree's width and a side branch's children
+    count, as do packed steps."""
+    from accelerate.state import AcceleratorState
+
+    from alignrl.plan import _pass_rows
+    from alignrl.training.trainer import Trainer
+
+    AcceleratorState._reset_state()
+    cfg = compose([f"recipe={recipe}", f"run_dir={tmp_path}", "trainer.train_batch_size=2", "logger.progress_bar=false",
+                   "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.log_images_every=0", *extra])
+    trainer = Trainer(cfg, tmp_path)
+    seen = []
+    real = trainer.backbone.predict
+
+    def predict(x, *a, **k):
+        seen.append(x.shape[0])
+        return real(x, *a, **k)
+
+    try:
+        trainer.run_iteration()  # the rollout's forwards first: only the update's are counted below
+        trainer.backbone.predict = predict
+        if trainer.direct or trainer.offline:
+            trainer.run_iteration()
+        else:
+            trainer.timing = {}
+            batch = trainer.collect()
+            seen.clear()
+            trainer.algorithm.train_step(batch, trainer.advantages(batch), trainer.step_context())
+    finally:
+        trainer.reward_runner.close()
+    assert seen and _pass_rows(cfg)[0] == max(seen), (seen, _pass_rows(cfg))

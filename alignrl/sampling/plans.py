@@ -107,6 +107,18 @@ class RolloutPlan:
         grid = self.grid_indices
         return sorted({grid[k] for k, s in enumerate(self.steps) if s.trained} | {b.step for b in self.side_branches})
 
+    def transitions_per_root(self) -> list[int]:
+        """The trained transitions each root contributes at each trained step, in schedule order: 1 on a linear
+        plan, the tree's width after that step's splits on a branching one, a side branch's children."""
+        grid, width, per_step = self.grid_indices, 1, {}
+        for k, s in enumerate(self.steps):
+            width *= s.branch
+            if s.trained:
+                per_step[grid[k]] = per_step.get(grid[k], 0) + width
+        for b in self.side_branches:
+            per_step[b.step] = per_step.get(b.step, 0) + b.children
+        return [per_step[j] for j in sorted(per_step)]
+
     @property
     def leaves_per_root(self) -> int:
         tree = math.prod(s.branch for s in self.steps)
