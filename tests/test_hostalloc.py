@@ -1,5 +1,6 @@
 """trainer.host_allocator: glibc's malloc keeps an activation-sized freed block for reuse when tuned (the CPU
-default), and hands it back to the system under its own settings; the Trainer and the sampling commands apply it."""
+default), and hands it back to the system under its own settings. That the Trainer and the sampling commands apply
+it is checked on the default recipe's run through the console script and on `alignrl sample` (tests/test_train.py)."""
 
 import json
 import platform
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import FAST, REPO, run_cli
+from conftest import REPO
 
 glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                            reason="the setting acts on glibc's malloc only (elsewhere it changes nothing)")
@@ -78,17 +79,3 @@ def test_an_unknown_setting_is_refused_before_anything_loads():
 
     with pytest.raises(ConfigError, match="trainer.host_allocator='fast' is not known; use auto"):
         TrainerConfig.from_config(compose(["trainer.host_allocator=fast"]).trainer)
-
-
-@glibc
-def test_training_and_sampling_on_the_cpu_apply_the_setting_and_say_so(tmp_path):
-    """The default recipe on the CPU, through the console script (a fresh process): the Trainer tunes the allocator
-    before building the model and logs it; `alignrl sample` of the run sets it as the run's config says."""
-    run = tmp_path / "run"
-    out = run_cli("train", f"run_dir={run}", *FAST, "trainer.max_steps=1", "trainer.eval_every=0")
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "alignrl: host allocator: tuned (glibc" in (run / "alignrl.log").read_text()
-    sample = run_cli("sample", f"eval.checkpoint={run}", "sample.prompts=[a red cat]", "sample.num_images=1",
-                     f"eval.out_dir={tmp_path / 'samples'}", "trainer.host_allocator=default")
-    assert sample.returncode == 0, sample.stderr[-2000:]
-    assert "alignrl: host allocator: glibc's defaults" in sample.stderr

@@ -231,7 +231,6 @@ def test_deepspeed_layouts_keep_the_autocast_copies_row(strategy):
 
 @pytest.mark.parametrize("recipe, extra", [
     ("tiny_flowgrpo", []),  # every trained step in one forward (the CPU default packs them)
-    ("tiny_flowgrpo", ["trainer.steps_per_pass=1"]),
     ("tiny_dancegrpo", ["trainer.steps_per_pass=2"]),
     ("tiny_branchgrpo", []),  # a tree: 8 transitions a root after the last split
     ("tiny_branchgrpo", ["trainer.steps_per_pass=0"]),
