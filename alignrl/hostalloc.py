@@ -1,17 +1,19 @@
 """The host (CPU) memory allocator's settings for training and sampling on the CPU.
 
 glibc's ``malloc`` serves each allocation above its mmap threshold (128 KiB at start, raised as such blocks are
-freed, at most 32 MiB) with a fresh ``mmap``, and gives the free memory at the top of its heap back to the system
-as soon as it exceeds the trim threshold (twice the mmap threshold). A diffusion model on the CPU frees and
-re-allocates the same activation buffers (hundreds of KiB to a few MiB) at every forward, so with those defaults
-much of that memory is handed back and faulted in again, page by page, each time. ``tuned`` fixes the mmap threshold
-at its 32 MiB maximum and the trim threshold at 1 GiB: those buffers stay in the heap and are reused. Measured on
-2 cores (docs/benchmarks.md, ``scripts/bench_allocator.py``): the CPU default recipe's iteration takes 0.82-0.85x
-the time. The cost is that up to 1 GiB of freed memory stays with the process.
+freed, at most 32 MiB) with a fresh ``mmap``, and gives the free memory at the top of a heap back to the system as
+soon as it exceeds the trim threshold (128 KiB at start, then twice the raised mmap threshold). A diffusion model on
+the CPU frees and re-allocates the same activation buffers (hundreds of KiB to a few MiB) at every forward, so with
+those defaults much of that memory is handed back and faulted in again, page by page, each time. ``tuned`` fixes the
+mmap threshold at its 32 MiB maximum and the trim threshold at 1 GiB: those buffers stay in the heap and are reused.
+Measured on 2 cores (docs/benchmarks.md, ``scripts/bench_allocator.py``): the CPU default recipe's iteration takes
+0.82-0.86x the time. The cost is that up to 1 GiB of free memory at the top of each heap stays with the process.
 
 ``trainer.host_allocator``: ``auto`` (tuned when the run's device is the CPU), ``tuned`` or ``default`` (glibc's own
 settings). Nothing is changed where the C library is not glibc, where another allocator is preloaded (jemalloc,
-tcmalloc), or where the user set glibc's malloc settings in the environment.
+tcmalloc, mimalloc), or where the environment sets the thresholds itself (``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``MALLOC_MMAP_MAX_``, or the same ``glibc.malloc.*`` tunables or
+``glibc.malloc.hugetlb`` in ``GLIBC_TUNABLES``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit systems (HE
 TRIM_THRESHOLD = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+_USER_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold", "glibc.malloc.top_pad",
+                  "glibc.malloc.mmap_max", "glibc.malloc.hugetlb")
 
 _applied: str | None = None  # what tune() did in this process (the settings hold for the whole process)
 
@@ -34,7 +38,8 @@ def check_mode(mode: str) -> None:
     from alignrl.errors import ConfigError
 
     if mode not in MODES:
-        raise ConfigError(f"trainer.host_allocator='{mode}' is not known; use auto (tuned on the CPU), tuned or default")
+        raise ConfigError(f"trainer.host_allocator='{mode}' is not known; use auto (tuned on the CPU), tuned or "
+                          f"default")
 
 
 def _why_not() -> str | None:
@@ -45,9 +50,11 @@ def _why_not() -> str | None:
     for name in ("jemalloc", "tcmalloc", "mimalloc"):
         if name in preload:
             return f"{name} is preloaded"
-    user = [k for k in _USER_SETTINGS if k in os.environ]
-    if user or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        return f"the environment sets glibc's malloc ({', '.join(user) or 'GLIBC_TUNABLES'})"
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    user = [k for k in _USER_SETTINGS if k in os.environ] + [f"GLIBC_TUNABLES {t}" for t in _USER_TUNABLES
+                                                             if t in tunables]
+    if user:
+        return f"the environment sets glibc's malloc ({', '.join(user)})"
     return None
 
 
@@ -68,9 +75,13 @@ def tune(mode: str, device: str) -> str:
     if reason is not None:
         return f"host allocator: left as it is ({reason})"
     libc = ctypes.CDLL(None)
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-    if not ok:
-        return "host allocator: left as it is (glibc refused the settings)"
-    _applied = (f"tuned (glibc: blocks up to {MMAP_THRESHOLD >> 20} MiB reused from the heap, "
-                f"free memory kept up to {TRIM_THRESHOLD >> 30} GiB; trainer.host_allocator=default turns it off)")
+    if libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
+        return "host allocator: left as it is (glibc refused the mmap threshold)"
+    if libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:  # the mmap threshold holds (fixed) from here on
+        _applied = (f"partly tuned (glibc: blocks up to {MMAP_THRESHOLD >> 20} MiB from the heap; it refused the "
+                    f"trim threshold)")
+        return f"host allocator: {_applied}"
+    _applied = (f"tuned (glibc: blocks up to {MMAP_THRESHOLD >> 20} MiB reused from the heap, up to "
+                f"{TRIM_THRESHOLD >> 30} GiB of free memory kept at a heap's top; trainer.host_allocator=default "
+                f"turns it off)")
     return f"host allocator: {_applied}"

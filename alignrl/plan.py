@@ -12,16 +12,17 @@ Estimate, in bytes, per GPU (``P`` denoiser parameters, ``N`` the sharding divis
 - the frozen reference (a KL weight > 0): nothing with LoRA (the adapters are switched off), a copy in the
   backbone's dtype for a full fine-tune; the EMA: an fp32 copy of the trainable weights, and another for
   ``trainer.decay_to_base`` (the starting weights it pulls toward);
-- activations of one training micro-batch (``trainer.train_batch_size``, doubled when CFG runs in the training
-  forward, times the schedule steps ``trainer.steps_per_pass`` packs into one forward), with and without
-  gradient checkpointing. The published transformers use per-token coefficients
-  ``c`` measured on a GPU on reduced real configurations (``TOKEN_COEFF``: by whether autocast runs and the weights
-  it casts are fp32): ``c L B S d`` bytes without checkpointing, ``2 L B S d + c B S d`` with it (an upper figure:
-  measured 0.14-0.95x); Wan per model, SD1.5 and SDXL per sample at their native size, scaled by pixels (a
-  meta-device forward summing saved tensors); the built-in tiny and ShapeWorld backbones are measured here, by one
-  training forward that sums the tensors autograd saves. Weights kept in fp32 under autocast (a full fine-tune not
-  gathered in half precision, an fp32 LoRA base) add autocast's 16-bit copy of each (2 B/param; one block's with
-  checkpointing).
+- activations of the largest training forward (``_pass_rows``: ``trainer.train_batch_size`` samples times their
+  transitions at the schedule steps ``trainer.steps_per_pass`` packs into one forward, a tree's width or a side
+  branch's children counting per sample, at most ``transitions_per_update`` under ``update_by=transitions``; doubled
+  when CFG runs in the training forward), with and without gradient checkpointing. The published transformers use
+  per-token coefficients ``c`` measured on a GPU on reduced real configurations (``TOKEN_COEFF``: by whether
+  autocast runs and the weights it casts are fp32): ``c L B S d`` bytes without checkpointing,
+  ``2 L B S d + c B S d`` with it (an upper figure: measured 0.14-0.95x); Wan per model, SD1.5 and SDXL per sample
+  at their native size, scaled by pixels (a meta-device forward summing saved tensors); the built-in tiny and
+  ShapeWorld backbones are measured here, by one training forward that sums the tensors autograd saves. Weights kept
+  in fp32 under autocast (a full fine-tune not gathered in half precision, an fp32 LoRA base) add autocast's 16-bit
+  copy of each (2 B/param; one block's with checkpointing).
 
 With ``distributed=ddp`` (data-parallel) ``N`` is 1 and the fully sharded figure (``N`` = every GPU) is printed
 beside it; with ``distributed=fsdp`` (a full fine-tune) ``N`` is every GPU of the job, plus the shard units in
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from omegaconf import DictConfig
 
 from alignrl.errors import ConfigError
@@ -195,36 +195,59 @@ def _forward_kind(cfg: DictConfig, world: int) -> str:
     return "fp32" if _compute_weight_bytes(cfg, world) == 4 else "autocast"
 
 
-def _pass_rows(cfg: DictConfig) -> tuple[int, int]:
-    """(rows of the largest training forward before CFG doubles them, schedule steps it packs). A pass holds the
-    transitions of ``trainer.train_batch_size`` samples at ``trainer.steps_per_pass`` consecutive trained steps
-    (0: all of them); each sample contributes its plan's transitions at a step: one on a linear plan, a tree's width
-    or a side branch's children on a branching one (D3PO's pair, BranchGRPO's tree, TempFlow's and G2RPO's
-    branches). One step a pass for the methods that do not train on per-step transitions independently and under
-    ``update_by=step``; at most one optimizer step's transitions under ``update_by=transitions``."""
+def _pass_rows(cfg: DictConfig, steps_per_pass: int | None = None) -> tuple[int, int]:
+    """(rows of the largest training forward before CFG doubles them, schedule steps it packs at most), as
+    ``train_on_transitions`` forms its passes: ``trainer.train_batch_size`` samples (roots) a minibatch, their
+    transitions split by schedule step, consecutive steps of one kernel packed ``trainer.steps_per_pass`` at a time
+    (0: all; ``steps_per_pass`` overrides the setting). A sample contributes its plan's transitions at a step: one on
+    a linear plan, a tree's width (less its pruned edges) or a side branch's children on a branching one (D3PO's
+    pair, BranchGRPO's tree, TempFlow's and G2RPO's branches). One step a pass for the methods that do not train on
+    per-step transitions independently and under ``update_by=step``. Exact under ``update_by=samples`` when every
+    sample trains every trained step; an upper figure where a sample trains a random subset of its steps
+    (DanceGRPO's ``timestep_fraction``) or an optimizer step holds a slice of the transitions
+    (``update_by=transitions``, which also caps a pass at ``transitions_per_update`` rows)."""
+    import torch
+
     from alignrl.components import build_planner
     from alignrl.config import _batch_kind, _splits_transitions
 
-    batch = int(cfg.trainer.train_batch_size)
+    t = cfg.trainer
+    batch = int(t.train_batch_size)
     if _batch_kind(cfg) != "transitions":  # final images, offline rows, prompts: a sample is a row
         return batch, 1
     planner = build_planner(cfg)
     gen = torch.Generator().manual_seed(0)
     planner.begin_iteration(0, gen)
-    widths = planner.plan(gen).transitions_per_root()
+    plan = planner.plan(gen)
+    steps = plan.transitions_per_root(width_pruned=int(cfg.algorithm.get("group_size", 1)) == 1) or [(1, None)]
     trained = int(getattr(planner, "max_trained_steps", 0) or 0)
-    widths += [max(widths, default=1)] * max(0, trained - len(widths))  # a window drawn shorter than the longest
-    widths = widths or [1]
-    n = int(cfg.trainer.get("steps_per_pass", 1))
-    update_by = str(cfg.trainer.get("update_by", "samples"))
-    if n == 1 or not _splits_transitions(cfg) or update_by == "step":  # an optimizer step of one schedule step
+    if len(steps) < trained:  # a window drawn shorter than the longest: count the longest, at the widest rows
+        steps += [max(steps, key=lambda s: s[0])] * (trained - len(steps))
+    n = int(t.get("steps_per_pass", 1)) if steps_per_pass is None else steps_per_pass
+    update_by = str(t.get("update_by", "samples"))
+    if n == 1 or not _splits_transitions(cfg) or update_by == "step":  # one schedule step a pass
         n = 1
-    n = len(widths) if n == 0 else min(n, len(widths))
-    per_sample = max(sum(widths[k:k + n]) for k in range(len(widths) - n + 1))
+    n = len(steps) if n == 0 else min(n, len(steps))
+    runs, last = [], object()  # consecutive steps of one kernel: a pass never mixes kernels
+    for rows, kernel in steps:
+        if kernel != last:
+            runs.append([])
+        runs[-1].append(rows)
+        last = kernel
+    per_sample_steps = len(steps)
+    if plan.sample_fraction is not None:  # each sample trains this many of its steps, drawn at random
+        per_sample_steps = max(1, int(len(steps) * plan.sample_fraction))
+    exact = update_by == "samples" and per_sample_steps == len(steps)
+    if exact:  # the passes' step blocks are fixed: n at a time from each run's first step
+        per_sample = max(sum(run[k:k + n]) for run in runs for k in range(0, len(run), n))
+    else:  # the blocks can fall anywhere: the largest n consecutive steps, no more than a sample trains
+        widest = max(rows for rows, _ in steps)
+        per_sample = min(max(sum(run[k:k + n]) for run in runs for k in range(len(run))),
+                         per_sample_steps * widest)
     rows = batch * per_sample
     if update_by == "transitions":  # a pass holds at most one optimizer step's transitions
-        rows = min(rows, int(cfg.trainer.get("transitions_per_update", 1)))
-    return rows, n
+        rows = min(rows, int(t.get("transitions_per_update", 1)))
+    return rows, min(n, max(len(run) for run in runs), per_sample_steps)
 
 
 def estimate(cfg: DictConfig, machine: Machine) -> Estimate:
@@ -432,7 +455,7 @@ def suggestions(cfg: DictConfig, est: Estimate, machine: Machine) -> list[str]:
     t = cfg.trainer
     if est.fits:
         return out
-    if _pass_rows(cfg)[1] > 1:
+    if _pass_rows(cfg, steps_per_pass=1)[0] < _pass_rows(cfg)[0]:
         out.append("trainer.steps_per_pass=1 (memory only: one schedule step a forward, the same loss)")
     if not t.get("gradient_checkpointing", False) and est.act_plain - est.act_ckpt > 0.05 * est.limit:
         saved = (est.act_plain - est.act_ckpt) / GiB

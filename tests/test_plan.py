@@ -229,20 +229,23 @@ def test_deepspeed_layouts_keep_the_autocast_copies_row(strategy):
     assert est.total >= sum(rows.values()) - 1  # the total counts every row (zero3's sampling peak may exceed it)
 
 
-@pytest.mark.parametrize("recipe, extra", [
-    ("tiny_flowgrpo", []),  # every trained step in one forward (the CPU default packs them)
-    ("tiny_dancegrpo", ["trainer.steps_per_pass=2"]),
-    ("tiny_branchgrpo", []),  # a tree: 8 transitions a root after the last split
-    ("tiny_branchgrpo", ["trainer.steps_per_pass=0"]),
-    ("tiny_tempflow", []),  # side branches: the children of a branch step
-    ("tiny_g2rpo", ["trainer.update_by=step", "trainer.lr_schedule=constant"]),
-    ("tiny_d3po", []),  # a pair from one noise: 2 rows a root, one step a pass (never packed)
-    ("tiny_awm", []),  # final images: a sample is a row
+@pytest.mark.parametrize("recipe, extra, exact", [
+    ("tiny_flowgrpo", [], True),  # every trained step in one forward (the CPU default packs them)
+    ("tiny_dancegrpo", ["trainer.steps_per_pass=0"], True),  # each sample trains a random subset of its steps
+    ("tiny_dancegrpo", ["trainer.steps_per_pass=2"], False),  # two consecutive steps: only where a sample drew both
+    ("tiny_branchgrpo", [], True),  # a tree: 8 transitions a root after the last split
+    ("tiny_branchgrpo", ["trainer.steps_per_pass=2"], True),  # widths 2 2 4 8 8 packed two at a time: 4+8
+    ("tiny_branchgrpo", ["sampler.width_prune_ratio=0.5"], True),  # half the deepest edges dropped
+    ("tiny_tempflow", [], True),  # side branches: the children of a branch step
+    ("tiny_g2rpo", ["trainer.update_by=step", "trainer.lr_schedule=constant"], True),
+    ("tiny_d3po", [], True),  # a pair from one noise: 2 rows a root, one step a pass (never packed)
+    ("tiny_awm", [], True),  # final images: a sample is a row
 ])
-def test_the_planned_rows_of_a_training_forward_are_the_rows_the_trainer_runs(tmp_path, recipe, extra):
+def test_the_planned_rows_of_a_training_forward_are_the_rows_the_trainer_runs(tmp_path, recipe, extra, exact):
     """The rows the planner multiplies the activations by (the largest training forward, before CFG doubles it)
-    are those of the largest forward a real update of the recipe runs: a tree's width and a side branch's children
-    count, as do packed steps."""
+    are those of the largest forward a real update of the recipe runs: a tree's width (less pruned edges) and a side
+    branch's children count, as do packed steps; where samples train random subsets of their steps the figure is an
+    upper bound."""
     from accelerate.state import AcceleratorState
 
     from alignrl.plan import _pass_rows
@@ -271,4 +274,5 @@ def test_the_planned_rows_of_a_training_forward_are_the_rows_the_trainer_runs(tm
             trainer.algorithm.train_step(batch, trainer.advantages(batch), trainer.step_context())
     finally:
         trainer.reward_runner.close()
-    assert seen and _pass_rows(cfg)[0] == max(seen), (seen, _pass_rows(cfg))
+    planned = _pass_rows(cfg)[0]
+    assert seen and (planned == max(seen) if exact else planned >= max(seen)), (seen, planned)

@@ -107,16 +107,24 @@ class RolloutPlan:
         grid = self.grid_indices
         return sorted({grid[k] for k, s in enumerate(self.steps) if s.trained} | {b.step for b in self.side_branches})
 
-    def transitions_per_root(self) -> list[int]:
-        """The trained transitions each root contributes at each trained step, in schedule order: 1 on a linear
-        plan, the tree's width after that step's splits on a branching one, a side branch's children."""
+    def transitions_per_root(self, width_pruned: bool = False) -> list[tuple[int, tuple[str, float]]]:
+        """(trained transitions a root contributes, the step's kernel) at each trained step, in schedule order: 1 on
+        a linear plan, the tree's width after that step's splits on a branching one, a side branch's children. With
+        ``width_pruned``, a tree's steps after its last split count the edges ``width_prune_ratio`` keeps (exact for
+        one root per prompt: the advantages drop that fraction of each prompt's deepest nodes)."""
         grid, width, per_step = self.grid_indices, 1, {}
+        splits = [k for k, s in enumerate(self.steps) if s.branch > 1]
         for k, s in enumerate(self.steps):
             width *= s.branch
             if s.trained:
-                per_step[grid[k]] = per_step.get(grid[k], 0) + width
+                rows = width
+                if width_pruned and self.width_prune_ratio > 0 and splits and k >= splits[-1]:
+                    rows = width - int(round(width * self.width_prune_ratio))
+                n, _ = per_step.get(grid[k], (0, None))
+                per_step[grid[k]] = (n + rows, (s.kind, float(s.noise_level)))
         for b in self.side_branches:
-            per_step[b.step] = per_step.get(b.step, 0) + b.children
+            n, _ = per_step.get(b.step, (0, None))
+            per_step[b.step] = (n + b.children, (b.kind, float(b.noise_level)))
         return [per_step[j] for j in sorted(per_step)]
 
     @property
