@@ -193,6 +193,13 @@ def _splits_transitions(cfg: DictConfig) -> bool:
         bool(getattr(cls, "splits_transitions", True))
 
 
+def steps_per_pass(cfg: DictConfig) -> int:
+    """The schedule steps a training forward packs: ``trainer.steps_per_pass`` (0: all) where the algorithm's
+    per-step transitions train independently (``_splits_transitions``), else 1 (D3PO's pairs share a step; the
+    other methods have no per-step passes)."""
+    return int(cfg.trainer.get("steps_per_pass", 1)) if _splits_transitions(cfg) else 1
+
+
 def offline_algorithm(cfg: DictConfig) -> bool:
     """Whether the recipe's algorithm trains on an offline dataset (``data.offline``) rather than rollouts."""
     from alignrl.algorithms.base import OFFLINE_KINDS

@@ -209,7 +209,7 @@ def _pass_rows(cfg: DictConfig, steps_per_pass: int | None = None) -> tuple[int,
     import torch
 
     from alignrl.components import build_planner
-    from alignrl.config import _batch_kind, _splits_transitions
+    from alignrl.config import _batch_kind, steps_per_pass as packed_steps
 
     t = cfg.trainer
     batch = int(t.train_batch_size)
@@ -220,12 +220,9 @@ def _pass_rows(cfg: DictConfig, steps_per_pass: int | None = None) -> tuple[int,
     planner.begin_iteration(0, gen)
     plan = planner.plan(gen)
     steps = plan.transitions_per_root(width_pruned=int(cfg.algorithm.get("group_size", 1)) == 1) or [(1, None)]
-    trained = int(getattr(planner, "max_trained_steps", 0) or 0)
-    if len(steps) < trained:  # a window drawn shorter than the longest: count the longest, at the widest rows
-        steps += [max(steps, key=lambda s: s[0])] * (trained - len(steps))
-    n = int(t.get("steps_per_pass", 1)) if steps_per_pass is None else steps_per_pass
+    n = packed_steps(cfg) if steps_per_pass is None else steps_per_pass
     update_by = str(t.get("update_by", "samples"))
-    if n == 1 or not _splits_transitions(cfg) or update_by == "step":  # one schedule step a pass
+    if update_by == "step":  # an optimizer step holds one schedule step
         n = 1
     n = len(steps) if n == 0 else min(n, len(steps))
     runs, last = [], object()  # consecutive steps of one kernel: a pass never mixes kernels

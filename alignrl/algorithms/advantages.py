@@ -178,7 +178,7 @@ def node_advantages(batch, normalise):
             deepest = node_key == node_key.max()
             for k in np.unique(keys[deepest]):
                 members = np.nonzero((keys == k) & keep)[0]
-                n_drop = int(round(len(members) * plan.width_prune_ratio))
+                n_drop = plan.pruned_edges(len(members))
                 if n_drop:
                     order = members[np.argsort(values[members], kind="stable")]
                     lo_keep = (len(members) - n_drop) // 2

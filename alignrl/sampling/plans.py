@@ -107,6 +107,10 @@ class RolloutPlan:
         grid = self.grid_indices
         return sorted({grid[k] for k, s in enumerate(self.steps) if s.trained} | {b.step for b in self.side_branches})
 
+    def pruned_edges(self, n: int) -> int:
+        """How many of a prompt's ``n`` edges after the last split ``width_prune_ratio`` drops."""
+        return int(round(n * self.width_prune_ratio))
+
     def transitions_per_root(self, width_pruned: bool = False) -> list[tuple[int, tuple[str, float]]]:
         """(trained transitions a root contributes, the step's kernel) at each trained step, in schedule order: 1 on
         a linear plan, the tree's width after that step's splits on a branching one, a side branch's children. With
@@ -118,8 +122,8 @@ class RolloutPlan:
             width *= s.branch
             if s.trained:
                 rows = width
-                if width_pruned and self.width_prune_ratio > 0 and splits and k >= splits[-1]:
-                    rows = width - int(round(width * self.width_prune_ratio))
+                if width_pruned and splits and k >= splits[-1]:
+                    rows = width - self.pruned_edges(width)
                 n, _ = per_step.get(grid[k], (0, None))
                 per_step[grid[k]] = (n + rows, (s.kind, float(s.noise_level)))
         for b in self.side_branches:

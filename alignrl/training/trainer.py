@@ -26,7 +26,7 @@ from alignrl.algorithms.advantages import batch_advantages
 from alignrl.algorithms.base import (OFFLINE_KINDS, PROMPT_KINDS, Advantages, OfflineBatch, PromptBatch,
                                      RolloutBatch, StepContext)
 from alignrl.components import as_dict, build_algorithm, build_backbone, build_planner
-from alignrl.config import _splits_transitions, validate_batch_arithmetic
+from alignrl.config import steps_per_pass, validate_batch_arithmetic
 from alignrl.data import PromptSet, eval_prefix, load_eval_sets
 from alignrl.errors import AlignError, ConfigError
 from alignrl.eval.report import save_grid
@@ -152,9 +152,7 @@ class Trainer:
                               f"reward.<name>.differentiable=true), or give "
                               f"it weight 0 to only log it")
         self._max_nonfinite = tcfg.max_nonfinite_iterations
-        # schedule steps a training pass packs: only where per-step transitions train independently (not D3PO's
-        # pairs, which share a step, nor the methods without per-step passes)
-        self.steps_per_pass = tcfg.steps_per_pass if _splits_transitions(cfg) else 1
+        self.steps_per_pass = steps_per_pass(cfg)  # schedule steps a training pass packs (1 where they cannot)
         self.checkpointer.verify()  # checksums and headers, before the models load
 
         self.finetune = tcfg.finetune
