@@ -70,7 +70,7 @@ def evaluate(pipe, unet, text, metas, steps, guidance, seed, images_per_prompt=1
             "partial_tags": {k: round(v["partial"], 4) for k, v in table.items()}}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps (a --minutes budget may stop earlier)")
     p.add_argument("--minutes", type=float, default=None, help="stop after this much training wall-clock")
@@ -96,7 +96,7 @@ def main():
     p.add_argument("--snapshots", default=None,
                    help="also save the EMA model at every evaluation to <dir>/step_N (to pick a checkpoint later)")
     p.add_argument("--out", default=None, help="default: alignrl/shapes/pretrained (flow) or pretrained_eps (epsilon)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.out is None:
         args.out = str(REPO / "alignrl" / "shapes" / ("pretrained" if args.objective == "flow" else "pretrained_eps"))
     if args.threads:

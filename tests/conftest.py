@@ -24,11 +24,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 # `make test` hands whole files to its workers (--dist loadfile) in collection order (--no-loadscope-reorder); the
 # slowest files go first so that none starts alone at the end while the other worker idles. Seconds per file, the
-# slowest tests' sums of a 2-worker run (1,164 tests in 640 s, 2026-12-05); every other file follows, in name order.
-SLOW_FILES = {"test_slurm.py": 133, "test_zero.py": 132, "test_train.py": 90, "test_plans.py": 82, "test_shapes.py": 81,
-              "test_offline.py": 74, "test_export.py": 59, "test_shapes_models.py": 52, "test_wan.py": 45,
-              "test_new_methods.py": 41, "test_procs.py": 32, "test_train_multiprocess.py": 29, "test_fsdp.py": 25,
-              "test_reward_gradient.py": 17, "test_datagen.py": 14, "test_shapes_seg.py": 13}
+# tests' summed wall-clock in a 2-worker run (1,197 tests in 697 s, 2026-12-05 evening); every other file follows, in
+# name order.
+SLOW_FILES = {"test_slurm.py": 165, "test_offline.py": 125, "test_plans.py": 105, "test_zero.py": 96, "test_train.py": 93,
+              "test_wan.py": 67, "test_export.py": 61, "test_reward_gradient.py": 57, "test_new_methods.py": 57,
+              "test_shapes_models.py": 56, "test_shapes.py": 56, "test_procs.py": 46, "test_train_multiprocess.py": 45,
+              "test_trainer_inprocess.py": 44, "test_fsdp.py": 40, "test_recipes.py": 33, "test_reward_server.py": 28,
+              "test_plan.py": 23, "test_datagen.py": 20, "test_shapes_seg.py": 16, "test_early_stop.py": 15}
 
 
 def pytest_collection_modifyitems(config, items):

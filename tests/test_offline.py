@@ -285,7 +285,7 @@ def test_rollouts_from_the_reference_are_the_initial_models(tmp_path):
     same rollouts at every iteration while their policies move (the anchor gap grows); rolled out by the policy,
     the same rates give other rollouts after the first iteration. Resumed mid-run it ends on the straight run's
     weights. A sharded run and an unknown value are refused."""
-    common = ("recipe=tiny_flow_rwr", "trainer.max_steps=4", "trainer.updates_per_iteration=1",
+    common = ("recipe=tiny_flow_rwr", "trainer.max_steps=3", "trainer.updates_per_iteration=1",
               "trainer.eval_every=0", "trainer.checkpoint_every=0", "algorithm.anchor=1e-9", *QUIET)
 
     def rewards(name, *args):
@@ -308,7 +308,7 @@ def test_rollouts_from_the_reference_are_the_initial_models(tmp_path):
     split = ("trainer.finetune=full", "algorithm.lr=1e-3", "algorithm.rollouts_from=reference")
     rewards("split", *split, "trainer.max_steps=2")
     rewards("split", *split, "resume=auto")
-    a, b = _weights(tmp_path / "full_ref_1e-3", 4), _weights(tmp_path / "split", 4)
+    a, b = _weights(tmp_path / "full_ref_1e-3", 3), _weights(tmp_path / "split", 3)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     bad = run_inprocess("train", *common, f"run_dir={tmp_path / 'bad'}", "algorithm.rollouts_from=ema", cwd=tmp_path)
     assert bad.returncode != 0 and "algorithm.rollouts_from='ema' is not known" in bad.stderr, bad.stderr[-2000:]

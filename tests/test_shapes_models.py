@@ -76,18 +76,20 @@ def test_pretrain_script_runs_and_saves_a_loadable_model(tmp_path, objective):
     """scripts/pretrain_shapes.py end to end at toy size (2 steps, 1 prompt per tag), for the flow model and its
     epsilon twin: the saved folder loads as the matching ShapeWorld backbone and records its arguments and final
     evaluation."""
-    import subprocess
-    import sys
+    import runpy
     from pathlib import Path
 
     from alignrl.shapes.model import ShapesBackbone, ShapesEpsilonBackbone
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_shapes.py"
     out = tmp_path / "model"
-    proc = subprocess.run([sys.executable, str(script), "--steps", "2", "--batch", "2", "--eval-every", "0",
-                           "--eval-per-tag", "1", "--eval-steps", "1", "--threads", "1", "--out", str(out),
-                           "--objective", objective], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    threads = torch.get_num_threads()
+    try:  # the script's own main, in this process (its --threads is restored after)
+        runpy.run_path(str(script), run_name="pretrain_shapes")["main"](
+            ["--steps", "2", "--batch", "2", "--eval-every", "0", "--eval-per-tag", "1", "--eval-steps", "1",
+             "--threads", "1", "--out", str(out), "--objective", objective])
+    finally:
+        torch.set_num_threads(threads)
     info = json.loads((out / "training_info.json").read_text())
     assert info["steps"] == 2 and info["eval"][-1]["step"] == 2 and info["args"]["objective"] == objective
     assert set(info["eval"][-1]) >= {"in_dist", "held_out", "colour_swap_cosine"}

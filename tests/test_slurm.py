@@ -25,7 +25,7 @@ from alignrl.runs import run_state
 from alignrl.slurm import (expand_nodelist, expand_tasks_per_node, gpus_in_gres, master_port, requeue_decision,
                            torch_env_from_slurm, torchrun_rendezvous)
 from alignrl.errors import ConfigError
-from conftest import FAST, REPO, free_port, run_cli
+from conftest import FAST, REPO, free_port, run_cli, run_inprocess
 
 # 4 iterations of 8 samples on 2 processes (2 per rollout and train batch): a few seconds per run
 ARGS = [*FAST, "trainer.max_steps=4", "trainer.rollout_batch_size=2", "trainer.train_batch_size=2"]
@@ -561,18 +561,12 @@ def test_bad_slurm_options_fail_in_one_line_before_submission(work):
         (["launcher.partition=nope"], {}, ["'nope' is not a partition", "debug"]),
         ([], {"PATH": venv_bin}, ["sbatch", "not on PATH", "launcher=local"]),
     ]
-    exe = Path(sys.executable).with_name("alignrl")
-    procs = []
-    for i, (args, env, _) in enumerate(cases):  # side by side: each is a short CLI start-up
-        full = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **env)
-        procs.append(subprocess.Popen([str(exe), "train", f"run_dir={work / f'bad{i}'}", *FAST, "launcher=slurm",
-                                       *args], cwd=work, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    for (args, _, needles), p, i in zip(cases, procs, range(len(cases))):
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 2, (args, out, err)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("alignrl: error: "), (args, err)
+    for i, (args, env, needles) in enumerate(cases):  # in this process: each fails before any model or job
+        proc = run_inprocess("train", f"run_dir={work / f'bad{i}'}", *FAST, "launcher=slurm", *args, cwd=work,
+                             env=env)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("alignrl: error: "), (args, proc.stderr)
         for n in needles:
             assert n in lines[0], (n, lines[0])
         assert not (work / f"bad{i}" / "slurm.json").exists()

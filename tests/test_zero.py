@@ -53,20 +53,22 @@ UNEVEN = ["distributed=zero3", "launcher.nproc_per_node=3",
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every run a child with one thread per process (the launcher's workers' reduction order), two at a time."""
+    """Every run with one thread per process (the launcher's workers' reduction order): the ZeRO runs children, two
+    launched at a time, then two beside the plain one-process resume, which runs in this test's process."""
     root = tmp_path_factory.mktemp("zero")
     two = _launch(f"run_dir={root / 'zero2'}", "distributed=zero2", "launcher.nproc_per_node=2", cwd=root)
     three = _launch(f"run_dir={root / 'zero3'}", *ZERO3, "launcher.nproc_per_node=2", cwd=root)
     _wait(two), _wait(three)
-    # ZeRO-2's first checkpoint onto 1 plain process, beside ZeRO-3's resumed on 2 processes
-    one = _launch(f"run_dir={root / 'onto_one'}", f"resume={root / 'zero2' / 'checkpoints' / 'step_000001'}",
-                  cwd=root)
+    # beside each other: ZeRO-3's checkpoint resumed on 2 processes, ZeRO-2's onto 3 ZeRO-3 processes with padded
+    # partitions and offload, and ZeRO-2's onto 1 plain process (in this test's process: one thread, as a worker)
     resumed = _launch(f"run_dir={root / 'resumed'}", *ZERO3, "launcher.nproc_per_node=2",
                       f"resume={root / 'zero3' / 'checkpoints' / 'step_000001'}", cwd=root)
-    _wait(one), _wait(resumed)
-    # the same checkpoint onto 3 ZeRO-3 processes with padded partitions and offload
-    _wait(_launch(f"run_dir={root / 'uneven'}", *UNEVEN, f"resume={root / 'zero2' / 'checkpoints' / 'step_000001'}",
-                  cwd=root))
+    uneven = _launch(f"run_dir={root / 'uneven'}", *UNEVEN, f"resume={root / 'zero2' / 'checkpoints' / 'step_000001'}",
+                     cwd=root)
+    one = run_inprocess("train", *ZARGS, f"run_dir={root / 'onto_one'}",
+                        f"resume={root / 'zero2' / 'checkpoints' / 'step_000001'}", cwd=root, threads=1)
+    assert one.returncode == 0, one.stderr[-4000:]
+    _wait(resumed), _wait(uneven)
     return root
 
 
