@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from importlib import resources
 from pathlib import Path
@@ -371,17 +372,17 @@ def _type_error(key: str, default, value) -> str | None:
     return None
 
 
-_DEFAULTS_CACHE: dict[tuple, DictConfig] = {}
-
-
 def _config_files_state() -> tuple:
     """Every config file Hydra can read (the shipped recipes and the user's directories) with its modification time:
     a cached composition is reused only while none of them changed."""
-    files = []
-    for d in config_dirs():
-        for f in sorted(d.rglob("*.yaml")):
-            files.append((str(f), f.stat().st_mtime_ns))
-    return tuple(files)
+    return tuple((str(f), f.stat().st_mtime_ns) for d in config_dirs() for f in sorted(d.rglob("*.yaml")))
+
+
+@functools.lru_cache(maxsize=64)
+def _compose_cached(groups_only: tuple[str, ...], *environment) -> DictConfig:
+    """``compose(groups_only)``, kept per process; ``environment`` (what ``compose`` reads besides its arguments)
+    only keys the cache."""
+    return compose(list(groups_only))
 
 
 def _composed_defaults(groups_only: list[str]) -> DictConfig:
@@ -389,13 +390,8 @@ def _composed_defaults(groups_only: list[str]) -> DictConfig:
     the type of each plain override. Kept per process (read only), keyed by the choices, the environment that
     ``compose`` reads and the config files' state: a process that runs several commands (a notebook, a sweep's
     driver, the test suite's in-process runs) composes the same choices again and again, about 0.1 s each."""
-    key = (tuple(groups_only), os.environ.get(DEFAULT_RECIPE_ENV, ""), os.environ.get(CONFIG_PATH_ENV, ""),
-           _config_files_state())
-    if key not in _DEFAULTS_CACHE:
-        if len(_DEFAULTS_CACHE) >= 64:
-            _DEFAULTS_CACHE.clear()
-        _DEFAULTS_CACHE[key] = compose(groups_only)
-    return _DEFAULTS_CACHE[key]
+    return _compose_cached(tuple(groups_only), os.environ.get(DEFAULT_RECIPE_ENV, ""),
+                           os.environ.get(CONFIG_PATH_ENV, ""), _config_files_state())
 
 
 def precheck_overrides(overrides: list[str]) -> None:

@@ -32,7 +32,6 @@ def test_bad_values_stop_before_hydra_makes_a_run_dir(tmp_path, monkeypatch, cap
     assert not (tmp_path / "outputs").exists()
 
 
-
 def test_type_checks_follow_a_changed_config_file(tmp_path, monkeypatch):
     """The defaults that plain overrides are type-checked against are composed once per process and set of group
     choices, and composed again when a config file changes: a user's recipe whose seed turns from a number into a
@@ -53,6 +52,7 @@ def test_type_checks_follow_a_changed_config_file(tmp_path, monkeypatch):
     stat = recipe.stat()
     os.utime(recipe, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a later time, whatever the clock's grain
     precheck_overrides(["recipe=my_tiny", "seed=x"])  # the new file's default is a string: any string is fine
+
 
 def test_optional_offline_settings_name_the_plus_and_typos_the_setting(tmp_path, monkeypatch, capsys):
     """data.offline's optional settings (balance_power, min_score, ...) are absent from a recipe that leaves them
