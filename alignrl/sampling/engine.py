@@ -288,6 +288,8 @@ def _draws_noise(spec: StepSpec) -> bool:
 
 
 def _mean_std(res: StepResult) -> float:
+    if res.coefficients is not None:  # kept with the step's factors: read once per step, not per record
+        return res.coefficients.std_mean
     return float(torch.as_tensor(res.std).float().mean()) if res.std is not None else 0.0
 
 

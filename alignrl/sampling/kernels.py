@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -30,6 +31,7 @@ class StepResult:
     std: torch.Tensor | None = None  # std of the step's Gaussian, shape (B,) or scalar
     logp_mean_per_dim: torch.Tensor | None = None  # (B,)
     std_t: torch.Tensor | None = None  # kernel-specific noise scale used by the KL (see flow_sde_step)
+    coefficients: "SDECoefficients | None" = None  # a reverse-SDE step's factors (their mean std is kept there)
 
 
 def _per_sample(t: torch.Tensor | float, ref: torch.Tensor) -> torch.Tensor:
@@ -83,6 +85,11 @@ class SDECoefficients:
     two_var: torch.Tensor  # 2 std^2
     log_std: torch.Tensor
 
+    @cached_property
+    def std_mean(self) -> float:
+        """The std's mean over samples (a record's ``std``), read once per set of factors."""
+        return float(self.std.float().mean())
+
 
 # each reverse-SDE kernel's noise scale std_t (x, sigma, sigma broadcast against x, sigmas[1], a)
 _STD_T = {
@@ -118,7 +125,7 @@ def reverse_sde_step(name: str, x, v, c: SDECoefficients, noise=None, next_x=Non
             raise ValueError(f"{name} needs noise to sample or next_x to score")
         next_x = mean + c.std * noise.float()
     logp = _logp(next_x.float(), mean, c.two_var, c.log_std)
-    return StepResult(next_x=next_x, mean=mean, std=c.std, logp_mean_per_dim=logp, std_t=c.std_t)
+    return StepResult(next_x=next_x, mean=mean, std=c.std, logp_mean_per_dim=logp, std_t=c.std_t, coefficients=c)
 
 
 def flow_sde_step(x, v, sigma, sigma_next, *, noise_level: float, sigma_max_guard, noise=None,
