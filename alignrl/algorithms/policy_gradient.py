@@ -13,6 +13,8 @@ optimizer step: the ones with fewer pad with passes on their first transition wh
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from alignrl.algorithms.base import Advantages, RolloutBatch, StepContext, balanced_passes
@@ -201,7 +203,7 @@ class PassRows:
         self._cond = None  # (roots, their conditioning) of the last pass
         self.sources = {"x": batch.x, "next_x": batch.next_x, "logp_old": batch.logp_old,
                         "mean_old": batch.mean_old, "adv": adv, "weight": batch.t_weight, "root": batch.t_root}
-        per_row = sum(t.numel() // max(len(t), 1) * t.element_size() for t in self.sources.values())
+        per_row = sum(math.prod(t.shape[1:]) * t.element_size() for t in self.sources.values())
         self.bounds = [0]
         for g in self.groups:
             self.bounds.append(self.bounds[-1] + len(g))
