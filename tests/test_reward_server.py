@@ -70,7 +70,13 @@ def _shapes_batch(n=8, seed=0, float_noise=False):
 
 def _post(url, images, prompts, metadata, fmt="png", **kw):
     body, ctype = encode_request(images, prompts, metadata, fmt)
-    return httpx.post(url + "/score", content=body, headers={"content-type": ctype, **kw.pop("headers", {})}, **kw)
+    kw.setdefault("timeout", 30)
+    try:
+        return httpx.post(url + "/score", content=body, headers={"content-type": ctype, **kw.pop("headers", {})},
+                          **kw)
+    except httpx.TimeoutException as e:  # say where the request waits: the batcher's and the budgets' state
+        info = httpx.get(url + "/info", timeout=10).json()
+        pytest.fail(f"POST /score unanswered ({e!r}); server stats {info['stats']}, limits {info['limits']}")
 
 
 def _assert_serving(url, headers=None):
@@ -225,6 +231,30 @@ def test_reward_exception_is_500_and_client_retries_then_fails(server):
     with pytest.raises(RewardError, match="too large.*batch_size"):  # 413 is not retried
         RemoteReward(url=server, retries=3, batch_size=None, check_on_start=False)(*_shapes_batch(17))
     _assert_serving(server)
+
+
+def test_the_batching_loop_outlives_an_error_of_its_own(monkeypatch):
+    """An unexpected error in the batching loop itself (not the reward's) fails only the batch it held, is counted
+    in /info, and the next request is served: a dead loop would leave every later caller waiting forever."""
+    from alignrl.rewards.server import Batcher
+
+    real = Batcher._score_batch
+    calls = []
+
+    async def flaky(self, batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the loop")
+        return await real(self, batch)
+
+    monkeypatch.setattr(Batcher, "_score_batch", flaky)
+    with running_server(_local_reward(), max_batch=16, batch_wait_ms=0) as url:
+        images, prompts, metas = _shapes_batch(2)
+        r = _post(url, images, prompts, metas)
+        assert r.status_code == 500 and "RuntimeError: a bug in the loop" in r.json()["error"], r.text
+        _assert_serving(url)
+        stats = httpx.get(url + "/info").json()["stats"]
+        assert stats["loop_errors"] == 1 and stats["queued_requests"] == 0 and len(calls) == 2
 
 
 # ------------------------------------------------------------------------------------ client failures

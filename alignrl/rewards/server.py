@@ -230,6 +230,7 @@ class BatchStats:
     images: int = 0
     largest_batch_requests: int = 0
     failed_requests: int = 0
+    loop_errors: int = 0  # unexpected errors of the batching loop itself (it keeps running; see the log)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -296,29 +297,46 @@ class Batcher:
             total += job.size
         return batch
 
+    def queued(self) -> int:
+        """Requests waiting for a batch."""
+        return (self._queue.qsize() if self._queue is not None else 0) + len(self._held)
+
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect()
-            batch = [j for j in batch if not j.future.done()]  # callers that went away
-            if not batch:
-                continue
+            batch: list[_Job] = []
             try:
-                results = await loop.run_in_executor(self._executor, self._score_jobs, batch)
-            except Exception as e:  # a bug here must not leave callers waiting forever
-                log.error("batch failed: %s", e, exc_info=True)
-                results = [RewardFailed(f"{type(e).__name__}: {e}")] * len(batch)
-            self.stats.requests += len(batch)
-            self.stats.batches += 1
-            self.stats.images += sum(j.size for j in batch)
-            self.stats.largest_batch_requests = max(self.stats.largest_batch_requests, len(batch))
-            for job, result in zip(batch, results):
-                if job.future.done():
-                    continue
-                if isinstance(result, Exception):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+                batch = await self._collect()
+                await self._score_batch(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the loop must outlive any bug in it: a dead loop leaves every caller waiting
+                self.stats.loop_errors += 1
+                log.error("batching loop: %s: %s", type(e).__name__, e, exc_info=True)
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(RewardFailed(f"{type(e).__name__}: {e}"))
+
+    async def _score_batch(self, batch: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        batch = [j for j in batch if not j.future.done()]  # callers that went away
+        if not batch:
+            return
+        try:
+            results = await loop.run_in_executor(self._executor, self._score_jobs, batch)
+        except Exception as e:  # a bug here must not leave callers waiting forever
+            log.error("batch failed: %s", e, exc_info=True)
+            results = [RewardFailed(f"{type(e).__name__}: {e}")] * len(batch)
+        self.stats.requests += len(batch)
+        self.stats.batches += 1
+        self.stats.images += sum(j.size for j in batch)
+        self.stats.largest_batch_requests = max(self.stats.largest_batch_requests, len(batch))
+        for job, result in zip(batch, results):
+            if job.future.done():
+                continue
+            if isinstance(result, Exception):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
 
     def _score_jobs(self, batch: list[_Job]) -> list[dict | Exception]:
         """Score the batch together; if that raises, score each request alone so only the culprit fails."""
@@ -514,7 +532,7 @@ def create_app(reward, options: ServeOptions, connections: ConnectionStats | Non
             "formats": sorted(FORMATS),
             "auth": expected is not None,
             "uptime_s": round(time.monotonic() - started, 3),
-            "stats": batcher.stats.as_dict(),
+            "stats": {**batcher.stats.as_dict(), "queued_requests": batcher.queued()},
             "limits": {"max_inflight_pixels": options.max_inflight_pixels, "max_inflight_mb": options.max_inflight_mb,
                        "max_connections": options.max_connections, "header_timeout_s": options.header_timeout_s,
                        "body_timeout_s": options.body_timeout_s, "queue_timeout_s": options.queue_timeout_s,
